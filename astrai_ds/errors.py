@@ -1,0 +1,13 @@
+"""Errors for a user's expected mistakes: the CLI prints their message alone, without a traceback."""
+
+
+class UserError(Exception):
+    """A mistake the user can fix; the message names the file, key or value and what to do."""
+
+
+class ConfigError(UserError):
+    """A config file or override is wrong."""
+
+
+class DataError(UserError):
+    """A data file, shard folder or tokenizer is missing, damaged or does not match."""
