@@ -186,3 +186,15 @@ def check(condition: bool, key: str, problem: str) -> None:
     """Validation helper for `__post_init__`: raise unless `condition` holds, naming `key` and the problem."""
     if not condition:
         raise FieldError(key, problem)
+
+
+def find_file(path: str | Path, what: str, key: str | None = None) -> Path:
+    """A config file named relative to the working directory, or else to the project root (so that
+    `configs/model/tiny.json` works from any directory)."""
+    from astrai_ds import PROJECT_ROOT
+
+    for candidate in (Path(path), PROJECT_ROOT / path):
+        if candidate.is_file():
+            return candidate
+    where = f"{key} names " if key else ""
+    raise ConfigError(f"{where}{what} file not found: {path} (looked in the working directory and in {PROJECT_ROOT})")

@@ -1,0 +1,5 @@
+import sys
+
+from astrai_ds.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,22 @@
+"""Consolidate a training run's DeepSpeed checkpoint (no ZeRO, ZeRO-1/2/3) into a model folder:
+config.json, model.safetensors and tokenizer.json, loadable without DeepSpeed."""
+
+from __future__ import annotations
+
+NAME = "export"
+HELP = "export a checkpoint to a model folder"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--run", required=True, help="the run folder (output_dir of train.py)")
+    p.add_argument("--tag", default=None, help="checkpoint to export, e.g. global_step200 (default: latest)")
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weight dtype on disk")
+
+
+def run(args) -> int:
+    from astrai_ds.convert.export import export_run
+
+    out = export_run(args.run, args.out, tag=args.tag, dtype=args.dtype)
+    print(f"exported {args.run} to {out}")
+    return 0

@@ -1,0 +1,107 @@
+"""The run config: what to train on, for how long, how to log and checkpoint. One dataclass per concern."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from astrai_ds.config.base import apply_overrides, check, from_dict, read_json, to_dict
+
+
+@dataclass
+class DataConfig:
+    path: str  # a prepared shard folder (`astrai-ds prepare ... --out DIR`)
+    seq_len: int = 256  # tokens per training sample
+    eval_path: str | None = None  # a prepared shard folder for eval loss; none = no evaluation
+    eval_batches: int = 8  # micro-batches per rank in one evaluation
+    shuffle: bool = True  # shuffle the samples each epoch (seeded)
+
+    def __post_init__(self):
+        check(self.seq_len > 0, "seq_len", f"must be positive, got {self.seq_len}")
+        check(self.eval_batches > 0, "eval_batches", f"must be positive, got {self.eval_batches}")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-4  # peak learning rate
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.1  # decoupled weight decay on matrices (not on norms)
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
+
+    def __post_init__(self):
+        check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
+              f"must be two numbers in [0, 1), got {list(self.betas)}")
+        check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        check(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+
+
+@dataclass
+class ScheduleConfig:
+    type: Literal["cosine", "constant", "wsd", "linear"] = "cosine"  # shape after warm-up
+    warmup_steps: int = 100  # linear warm-up from 0 to the peak lr
+    min_lr_ratio: float = 0.1  # final lr as a fraction of the peak (cosine, linear, wsd)
+    decay_fraction: float = 0.2  # wsd only: the share of the steps spent decaying at the end
+    total_steps: int | None = None  # steps the schedule spans; none = max_steps
+
+    def __post_init__(self):
+        check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        check(0 < self.decay_fraction <= 1, "decay_fraction", f"must be in (0, 1], got {self.decay_fraction}")
+        check(self.total_steps is None or self.total_steps > 0, "total_steps", "must be positive")
+
+
+@dataclass
+class StageConfig:
+    type: Literal["pt"] = "pt"  # training stage: "pt" (pretraining); "sft" and "dpo" come next
+
+
+@dataclass
+class EarlyStopConfig:
+    patience: int = 0  # stop after this many evaluations without improvement; 0 disables
+    min_delta: float = 0.0  # an improvement smaller than this does not count
+
+
+@dataclass
+class TrainConfig:
+    model: str  # path to a model config (configs/model/*.json)
+    tokenizer: str  # a tokenizer folder or tokenizer.json (`astrai-ds tokenizer ...`)
+    data: DataConfig  # training (and eval) data
+    output_dir: str  # the run folder: checkpoints, tb/, metrics.jsonl, resolved configs
+    max_steps: int = 1000  # optimizer steps to train for
+    micro_batch_size: int = 8  # samples per rank per forward ("auto" in the DeepSpeed config takes it)
+    grad_accum_steps: int = 1  # micro-batches per optimizer step ("auto" in the DeepSpeed config)
+    save_interval: int = 500  # steps between checkpoints (a final one is always written)
+    log_interval: int = 10  # steps between log lines, metrics.jsonl and TensorBoard points
+    eval_interval: int = 200  # steps between evaluations (needs data.eval_path)
+    keep_checkpoints: int = 2  # newest checkpoints kept in output_dir; 0 keeps all
+    seed: int = 1234  # seeds the model init and the data order
+    resume: str = "auto"  # "auto" (newest checkpoint in output_dir, if any), "none", or a checkpoint folder
+    precision: Literal["bf16", "fp32", "auto"] = "auto"  # "auto": bf16 where the device supports it
+    activation_checkpointing: bool = False  # recompute block activations in backward to save memory
+    stage: StageConfig = field(default_factory=StageConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+
+    def __post_init__(self):
+        for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "save_interval", "log_interval",
+                    "eval_interval"):
+            check(getattr(self, key) > 0, key, f"must be positive, got {getattr(self, key)}")
+        check(self.keep_checkpoints >= 0, "keep_checkpoints", "must be >= 0")
+
+    @property
+    def schedule_steps(self) -> int:
+        return self.schedule.total_steps or self.max_steps
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] | None = None) -> "TrainConfig":
+        """Load a train config; `overrides` are `a.b=value` strings applied on top (`--set`)."""
+        data = apply_overrides(read_json(path, "train config"), overrides or [])
+        source = str(path) + (" (with --set overrides)" if overrides else "")
+        return from_dict(cls, data, source)
+
+    def to_dict(self) -> dict:
+        return to_dict(self)

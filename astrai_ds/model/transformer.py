@@ -1,0 +1,155 @@
+"""The decoder-only language model: Embedding -> Block x n_layers -> Head.
+
+The model is a flat sequence of stages that each take and return plain tensors, so a pipeline-parallel
+wrapper can reuse the same modules, and the parameter names map one-to-one onto Hugging Face Llama's
+(`HF_LLAMA_NAMES`). Nothing here knows about DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from astrai_ds.config.model import ModelConfig
+from astrai_ds.model.block import Block
+from astrai_ds.model.init import NormalEmbedding, NormalLinear
+from astrai_ds.model.norm import RMSNorm
+from astrai_ds.model.rope import RotaryEmbedding
+
+# Our parameter name -> Hugging Face LlamaForCausalLM name; `{i}` is the layer index. The map is flat:
+# same shapes, no transposes, and no wq/wk permutation because RoPE uses HF's rotate_half convention.
+# Llama has no QK-norm; the q_norm/k_norm names are the ones Qwen3 (Llama layout plus QK-norm) uses.
+HF_LLAMA_NAMES: dict[str, str] = {
+    "embed.tok_embeddings.weight": "model.embed_tokens.weight",
+    "layers.{i}.attention_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "layers.{i}.attention.wq.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "layers.{i}.attention.wk.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "layers.{i}.attention.wv.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "layers.{i}.attention.wo.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "layers.{i}.attention.q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
+    "layers.{i}.attention.k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
+    "layers.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "layers.{i}.feed_forward.w1.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "layers.{i}.feed_forward.w3.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "layers.{i}.feed_forward.w2.weight": "model.layers.{i}.mlp.down_proj.weight",
+    "head.norm.weight": "model.norm.weight",
+    "head.output.weight": "lm_head.weight",
+}
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def _translate(name: str, table: dict[str, str]) -> str:
+    match = _LAYER.search(name)
+    template = _LAYER.sub(".{i}.", name, count=1) if match else name
+    if template not in table:
+        raise KeyError(f"no Hugging Face Llama counterpart for parameter {name!r}")
+    return table[template].replace("{i}", match.group(1)) if match else table[template]
+
+
+def hf_llama_name(name: str) -> str:
+    """Our parameter name -> HF Llama name, e.g. layers.3.feed_forward.w1.weight -> model.layers.3.mlp.gate_proj.weight."""
+    return _translate(name, HF_LLAMA_NAMES)
+
+
+def from_hf_llama_name(hf_name: str) -> str:
+    """HF Llama name -> our parameter name (the inverse of `hf_llama_name`)."""
+    return _translate(hf_name, {hf: ours for ours, hf in HF_LLAMA_NAMES.items()})
+
+
+def _vocab_size(cfg: ModelConfig) -> int:
+    if not isinstance(cfg.vocab_size, int):
+        raise ValueError(f"ModelConfig.vocab_size is {cfg.vocab_size!r}; build the model from "
+                         f"cfg.resolved(tokenizer_vocab_size), which fills in the integer")
+    return cfg.vocab_size
+
+
+class Embedding(nn.Module):
+    """First stage: token ids (B, T) -> hidden states (B, T, dim)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.tok_embeddings = NormalEmbedding(_vocab_size(cfg), cfg.dim, cfg.init_std)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.tok_embeddings(input_ids)  # (B, T, dim)
+
+
+class Head(nn.Module):
+    """Last stage: hidden states (B, T, dim) -> logits (B, T, vocab), in the model's dtype."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = NormalLinear(cfg.dim, _vocab_size(cfg), cfg.init_std)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.output(self.norm(h))  # (B, T, vocab)
+
+
+class Transformer(nn.Module):
+    """Llama-style decoder: RMSNorm pre-norm, RoPE, grouped-query attention, SwiGLU.
+
+    Weights are initialised in the constructors from the global torch RNG (deterministic under
+    `torch.manual_seed`): N(0, init_std) for linears and embeddings, N(0, init_std / sqrt(2 n_layers))
+    for `wo` and `w2`, ones for norms.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embedding(cfg)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.head = Head(cfg)
+        if cfg.tie_embeddings:
+            # One Parameter under two names; the head's own init above is simply discarded.
+            self.head.output.weight = self.embed.tok_embeddings.weight
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        # Set by the trainer: recompute each block in the backward pass instead of storing activations.
+        self.activation_checkpointing = False
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids: (B, T) int -> logits (B, T, vocab) in the model's dtype.
+
+        position_ids: (B, T) or (T,) int, default arange(T); pass them for left padding or packed
+        sequences. attn_mask: None for causal attention, else a bool mask broadcastable to (B, 1, T, T),
+        True = may attend, which must include the causal constraint itself.
+        """
+        T = input_ids.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device)  # (T,)
+        cos, sin = self.rope(position_ids)  # float32 (B or 1, T, head_dim)
+        h = self.embed(input_ids)  # (B, T, dim)
+        for block in self.layers:
+            if self.activation_checkpointing and self.training:
+                h = checkpoint(block, h, cos, sin, attn_mask, use_reentrant=False)
+            else:
+                h = block(h, cos, sin, attn_mask)
+        return self.head(h)  # (B, T, vocab)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Number of parameters, a tied embedding/head matrix counted once.
+
+        exclude_embeddings leaves out the token-embedding table (when tied, that is the shared matrix).
+        Counts the local tensors: under a framework that shards parameters, count before sharding.
+        """
+        total = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
+        if exclude_embeddings:
+            total -= self.embed.tok_embeddings.weight.numel()
+        return total
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 N + 12 n_layers dim seq_len (PaLM, Chowdhery et al. 2022, appendix B).
+
+        N counts the weights of every matmul: the blocks' projections plus the output head (counted even
+        when tied to the embedding, since the head is a real matmul), but not the embedding lookup or the
+        norms. 6 N is forward (2) plus backward (4) FLOPs per weight; the second term is attention's
+        QK^T and AV matmuls over a context of seq_len, which no parameter count sees. It is read from
+        the layers' shapes, so it stays right when the weights themselves are sharded.
+        """
+        n = sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear))
+        return 6.0 * n + 12.0 * self.cfg.n_layers * self.cfg.dim * seq_len

@@ -1,0 +1,204 @@
+"""Side concerns of training as callbacks around the loop: evaluation, early stop, logging, TensorBoard,
+checkpoints and the progress bar. Every rank runs every callback (collectives must match); only rank 0
+writes files or prints."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from astrai_ds.training.checkpoint import save_checkpoint
+from astrai_ds.training.metrics import Throughput
+
+
+class Callback:
+    def on_train_begin(self, trainer) -> None:
+        pass
+
+    def on_step_end(self, trainer, metrics: dict) -> None:
+        pass
+
+    def on_train_end(self, trainer) -> None:
+        pass
+
+
+class MetricsWriter:
+    """Rank 0's sink for scalars: one JSON line per record in metrics.jsonl, and TensorBoard under tb/."""
+
+    def __init__(self, output_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self._jsonl = self._tb = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._jsonl = open(Path(output_dir) / "metrics.jsonl", "a", encoding="utf-8")
+            self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tb"))
+
+    def write(self, step: int, scalars: dict) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self._jsonl.flush()
+        for tag, value in scalars.items():
+            self._tb.add_scalar(tag, value, step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
+
+
+def _mean_over_ranks(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
+class Logger(Callback):
+    """Every log_interval steps: loss (mean over ranks and steps), lr, grad norm, tokens/s, MFU."""
+
+    def __init__(self, writer: MetricsWriter, interval: int, throughput: Throughput):
+        self.writer, self.interval, self.throughput = writer, interval, throughput
+        self._losses: list[float] = []
+        self.last: dict = {}
+
+    def on_train_begin(self, trainer) -> None:
+        self.throughput.rate()  # start the clock after set-up, not at construction
+
+    def on_step_end(self, trainer, metrics: dict) -> None:
+        self._losses.append(metrics["loss"])
+        self.throughput.add(metrics["tokens"])
+        step = trainer.state.step
+        if step % self.interval and step != trainer.cfg.max_steps:
+            return
+        (loss,) = _mean_over_ranks([sum(self._losses) / len(self._losses)])
+        self._losses.clear()
+        tps, mfu = self.throughput.rate()
+        self.last = {"train/loss": loss, "train/lr": metrics["lr"], "train/grad_norm": metrics["grad_norm"],
+                     "train/tokens_per_sec": tps, "train/mfu": mfu, "train/tokens_seen": trainer.state.tokens_seen,
+                     "train/epoch": trainer.train_batches.sampler.epoch}
+        self.writer.write(step, self.last)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"step {step}: training loss is {loss}; lower optimizer.lr or check the data")
+
+    def on_train_end(self, trainer) -> None:
+        self.writer.close()
+
+
+class Evaluator(Callback):
+    """Every eval_interval steps (and at the end): mean loss over the eval data, shared by all ranks."""
+
+    def __init__(self, writer: MetricsWriter, interval: int):
+        self.writer, self.interval = writer, interval
+        self.history: list[tuple[int, float]] = []
+
+    def _run(self, trainer) -> None:
+        loss = trainer.evaluate()
+        self.history.append((trainer.state.step, loss))
+        trainer.state.eval_loss, trainer.state.eval_step = loss, trainer.state.step
+        trainer.log(f"step {trainer.state.step}: eval loss {loss:.4f}")
+        self.writer.write(trainer.state.step, {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50))})
+
+    def on_train_begin(self, trainer) -> None:
+        if trainer.state.step == 0:
+            self._run(trainer)  # the starting point, so the curve shows how far training moved it
+
+    def on_step_end(self, trainer, metrics: dict) -> None:
+        if trainer.state.step % self.interval == 0:
+            self._run(trainer)
+
+    def on_train_end(self, trainer) -> None:
+        if not self.history or self.history[-1][0] != trainer.state.step:
+            self._run(trainer)
+
+
+class EarlyStop(Callback):
+    """Stop when eval loss has not improved by min_delta for `patience` evaluations."""
+
+    def __init__(self, patience: int, min_delta: float):
+        self.patience, self.min_delta = patience, min_delta
+        self.best, self.bad, self._seen_step = float("inf"), 0, -1
+
+    def on_step_end(self, trainer, metrics: dict) -> None:
+        state = trainer.state
+        if state.eval_loss is None or state.eval_step == self._seen_step:
+            return
+        self._seen_step = state.eval_step
+        if state.eval_loss < self.best - self.min_delta:
+            self.best, self.bad = state.eval_loss, 0
+        else:
+            self.bad += 1
+            if self.bad >= self.patience:
+                state.should_stop = True
+                trainer.log(f"early stop at step {state.step}: eval loss {state.eval_loss:.4f} has not improved "
+                            f"on {self.best:.4f} for {self.bad} evaluations")
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "bad": self.bad}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.best, self.bad = sd["best"], sd["bad"]
+
+
+class Checkpointer(Callback):
+    """Every save_interval steps and at the end of training."""
+
+    def __init__(self, output_dir: Path, interval: int, keep: int):
+        self.output_dir, self.interval, self.keep = output_dir, interval, keep
+        self.last_saved = -1
+
+    def _save(self, trainer) -> None:
+        path = save_checkpoint(trainer.engine, self.output_dir, trainer.state.step, trainer.state_dict(), self.keep)
+        self.last_saved = trainer.state.step
+        trainer.log(f"saved checkpoint {path}")
+
+    def on_step_end(self, trainer, metrics: dict) -> None:
+        if trainer.state.step % self.interval == 0:
+            self._save(trainer)
+
+    def on_train_end(self, trainer) -> None:
+        if self.last_saved != trainer.state.step and trainer.state.step > trainer.start_step:
+            self._save(trainer)
+
+
+class Progress(Callback):
+    """A tqdm bar on a terminal; plain log lines when output goes to a file (Slurm, CI, nohup)."""
+
+    def __init__(self, enabled: bool, logger: Logger):
+        self.enabled, self.logger = enabled, logger
+        self.bar = None
+        self._t0 = time.perf_counter()
+
+    def on_train_begin(self, trainer) -> None:
+        if self.enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=trainer.cfg.max_steps, initial=trainer.state.step, desc="train", dynamic_ncols=True)
+
+    def on_step_end(self, trainer, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        fresh = self.logger.last and trainer.state.step % self.logger.interval == 0
+        if self.bar is not None:
+            self.bar.update(1)
+            if fresh:
+                self.bar.set_postfix(loss=f"{self.logger.last['train/loss']:.4f}",
+                                     lr=f"{self.logger.last['train/lr']:.2e}",
+                                     tok_s=f"{self.logger.last['train/tokens_per_sec']:.0f}")
+        elif fresh:
+            last = self.logger.last
+            print(f"step {trainer.state.step}/{trainer.cfg.max_steps} loss {last['train/loss']:.4f} "
+                  f"lr {last['train/lr']:.2e} grad_norm {last['train/grad_norm']:.3f} "
+                  f"tok/s {last['train/tokens_per_sec']:.0f} mfu {last['train/mfu']:.3f} "
+                  f"elapsed {time.perf_counter() - self._t0:.0f}s", flush=True)
+
+    def on_train_end(self, trainer) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,86 @@
+"""Process-group setup for every way a user starts train.py.
+
+- `deepspeed` launcher and `torchrun`: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_* are set; use them.
+- `mpirun -n N python train.py`: no RANK; DeepSpeed's MPI discovery (mpi4py) fills them in.
+- plain `python train.py`: nothing is set and there is no MPI: a world of one on a free local port.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+_MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+_LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
+                    "SLURM_NTASKS_PER_NODE")
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_rank() -> int:
+    """This process's rank before the process group exists (0 when not launched)."""
+    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _local_world_size() -> int:
+    for var in _LOCAL_SIZE_VARS:
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
+def init_distributed() -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPUs) and pin threads."""
+    import deepspeed
+
+    launched = "RANK" in os.environ or any(v in os.environ for v in _MPI_VARS)
+    if not launched:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    deepspeed.init_distributed(verbose=False)
+    info = DistInfo(
+        rank=torch.distributed.get_rank(),
+        world_size=torch.distributed.get_world_size(),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        local_world_size=_local_world_size(),
+    )
+    # Ranks sharing a CPU must split its cores: two ranks of two threads on two cores fight and run
+    # slower than two ranks of one thread each. An explicit OMP_NUM_THREADS always wins.
+    if "OMP_NUM_THREADS" not in os.environ and info.local_world_size > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+    return info
+
+
+def bf16_supported() -> bool:
+    """Whether this device runs bf16 matmuls natively (so precision "auto" picks bf16)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False

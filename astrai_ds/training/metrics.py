@@ -1,0 +1,51 @@
+"""Throughput accounting: tokens/s, model FLOPs per token and MFU against a measured peak."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int | None = None, iters: int = 8) -> float:
+    """Measure this process's dense matmul peak in FLOP/s with a square `dtype` matmul on `device`.
+
+    There is no trustworthy datasheet peak for a CPU (it depends on the cores, threads and ISA), so
+    MFU is reported against what this device actually reaches on a large matmul, measured at start-up.
+    """
+    size = size or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):  # warm-up: kernel selection, page faults
+        a @ b
+    _sync(device)
+    best = float("inf")
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Throughput:
+    """Tokens/s and MFU over the steps since the last `rate()` call."""
+
+    def __init__(self, flops_per_token: float, peak_flops: float):
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self._tokens, self._t0 = 0, time.perf_counter()
+
+    def add(self, tokens: int) -> None:
+        self._tokens += tokens
+
+    def rate(self) -> tuple[float, float]:
+        """(tokens/s, MFU) since the last call; resets the window."""
+        elapsed = max(time.perf_counter() - self._t0, 1e-9)
+        tps = self._tokens / elapsed
+        self._tokens, self._t0 = 0, time.perf_counter()
+        return tps, tps * self.flops_per_token / self.peak_flops if self.peak_flops else 0.0

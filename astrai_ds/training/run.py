@@ -1,0 +1,196 @@
+"""`train.py`'s body: read the three configs, check them against the data, build the DeepSpeed engine,
+the strategy and the callbacks, resume if asked, and train.
+
+The same function runs under the `deepspeed` launcher, `torchrun`, `mpirun`, `srun` and plain `python`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from astrai_ds.config.base import find_file
+from astrai_ds.config.deepspeed import load_ds_config, resolve_ds_config, zero_stage
+from astrai_ds.config.model import ModelConfig
+from astrai_ds.config.train import TrainConfig
+from astrai_ds.data.datasets import PretrainDataset, collate_pretrain
+from astrai_ds.data.sampler import DistributedBatchSampler
+from astrai_ds.data.shards import TokenShards
+from astrai_ds.data.tokenizer import Tokenizer
+from astrai_ds.errors import ConfigError, DataError, UserError
+from astrai_ds.training.batches import BatchIterator
+from astrai_ds.training.callbacks import Checkpointer, EarlyStop, Evaluator, Logger, MetricsWriter, Progress
+from astrai_ds.training.checkpoint import find_checkpoint
+from astrai_ds.training.distributed import DistInfo, bf16_supported, env_rank, init_distributed
+from astrai_ds.training.engine import build_engine
+from astrai_ds.training.metrics import Throughput, measure_peak_flops
+from astrai_ds.training.strategies import STRATEGIES
+from astrai_ds.training.trainer import Trainer
+
+DEFAULT_CONFIG = "configs/train/pt_1b.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train a model with DeepSpeed. Launch with `deepspeed [--num_gpus N | --hostfile FILE] "
+                    "train.py ...`, `torchrun --nproc_per_node N train.py ...`, `mpirun -n N python train.py ...` "
+                    "or plain `python train.py ...` (one rank).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", default=DEFAULT_CONFIG,
+                   help="train config (JSON); a relative path is looked up in the working directory, then the project")
+    p.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", default="zero2.json",
+                   help="DeepSpeed config (JSON, DeepSpeed's format); a bare name such as zero3.json falls back to "
+                        "the project's ds_configs/")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a train-config key, e.g. --set max_steps=100 --set data.seq_len=512 "
+                        "(values parse as JSON where they can)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1,
+                   help="set by the deepspeed launcher; LOCAL_RANK in the environment is what is used")
+    return p
+
+
+def _load_inputs(args) -> tuple[TrainConfig, ModelConfig, Tokenizer, Path]:
+    """Everything that can be checked before any process group exists, so mistakes fail fast."""
+    config_path = find_file(args.config, "train config")
+    cfg = TrainConfig.load(config_path, args.overrides)
+    tokenizer = _load_tokenizer(cfg, config_path)
+    model_path = find_file(cfg.model, "model config", key=f"{config_path}: model")
+    model_cfg = ModelConfig.load(model_path).resolved(tokenizer.vocab_size)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ConfigError(f"{model_path}: vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's "
+                          f"{tokenizer.vocab_size} tokens ({tokenizer.path}); set it to \"auto\" or at least "
+                          f"{tokenizer.vocab_size}")
+    if cfg.data.seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"{config_path}: data.seq_len {cfg.data.seq_len} is above the model's max_seq_len "
+                          f"{model_cfg.max_seq_len} ({model_path}); lower data.seq_len or raise max_seq_len")
+    return cfg, model_cfg, tokenizer, config_path
+
+
+def _load_tokenizer(cfg: TrainConfig, config_path: Path) -> Tokenizer:
+    if not Path(cfg.tokenizer).exists():
+        raise DataError(f"{config_path}: tokenizer {cfg.tokenizer} does not exist; train one with "
+                        f"`astrai-ds tokenizer --input YOUR_TEXT.jsonl --vocab-size 32000 --out {cfg.tokenizer}`")
+    return Tokenizer.load(cfg.tokenizer)
+
+
+def open_pretrain_data(path: str, key: str, cfg: TrainConfig, tokenizer: Tokenizer, config_path: Path) -> TokenShards:
+    """Open prepared shards and check that they are pretraining data made with this run's tokenizer."""
+    if not (Path(path) / "index.json").exists():
+        raise DataError(
+            f"{config_path}: {key} {path} holds no prepared data (no index.json). Make it with:\n"
+            f"  astrai-ds prepare --stage pt --input YOUR_TEXT.jsonl --tokenizer {cfg.tokenizer} --out {path} "
+            f"--seq-len {cfg.data.seq_len}")
+    shards = TokenShards(path)
+    meta = shards.meta
+    if meta.get("stage", "pt") != "pt":
+        raise DataError(f"{config_path}: {key} {path} was prepared for stage '{meta.get('stage')}', but this run "
+                        f"trains stage 'pt'; prepare it with `astrai-ds prepare --stage pt ...`")
+    if meta.get("tokenizer_hash") != tokenizer.hash:
+        raise DataError(f"{config_path}: {key} {path} was prepared with a different tokenizer than {tokenizer.path} "
+                        f"(hash {str(meta.get('tokenizer_hash'))[:12]} vs {tokenizer.hash[:12]}); re-run "
+                        f"`astrai-ds prepare --stage pt ... --tokenizer {cfg.tokenizer} --out {path}`")
+    return shards
+
+
+def _batches(shards: TokenShards, cfg: TrainConfig, micro: int, dist_info: DistInfo, shuffle: bool,
+             device: torch.device) -> BatchIterator:
+    dataset = PretrainDataset(shards, cfg.data.seq_len)
+    sampler = DistributedBatchSampler(len(dataset), micro, dist_info.rank, dist_info.world_size, cfg.seed,
+                                      shuffle=shuffle)
+    return BatchIterator(dataset, sampler, collate_pretrain, device)
+
+
+def _write_run_files(output_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig, ds_cfg: dict,
+                     tokenizer: Tokenizer) -> None:
+    """The resolved configs and the tokenizer travel with the run, so export needs nothing else."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    (output_dir / "model_config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2) + "\n")
+    (output_dir / "ds_config.json").write_text(json.dumps(ds_cfg, indent=2) + "\n")
+    shutil.copyfile(tokenizer.path, output_dir / "tokenizer.json")
+
+
+def build_trainer(args) -> Trainer:
+    cfg, model_cfg, tokenizer, config_path = _load_inputs(args)
+    train_shards = open_pretrain_data(cfg.data.path, "data.path", cfg, tokenizer, config_path)
+    eval_shards = (open_pretrain_data(cfg.data.eval_path, "data.eval_path", cfg, tokenizer, config_path)
+                   if cfg.data.eval_path else None)
+    ds_raw, ds_path = load_ds_config(args.ds_config)
+
+    dist_info = init_distributed()
+    ds_cfg = resolve_ds_config(ds_raw, cfg, dist_info.world_size, bf16_supported=bf16_supported(),
+                               source=str(ds_path))
+    output_dir = Path(cfg.output_dir)
+    resume = find_checkpoint(cfg.resume, output_dir)
+    if resume:
+        _check_same_model(resume[0], model_cfg)
+    if dist_info.is_main:
+        _write_run_files(output_dir, cfg, model_cfg, ds_cfg, tokenizer)
+
+    from astrai_ds.model import Transformer
+
+    torch.manual_seed(cfg.seed)  # the same init on every rank and for every ZeRO stage
+    model = Transformer(model_cfg)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    engine = build_engine(model, cfg, ds_cfg)
+
+    micro = ds_cfg["train_micro_batch_size_per_gpu"]
+    trainer = Trainer(engine, STRATEGIES[cfg.stage.type](),
+                      _batches(train_shards, cfg, micro, dist_info, cfg.data.shuffle, engine.device),
+                      _batches(eval_shards, cfg, micro, dist_info, False, engine.device) if eval_shards else None,
+                      cfg, dist_info)
+
+    dtype = torch.bfloat16 if ds_cfg["bf16"]["enabled"] else torch.float32
+    torch.distributed.barrier()  # all ranks measure at once: they share the machine while training too
+    peak = torch.tensor([measure_peak_flops(engine.device, dtype)], dtype=torch.float64)
+    torch.distributed.all_reduce(peak)
+    flops_per_token = model.flops_per_token(cfg.data.seq_len)
+
+    writer = MetricsWriter(output_dir, enabled=dist_info.is_main)
+    logger = Logger(writer, cfg.log_interval, Throughput(flops_per_token, peak.item()))
+    if eval_shards:
+        trainer.callbacks.append(Evaluator(writer, cfg.eval_interval))
+        if cfg.early_stop.patience > 0:
+            trainer.callbacks.append(EarlyStop(cfg.early_stop.patience, cfg.early_stop.min_delta))
+    trainer.callbacks += [logger, Checkpointer(output_dir, cfg.save_interval, cfg.keep_checkpoints),
+                          Progress(dist_info.is_main, logger)]
+
+    if resume:
+        _, client_state = engine.load_checkpoint(str(resume[0]), tag=resume[1])
+        trainer.load_state_dict(client_state)
+        trainer.log(f"resumed from {resume[0] / resume[1]} at step {trainer.state.step}")
+
+    trainer.log(
+        f"model {model.num_params() / 1e6:.2f}M params | world {dist_info.world_size} | ZeRO-{zero_stage(ds_cfg)} | "
+        f"{'bf16' if dtype == torch.bfloat16 else 'fp32'} | micro {micro} x accum {ds_cfg['gradient_accumulation_steps']}"
+        f" x dp {dist_info.world_size} = {ds_cfg['train_batch_size']} samples of {cfg.data.seq_len} tokens | "
+        f"{len(trainer.train_batches.dataset)} train samples | peak {peak.item() / 1e9:.0f} GFLOP/s (measured: "
+        f"{dtype} matmul on {engine.device.type}, all ranks) | {flops_per_token / 1e6:.1f} MFLOP/token (6N + 12LdT)")
+    return trainer
+
+
+def _check_same_model(load_dir: Path, model_cfg: ModelConfig) -> None:
+    saved = load_dir / "model_config.json"
+    if saved.exists() and json.loads(saved.read_text()) != model_cfg.to_dict():
+        raise ConfigError(f"cannot resume from {load_dir}: it was trained with the model config in {saved}, which "
+                          f"differs from this run's; use the same model config, another output_dir, or resume \"none\"")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        trainer = build_trainer(args)
+        state = trainer.fit()
+        trainer.log(f"done: step {state.step}, {state.tokens_seen} tokens, output in {trainer.cfg.output_dir}")
+        return 0
+    except UserError as e:
+        if env_rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2

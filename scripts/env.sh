@@ -1,0 +1,35 @@
+# Sourced by the other scripts: create or reuse .venv, install the project, and set the environment.
+# Usage: source scripts/env.sh [extras]   (extras: a pip extras list such as "test")
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+EXTRAS="${1:-}"
+PYTHON="${PYTHON:-python3}"
+
+if [ ! -x .venv/bin/python ]; then
+  echo "== creating .venv"
+  "$PYTHON" -m venv .venv
+fi
+VPY="$ROOT/.venv/bin/python"
+
+# torch: keep one that is already installed (a GPU user's CUDA build); otherwise take the pinned CPU
+# build. An unpinned `torch` would pull a CUDA build of several GB.
+if ! "$VPY" -c "import torch" 2>/dev/null; then
+  echo "== installing torch==2.13.0 (CPU build)"
+  "$VPY" -m pip install -q --upgrade pip
+  "$VPY" -m pip install -q "torch==2.13.0"
+fi
+
+# Reinstall the project only when pyproject.toml or the extras changed.
+STAMP=".venv/.astrai_ds_installed"
+WANT="$(sha256sum pyproject.toml | cut -d' ' -f1) extras=${EXTRAS}"
+if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
+  echo "== installing astrai_ds${EXTRAS:+[$EXTRAS]} into .venv"
+  "$VPY" -m pip install -q -e ".${EXTRAS:+[$EXTRAS]}"
+  echo "$WANT" > "$STAMP"
+fi
+
+export PATH="$ROOT/.venv/bin:$PATH"
+# DeepSpeed compiles its CPU communication op on first use (20-30 s); build it once, inside .venv.
+export TORCH_EXTENSIONS_DIR="$ROOT/.venv/torch_extensions"
+export PYTHONUNBUFFERED=1
