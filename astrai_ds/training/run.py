@@ -10,6 +10,7 @@ import argparse
 import json
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -139,6 +140,7 @@ def build_trainer(args) -> Trainer:
     torch.manual_seed(cfg.seed)  # the same init on every rank and for every ZeRO stage
     model = Transformer(model_cfg)
     model.activation_checkpointing = cfg.activation_checkpointing
+    n_params = model.num_params()  # before ZeRO-3 partitions the parameters
     engine = build_engine(model, cfg, ds_cfg)
 
     micro = ds_cfg["train_micro_batch_size_per_gpu"]
@@ -159,8 +161,8 @@ def build_trainer(args) -> Trainer:
         trainer.callbacks.append(Evaluator(writer, cfg.eval_interval))
         if cfg.early_stop.patience > 0:
             trainer.callbacks.append(EarlyStop(cfg.early_stop.patience, cfg.early_stop.min_delta))
-    trainer.callbacks += [logger, Checkpointer(output_dir, cfg.save_interval, cfg.keep_checkpoints),
-                          Progress(dist_info.is_main, logger)]
+    trainer.callbacks += [logger, Progress(dist_info.is_main, logger),
+                          Checkpointer(output_dir, cfg.save_interval, cfg.keep_checkpoints)]
 
     if resume:
         _, client_state = engine.load_checkpoint(str(resume[0]), tag=resume[1])
@@ -168,7 +170,7 @@ def build_trainer(args) -> Trainer:
         trainer.log(f"resumed from {resume[0] / resume[1]} at step {trainer.state.step}")
 
     trainer.log(
-        f"model {model.num_params() / 1e6:.2f}M params | world {dist_info.world_size} | ZeRO-{zero_stage(ds_cfg)} | "
+        f"model {n_params / 1e6:.2f}M params | world {dist_info.world_size} | ZeRO-{zero_stage(ds_cfg)} | "
         f"{'bf16' if dtype == torch.bfloat16 else 'fp32'} | micro {micro} x accum {ds_cfg['gradient_accumulation_steps']}"
         f" x dp {dist_info.world_size} = {ds_cfg['train_batch_size']} samples of {cfg.data.seq_len} tokens | "
         f"{len(trainer.train_batches.dataset)} train samples | peak {peak.item() / 1e9:.0f} GFLOP/s (measured: "
@@ -185,6 +187,9 @@ def _check_same_model(load_dir: Path, model_cfg: ModelConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # DeepSpeed calls torch.distributed's old collective names on every step; torch warns each time.
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.",
+                            category=FutureWarning)
     try:
         trainer = build_trainer(args)
         state = trainer.fit()
@@ -194,3 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         if env_rank() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        # Tear the process group down before interpreter exit: left to the exit handlers, gloo's threads
+        # can be destroyed while still joinable, and the rank aborts ("terminate called without an active
+        # exception") after a successful run.
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

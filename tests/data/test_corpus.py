@@ -1,0 +1,108 @@
+import json
+import random
+
+import pytest
+
+from astrai_ds.data import corpus
+from astrai_ds.data.corpus import TASKS, split_facts, task_facts, write_corpus
+from astrai_ds.errors import DataError
+
+SCALE = 0.1  # 4,500 sentences: enough to see every task, fast to write
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    out = tmp_path_factory.mktemp("corpus")
+    summary = write_corpus(out, seed=0, scale=SCALE)
+    return out, summary
+
+
+def test_same_seed_gives_identical_bytes(written, tmp_path):
+    out, _ = written
+    write_corpus(tmp_path, seed=0, scale=SCALE)
+    for name in (corpus.PRETRAIN_FILE, corpus.EVAL_FILE):
+        assert (tmp_path / name).read_bytes() == (out / name).read_bytes()
+
+
+def test_other_seed_differs(written, tmp_path):
+    out, _ = written
+    write_corpus(tmp_path, seed=1, scale=SCALE)
+    assert (tmp_path / corpus.EVAL_FILE).read_bytes() != (out / corpus.EVAL_FILE).read_bytes()
+    assert (tmp_path / corpus.PRETRAIN_FILE).read_bytes() != (out / corpus.PRETRAIN_FILE).read_bytes()
+
+
+def test_heldout_facts_never_in_pretrain(written):
+    out, summary = written
+    pretrain = {r["text"] for r in _lines(out / corpus.PRETRAIN_FILE)}
+    split = split_facts(0)
+    assert not pretrain & {f.text for f in split.heldout}
+    # Open-set tasks hold out whole facts: no phrasing in either language of a held-out key is trained on.
+    for name, task in TASKS.items():
+        keys = {f.key for f in split.eval if f.task == name}
+        if task.holdout == "fact":
+            assert not {f.text for f in task_facts(name) if f.key in keys} & pretrain, name
+        else:  # closed sets keep the fact in other phrasings
+            assert {f.key for f in task_facts(name) if f.key in keys and f.text in pretrain} == keys, name
+    # Independent of scale: a bigger corpus holds out the same eval items.
+    assert summary["eval_items"] == len(split.eval)
+
+
+def test_eval_format_and_balance(written):
+    out, summary = written
+    items = _lines(out / corpus.EVAL_FILE)
+    assert 250 <= len(items) <= 400 and summary["eval_items"] == len(items)
+    for it in items:
+        assert set(it) == {"prompt", "answer", "text", "lang", "task"}
+        sep, end = (" ", ".") if it["lang"] == "en" else ("", "。")
+        assert it["text"] == it["prompt"] + sep + it["answer"] + end
+        assert not it["prompt"].endswith(" ") and it["answer"]
+    for name in TASKS:
+        for lang in ("en", "zh"):
+            n = sum(it["task"] == name and it["lang"] == lang for it in items)
+            assert 10 <= n <= corpus.EVAL_PER_TASK_LANG, (name, lang, n)
+
+
+def test_pretrain_content(written):
+    out, summary = written
+    texts = [r["text"] for r in _lines(out / corpus.PRETRAIN_FILE)]
+    assert len(texts) == summary["pretrain_records"] == sum(t["pretrain"] for t in summary["tasks"].values())
+    assert any(t.endswith("。") for t in texts) and any(t.endswith(".") for t in texts)
+    assert all(t.endswith((".", "。")) and "  " not in t for t in texts)
+    facts = {f.text: f for name in TASKS for f in task_facts(name)}
+    assert all(t in facts for t in texts)  # every line is a known fact rendering
+    assert {facts[t].task for t in texts} == set(TASKS)
+
+
+def test_examples_render_as_documented():
+    texts = {f.text for name in TASKS for f in task_facts(name)}
+    for t in ["23 + 45 = 68.", "23加45等于68。", "The larger of 37 and 52 is 52.", "37和52中较大的是52。",
+              "5 km = 5000 m.", "5千米等于5000米。", "The day after Monday is Tuesday.", "星期一的后一天是星期二。",
+              "The word apple has 5 letters.", "The first letter of apple is a.", "大的反义词是小。",
+              "The Chinese for apple is 苹果.", "apple的中文是苹果。", "February has 28 days.", "68 - 45 = 23."]:
+        assert t in texts, t
+
+
+def test_all_renderings_unique_and_have_wrong_answers():
+    facts = [f for name in TASKS for f in task_facts(name)]
+    assert len({f.text for f in facts}) == len(facts)
+    rng = random.Random(0)
+    for f in facts[::97]:
+        wrong = f.wrong_answer(rng)
+        assert wrong != f.answer and f.render(wrong) != f.text
+
+
+def test_full_scale_size(tmp_path):
+    summary = write_corpus(tmp_path, seed=0)  # scale 1.0: the corpus a tiny model trains on
+    assert 1_000_000 < summary["pretrain_bytes"] < 3_000_000
+    assert summary["pretrain_bytes"] == (tmp_path / corpus.PRETRAIN_FILE).stat().st_size
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(DataError):
+        write_corpus(tmp_path, scale=0)
+    with pytest.raises(DataError):
+        write_corpus(tmp_path, seed=-1)

@@ -1,0 +1,96 @@
+"""train.py outside the deepspeed launcher: plain python (one rank) and torchrun; and clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import VENV_BIN, free_port, run_cmd, run_distributed, tiny_train_config, train_losses
+
+
+def python_train(config, *sets, check=True):
+    cmd = [str(VENV_BIN / "python"), "train.py", "--config", str(config), "--ds_config", "zero2.json"]
+    for s in sets:
+        cmd += ["--set", s]
+    return run_cmd(cmd, check=check)
+
+
+def test_plain_python_is_one_rank(workspace, tmp_path):
+    proc = python_train(tiny_train_config(workspace, tmp_path, max_steps=2, save_interval=2))
+    assert "world 1" in proc.stdout
+    assert sorted(train_losses(tmp_path / "run")) == [1, 2]
+    assert (tmp_path / "run" / "latest").read_text().strip() == "global_step2"
+
+
+@pytest.mark.multiproc
+def test_torchrun(workspace, tmp_path):
+    port = free_port()
+    run_distributed([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(port), "train.py",
+                     "--config", str(tiny_train_config(workspace, tmp_path, max_steps=2, save_interval=2)),
+                     "--ds_config", "zero3.json"], port)
+    assert sorted(train_losses(tmp_path / "run")) == [1, 2]
+
+
+def expect_user_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("error:") == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in proc.stderr, (fragment, proc.stderr)
+
+
+def test_error_unknown_key(workspace, tmp_path):
+    cfg = tiny_train_config(workspace, tmp_path)
+    expect_user_error(python_train(cfg, "data.seqlen=3", check=False), "unknown key 'data.seqlen'",
+                      "did you mean 'data.seq_len'")
+
+
+def test_error_missing_data(workspace, tmp_path):
+    cfg = tiny_train_config(workspace, tmp_path, data__path=str(tmp_path / "nodata"))
+    expect_user_error(python_train(cfg, check=False), "nodata holds no prepared data", "astrai-ds prepare --stage pt")
+
+
+def test_error_default_1b_config_without_data(tmp_path):
+    proc = run_cmd([str(VENV_BIN / "python"), "train.py"], check=False)
+    expect_user_error(proc, "configs/train/pt_1b.json")
+
+
+def test_error_seq_len_above_max(workspace, tmp_path):
+    cfg = tiny_train_config(workspace, tmp_path, data__seq_len=1000)
+    expect_user_error(python_train(cfg, check=False), "data.seq_len 1000 is above the model's max_seq_len 128")
+
+
+def test_error_vocab_too_small(workspace, tmp_path):
+    model = tmp_path / "small_vocab.json"
+    model.write_text(json.dumps({"vocab_size": 100, "dim": 64, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2,
+                                 "ffn_dim": 128, "max_seq_len": 128}))
+    cfg = tiny_train_config(workspace, tmp_path, model=str(model))
+    expect_user_error(python_train(cfg, check=False), "vocab_size 100 is smaller than the tokenizer's")
+
+
+def test_error_other_tokenizer(workspace, tmp_path):
+    from astrai_ds.data.tokenizer import train_tokenizer
+
+    train_tokenizer([workspace / "corpus" / "pretrain.jsonl"], 400, tmp_path / "other_tok")
+    cfg = tiny_train_config(workspace, tmp_path, tokenizer=str(tmp_path / "other_tok"))
+    expect_user_error(python_train(cfg, check=False), "prepared with a different tokenizer")
+
+
+def test_error_ds_batch_mismatch(workspace, tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
+                              "train_batch_size": 10}))
+    cfg = tiny_train_config(workspace, tmp_path)
+    proc = run_cmd([str(VENV_BIN / "python"), "train.py", "--config", str(cfg), "--ds_config", str(ds)], check=False)
+    expect_user_error(proc, "train_batch_size (10)", "(4)", "(2)", "data-parallel size (1)")
+
+
+def test_error_truncated_shard(workspace, tmp_path):
+    data = tmp_path / "pt"
+    shutil.copytree(workspace / "data" / "pt", data)
+    shard = sorted(data.glob("*.bin"))[0]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    cfg = tiny_train_config(workspace, tmp_path, data__path=str(data))
+    expect_user_error(python_train(cfg, check=False), shard.name)
