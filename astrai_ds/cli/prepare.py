@@ -5,8 +5,6 @@ Stage pt: .txt (a document per line) and .jsonl (field `text`); every document b
 
 from __future__ import annotations
 
-import json
-
 NAME = "prepare"
 HELP = "tokenize text into training shards"
 
@@ -23,6 +21,11 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from astrai_ds.data.prepare import prepare_pretrain
 
-    summary = prepare_pretrain(args.input, args.tokenizer, args.out, args.seq_len, workers=args.workers)
-    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    s = prepare_pretrain(args.input, args.tokenizer, args.out, args.seq_len, workers=args.workers)
+    print(f"wrote {s['num_documents']} documents, {s['num_tokens']} tokens ({s['dtype']}, {s['num_shards']} shard(s), "
+          f"{s['num_samples']} samples of {args.seq_len}) to {s['out_dir']} in {s['seconds']:.1f}s")
+    for reason, count in s["skipped"].items():
+        print(f"skipped {count} records: {reason} (e.g. {', '.join(s['skipped_examples'].get(reason, [])[:3])})")
+    for warning in s["warnings"]:
+        print(f"warning: {warning}")
     return 0

@@ -103,6 +103,8 @@ def open_pretrain_data(path: str, key: str, cfg: TrainConfig, tokenizer: Tokeniz
 def _batches(shards: TokenShards, cfg: TrainConfig, micro: int, dist_info: DistInfo, shuffle: bool,
              device: torch.device) -> BatchIterator:
     dataset = PretrainDataset(shards, cfg.data.seq_len)
+    if not shuffle:  # evaluation: a small held-out set may not fill a training-sized micro-batch on every rank
+        micro = max(1, min(micro, len(dataset) // dist_info.world_size))
     sampler = DistributedBatchSampler(len(dataset), micro, dist_info.rank, dist_info.world_size, cfg.seed,
                                       shuffle=shuffle)
     return BatchIterator(dataset, sampler, collate_pretrain, device)
