@@ -1,0 +1,67 @@
+"""The `astrai-ds` command line: help for every subcommand, and one clear line for expected mistakes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from astrai_ds.cli.main import COMMANDS
+from conftest import VENV_BIN, run_cmd
+
+CLI = str(VENV_BIN / "astrai-ds")
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_subcommand_has_help(command):
+    out = run_cmd([CLI, command, "--help"]).stdout
+    assert "usage:" in out and len(out.splitlines()) > 3
+
+
+def test_train_help_is_train_py_help():
+    out = run_cmd([CLI, "train", "--help"]).stdout
+    assert "--ds_config" in out and "--set" in out
+
+
+def expect_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: "), proc.stderr
+    for fragment in fragments:
+        assert fragment in proc.stderr, (fragment, proc.stderr)
+
+
+def test_prepare_empty_corpus(workspace, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"text": ""}\n{"title": "no text"}\n')
+    proc = run_cmd([CLI, "prepare", "--stage", "pt", "--input", str(empty), "--tokenizer",
+                    str(workspace / "tokenizer"), "--out", str(tmp_path / "out")], check=False)
+    expect_error(proc, "empty corpus", "empty.jsonl")
+
+
+def test_prepare_missing_tokenizer(tmp_path):
+    text = tmp_path / "a.txt"
+    text.write_text("hello\n")
+    proc = run_cmd([CLI, "prepare", "--input", str(text), "--tokenizer", str(tmp_path / "nope"), "--out",
+                    str(tmp_path / "out")], check=False)
+    expect_error(proc, "nope", "astrai-ds tokenizer")
+
+
+def test_export_of_a_folder_without_checkpoints(tmp_path):
+    expect_error(run_cmd([CLI, "export", "--run", str(tmp_path), "--out", str(tmp_path / "m")], check=False),
+                 "not a run folder")
+
+
+def test_eval_of_a_missing_model(tmp_path):
+    data = tmp_path / "e.jsonl"
+    data.write_text(json.dumps({"prompt": "1 + 1 =", "answer": "2"}) + "\n")
+    expect_error(run_cmd([CLI, "eval", "--model", str(tmp_path), "--data", str(data)], check=False),
+                 "not a model folder", "astrai-ds export")
+
+
+def test_corpus_tokenizer_prepare_round(tmp_path):
+    run_cmd([CLI, "corpus", "--out", str(tmp_path / "c"), "--scale", "0.05"])
+    run_cmd([CLI, "tokenizer", "--input", str(tmp_path / "c" / "pretrain.jsonl"), "--vocab-size", "400", "--out",
+             str(tmp_path / "t")])
+    out = run_cmd([CLI, "prepare", "--stage", "pt", "--input", str(tmp_path / "c" / "pretrain.jsonl"),
+                   "--tokenizer", str(tmp_path / "t"), "--out", str(tmp_path / "d"), "--seq-len", "64"]).stdout
+    assert "documents" in out and (tmp_path / "d" / "index.json").exists()
