@@ -12,6 +12,11 @@ from pathlib import Path
 
 import pytest
 
+import torch
+
+# The tests' own forwards are tiny: one thread avoids oversubscribing 2 cores when launcher tests run too.
+torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 

@@ -16,6 +16,8 @@ class DataConfig:
     eval_path: str | None = None  # a prepared shard folder for eval loss; none = no evaluation
     eval_batches: int = 8  # micro-batches per rank in one evaluation
     shuffle: bool = True  # shuffle the samples each epoch (seeded)
+    packing: bool = True  # sft: pack several conversations into one sequence (attention stays within each)
+    overlong: Literal["truncate", "drop"] = "truncate"  # sft: what to do with a conversation longer than seq_len
 
     def __post_init__(self):
         check(self.seq_len > 0, "seq_len", f"must be positive, got {self.seq_len}")
@@ -55,7 +57,28 @@ class ScheduleConfig:
 
 @dataclass
 class StageConfig:
-    type: Literal["pt"] = "pt"  # training stage: "pt" (pretraining); "sft" and "dpo" come next
+    type: Literal["pt", "sft", "dpo"] = "pt"  # pretraining, supervised fine-tuning, preference optimisation
+    init_from: str | None = None  # an exported model folder to start from (fresh optimizer); none = random init
+    # dpo only
+    beta: float = 0.1  # strength of the KL-like pull towards the reference model
+    loss_type: Literal["sigmoid", "ipo", "hinge", "simpo"] = "sigmoid"  # simpo needs no reference model
+    label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped preference labels (sigmoid)
+    reference: Literal["live", "precomputed"] = "live"  # live: a frozen engine each step; precomputed: one pass first
+    reference_model: str | None = None  # the reference model folder; none = init_from
+    reference_offload: bool = False  # live reference under ZeRO-3: keep its parameters in host memory
+
+    def __post_init__(self):
+        check(self.beta > 0, "beta", f"must be positive, got {self.beta}")
+        check(0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        check(self.label_smoothing == 0 or self.loss_type == "sigmoid", "label_smoothing",
+              f"applies to loss_type \"sigmoid\" only, not \"{self.loss_type}\"; set it to 0")
+        check(self.type != "dpo" or self.loss_type == "simpo" or self.reference_model or self.init_from,
+              "reference_model", "is needed for DPO: set stage.init_from (the SFT model folder) or "
+              "stage.reference_model")
+
+    @property
+    def reference_path(self) -> str | None:
+        return self.reference_model or self.init_from
 
 
 @dataclass
@@ -66,7 +89,7 @@ class EarlyStopConfig:
 
 @dataclass
 class TrainConfig:
-    model: str  # path to a model config (configs/model/*.json)
+    model: str | None  # path to a model config (configs/model/*.json); null when stage.init_from gives the shape
     tokenizer: str  # a tokenizer folder or tokenizer.json (`astrai-ds tokenizer ...`)
     data: DataConfig  # training (and eval) data
     output_dir: str  # the run folder: checkpoints, tb/, metrics.jsonl, resolved configs

@@ -66,6 +66,15 @@ def export_run(run_dir: str | Path, out_dir: str | Path, tag: str | None = None,
     return out_dir
 
 
+def load_weights(model: torch.nn.Module, model_dir: str | Path) -> None:
+    """Load an exported folder's weights into `model` (same shape), e.g. to fine-tune from it."""
+    path = Path(model_dir) / "model.safetensors"
+    if not path.exists():
+        raise UserError(f"{model_dir} is not a model folder: model.safetensors is missing; make one with "
+                        f"`astrai-ds export --run RUN_DIR --out {model_dir}`")
+    load_model(model, str(path), strict=True)
+
+
 def load_model_folder(model_dir: str | Path, dtype: torch.dtype | None = None, device: str = "cpu"):
     """(model, tokenizer) from an exported folder, in eval mode; no DeepSpeed involved."""
     from astrai_ds.data.tokenizer import Tokenizer
@@ -77,7 +86,7 @@ def load_model_folder(model_dir: str | Path, dtype: torch.dtype | None = None, d
             raise UserError(f"{model_dir} is not a model folder: {name} is missing; make one with "
                             f"`astrai-ds export --run RUN_DIR --out {model_dir}`")
     model = Transformer(ModelConfig.load(model_dir / "config.json"))
-    load_model(model, str(model_dir / "model.safetensors"), device=device)
+    load_weights(model, model_dir)
     if dtype is not None:
         model.to(dtype)
     return model.to(device).eval(), Tokenizer.load(model_dir / "tokenizer.json")

@@ -62,29 +62,36 @@ def _mean_over_ranks(values: list[float]) -> list[float]:
 
 
 class Logger(Callback):
-    """Every log_interval steps: loss (mean over ranks and steps), lr, grad norm, tokens/s, MFU."""
+    """Every log_interval steps: the strategy's metrics (loss first; means over ranks and steps), lr, grad
+    norm, tokens/s, MFU."""
 
     def __init__(self, writer: MetricsWriter, interval: int, throughput: Throughput):
         self.writer, self.interval, self.throughput = writer, interval, throughput
-        self._losses: list[float] = []
+        self._sums: dict[str, float] = {}
+        self._steps = 0
         self.last: dict = {}
 
     def on_train_begin(self, trainer) -> None:
         self.throughput.rate()  # start the clock after set-up, not at construction
 
     def on_step_end(self, trainer, metrics: dict) -> None:
-        self._losses.append(metrics["loss"])
+        for key, value in metrics["metrics"].items():
+            self._sums[key] = self._sums.get(key, 0.0) + value
+        self._steps += 1
         self.throughput.add(metrics["tokens"])
         step = trainer.state.step
         if step % self.interval and step != trainer.cfg.max_steps:
             return
-        (loss,) = _mean_over_ranks([sum(self._losses) / len(self._losses)])
-        self._losses.clear()
+        keys = sorted(self._sums)  # the same order on every rank
+        means = dict(zip(keys, _mean_over_ranks([self._sums[k] / self._steps for k in keys])))
+        self._sums, self._steps = {}, 0
         tps, mfu = self.throughput.rate()
-        self.last = {"train/loss": loss, "train/lr": metrics["lr"], "train/grad_norm": metrics["grad_norm"],
-                     "train/tokens_per_sec": tps, "train/mfu": mfu, "train/tokens_seen": trainer.state.tokens_seen,
-                     "train/epoch": trainer.train_batches.sampler.epoch}
+        self.last = {"train/loss": means.pop("loss"), "train/lr": metrics["lr"],
+                     "train/grad_norm": metrics["grad_norm"], "train/tokens_per_sec": tps, "train/mfu": mfu,
+                     "train/tokens_seen": trainer.state.tokens_seen, "train/epoch": trainer.train_batches.sampler.epoch}
+        self.last.update({k if "/" in k else f"train/{k}": v for k, v in means.items()})
         self.writer.write(step, self.last)
+        loss = self.last["train/loss"]
         if not math.isfinite(loss):
             raise FloatingPointError(f"step {step}: training loss is {loss}; lower optimizer.lr or check the data")
 
@@ -202,3 +209,24 @@ class Progress(Callback):
     def on_train_end(self, trainer) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class FrozenReferenceCheck(Callback):
+    """DPO's reference model must never change: compare a hash of its parameters at the start and the end."""
+
+    def __init__(self, reference):
+        self.reference = reference
+        self.start = None
+
+    def on_train_begin(self, trainer) -> None:
+        from astrai_ds.training.reference import parameter_checksum
+
+        self.start = parameter_checksum(self.reference.module)
+
+    def on_train_end(self, trainer) -> None:
+        from astrai_ds.training.reference import parameter_checksum
+
+        end = parameter_checksum(self.reference.module)
+        if end != self.start:
+            raise RuntimeError("the DPO reference model changed during training; it must stay frozen")
+        trainer.log(f"reference model unchanged (parameter hash {end[:16]} on rank {trainer.dist.rank})")

@@ -19,15 +19,13 @@ from astrai_ds.config.base import find_file
 from astrai_ds.config.deepspeed import load_ds_config, resolve_ds_config, zero_stage
 from astrai_ds.config.model import ModelConfig
 from astrai_ds.config.train import TrainConfig
-from astrai_ds.data.datasets import PretrainDataset, collate_pretrain
-from astrai_ds.data.sampler import DistributedBatchSampler
-from astrai_ds.data.shards import TokenShards
 from astrai_ds.data.tokenizer import Tokenizer
 from astrai_ds.errors import ConfigError, DataError, UserError
-from astrai_ds.training.batches import BatchIterator
-from astrai_ds.training.callbacks import Checkpointer, EarlyStop, Evaluator, Logger, MetricsWriter, Progress
+from astrai_ds.training.callbacks import (Checkpointer, EarlyStop, Evaluator, FrozenReferenceCheck, Logger,
+                                          MetricsWriter, Progress)
 from astrai_ds.training.checkpoint import find_checkpoint
-from astrai_ds.training.distributed import DistInfo, bf16_supported, env_rank, init_distributed
+from astrai_ds.training.data_setup import batch_iterator, build_dataset, open_data
+from astrai_ds.training.distributed import bf16_supported, env_rank, init_distributed
 from astrai_ds.training.engine import build_engine
 from astrai_ds.training.metrics import Throughput, measure_peak_flops
 from astrai_ds.training.strategies import STRATEGIES
@@ -62,8 +60,7 @@ def _load_inputs(args) -> tuple[TrainConfig, ModelConfig, Tokenizer, Path]:
     config_path = find_file(args.config, "train config")
     cfg = TrainConfig.load(config_path, args.overrides)
     tokenizer = _load_tokenizer(cfg, config_path)
-    model_path = find_file(cfg.model, "model config", key=f"{config_path}: model")
-    model_cfg = ModelConfig.load(model_path).resolved(tokenizer.vocab_size)
+    model_cfg, model_path = _model_config(cfg, config_path, tokenizer)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ConfigError(f"{model_path}: vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's "
                           f"{tokenizer.vocab_size} tokens ({tokenizer.path}); set it to \"auto\" or at least "
@@ -74,40 +71,31 @@ def _load_inputs(args) -> tuple[TrainConfig, ModelConfig, Tokenizer, Path]:
     return cfg, model_cfg, tokenizer, config_path
 
 
+def _model_config(cfg: TrainConfig, config_path: Path, tokenizer: Tokenizer) -> tuple[ModelConfig, Path]:
+    """The model's shape: from stage.init_from's folder when fine-tuning, else from the `model` config."""
+    if cfg.stage.init_from:
+        folder = Path(cfg.stage.init_from)
+        if not (folder / "config.json").exists():
+            raise ConfigError(f"{config_path}: stage.init_from {folder} is not a model folder (no config.json); "
+                              f"make one with `astrai-ds export --run RUN_DIR --out {folder}`")
+        model_cfg = ModelConfig.load(folder / "config.json")
+        if cfg.model:
+            other = ModelConfig.load(find_file(cfg.model, "model config", key=f"{config_path}: model"))
+            if other.resolved(tokenizer.vocab_size).to_dict() != model_cfg.to_dict():
+                raise ConfigError(f"{config_path}: model {cfg.model} differs from the shape of stage.init_from "
+                                  f"{folder}; drop the 'model' key to take the shape from the folder")
+        return model_cfg, folder / "config.json"
+    if not cfg.model:
+        raise ConfigError(f"{config_path}: set 'model' (a model config) or 'stage.init_from' (a model folder)")
+    model_path = find_file(cfg.model, "model config", key=f"{config_path}: model")
+    return ModelConfig.load(model_path).resolved(tokenizer.vocab_size), model_path
+
+
 def _load_tokenizer(cfg: TrainConfig, config_path: Path) -> Tokenizer:
     if not Path(cfg.tokenizer).exists():
         raise DataError(f"{config_path}: tokenizer {cfg.tokenizer} does not exist; train one with "
                         f"`astrai-ds tokenizer --input YOUR_TEXT.jsonl --vocab-size 32000 --out {cfg.tokenizer}`")
     return Tokenizer.load(cfg.tokenizer)
-
-
-def open_pretrain_data(path: str, key: str, cfg: TrainConfig, tokenizer: Tokenizer, config_path: Path) -> TokenShards:
-    """Open prepared shards and check that they are pretraining data made with this run's tokenizer."""
-    if not (Path(path) / "index.json").exists():
-        raise DataError(
-            f"{config_path}: {key} {path} holds no prepared data (no index.json). Make it with:\n"
-            f"  astrai-ds prepare --stage pt --input YOUR_TEXT.jsonl --tokenizer {cfg.tokenizer} --out {path} "
-            f"--seq-len {cfg.data.seq_len}")
-    shards = TokenShards(path)
-    meta = shards.meta
-    if meta.get("stage", "pt") != "pt":
-        raise DataError(f"{config_path}: {key} {path} was prepared for stage '{meta.get('stage')}', but this run "
-                        f"trains stage 'pt'; prepare it with `astrai-ds prepare --stage pt ...`")
-    if meta.get("tokenizer_hash") != tokenizer.hash:
-        raise DataError(f"{config_path}: {key} {path} was prepared with a different tokenizer than {tokenizer.path} "
-                        f"(hash {str(meta.get('tokenizer_hash'))[:12]} vs {tokenizer.hash[:12]}); re-run "
-                        f"`astrai-ds prepare --stage pt ... --tokenizer {cfg.tokenizer} --out {path}`")
-    return shards
-
-
-def _batches(shards: TokenShards, cfg: TrainConfig, micro: int, dist_info: DistInfo, shuffle: bool,
-             device: torch.device) -> BatchIterator:
-    dataset = PretrainDataset(shards, cfg.data.seq_len)
-    if not shuffle:  # evaluation: a small held-out set may not fill a training-sized micro-batch on every rank
-        micro = max(1, min(micro, len(dataset) // dist_info.world_size))
-    sampler = DistributedBatchSampler(len(dataset), micro, dist_info.rank, dist_info.world_size, cfg.seed,
-                                      shuffle=shuffle)
-    return BatchIterator(dataset, sampler, collate_pretrain, device)
 
 
 def _write_run_files(output_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig, ds_cfg: dict,
@@ -120,16 +108,54 @@ def _write_run_files(output_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig,
     shutil.copyfile(tokenizer.path, output_dir / "tokenizer.json")
 
 
+def _build_model(cfg: TrainConfig, model_cfg: ModelConfig):
+    from astrai_ds.convert.export import load_weights
+    from astrai_ds.model import Transformer
+
+    torch.manual_seed(cfg.seed)  # the same init on every rank and for every ZeRO stage
+    model = Transformer(model_cfg)
+    if cfg.stage.init_from:
+        load_weights(model, cfg.stage.init_from)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    return model
+
+
+def _dpo_reference(cfg, model_cfg, tokenizer, ds_cfg, train_shards, dataset, collate, dist_info, device, dtype):
+    """(reference callable for the strategy or None, collate) for a DPO run; see training/reference.py."""
+    from astrai_ds.training.reference import (WithReferenceLogps, live_reference_engine, load_or_precompute,
+                                              load_reference_model, precompute_reference_logps,
+                                              reference_cache_path)
+
+    stage = cfg.stage
+    if stage.loss_type == "simpo":  # reference-free
+        return None, collate
+    ref_model = load_reference_model(stage.reference_path, model_cfg, tokenizer, "stage.reference_model")
+    if stage.reference == "live":
+        return live_reference_engine(ref_model, ds_cfg, stage.reference_offload), collate
+    cache = reference_cache_path(train_shards.path, Path(stage.reference_path), cfg.data.seq_len, dtype)
+    ref_model.to(device=device, dtype=dtype)
+    strategy = STRATEGIES["dpo"].from_config(stage)
+    micro = ds_cfg["train_micro_batch_size_per_gpu"]
+    table = load_or_precompute(
+        cache, lambda: precompute_reference_logps(ref_model, dataset, collate, strategy, micro, dist_info, device),
+        dist_info)
+    del ref_model  # nothing of the reference stays in memory while training
+    return None, WithReferenceLogps(collate, table)
+
+
 def build_trainer(args) -> Trainer:
     cfg, model_cfg, tokenizer, config_path = _load_inputs(args)
-    train_shards = open_pretrain_data(cfg.data.path, "data.path", cfg, tokenizer, config_path)
-    eval_shards = (open_pretrain_data(cfg.data.eval_path, "data.eval_path", cfg, tokenizer, config_path)
-                   if cfg.data.eval_path else None)
+    train_shards = open_data(cfg.data.path, "data.path", cfg, tokenizer, config_path)
+    eval_shards = open_data(cfg.data.eval_path, "data.eval_path", cfg, tokenizer, config_path) \
+        if cfg.data.eval_path else None
+    train_set, collate = build_dataset(train_shards, cfg)
+    eval_set, eval_collate = build_dataset(eval_shards, cfg) if eval_shards else (None, None)
     ds_raw, ds_path = load_ds_config(args.ds_config)
 
     dist_info = init_distributed()
     ds_cfg = resolve_ds_config(ds_raw, cfg, dist_info.world_size, bf16_supported=bf16_supported(),
                                source=str(ds_path))
+    dtype = torch.bfloat16 if ds_cfg["bf16"]["enabled"] else torch.float32
     output_dir = Path(cfg.output_dir)
     resume = find_checkpoint(cfg.resume, output_dir)
     if resume:
@@ -137,21 +163,26 @@ def build_trainer(args) -> Trainer:
     if dist_info.is_main:
         _write_run_files(output_dir, cfg, model_cfg, ds_cfg, tokenizer)
 
-    from astrai_ds.model import Transformer
-
-    torch.manual_seed(cfg.seed)  # the same init on every rank and for every ZeRO stage
-    model = Transformer(model_cfg)
-    model.activation_checkpointing = cfg.activation_checkpointing
+    model = _build_model(cfg, model_cfg)
     n_params = model.num_params()  # before ZeRO-3 partitions the parameters
     engine = build_engine(model, cfg, ds_cfg)
+    reference = None
+    if cfg.stage.type == "dpo":
+        reference, collate = _dpo_reference(cfg, model_cfg, tokenizer, ds_cfg, train_shards, train_set, collate,
+                                            dist_info, engine.device, dtype)
+        if eval_set is not None:
+            _, eval_collate = _dpo_reference(cfg, model_cfg, tokenizer, ds_cfg, eval_shards, eval_set,
+                                             eval_collate, dist_info, engine.device, dtype) \
+                if cfg.stage.reference == "precomputed" else (None, eval_collate)
 
     micro = ds_cfg["train_micro_batch_size_per_gpu"]
-    trainer = Trainer(engine, STRATEGIES[cfg.stage.type](),
-                      _batches(train_shards, cfg, micro, dist_info, cfg.data.shuffle, engine.device),
-                      _batches(eval_shards, cfg, micro, dist_info, False, engine.device) if eval_shards else None,
+    strategy = STRATEGIES[cfg.stage.type].from_config(cfg.stage, reference=reference)
+    trainer = Trainer(engine, strategy,
+                      batch_iterator(train_set, collate, micro, dist_info, cfg.seed, cfg.data.shuffle, engine.device),
+                      batch_iterator(eval_set, eval_collate, micro, dist_info, cfg.seed, False, engine.device)
+                      if eval_set is not None else None,
                       cfg, dist_info)
 
-    dtype = torch.bfloat16 if ds_cfg["bf16"]["enabled"] else torch.float32
     torch.distributed.barrier()  # all ranks measure at once: they share the machine while training too
     peak = torch.tensor([measure_peak_flops(engine.device, dtype)], dtype=torch.float64)
     torch.distributed.all_reduce(peak)
@@ -159,10 +190,12 @@ def build_trainer(args) -> Trainer:
 
     writer = MetricsWriter(output_dir, enabled=dist_info.is_main)
     logger = Logger(writer, cfg.log_interval, Throughput(flops_per_token, peak.item()))
-    if eval_shards:
+    if eval_set is not None:
         trainer.callbacks.append(Evaluator(writer, cfg.eval_interval))
         if cfg.early_stop.patience > 0:
             trainer.callbacks.append(EarlyStop(cfg.early_stop.patience, cfg.early_stop.min_delta))
+    if reference is not None:
+        trainer.callbacks.append(FrozenReferenceCheck(reference))
     trainer.callbacks += [logger, Progress(dist_info.is_main, logger),
                           Checkpointer(output_dir, cfg.save_interval, cfg.keep_checkpoints)]
 
@@ -171,12 +204,15 @@ def build_trainer(args) -> Trainer:
         trainer.load_state_dict(client_state)
         trainer.log(f"resumed from {resume[0] / resume[1]} at step {trainer.state.step}")
 
+    for note in getattr(train_set, "notes", lambda: [])():
+        trainer.log(note)
     trainer.log(
-        f"model {n_params / 1e6:.2f}M params | world {dist_info.world_size} | ZeRO-{zero_stage(ds_cfg)} | "
-        f"{'bf16' if dtype == torch.bfloat16 else 'fp32'} | micro {micro} x accum {ds_cfg['gradient_accumulation_steps']}"
-        f" x dp {dist_info.world_size} = {ds_cfg['train_batch_size']} samples of {cfg.data.seq_len} tokens | "
-        f"{len(trainer.train_batches.dataset)} train samples | peak {peak.item() / 1e9:.0f} GFLOP/s (measured: "
-        f"{dtype} matmul on {engine.device.type}, all ranks) | {flops_per_token / 1e6:.1f} MFLOP/token (6N + 12LdT)")
+        f"stage {cfg.stage.type} | model {n_params / 1e6:.2f}M params | world {dist_info.world_size} | "
+        f"ZeRO-{zero_stage(ds_cfg)} | {'bf16' if dtype == torch.bfloat16 else 'fp32'} | micro {micro} x accum "
+        f"{ds_cfg['gradient_accumulation_steps']} x dp {dist_info.world_size} = {ds_cfg['train_batch_size']} samples "
+        f"of {cfg.data.seq_len} tokens | {len(train_set)} train samples | peak {peak.item() / 1e9:.0f} GFLOP/s "
+        f"(measured: {dtype} matmul on {engine.device.type}, all ranks) | {flops_per_token / 1e6:.1f} MFLOP/token "
+        f"(6N + 12LdT)")
     return trainer
 
 

@@ -52,17 +52,19 @@ class Trainer:
         return self.state
 
     def train_step(self) -> dict:
-        """One optimizer step: `accum` micro-batches through forward and backward, then the engine steps."""
+        """One optimizer step: `accum` micro-batches through forward and backward, then the engine steps.
+        Returns the loss and the strategy's other metrics (means over the micro-batches), lr and grad norm."""
         self.engine.train()
         lr = self.engine.get_lr()[0]  # the lr this step uses (the scheduler moves it inside engine.step)
-        losses = []
+        sums: dict[str, float] = {}
         for _ in range(self.accum):
             loss, metrics = self.strategy.compute_loss(self.engine, self.train_batches.next())
             self.engine.backward(loss)
             self.engine.step()  # steps the optimizer only at the accumulation boundary
-            losses.append(metrics["loss"])
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
         grad_norm = self.engine.get_global_grad_norm()
-        return {"loss": torch.stack(losses).float().mean().item(), "lr": lr, "tokens": self.tokens_per_step,
+        return {"metrics": {k: v / self.accum for k, v in sums.items()}, "lr": lr, "tokens": self.tokens_per_step,
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
 
     @torch.no_grad()

@@ -1,0 +1,60 @@
+"""Open a run's prepared data and turn it into per-rank micro-batches, for whichever stage the run trains."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from astrai_ds.config.train import TrainConfig
+from astrai_ds.data.sampler import DistributedBatchSampler
+from astrai_ds.data.shards import TokenShards
+from astrai_ds.data.tokenizer import Tokenizer
+from astrai_ds.errors import DataError
+from astrai_ds.training.batches import BatchIterator
+from astrai_ds.training.distributed import DistInfo
+
+_INPUT_HINT = {"pt": "YOUR_TEXT.jsonl", "sft": "YOUR_CHATS.jsonl", "dpo": "YOUR_PAIRS.jsonl"}
+
+
+def open_data(path: str, key: str, cfg: TrainConfig, tokenizer: Tokenizer, config_path: Path) -> TokenShards:
+    """Open prepared shards and check they were made for this run's stage and with its tokenizer."""
+    stage = cfg.stage.type
+    prepare = (f"astrai-ds prepare --stage {stage} --input {_INPUT_HINT[stage]} --tokenizer {cfg.tokenizer} "
+               f"--out {path} --seq-len {cfg.data.seq_len}")
+    if not (Path(path) / "index.json").exists():
+        raise DataError(f"{config_path}: {key} {path} holds no prepared data (no index.json). Make it with:\n"
+                        f"  {prepare}")
+    shards = TokenShards(path)
+    made_for = shards.meta.get("stage", "pt")
+    if made_for != stage:
+        raise DataError(f"{config_path}: {key} {path} was prepared for stage '{made_for}', but this run trains "
+                        f"stage '{stage}' (stage.type); point {key} at data made with `{prepare}`")
+    if shards.meta.get("tokenizer_hash") != tokenizer.hash:
+        raise DataError(f"{config_path}: {key} {path} was prepared with a different tokenizer than {tokenizer.path} "
+                        f"(hash {str(shards.meta.get('tokenizer_hash'))[:12]} vs {tokenizer.hash[:12]}); re-run "
+                        f"`{prepare}`")
+    return shards
+
+
+def build_dataset(shards: TokenShards, cfg: TrainConfig):
+    """(dataset, collate) for the run's stage."""
+    from astrai_ds.data import datasets
+
+    stage, seq_len = cfg.stage.type, cfg.data.seq_len
+    if stage == "pt":
+        return datasets.PretrainDataset(shards, seq_len), datasets.collate_pretrain
+    if stage == "sft":
+        dataset = datasets.SFTDataset(shards, seq_len, packing=cfg.data.packing, overlong=cfg.data.overlong)
+        return dataset, partial(datasets.collate_sft, seq_len=seq_len)
+    return datasets.DPODataset(shards, seq_len), datasets.collate_dpo
+
+
+def batch_iterator(dataset, collate, micro: int, dist_info: DistInfo, seed: int, shuffle: bool,
+                   device: torch.device) -> BatchIterator:
+    if not shuffle:  # evaluation: a small held-out set may not fill a training-sized micro-batch on every rank
+        micro = max(1, min(micro, len(dataset) // dist_info.world_size))
+    sampler = DistributedBatchSampler(len(dataset), micro, dist_info.rank, dist_info.world_size, seed,
+                                      shuffle=shuffle)
+    return BatchIterator(dataset, sampler, collate, device)

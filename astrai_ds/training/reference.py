@@ -1,0 +1,129 @@
+"""The frozen reference model of DPO, in its two forms.
+
+- live: a second DeepSpeed engine without optimizer (ZeRO-3 sharded when the policy is, optionally with
+  its parameters in host memory), run in eval mode on every step's concatenated batch;
+- precomputed: one pass over the data before training writes every pair's reference log-probs beside
+  the prepared data, keyed by the reference model's and the data's hashes, so later runs reuse them and
+  no reference model is held in memory while training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from astrai_ds.config.deepspeed import zero_stage
+from astrai_ds.config.model import ModelConfig
+from astrai_ds.data.tokenizer import Tokenizer
+from astrai_ds.errors import ConfigError
+from astrai_ds.training.distributed import DistInfo
+
+
+def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_reference_model(model_dir: str | Path, policy_cfg: ModelConfig, tokenizer: Tokenizer, key: str):
+    """The reference model from an exported folder, frozen; its shape and vocabulary must be the policy's."""
+    from astrai_ds.convert.export import load_model_folder
+
+    model, ref_tokenizer = load_model_folder(model_dir)
+    diffs = [f"{k} {v} vs {policy_cfg.to_dict()[k]}" for k, v in model.cfg.to_dict().items()
+             if policy_cfg.to_dict()[k] != v]
+    if diffs:
+        raise ConfigError(f"{key} {model_dir}: the reference model's shape differs from the policy's "
+                          f"({', '.join(diffs)}); use the folder the policy was initialised from")
+    if ref_tokenizer.hash != tokenizer.hash:
+        raise ConfigError(f"{key} {model_dir}: the reference model uses another tokenizer (vocabulary) than this run "
+                          f"({tokenizer.path}); DPO compares log-probs token by token, so both must be the same")
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def live_reference_engine(model: torch.nn.Module, policy_ds: dict, offload: bool):
+    """A DeepSpeed engine for inference only: no optimizer, no gradients, ZeRO-3 if the policy uses it."""
+    import deepspeed
+
+    zero = {"stage": 3 if zero_stage(policy_ds) == 3 else 0}
+    if offload and zero["stage"] == 3:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config = {key: policy_ds[key] for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                                              "train_batch_size", "bf16", "fp16")}
+    config.update(zero_optimization=zero, steps_per_print=2**31 - 1)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
+
+
+def parameter_checksum(module: torch.nn.Module) -> str:
+    """A hash of this rank's share of the parameters (ZeRO-3 keeps each rank's partition in `ds_tensor`)."""
+    h = hashlib.sha256()
+    for name, p in module.named_parameters():
+        t = getattr(p, "ds_tensor", p.data).detach().float().cpu().contiguous()
+        h.update(name.encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def reference_cache_path(data_dir: Path, model_dir: Path, seq_len: int, dtype: torch.dtype) -> Path:
+    model_hash = file_sha256(Path(model_dir) / "model.safetensors")[:16]
+    data_hash = file_sha256(Path(data_dir) / "index.json")[:16]
+    return Path(data_dir) / f"ref_logps_{model_hash}_{data_hash}_{seq_len}_{str(dtype).split('.')[-1]}.npy"
+
+
+@torch.no_grad()
+def precompute_reference_logps(model: torch.nn.Module, dataset, collate, strategy, micro: int,
+                               dist_info: DistInfo, device: torch.device) -> np.ndarray:
+    """(num_pairs, 2) float32: the reference's summed log-probs of every pair's chosen and rejected response.
+    Ranks split the pairs, then gather them, so every rank returns the whole table."""
+    from tqdm import tqdm
+
+    mine = list(range(dist_info.rank, len(dataset), dist_info.world_size))
+    rows = []
+    for start in tqdm(range(0, len(mine), micro), desc="reference log-probs", disable=not dist_info.is_main):
+        batch = {k: v.to(device) for k, v in collate([dataset[i] for i in mine[start:start + micro]]).items()}
+        chosen, rejected = strategy.reference_logps(model, batch)
+        rows.append(torch.stack([batch["index"].double(), chosen.double(), rejected.double()], 1).cpu())
+    local = torch.cat(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)
+    gathered = [None] * dist_info.world_size
+    dist.all_gather_object(gathered, local)
+    table = np.full((len(dataset), 2), np.nan, dtype=np.float32)
+    for part in gathered:
+        table[part[:, 0].long().numpy()] = part[:, 1:].numpy()
+    assert not np.isnan(table).any(), "every pair must have reference log-probs"
+    return table
+
+
+def load_or_precompute(cache: Path, compute, dist_info: DistInfo) -> np.ndarray:
+    """Reuse the cached table if it is there; otherwise compute it on every rank and let rank 0 save it."""
+    if cache.exists():
+        return np.load(cache)
+    table = compute()
+    if dist_info.is_main:
+        tmp = cache.with_name(f".{cache.name}.tmp.npy")
+        np.save(tmp, table)
+        os.replace(tmp, cache)
+    dist.barrier()
+    return table
+
+
+class WithReferenceLogps:
+    """Collate wrapper that adds each pair's precomputed reference log-probs to a DPO batch."""
+
+    def __init__(self, collate, table: np.ndarray):
+        self.collate, self.table = collate, torch.from_numpy(table)
+
+    def __call__(self, items) -> dict:
+        batch = self.collate(items)
+        ref = self.table[batch["index"]]  # (B, 2)
+        batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref[:, 0], ref[:, 1]
+        return batch
