@@ -12,17 +12,30 @@ HELP = "evaluate a model folder"
 
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="model folder (from `astrai-ds export`)")
-    p.add_argument("--data", required=True, help="eval .jsonl with prompt/answer (or text) fields")
+    p.add_argument("--data", default=None, help="eval .jsonl with prompt/answer (or text) fields: loss and exact match")
+    p.add_argument("--chat", default=None, help="chat eval .jsonl (messages, answers, preferred): chat exact match "
+                                                 "and preferred-style rate of greedy answers")
+    p.add_argument("--pairs", default=None, help="preference pairs .jsonl (prompt, chosen, rejected): how often the "
+                                                  "chosen response gets the higher log-prob")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per forward")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
 
 
 def run(args) -> int:
     from astrai_ds.convert.export import load_model_folder
-    from astrai_ds.inference.evaluate import evaluate_model, read_eval_records
+    from astrai_ds.errors import UserError
+    from astrai_ds.inference.evaluate import evaluate_chat, evaluate_model, evaluate_pairs, read_eval_records
 
+    if not (args.data or args.chat or args.pairs):
+        raise UserError("nothing to evaluate: give --data, --chat and/or --pairs")
     model, tokenizer = load_model_folder(args.model)
-    result = evaluate_model(model, tokenizer, read_eval_records(args.data), batch_size=args.batch_size)
+    result = {}
+    if args.data:
+        result.update(evaluate_model(model, tokenizer, read_eval_records(args.data), batch_size=args.batch_size))
+    if args.chat:
+        result.update(evaluate_chat(model, tokenizer, read_eval_records(args.chat), batch_size=args.batch_size))
+    if args.pairs:
+        result.update(evaluate_pairs(model, tokenizer, read_eval_records(args.pairs)))
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -1,5 +1,6 @@
 """Summarise a stage's run and evaluation into report.json (merged per stage) and print the table:
-eval loss, exact match on held-out facts, training tokens/s and wall time."""
+eval loss, exact match on held-out facts, chat exact match, preference accuracy, preferred-style rate,
+training tokens/s and wall time."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def add_arguments(p) -> None:
     p.add_argument("--run", required=True, help="the run folder (for tokens/s from metrics.jsonl)")
     p.add_argument("--eval", required=True, help="JSON written by `astrai-ds eval --out`")
     p.add_argument("--out", required=True, help="report.json to create or update")
-    p.add_argument("--wall-time", type=float, default=None, help="seconds the whole job took")
+    p.add_argument("--wall-time", type=float, default=None, help="seconds the stage took")
 
 
 def training_tokens_per_sec(run_dir: Path) -> float:
@@ -26,21 +27,30 @@ def training_tokens_per_sec(run_dir: Path) -> float:
     return statistics.median(rates[1:] or rates) if rates else float("nan")
 
 
+METRICS = ("eval_loss", "exact_match", "chat_exact_match", "pref_accuracy", "preferred_style_rate")
+COLUMNS = (("eval_loss", "eval_loss", "{:.4f}"), ("exact_match", "exact_match", "{:.3f}"),
+           ("chat_exact_match", "chat_em", "{:.3f}"), ("pref_accuracy", "pref_acc", "{:.3f}"),
+           ("preferred_style_rate", "pref_style", "{:.3f}"), ("tokens_per_sec", "tokens/s", "{:.0f}"),
+           ("wall_time_s", "wall time", "{:.0f}s"))
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{'stage':<6}" + "".join(f"{title:>12}" for _, title, _ in COLUMNS)]
+    for stage, entry in report.items():
+        cells = [fmt.format(entry[key]) if entry.get(key) is not None else "-" for key, _, fmt in COLUMNS]
+        lines.append(f"{stage:<6}" + "".join(f"{c:>12}" for c in cells))
+    return "\n".join(lines)
+
+
 def run(args) -> int:
     out = Path(args.out)
     report = json.loads(out.read_text()) if out.exists() else {}
     evaluation = json.loads(Path(args.eval).read_text())
-    entry = {"eval_loss": evaluation["eval_loss"], "exact_match": evaluation.get("exact_match"),
-             "tokens_per_sec": training_tokens_per_sec(Path(args.run))}
+    entry = {key: evaluation[key] for key in METRICS if key in evaluation}
+    entry["tokens_per_sec"] = training_tokens_per_sec(Path(args.run))
     if args.wall_time is not None:
         entry["wall_time_s"] = args.wall_time
     report[args.stage] = entry
     out.write_text(json.dumps(report, indent=2) + "\n")
-
-    print(f"\n{'stage':<6} {'eval_loss':>10} {'exact_match':>12} {'tokens/s':>10} {'wall time':>10}")
-    for stage, e in report.items():
-        wall = f"{e['wall_time_s']:.0f}s" if "wall_time_s" in e else "-"
-        em = f"{e['exact_match']:.3f}" if e.get("exact_match") is not None else "-"
-        print(f"{stage:<6} {e['eval_loss']:>10.4f} {em:>12} {e['tokens_per_sec']:>10.0f} {wall:>10}")
-    print(f"\nwrote {out}")
+    print("\n" + format_table(report) + f"\n\nwrote {out}")
     return 0

@@ -33,9 +33,9 @@ def read_eval_records(path: str | Path) -> list[dict]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not (isinstance(record.get("text"), str)
-                                                    or isinstance(record.get("prompt"), str)):
-                raise DataError(f"{path}:{lineno}: expected an object with 'prompt' and 'answer' or with 'text'")
+            if not isinstance(record, dict) or not any(k in record for k in ("text", "prompt", "messages")):
+                raise DataError(f"{path}:{lineno}: expected an object with 'prompt' and 'answer', 'text', or "
+                                f"'messages'")
             records.append(record)
     if not records:
         raise DataError(f"{path}: no records")
@@ -96,3 +96,46 @@ def evaluate_model(model, tokenizer, records: list[dict], batch_size: int = 32, 
     result["exact_match"] = sum(hits) / len(hits)
     result["per_task"] = {k: sum(v) / len(v) for k, v in sorted(by_task.items())}
     return result
+
+
+def _prompt_messages(record: dict) -> list[dict]:
+    prompt = record.get("messages", record.get("prompt"))
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
+def evaluate_chat(model, tokenizer, records: list[dict], batch_size: int = 32, max_new_tokens: int = 32) -> dict:
+    """Greedy answers to chat-formatted held-out questions: {"chat_exact_match", "preferred_style_rate"}.
+
+    A record holds `messages` (the conversation up to the question), `answers` (the accepted forms, one per
+    style) and `preferred` (the style the preference pairs favour)."""
+    from astrai_ds.data.chat import render_chat
+    from astrai_ds.data.corpus import answer_style, chat_answer_correct
+
+    model.eval()
+    prompts = [render_chat(tokenizer, _prompt_messages(r), add_generation_prompt=True)[0] for r in records]
+    stop = {tokenizer.im_end_id, tokenizer.eos_id}
+    correct, preferred = [], []
+    for start in range(0, len(records), batch_size):
+        outs = greedy_generate(model, prompts[start:start + batch_size], max_new_tokens, stop)
+        for record, out in zip(records[start:start + batch_size], outs):
+            response = tokenizer.decode(out)
+            correct.append(chat_answer_correct(response, record))
+            preferred.append(answer_style(response, record) == record.get("preferred"))
+    return {"chat_exact_match": sum(correct) / len(correct), "preferred_style_rate": sum(preferred) / len(preferred),
+            "n_chat": len(records)}
+
+
+def evaluate_pairs(model, tokenizer, records: list[dict]) -> dict:
+    """{"pref_accuracy"}: the share of held-out pairs where the model gives the chosen response a higher
+    log-prob than the rejected one (each response scored with its closing <|im_end|>)."""
+    from astrai_ds.data.chat import render_chat
+    from astrai_ds.inference.generate import sequence_logprob
+
+    model.eval()
+    wins = []
+    for record in records:
+        prompt = render_chat(tokenizer, _prompt_messages(record), add_generation_prompt=True)[0]
+        chosen = tokenizer.encode(record["chosen"]) + [tokenizer.im_end_id]
+        rejected = tokenizer.encode(record["rejected"]) + [tokenizer.im_end_id]
+        wins.append(sequence_logprob(model, prompt, chosen) > sequence_logprob(model, prompt, rejected))
+    return {"pref_accuracy": sum(wins) / len(wins), "n_pairs": len(records)}

@@ -106,12 +106,15 @@ def precompute_reference_logps(model: torch.nn.Module, dataset, collate, strateg
 def load_or_precompute(cache: Path, compute, dist_info: DistInfo) -> np.ndarray:
     """Reuse the cached table if it is there; otherwise compute it on every rank and let rank 0 save it."""
     if cache.exists():
+        if dist_info.is_main:
+            print(f"reference log-probs: reusing {cache}", flush=True)
         return np.load(cache)
     table = compute()
     if dist_info.is_main:
         tmp = cache.with_name(f".{cache.name}.tmp.npy")
         np.save(tmp, table)
         os.replace(tmp, cache)
+        print(f"reference log-probs: computed {len(table)} pairs, saved to {cache}", flush=True)
     dist.barrier()
     return table
 
