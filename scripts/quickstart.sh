@@ -1,25 +1,39 @@
 #!/usr/bin/env bash
-# The main job on the built-in corpus, from nothing to a measured model, on 2 ranks of the real
+# The main job on the built-in corpus, from nothing to measured models, on 2 ranks of the real
 # `deepspeed` launcher (2 CPU processes over gloo on a machine without GPUs):
-#   corpus -> tokenizer -> token shards -> pretrain (ZeRO-2) -> export -> eval -> report
-# Everything goes under runs/quickstart/ (removed first, so every run starts clean).
+#   corpus -> tokenizer -> shards -> PT (ZeRO-2) -> SFT (ZeRO-2) -> DPO (ZeRO-3, live reference)
+# Each stage's model is exported to runs/quickstart/models/{pt,sft,dpo} and evaluated; the table is
+# printed and written to runs/quickstart/report.json. Everything goes under runs/quickstart/ (removed
+# first, so every run starts clean).
 source "$(dirname "$0")/env.sh"
 START=$(date +%s)
 R=runs/quickstart
+C=$R/corpus
 NPROC="${NPROC:-2}"
 rm -rf "$R"
 
-echo "== 1/6 built-in corpus"
-astrai-ds corpus --out "$R/corpus"
-echo "== 2/6 tokenizer"
-astrai-ds tokenizer --input "$R/corpus/pretrain.jsonl" --vocab-size 2048 --out "$R/tokenizer"
-echo "== 3/6 token shards"
-astrai-ds prepare --stage pt --input "$R/corpus/pretrain.jsonl" --tokenizer "$R/tokenizer" --out "$R/data/pt" --seq-len 128
-astrai-ds prepare --stage pt --input "$R/corpus/pretrain_eval.jsonl" --tokenizer "$R/tokenizer" --out "$R/data/pt_eval" --seq-len 128
-echo "== 4/6 pretraining on $NPROC ranks"
-deepspeed --num_gpus "$NPROC" train.py --config configs/train/pt_tiny.json --ds_config zero2.json
-echo "== 5/6 export"
-astrai-ds export --run "$R/pt" --out "$R/models/pt"
-echo "== 6/6 eval"
-astrai-ds eval --model "$R/models/pt" --data "$R/corpus/pretrain_eval.jsonl" --out "$R/eval_pt.json" > /dev/null
-astrai-ds report --stage pt --run "$R/pt" --eval "$R/eval_pt.json" --out "$R/report.json" --wall-time $(( $(date +%s) - START ))
+echo "== built-in corpus, tokenizer, token shards"
+astrai-ds corpus --out "$C"
+astrai-ds tokenizer --input "$C/pretrain.jsonl" --vocab-size 2048 --out "$R/tokenizer"
+astrai-ds prepare --stage pt --input "$C/pretrain.jsonl" --tokenizer "$R/tokenizer" --out "$R/data/pt" --seq-len 128
+astrai-ds prepare --stage pt --input "$C/pretrain_eval.jsonl" --tokenizer "$R/tokenizer" --out "$R/data/pt_eval" --seq-len 128
+astrai-ds prepare --stage sft --input "$C/sft.jsonl" --tokenizer "$R/tokenizer" --out "$R/data/sft" --seq-len 128
+astrai-ds prepare --stage dpo --input "$C/dpo.jsonl" --tokenizer "$R/tokenizer" --out "$R/data/dpo" --seq-len 128
+
+# stage NAME DS_CONFIG: train with the launcher, export, evaluate, add the stage to the report
+stage() {
+  local name=$1 ds=$2 t0
+  t0=$(date +%s)
+  echo "== $name on $NPROC ranks ($ds)"
+  deepspeed --num_gpus "$NPROC" train.py --config "configs/train/${name}_tiny.json" --ds_config "$ds"
+  astrai-ds export --run "$R/$name" --out "$R/models/$name"
+  astrai-ds eval --model "$R/models/$name" --data "$C/pretrain_eval.jsonl" --chat "$C/sft_eval.jsonl" \
+    --pairs "$C/dpo_eval.jsonl" --out "$R/eval_$name.json" > /dev/null
+  astrai-ds report --stage "$name" --run "$R/$name" --eval "$R/eval_$name.json" --out "$R/report.json" \
+    --wall-time $(( $(date +%s) - t0 ))
+}
+
+stage pt zero2.json
+stage sft zero2.json
+stage dpo zero3.json
+echo "quickstart finished in $(( $(date +%s) - START ))s"

@@ -1,6 +1,9 @@
 """Write the built-in bilingual corpus of verifiable facts (English and Chinese), with held-out eval items.
 
-Files: pretrain.jsonl (field `text`) and pretrain_eval.jsonl (fields `prompt`, `answer`, `text`).
+Files: pretrain.jsonl (field `text`) and pretrain_eval.jsonl (fields `prompt`, `answer`, `text`); the same
+facts as chat data: sft.jsonl (field `messages`) and sft_eval.jsonl (`messages`, `answer`, `answers` in the
+"plain" and "full" styles, `preferred`), dpo.jsonl (`prompt`, `chosen`, `rejected`) and dpo_eval.jsonl.
+SFT answers take either style at random; DPO pairs prefer the full style with the correct value.
 Deterministic: the same seed writes the same bytes. Nothing is downloaded."""
 
 from __future__ import annotations

@@ -12,8 +12,14 @@ holds some of them out of training for evaluation:
   phrasings, and the eval measures transfer across phrasing and language.
 
 `write_corpus` renders the training facts as `pretrain.jsonl` and the held-out prompts as
-`pretrain_eval.jsonl`. The same `Fact`s are meant to be rendered later as SFT conversations (prompt and
-answer) and DPO pairs (`render(answer)` vs `render(wrong_answer(rng))`); `split_facts` gives the split.
+`pretrain_eval.jsonl`, and the same split as chat data: SFT conversations and DPO pairs from training
+renderings (`sft.jsonl`, `dpo.jsonl`), their evaluation sets from held-out ones (`sft_eval.jsonl`,
+`dpo_eval.jsonl`). In chat form every rendering becomes a question (`QUESTIONS`), answered in one of two
+styles: "plain", the bare value ("68", "星期二"), or "full", a sentence restating the fact ("23 + 45 = 68.",
+"23加45等于68。"). SFT answers take either style with probability 1/2, so SFT teaches no preference between
+them; every DPO pair prefers the full style with the correct value, against the plain style (correct
+value) or a plausible wrong value (full style). After SFT the preferred style is a coin flip, after DPO it
+should not be: `answer_style` measures it.
 """
 
 from __future__ import annotations
@@ -34,6 +40,12 @@ END = {"en": ".", "zh": "。"}  # after the answer
 EVAL_PER_TASK_LANG = 15  # held-out eval items per (task, language); closed sets may have fewer
 PRETRAIN_FILE = "pretrain.jsonl"
 EVAL_FILE = "pretrain_eval.jsonl"
+SFT_FILE = "sft.jsonl"
+SFT_EVAL_FILE = "sft_eval.jsonl"
+DPO_FILE = "dpo.jsonl"
+DPO_EVAL_FILE = "dpo_eval.jsonl"
+SFT_CONVERSATIONS = 8_000  # SFT conversations at scale 1.0, split evenly over tasks and languages
+DPO_PAIRS = 4_000  # DPO pairs at scale 1.0, split evenly over tasks and languages
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +59,7 @@ class Fact:
     prompt: str  # never ends with a space
     answer: str
     distractors: tuple[str, ...]  # plausible wrong answers in the same format as `answer`
+    values: tuple = ()  # the template values as (name, value) pairs: other phrasings of the same fact
 
     def render(self, answer: str | None = None) -> str:
         """The full sentence, with `answer` (for example a wrong one) in place of the correct answer."""
@@ -103,7 +116,8 @@ def _render(task: str, key: tuple, templates: list[tuple[str, str, str]], values
             assert distractors, (task, key, prompt_fmt)
             by_format[answer_fmt] = (answer, tuple(distractors))
         answer, distractors = by_format[answer_fmt]
-        yield Fact(task, lang, key, prompt_fmt, prompt_fmt.format(**values), answer, distractors)
+        yield Fact(task, lang, key, prompt_fmt, prompt_fmt.format(**values), answer, distractors,
+                   tuple(values.items()))
 
 
 # ---------------------------------------------------------------- arithmetic and comparison (open sets)
@@ -509,10 +523,316 @@ def _write_lines(path: Path, records) -> int:
     return path.stat().st_size
 
 
+# ---------------------------------------------------------------- chat forms: SFT conversations and DPO pairs
+
+# The question form of every phrasing. A statement ("23 + 45 =") gets a question of its own; a phrasing that
+# is already a question stays as it is. One question per phrasing keeps the held-out split intact: the
+# question of a held-out rendering is asked in no training conversation.
+QUESTIONS = {
+    "{a} + {b} =": "What is {a} + {b}?",
+    "{a} plus {b} equals": "What does {a} plus {b} equal?",
+    "The sum of {a} and {b} is": "What is the sum of {a} and {b}?",
+    "{a}加{b}等于": "{a}加{b}等于多少？",
+    "{a}+{b}=": "{a}+{b}等于几？",
+    "{a}与{b}的和是": "{a}与{b}的和是多少？",
+    "{a} - {b} =": "What is {a} - {b}?",
+    "{a} minus {b} equals": "What does {a} minus {b} equal?",
+    "The difference between {a} and {b} is": "What is the difference between {a} and {b}?",
+    "{a}减{b}等于": "{a}减{b}等于多少？",
+    "{a}-{b}=": "{a}-{b}等于几？",
+    "{a}与{b}的差是": "{a}与{b}的差是多少？",
+    "The larger of {a} and {b} is": "What is the larger of {a} and {b}?",
+    "{a}和{b}中较大的是": "{a}和{b}中较大的是哪个？",
+    "The smaller of {a} and {b} is": "Which is smaller, {a} or {b}?",
+    "{a}和{b}中较小的是": "{a}和{b}哪个小？",
+    "{v} {fa} =": "What is {v} {fa} in {ta}?",
+    "{v} {fw} is": "How many {tw} is {v} {fw}?",
+    "{v}{fz}等于": "{v}{fz}换算成{tz}是多少？",
+    "{v}{fz}是": "{v}{fz}是多少{tz}？",
+    "The day after {d_en} is": "What is the day after {d_en}?",
+    "If today is {d_en}, tomorrow is": "If today is {d_en}, what day is tomorrow?",
+    "{d_zh}的后一天是": "{d_zh}的后一天是星期几？",
+    "如果今天是{d_zh}，明天是": "如果今天是{d_zh}，明天是星期几？",
+    "{d_zh}之后的一天是": "{d_zh}之后的一天是哪天？",
+    "The day before {d_en} is": "What is the day before {d_en}?",
+    "If today is {d_en}, yesterday was": "If today is {d_en}, what day was yesterday?",
+    "{d_zh}的前一天是": "{d_zh}的前一天是星期几？",
+    "如果今天是{d_zh}，昨天是": "如果今天是{d_zh}，昨天是星期几？",
+    "{d_zh}之前的一天是": "{d_zh}之前的一天是哪天？",
+    "The month after {d_en} is": "What is the month after {d_en}?",
+    "After {d_en} comes": "Which month follows {d_en}?",
+    "{d_zh}的下一个月是": "{d_zh}的下一个月是几月？",
+    "{d_zh}之后是": "{d_zh}之后是哪个月？",
+    "{d_zh}过后的月份是": "{d_zh}过后的月份是什么？",
+    "The month before {d_en} is": "What is the month before {d_en}?",
+    "Before {d_en} comes": "Which month precedes {d_en}?",
+    "{d_zh}的上一个月是": "{d_zh}的上一个月是几月？",
+    "{d_zh}之前是": "{d_zh}之前是哪个月？",
+    "{d_zh}前面的月份是": "{d_zh}前面的月份是什么？",
+    "{d_en} has": "How many days does {d_en} have?",
+    "In a common year, {d_en} has": "In a common year, how many days does {d_en} have?",
+    "{d_zh}有": "{d_zh}有几天？",
+    "平年的{d_zh}有": "平年的{d_zh}有多少天？",
+    "The word {w} has": "How many letters does the word {w} have?",
+    "Spelled out, {w} has": "Spelled out, how many letters does {w} have?",
+    "单词{w}有": "单词{w}有多少个字母？",
+    "英文单词{w}的字母数是": "英文单词{w}的字母数是多少？",
+    "The first letter of {w} is": "What is the first letter of {w}?",
+    "{w} starts with the letter": "Which letter does {w} start with?",
+    "The word {w} begins with": "What letter does the word {w} begin with?",
+    "{w}的第一个字母是": "{w}的第一个字母是什么？",
+    "{w}的首字母是": "{w}的首字母是哪个？",
+    "单词{w}开头的字母是": "单词{w}开头的字母是什么？",
+    "The opposite of {x_en} is": "What is the opposite of {x_en}?",
+    "The antonym of {x_en} is": "What is the antonym of {x_en}?",
+    "{x_zh}的反义词是": "{x_zh}的反义词是什么？",
+    "与{x_zh}意思相反的词是": "与{x_zh}意思相反的词是哪个？",
+    "The Chinese for {en} is": "What is the Chinese for {en}?",
+    "In Chinese, {en} is": "How do you say {en} in Chinese?",
+    "{en}的中文是": "{en}的中文是什么？",
+    "{en}用中文说是": "{en}用中文怎么说？",
+    "The English for {zh} is": "What is the English for {zh}?",
+    "In English, {zh} is": "How do you say {zh} in English?",
+    "{zh}的英文是": "{zh}的英文是什么？",
+    "{zh}用英文说是": "{zh}用英文怎么说？",
+}
+
+# The plain answer of each template group in each language: the bare value, without unit or sentence.
+PLAIN_ANSWERS = [
+    (ADD, {"en": "{s}", "zh": "{s}"}),
+    (SUB, {"en": "{d}", "zh": "{d}"}),
+    (LARGER, {"en": "{x}", "zh": "{x}"}),
+    (SMALLER, {"en": "{x}", "zh": "{x}"}),
+    (CONVERT, {"en": "{out}", "zh": "{out}"}),
+    (DAY_AFTER, {"en": "{x_en}", "zh": "{x_zh}"}),
+    (DAY_BEFORE, {"en": "{x_en}", "zh": "{x_zh}"}),
+    (MONTH_AFTER, {"en": "{x_en}", "zh": "{x_zh}"}),
+    (MONTH_BEFORE, {"en": "{x_en}", "zh": "{x_zh}"}),
+    (MONTH_LENGTH, {"en": "{n}", "zh": "{n}"}),
+    (LETTER_COUNT, {"en": "{n}", "zh": "{n}"}),
+    (FIRST_LETTER, {"en": "{c}", "zh": "{c}"}),
+    (OPPOSITE, {"en": "{y_en}", "zh": "{y_zh}"}),
+    (EN_TO_ZH, {"en": "{zh}", "zh": "{zh}"}),
+    (ZH_TO_EN, {"en": "{en}", "zh": "{en}"}),
+]
+SYSTEM_PROMPTS = {  # none of them hints at an answer style: the style must stay a coin flip in SFT
+    "en": ("You are a helpful assistant.", "You answer questions about numbers, dates and words.",
+           "You are a bilingual assistant for English and Chinese."),
+    "zh": ("你是一个乐于助人的助手。", "你负责回答关于数字、日期和词语的问题。", "你是一个会说中文和英文的助手。"),
+}
+P_SYSTEM = 0.3  # share of conversations (and DPO prompts) with a system message
+P_TWO_TURNS = 0.2  # share of SFT conversations with a second question and answer
+STYLES = ("plain", "full")
+PREFERRED_STYLE = "full"
+
+
+def _is_question(phrasing: str) -> bool:
+    return phrasing.endswith(("?", "？"))
+
+
+def _chat_forms() -> dict[str, tuple[dict, tuple[str, ...]]]:
+    """phrasing -> (plain answer format per language, the group's statement phrasings in that language)."""
+    forms = {}
+    for group, plain in PLAIN_ANSWERS:
+        for lang, phrasing, _ in group:
+            statements = tuple(p for lng, p, _ in group if lng == lang and not _is_question(p))
+            assert statements, phrasing
+            forms[phrasing] = (plain, statements)
+    questions = [QUESTIONS.get(p, p) for p in forms]
+    assert len(set(questions)) == len(questions), "two phrasings share a question"
+    assert all(_is_question(p) or p in QUESTIONS for p in forms)
+    return forms
+
+
+CHAT_FORMS = _chat_forms()
+
+
+@functools.cache
+def _by_prompt(task: str) -> dict[str, Fact]:
+    return {f.prompt: f for f in task_facts(task)}
+
+
+@dataclass(frozen=True)
+class ChatItem:
+    """One rendering as a question with its two answers."""
+
+    fact: Fact  # the rendering the question comes from
+    question: str
+    plain: str  # the bare value
+    statement: Fact  # a statement of the same fact: render() is the full answer, wrong_answer() its format
+
+    @property
+    def full(self) -> str:
+        return self.statement.render()
+
+    def answer(self, style: str) -> str:
+        return self.plain if style == "plain" else self.full
+
+    def wrong_full(self, rng: random.Random) -> str:
+        return self.statement.render(self.statement.wrong_answer(rng))
+
+
+def chat_item(fact: Fact, heldout_prompts: frozenset = frozenset()) -> ChatItem:
+    """The chat form of a rendering. The full answer is the first statement phrasing of its group (same
+    language, same values) whose rendering is not held out from pretraining, so no training response
+    quotes a held-out sentence; when every statement is held out (a held-out fact), the first one."""
+    values = dict(fact.values)
+    plain, statements = CHAT_FORMS[fact.phrasing]
+    prompts = [p.format(**values) for p in statements]
+    prompt = next((p for p in prompts if (fact.task, p) not in heldout_prompts), prompts[0])
+    return ChatItem(fact, QUESTIONS.get(fact.phrasing, fact.phrasing).format(**values),
+                    plain[fact.lang].format(**values), _by_prompt(fact.task)[prompt])
+
+
+def _system(lang: str, rng: random.Random) -> list[dict]:
+    return [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS[lang])}] if rng.random() < P_SYSTEM else []
+
+
+def _chat_split(seed: int) -> tuple[dict[tuple[str, str], list[Fact]], frozenset]:
+    """Training renderings by (task, language), and the (task, prompt) of every held-out rendering."""
+    split = split_facts(seed)
+    train: dict[tuple[str, str], list[Fact]] = {(t, lang): [] for t in TASKS for lang in LANGS}
+    for f in split.train:
+        train[f.task, f.lang].append(f)
+    return train, frozenset((f.task, f.prompt) for f in split.heldout)
+
+
+def _per_task_lang(total: int, scale: float) -> int:
+    return max(1, round(total * scale / (len(TASKS) * len(LANGS))))
+
+
+def sft_records(seed: int = 0, scale: float = 1.0) -> list[dict]:
+    """SFT conversations ({"messages"}) from training renderings, shuffled: the first question of each is
+    spread evenly over tasks, languages and facts; P_TWO_TURNS of them ask a second question (any task, same
+    language); every conversation answers in one style, plain or full with probability 1/2."""
+    train, heldout = _chat_split(seed)
+    n = _per_task_lang(SFT_CONVERSATIONS, scale)
+    rng = random.Random(f"sft:{seed}")
+    records = []
+    for (task, lang), facts in train.items():
+        for fact in _sample(facts, n, random.Random(f"sft:{seed}:{task}:{lang}")):
+            items = [chat_item(fact, heldout)]
+            if rng.random() < P_TWO_TURNS:
+                items.append(chat_item(rng.choice(train[rng.choice(list(TASKS)), lang]), heldout))
+            style = rng.choice(STYLES)
+            messages = _system(lang, rng)
+            for item in items:
+                messages += [{"role": "user", "content": item.question},
+                             {"role": "assistant", "content": item.answer(style)}]
+            records.append({"messages": messages})
+    rng.shuffle(records)
+    return records
+
+
+def _pair(item: ChatItem, rng: random.Random) -> tuple[dict, str]:
+    """A DPO pair: the full answer against the plain one (half the pairs) or a wrong value in full style."""
+    prompt = _system(item.fact.lang, rng) + [{"role": "user", "content": item.question}]
+    if rng.random() < 0.5:
+        kind, rejected = "plain_correct", item.plain
+    else:
+        kind, rejected = "full_wrong", item.wrong_full(rng)
+    return {"prompt": prompt, "chosen": item.full, "rejected": rejected}, kind
+
+
+def dpo_records(seed: int = 0, scale: float = 1.0) -> list[dict]:
+    """DPO pairs ({"prompt": messages, "chosen", "rejected"}) from training renderings, shuffled."""
+    train, heldout = _chat_split(seed)
+    n = _per_task_lang(DPO_PAIRS, scale)
+    rng = random.Random(f"dpo:{seed}")
+    records = []
+    for (task, lang), facts in train.items():
+        for fact in _sample(facts, n, random.Random(f"dpo:{seed}:{task}:{lang}")):
+            records.append(_pair(chat_item(fact, heldout), rng)[0])
+    rng.shuffle(records)
+    return records
+
+
+def sft_eval_records(seed: int = 0) -> list[dict]:
+    """One question per held-out eval rendering: {"messages": [system?, user], "answer" (the plain value),
+    "answers": {"plain", "full"}, "preferred": "full", "task", "lang"}."""
+    split = split_facts(seed)
+    heldout = frozenset((f.task, f.prompt) for f in split.heldout)
+    rng = random.Random(f"sft_eval:{seed}")
+    out = []
+    for fact in split.eval:
+        item = chat_item(fact, heldout)
+        out.append({"messages": _system(fact.lang, rng) + [{"role": "user", "content": item.question}],
+                    "answer": item.plain, "answers": {"plain": item.plain, "full": item.full},
+                    "preferred": PREFERRED_STYLE, "task": fact.task, "lang": fact.lang})
+    return out
+
+
+def dpo_eval_records(seed: int = 0) -> list[dict]:
+    """One pair per held-out eval rendering: the DPO record plus "task", "lang" and "rejected_kind"
+    ("plain_correct" or "full_wrong")."""
+    split = split_facts(seed)
+    heldout = frozenset((f.task, f.prompt) for f in split.heldout)
+    rng = random.Random(f"dpo_eval:{seed}")
+    out = []
+    for fact in split.eval:
+        pair, kind = _pair(chat_item(fact, heldout), rng)
+        out.append({**pair, "task": fact.task, "lang": fact.lang, "rejected_kind": kind})
+    return out
+
+
+def _frame(record: dict) -> tuple[str, str]:
+    """The full answer around its value: ("23 + 45 = ", ".") for "23 + 45 = 68.", ("5 km = ", " m.") for
+    "5 km = 5000 m.". The value is the last occurrence of the plain answer: the answer ends the sentence."""
+    full, plain = record["answers"]["full"], record["answers"]["plain"]
+    i = full.rfind(plain)
+    return full[:i], full[i + len(plain):]
+
+
+def answer_style(response: str, record: dict) -> str:
+    """"full", "plain" or "other": the style of a response to an sft_eval record, right or wrong.
+
+    full: the full answer's sentence with any value in the value's place ("23 + 45 = 69." is full);
+    plain: a bare value, i.e. one word without a sentence end, not much longer than the plain answer;
+    other: anything else (an empty answer, another sentence, a value with a unit)."""
+    r = response.strip()
+    answers = record["answers"]
+    for style in STYLES:
+        if r == answers[style]:
+            return style
+    prefix, suffix = _frame(record)
+    if len(r) > len(prefix) + len(suffix) and r.startswith(prefix) and r.endswith(suffix):
+        return "full"
+    if (r and not any(c.isspace() for c in r) and not r.endswith((".", "。")) and not r.startswith(prefix)
+            and len(r) <= 2 * len(answers["plain"]) + 4):
+        return "plain"
+    return "other"
+
+
+def chat_answer_correct(response: str, record: dict) -> bool:
+    """The stripped response is the plain or the full answer of an sft_eval record, exactly."""
+    return response.strip() in (record["answers"]["plain"], record["answers"]["full"])
+
+
+def chat_metrics(responses: list[str], records: list[dict]) -> dict:
+    """exact_match (either style), preferred_style_rate (share of responses in the record's preferred style,
+    right or wrong) and the share of each style, over sft_eval records and greedy responses."""
+    n = len(records)
+    if n == 0 or len(responses) != n:
+        raise ValueError(f"need one response per record, got {len(responses)} responses for {n} records")
+    styles = [answer_style(r, rec) for r, rec in zip(responses, records)]
+    return {
+        "exact_match": sum(chat_answer_correct(r, rec) for r, rec in zip(responses, records)) / n,
+        "preferred_style_rate": sum(s == rec["preferred"] for s, rec in zip(styles, records)) / n,
+        "style_rates": {s: styles.count(s) / n for s in (*STYLES, "other")},
+    }
+
+
 def write_corpus(out_dir, seed: int = 0, scale: float = 1.0) -> dict:
-    """Write `pretrain.jsonl` ({"text"} per line, shuffled) and `pretrain_eval.jsonl` ({"prompt", "answer",
-    "text", "lang", "task"} per line) under `out_dir`. The same seed gives byte-identical files; `scale`
-    multiplies the number of training sentences but leaves the held-out split unchanged."""
+    """Write under `out_dir`:
+
+    - `pretrain.jsonl` ({"text"} per line, shuffled), `pretrain_eval.jsonl` ({"prompt", "answer", "text",
+      "lang", "task"});
+    - `sft.jsonl` ({"messages"}), `sft_eval.jsonl` (see `sft_eval_records`);
+    - `dpo.jsonl` ({"prompt": messages, "chosen", "rejected"}), `dpo_eval.jsonl` (plus "task", "lang",
+      "rejected_kind").
+
+    The same seed gives byte-identical files; `scale` multiplies the number of training records but leaves
+    the held-out split, and so the eval files, unchanged."""
     if not isinstance(scale, (int, float)) or not scale > 0:
         raise DataError(f"corpus scale must be a positive number, got {scale!r}")
     if not isinstance(seed, int) or seed < 0:
@@ -526,13 +846,19 @@ def write_corpus(out_dir, seed: int = 0, scale: float = 1.0) -> dict:
     for name, task in TASKS.items():
         n = max(1, round(task.pretrain_records * scale))
         records += _sample(train_by_task[name], n, random.Random(f"sample:{seed}:{name}"))
-        counts[name] = {"pretrain": n, "eval": sum(f.task == name for f in split.eval)}
+        counts[name] = {"pretrain": n, "eval": sum(f.task == name for f in split.eval),
+                        "sft": _per_task_lang(SFT_CONVERSATIONS, scale) * len(LANGS),
+                        "dpo": _per_task_lang(DPO_PAIRS, scale) * len(LANGS)}
     random.Random(f"shuffle:{seed}").shuffle(records)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pretrain_bytes = _write_lines(out / PRETRAIN_FILE, ({"text": f.text} for f in records))
     eval_bytes = _write_lines(out / EVAL_FILE, (f.eval_record() for f in split.eval))
+    chat = {SFT_FILE: sft_records(seed, scale), SFT_EVAL_FILE: sft_eval_records(seed),
+            DPO_FILE: dpo_records(seed, scale), DPO_EVAL_FILE: dpo_eval_records(seed)}
+    for name, chat_records in chat.items():
+        _write_lines(out / name, chat_records)
     return {
         "pretrain": str(out / PRETRAIN_FILE),
         "eval": str(out / EVAL_FILE),
@@ -540,5 +866,13 @@ def write_corpus(out_dir, seed: int = 0, scale: float = 1.0) -> dict:
         "eval_items": len(split.eval),
         "pretrain_bytes": pretrain_bytes,
         "eval_bytes": eval_bytes,
+        "sft": str(out / SFT_FILE),
+        "sft_eval": str(out / SFT_EVAL_FILE),
+        "dpo": str(out / DPO_FILE),
+        "dpo_eval": str(out / DPO_EVAL_FILE),
+        "sft_records": len(chat[SFT_FILE]),
+        "sft_eval_items": len(chat[SFT_EVAL_FILE]),
+        "dpo_records": len(chat[DPO_FILE]),
+        "dpo_eval_items": len(chat[DPO_EVAL_FILE]),
         "tasks": counts,
     }

@@ -1,7 +1,13 @@
-"""Tokenize a pretraining corpus into flat token shards (`astrai-ds prepare` for the "pt" stage).
+"""Tokenize training data into token shards (`astrai-ds prepare --stage pt|sft|dpo`).
 
-Every document is stored as [bos] + tokens + [eos]. Bad records are skipped and counted by reason in the
-summary and in index.json, never dropped silently.
+- pt: every document is stored as [bos] + tokens + [eos], one flat stream;
+- sft: every conversation is one document, rendered with ChatML (`chat.render_chat`), with its loss mask
+  (1 on assistant tokens and their <|im_end|>);
+- dpo: every pair is two consecutive documents, prompt + chosen and prompt + rejected
+  (`chat.render_response`), with masks that are 1 on the response and its <|im_end|>.
+
+Bad records are skipped and counted by reason in the summary and in index.json (with a few "file:line"
+examples per reason), never dropped silently.
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from astrai_ds.data import chat
 from astrai_ds.data.shards import ShardWriter, remove_shards
-from astrai_ds.data.sources import expand_inputs, iter_texts
+from astrai_ds.data.sources import count_skip, expand_inputs, iter_records, iter_texts
 from astrai_ds.data.tokenizer import Tokenizer
 from astrai_ds.errors import DataError
 
@@ -43,22 +50,23 @@ def _encode_docs(tok: Tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarr
     return flat, lengths
 
 
-def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    return _encode_docs(_worker_tokenizer, texts)
+def _in_worker(fn, work):
+    return fn(_worker_tokenizer, work)
 
 
-def _batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
+def _batches(items: Iterable, size: int) -> Iterator[list]:
     it = iter(items)
     while batch := list(itertools.islice(it, size)):
         yield batch
 
 
-def _encoded_batches(batches: Iterator[list[str]], tok: Tokenizer, workers: int):
-    """Encoded batches in input order. With a pool, at most 4 batches per worker are in flight: Pool.imap
-    would read the whole corpus into its task queue ahead of the workers (it has no backpressure)."""
+def _map_batches(fn, batches: Iterator[tuple], tok: Tokenizer, workers: int):
+    """(context, fn(tok, work)) for every (context, work) of `batches`, in input order; `fn` is a module-level
+    function (workers receive it by name). With a pool, at most 4 batches per worker are in flight:
+    Pool.imap would read the whole corpus into its task queue ahead of the workers (no backpressure)."""
     if workers == 1:
-        for batch in batches:
-            yield len(batch), _encode_docs(tok, batch)
+        for context, work in batches:
+            yield context, fn(tok, work)
         return
     # fork where the platform has it: spawn re-runs the caller's __main__ in every worker, which fails for
     # `python -` or a notebook and recurses in a script without a main guard. The parent has not used the
@@ -66,14 +74,24 @@ def _encoded_batches(batches: Iterator[list[str]], tok: Tokenizer, workers: int)
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     with multiprocessing.get_context(method).Pool(workers, _init_worker, (str(tok.path),)) as pool:
         pending: deque = deque()
-        for batch in batches:
-            pending.append((len(batch), pool.apply_async(_encode_in_worker, (batch,))))
+        for context, work in batches:
+            pending.append((context, pool.apply_async(_in_worker, (fn, work))))
             if len(pending) >= 4 * workers:
-                n, result = pending.popleft()
-                yield n, result.get()
+                context, result = pending.popleft()
+                yield context, result.get()
         while pending:
-            n, result = pending.popleft()
-            yield n, result.get()
+            context, result = pending.popleft()
+            yield context, result.get()
+
+
+def _check_args(seq_len, workers) -> int:
+    """The number of workers to use, after checking seq_len and workers."""
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise DataError(f"seq_len must be a positive integer, got {seq_len!r}")
+    workers = min(os.cpu_count() or 1, 4) if workers is None else workers
+    if workers < 1:
+        raise DataError(f"workers must be at least 1, got {workers}")
+    return workers
 
 
 def prepare_pretrain(inputs: list, tokenizer_path, out_dir, seq_len: int, workers: int | None = None,
@@ -84,11 +102,7 @@ def prepare_pretrain(inputs: list, tokenizer_path, out_dir, seq_len: int, worker
     An existing shard folder at `out_dir` is replaced."""
     from tqdm import tqdm
 
-    if not isinstance(seq_len, int) or seq_len < 1:
-        raise DataError(f"seq_len must be a positive integer, got {seq_len!r}")
-    workers = min(os.cpu_count() or 1, 4) if workers is None else workers
-    if workers < 1:
-        raise DataError(f"workers must be at least 1, got {workers}")
+    workers = _check_args(seq_len, workers)
     files = expand_inputs(inputs)
     tok = Tokenizer.load(tokenizer_path)
     out = Path(out_dir)
@@ -112,7 +126,8 @@ def prepare_pretrain(inputs: list, tokenizer_path, out_dir, seq_len: int, worker
     writer = ShardWriter(out, tok.vocab_size, meta)
     bar = tqdm(desc="prepare", unit="doc", disable=not progress)
     try:
-        for n, (flat, lengths) in _encoded_batches(_batches(texts, batch_size), tok, workers):
+        batches = ((len(batch), batch) for batch in _batches(texts, batch_size))
+        for n, (flat, lengths) in _map_batches(_encode_docs, batches, tok, workers):
             for doc in np.split(flat, np.cumsum(lengths)[:-1]):
                 writer.add(doc)
             bar.update(n)
@@ -152,3 +167,167 @@ def prepare_pretrain(inputs: list, tokenizer_path, out_dir, seq_len: int, worker
             f"(needs {seq_len + 1}); add data or lower seq_len"
         )
     return summary
+
+
+# ---------------------------------------------------------------- chat stages: sft and dpo
+
+
+def _flatten(docs: list[tuple[list[int], list[int]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids int64, mask uint8, lengths) of rendered documents, flat: cheap to send back from a worker."""
+    lengths = np.fromiter((len(ids) for ids, _ in docs), dtype=np.int64, count=len(docs))
+    n = int(lengths.sum())
+    ids = np.fromiter(itertools.chain.from_iterable(d[0] for d in docs), dtype=np.int64, count=n)
+    mask = np.fromiter(itertools.chain.from_iterable(d[1] for d in docs), dtype=np.uint8, count=n)
+    return ids, mask, lengths
+
+
+def _render_conversations(tok: Tokenizer, conversations: list[list[dict]]):
+    return _flatten([chat.render_chat(tok, messages) for messages in conversations])
+
+
+def _render_pairs(tok: Tokenizer, pairs: list[tuple[list[dict], str, str]]):
+    """Two documents per pair: prompt + chosen, then prompt + rejected."""
+    return _flatten([chat.render_response(tok, prompt, response)
+                     for prompt, chosen, rejected in pairs for response in (chosen, rejected)])
+
+
+def _chat_records(files: list[Path], normalize, skipped: Counter, examples: dict) -> Iterator[tuple[str, object]]:
+    """("file:line", normalized record) of every good record; a bad one is counted with its reason."""
+    for path in files:
+        for lineno, value in iter_records(path, skipped, examples):
+            where = f"{path}:{lineno}"
+            try:
+                yield where, normalize(value)
+            except chat.ChatError as e:
+                count_skip(skipped, examples, e.reason, f"{where} ({e})")
+
+
+def _too_long(stage: str, docs: list[tuple[np.ndarray, np.ndarray]], seq_len: int) -> str | None:
+    """Why a record's rendered documents do not fit seq_len, or None. A training sample holds seq_len + 1
+    tokens (seq_len inputs and their targets)."""
+    longest = max(len(ids) for ids, _ in docs)
+    if stage == "sft":
+        # Longer conversations are cut (or dropped) at training; one whose first trained token lies beyond
+        # the cut has nothing to learn from.
+        if not docs[0][1][:seq_len + 1].any():
+            return f"the prompt fills seq_len {seq_len}: {longest} tokens in all"
+        return None
+    if longest > seq_len + 1:
+        return f"prompt + longer response: {longest} tokens, seq_len {seq_len} holds {seq_len + 1}"
+    return None
+
+
+def _prepare_chat(stage: str, inputs: list, tokenizer_path, out_dir, seq_len: int, workers: int | None,
+                  batch_size: int, progress: bool) -> dict:
+    from tqdm import tqdm
+
+    workers = _check_args(seq_len, workers)
+    files = expand_inputs(inputs)
+    tok = Tokenizer.load(tokenizer_path)
+    out = Path(out_dir)
+    remove_shards(out)
+
+    start = time.time()
+    skipped: Counter = Counter()
+    examples: dict[str, list[str]] = {}
+    normalize, render = (chat.normalize_record, _render_conversations) if stage == "sft" else \
+        (chat.normalize_pair, _render_pairs)
+    records = _chat_records(files, normalize, skipped, examples)
+    batches = (tuple(zip(*batch)) for batch in _batches(records, batch_size))  # (wheres, payloads)
+    meta = {
+        "stage": stage,
+        "tokenizer_hash": tok.hash,
+        "vocab_size": tok.vocab_size,
+        "seq_len": seq_len,
+        "bos_id": tok.bos_id,
+        "eos_id": tok.eos_id,
+        "pad_id": tok.pad_id,
+        "im_start_id": tok.im_start_id,
+        "im_end_id": tok.im_end_id,
+        "inputs": [str(p) for p in files],
+        "skipped": {},  # filled in below, once every file has been read
+        "skipped_examples": {},
+    }
+    writer = ShardWriter(out, tok.vocab_size, meta, masks=True)
+    records_done = overlong = trained = 0
+    per_record = 1 if stage == "sft" else 2  # documents per record
+    bar = tqdm(desc=f"prepare {stage}", unit="record", disable=not progress)
+    try:
+        for wheres, (ids, mask, lengths) in _map_batches(render, batches, tok, workers):
+            ends = np.cumsum(lengths).tolist()
+            docs = [(ids[e - n:e], mask[e - n:e]) for e, n in zip(ends, lengths.tolist())]
+            for i, where in enumerate(wheres):
+                group = docs[i * per_record:(i + 1) * per_record]
+                why = _too_long(stage, group, seq_len)
+                if why:
+                    count_skip(skipped, examples, "too_long", f"{where} ({why})")
+                    continue
+                overlong += len(group[0][0]) > seq_len + 1  # sft only: dpo skipped those above
+                for doc_ids, doc_mask in group:
+                    writer.add(doc_ids, doc_mask)
+                    trained += int(doc_mask.sum())
+                records_done += 1
+            bar.update(len(wheres))
+    except BaseException:
+        writer.abort()
+        remove_shards(out)
+        raise
+    finally:
+        bar.close()
+    skipped_note = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) or "none"
+    if records_done == 0:
+        writer.abort()
+        remove_shards(out)
+        what = "conversations" if stage == "sft" else "preference pairs"
+        raise DataError(f"no usable {what} in {', '.join(map(str, files))} (skipped records: {skipped_note}); "
+                        f"see `astrai-ds prepare --help` for the record format")
+    count_key = "num_conversations" if stage == "sft" else "num_pairs"
+    writer.meta[count_key] = records_done
+    if stage == "sft":
+        writer.meta["num_overlong"] = overlong
+    writer.meta["skipped"] = dict(sorted(skipped.items()))
+    writer.meta["skipped_examples"] = dict(sorted(examples.items()))
+    index = writer.close()
+    summary = {
+        "out_dir": str(out),
+        "stage": stage,
+        count_key: records_done,
+        "num_documents": index["num_documents"],
+        "num_tokens": index["num_tokens"],
+        "num_trained_tokens": trained,
+        "num_shards": len(index["shards"]),
+        "dtype": index["dtype"],
+        "tokenizer_hash": tok.hash,
+        "skipped": dict(sorted(skipped.items())),
+        "skipped_examples": dict(sorted(examples.items())),
+        "skip_reasons": {k: chat.SKIP_REASONS[k] for k in sorted(skipped)},
+        "seconds": round(time.time() - start, 3),
+        "warnings": [],
+    }
+    if stage == "sft":
+        summary["num_overlong"] = overlong
+        if overlong:
+            summary["warnings"].append(
+                f"{overlong} of {records_done} conversations are longer than seq_len {seq_len} (+1 target token): "
+                f"training truncates or drops them (data.overlong)")
+    return summary
+
+
+def prepare_sft(inputs: list, tokenizer_path, out_dir, seq_len: int, workers: int | None = None,
+                batch_size: int = 500, progress: bool = True) -> dict:
+    """Render SFT conversations (.jsonl: {"messages": [{"role", "content"}, ...]} or {"prompt", "response"},
+    optionally "system") into masked shards under `out_dir`, one document per conversation.
+
+    Returns a summary: conversations, tokens, trained tokens, conversations longer than seq_len (kept:
+    training truncates or drops them), skipped records by reason. An existing shard folder is replaced."""
+    return _prepare_chat("sft", inputs, tokenizer_path, out_dir, seq_len, workers, batch_size, progress)
+
+
+def prepare_dpo(inputs: list, tokenizer_path, out_dir, seq_len: int, workers: int | None = None,
+                batch_size: int = 500, progress: bool = True) -> dict:
+    """Render DPO pairs (.jsonl: {"prompt": str or messages, "chosen", "rejected"}, or "messages" for the
+    prompt) into masked shards under `out_dir`: pair i is documents 2i (chosen) and 2i + 1 (rejected).
+
+    A pair whose prompt plus longer response exceeds seq_len is skipped as too_long. Returns a summary like
+    prepare_sft's, with num_pairs."""
+    return _prepare_chat("dpo", inputs, tokenizer_path, out_dir, seq_len, workers, batch_size, progress)

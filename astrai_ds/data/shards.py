@@ -4,6 +4,9 @@ A shard folder holds `tokens_00000.bin`, ... (raw little-endian uint16 or uint32
 `doc_offsets_00000.npy`, ... (int64 start of every document inside its shard) and `index.json`, written
 last and atomically, so a folder with an index.json is complete. A shard holds whole documents: it closes
 before the document that would overflow `shard_tokens` (one document longer than that gets a shard alone).
+
+SFT and DPO shards also carry a loss mask, one uint8 (0 or 1) per token, in `masks_00000.bin`, ...
+parallel to the token files; each shard's entry in the index names its mask file. PT shards have none.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ VERSION = 1
 INDEX_FILE = "index.json"
 TOKENS_PATTERN = "tokens_{:05d}.bin"
 OFFSETS_PATTERN = "doc_offsets_{:05d}.npy"
+MASKS_PATTERN = "masks_{:05d}.bin"
+MASK_DTYPE = np.dtype("u1")
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 # Keys of index.json owned by the shard format; `meta` may not use them.
 RESERVED_KEYS = ("format", "version", "dtype", "num_tokens", "num_documents", "shards")
@@ -41,18 +46,19 @@ def remove_shards(out_dir) -> None:
         return
     (out / INDEX_FILE).unlink(missing_ok=True)
     (out / (INDEX_FILE + ".tmp")).unlink(missing_ok=True)
-    for pattern in ("tokens_*.bin", "doc_offsets_*.npy"):
+    for pattern in ("tokens_*.bin", "doc_offsets_*.npy", "masks_*.bin"):
         for p in out.glob(pattern):
             p.unlink()
 
 
 class ShardWriter:
     """Append documents' token ids to shards. `add(ids)` per document (the caller adds bos/eos), then
-    `close()` writes index.json with the shard list and everything in `meta`."""
+    `close()` writes index.json with the shard list and everything in `meta`. With `masks=True` every
+    document comes with its loss mask: `add(ids, mask)`."""
 
     FLUSH_TOKENS = 1 << 20  # tokens buffered in memory before a write
 
-    def __init__(self, out_dir, vocab_size: int, meta: dict, shard_tokens: int = 2**28):
+    def __init__(self, out_dir, vocab_size: int, meta: dict, shard_tokens: int = 2**28, masks: bool = False):
         clash = [k for k in meta if k in RESERVED_KEYS]
         if clash:
             raise ValueError(f"meta may not use the index keys {clash}")
@@ -66,21 +72,34 @@ class ShardWriter:
         self.dtype = DTYPES[self.dtype_name]
         self.meta = dict(meta)
         self.shard_tokens = shard_tokens
+        self.masks = masks
         self.shards: list[dict] = []
         self.num_tokens = 0
         self.num_documents = 0
         self._file = None
+        self._mask_file = None
         self._buffer: list[np.ndarray] = []
+        self._mask_buffer: list[np.ndarray] = []
         self._buffered = 0
         self._shard_len = 0
         self._offsets = array("q")  # 8 bytes per document of the open shard
         self._closed = False
 
-    def add(self, ids) -> None:
-        """Append one document (a sequence of token ids, at least one)."""
+    def add(self, ids, mask=None) -> None:
+        """Append one document (a sequence of token ids, at least one), with its mask (0/1 per token) when
+        the writer was made with masks=True."""
         tokens = np.asarray(ids)
         if tokens.ndim != 1 or len(tokens) == 0:
             raise ValueError(f"a document must be a non-empty 1-D sequence of token ids, got shape {tokens.shape}")
+        if (mask is not None) != self.masks:
+            raise ValueError("this writer stores masks: pass add(ids, mask)" if self.masks
+                             else "this writer stores no masks (make it with masks=True)")
+        if mask is not None:
+            mask = np.asarray(mask)
+            if mask.shape != tokens.shape:
+                raise ValueError(f"the mask has shape {mask.shape}, the tokens {tokens.shape}")
+            if mask.size and (mask.min() < 0 or mask.max() > 1):
+                raise ValueError("mask values must be 0 or 1")
         lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or hi >= self.vocab_size:
             raise DataError(
@@ -93,6 +112,8 @@ class ShardWriter:
             self._open_shard()
         self._offsets.append(self._shard_len)
         self._buffer.append(tokens.astype(self.dtype, copy=False))
+        if mask is not None:
+            self._mask_buffer.append(mask.astype(MASK_DTYPE, copy=False))
         self._buffered += len(tokens)
         self._shard_len += len(tokens)
         self.num_tokens += len(tokens)
@@ -103,13 +124,17 @@ class ShardWriter:
     def _open_shard(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._file = open(self.out_dir / TOKENS_PATTERN.format(len(self.shards)), "wb")
+        if self.masks:
+            self._mask_file = open(self.out_dir / MASKS_PATTERN.format(len(self.shards)), "wb")
         self._shard_len = 0
         self._offsets = array("q")
 
     def _flush(self) -> None:
         if self._buffer:
             self._file.write(np.concatenate(self._buffer).tobytes())
-        self._buffer, self._buffered = [], 0
+        if self._mask_buffer:
+            self._mask_file.write(np.concatenate(self._mask_buffer).tobytes())
+        self._buffer, self._mask_buffer, self._buffered = [], [], 0
 
     def _finish_shard(self) -> None:
         self._flush()
@@ -117,12 +142,17 @@ class ShardWriter:
         self._file = None
         i = len(self.shards)
         np.save(self.out_dir / OFFSETS_PATTERN.format(i), np.frombuffer(self._offsets, dtype=np.int64))
-        self.shards.append({
+        shard = {
             "tokens": TOKENS_PATTERN.format(i),
             "offsets": OFFSETS_PATTERN.format(i),
             "num_tokens": self._shard_len,
             "num_documents": len(self._offsets),
-        })
+        }
+        if self._mask_file is not None:
+            self._mask_file.close()
+            self._mask_file = None
+            shard["masks"] = MASKS_PATTERN.format(i)
+        self.shards.append(shard)
 
     def close(self) -> dict:
         """Finish the last shard and write index.json atomically; returns the index."""
@@ -148,14 +178,16 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Close the open file after a failure; index.json is not written, so the folder reads as absent."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        for f in (self._file, self._mask_file):
+            if f is not None:
+                f.close()
+        self._file = self._mask_file = None
         self._closed = True
 
 
 class TokenShards:
-    """Read-only view of a shard folder: `read(start, length)` copies any window of the token stream."""
+    """Read-only view of a shard folder: `read(start, length)` copies any window of the token stream, and
+    `read_mask(start, length)` the same window of the loss mask where the shards have one (`has_masks`)."""
 
     def __init__(self, path):
         path = Path(path)
@@ -182,16 +214,25 @@ class TokenShards:
         self.num_tokens = int(index["num_tokens"])
         self.num_documents = int(index["num_documents"])
         sizes = []
+        with_masks = ["masks" in shard for shard in index["shards"]]
+        if any(with_masks) and not all(with_masks):
+            raise DataError(f"{index_path}: only some shards have a mask file; re-run `astrai-ds prepare` for "
+                            f"{self.path}")
+        self.has_masks = bool(with_masks) and all(with_masks)
         for shard in index["shards"]:
-            file = self.path / shard["tokens"]
-            expected = shard["num_tokens"] * self.dtype.itemsize
-            actual = file.stat().st_size if file.is_file() else None
-            if actual != expected:
-                found = "it is missing" if actual is None else f"it has {actual} bytes"
-                raise DataError(
-                    f"token shard {file} is damaged: expected {expected} bytes ({shard['num_tokens']} tokens of "
-                    f"{index['dtype']}), {found}; re-run `astrai-ds prepare` for {self.path}"
-                )
+            files = [("token shard", shard["tokens"], self.dtype, index["dtype"])]
+            if self.has_masks:
+                files.append(("mask shard", shard["masks"], MASK_DTYPE, "uint8"))
+            for kind, name, dtype, dtype_name in files:
+                file = self.path / name
+                expected = shard["num_tokens"] * dtype.itemsize
+                actual = file.stat().st_size if file.is_file() else None
+                if actual != expected:
+                    found = "it is missing" if actual is None else f"it has {actual} bytes"
+                    raise DataError(
+                        f"{kind} {file} is damaged: expected {expected} bytes ({shard['num_tokens']} tokens of "
+                        f"{dtype_name}), {found}; re-run `astrai-ds prepare` for {self.path}"
+                    )
             if not (self.path / shard["offsets"]).is_file():
                 raise DataError(f"{self.path / shard['offsets']} is missing; re-run `astrai-ds prepare` for {self.path}")
             sizes.append(shard["num_tokens"])
@@ -200,6 +241,7 @@ class TokenShards:
         # starts[i] is the stream position of shard i's first token; starts[-1] == num_tokens.
         self._starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
         self._maps: list[np.memmap] | None = None
+        self._mask_maps: list[np.memmap] | None = None
 
     @property
     def meta(self) -> dict:
@@ -218,17 +260,33 @@ class TokenShards:
                           for s in self.index["shards"]]
         return self._maps
 
+    def _mask_memmaps(self) -> list[np.memmap]:
+        if self._mask_maps is None:
+            self._mask_maps = [np.memmap(self.path / s["masks"], dtype=MASK_DTYPE, mode="r", shape=(s["num_tokens"],))
+                               for s in self.index["shards"]]
+        return self._mask_maps
+
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_maps"] = None
+        state["_mask_maps"] = None
         return state
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) of the stream as a new int64 array, across shard boundaries."""
+        return self._read(self._memmaps(), np.int64, start, length)
+
+    def read_mask(self, start: int, length: int) -> np.ndarray:
+        """The loss mask of tokens [start, start + length) as a new uint8 array (1 = trained)."""
+        if not self.has_masks:
+            raise DataError(f"the shards at {self.path} have no loss mask (stage {self.meta.get('stage', 'pt')!r}); "
+                            f"SFT and DPO data are made with `astrai-ds prepare --stage sft` or `--stage dpo`")
+        return self._read(self._mask_memmaps(), MASK_DTYPE, start, length)
+
+    def _read(self, maps: list[np.memmap], dtype, start: int, length: int) -> np.ndarray:
         if start < 0 or length < 0 or start + length > self.num_tokens:
             raise IndexError(f"window [{start}, {start + length}) is outside the {self.num_tokens} tokens")
-        out = np.empty(length, dtype=np.int64)
-        maps = self._memmaps()
+        out = np.empty(length, dtype=dtype)
         shard = int(np.searchsorted(self._starts, start, side="right")) - 1
         pos, filled = start, 0
         while filled < length:
@@ -244,6 +302,10 @@ class TokenShards:
         """Stream position of every document's first token (int64, 8 bytes per document)."""
         parts = [np.load(self.path / s["offsets"]) + self._starts[i] for i, s in enumerate(self.index["shards"])]
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+
+    def document_lengths(self) -> np.ndarray:
+        """Tokens in every document (int64)."""
+        return np.diff(np.append(self.document_starts(), self.num_tokens))
 
     def __repr__(self) -> str:
         return f"TokenShards({str(self.path)!r}, num_tokens={self.num_tokens}, shards={self.num_shards})"

@@ -1,5 +1,6 @@
 """Raw text sources: `.txt` files (one document per line) and `.jsonl` files (one JSON object per line,
-the document in its `text` field), read lazily line by line and NFC-normalized.
+the document in its `text` field), read lazily line by line and NFC-normalized; and the JSON records of
+chat `.jsonl` files (`iter_records`), which the chat module checks and normalizes.
 
 The tokenizer has no normalizer (so that decode(encode(x)) == x for any string); text is NFC-normalized
 here instead, once, before both tokenizer training and encoding, so the two always see the same form.
@@ -108,6 +109,32 @@ def iter_texts(path: Path, skipped: Counter | None = None, examples: dict | None
                 if reason == "empty_text":
                     continue
                 raise DataError(f"{path}, line {lineno}: {SKIP_REASONS[reason]}; fix or remove that line")
-            skipped[reason] += 1
-            if examples is not None and len(examples.setdefault(reason, [])) < 5:
-                examples[reason].append(f"{path}:{lineno}")
+            count_skip(skipped, examples, reason, f"{path}:{lineno}")
+
+
+def count_skip(skipped: Counter, examples: dict | None, reason: str, where: str) -> None:
+    """Count a skipped record under `reason`, keeping the first few places ("file:line ...") as examples."""
+    skipped[reason] += 1
+    if examples is not None and len(examples.setdefault(reason, [])) < 5:
+        examples[reason].append(where)
+
+
+def iter_records(path: Path, skipped: Counter, examples: dict | None = None) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON value) of every non-blank line of a `.jsonl` file, lazily. A line that is not
+    UTF-8 or not JSON is counted in `skipped[reason]` (its "file:line" in `examples[reason]`, a few per
+    reason); what the value holds is the caller's to check."""
+    path = Path(path)
+    if path.suffix != ".jsonl":
+        raise DataError(f"input {path}: chat data must be .jsonl (one JSON object per line), not {path.suffix!r}")
+    for lineno, raw in _lines(path):
+        if not raw.strip():
+            continue
+        try:
+            value = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            count_skip(skipped, examples, "invalid_utf8", f"{path}:{lineno}")
+            continue
+        except json.JSONDecodeError:
+            count_skip(skipped, examples, "invalid_json", f"{path}:{lineno}")
+            continue
+        yield lineno, value

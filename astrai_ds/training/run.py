@@ -204,8 +204,10 @@ def build_trainer(args) -> Trainer:
         trainer.load_state_dict(client_state)
         trainer.log(f"resumed from {resume[0] / resume[1]} at step {trainer.state.step}")
 
-    for note in getattr(train_set, "notes", lambda: [])():
-        trainer.log(note)
+    if cfg.stage.type == "sft":
+        trainer.log(f"sft data: {train_set.num_conversations} conversations in {len(train_set)} "
+                    f"{'packed ' if cfg.data.packing else ''}sequences; longer than seq_len {cfg.data.seq_len}: "
+                    f"{train_set.num_truncated} truncated, {train_set.num_dropped} dropped (data.overlong)")
     trainer.log(
         f"stage {cfg.stage.type} | model {n_params / 1e6:.2f}M params | world {dist_info.world_size} | "
         f"ZeRO-{zero_stage(ds_cfg)} | {'bf16' if dtype == torch.bfloat16 else 'fp32'} | micro {micro} x accum "

@@ -87,3 +87,71 @@ def test_pickle_does_not_copy_shards(tmp_path):
     clone = pickle.loads(pickle.dumps(shards))
     assert len(pickle.dumps(shards)) < 2000
     assert clone.read(10, 3).tolist() == [10, 11, 12]
+
+
+def _write_masked(out, docs, shard_tokens=10):
+    w = ShardWriter(out, 1000, {"stage": "sft"}, shard_tokens=shard_tokens, masks=True)
+    for ids, mask in docs:
+        w.add(ids, mask)
+    return w.close()
+
+
+def test_masks_round_trip(tmp_path):
+    rng = np.random.default_rng(1)
+    docs = [(rng.integers(0, 1000, size=n), rng.integers(0, 2, size=n)) for n in (3, 7, 4, 12, 1, 5, 9)]
+    index = _write_masked(tmp_path, docs)
+    assert len(index["shards"]) > 3 and all(s["masks"] == f"masks_{i:05d}.bin" for i, s in enumerate(index["shards"]))
+    assert (tmp_path / "masks_00000.bin").stat().st_size == index["shards"][0]["num_tokens"]  # one byte per token
+    shards = TokenShards(tmp_path)
+    assert shards.has_masks
+    tokens, masks = np.concatenate([d[0] for d in docs]), np.concatenate([d[1] for d in docs])
+    for start in range(len(tokens)):
+        for length in (0, 1, 6, 13):
+            if start + length <= len(tokens):
+                window = shards.read_mask(start, length)
+                assert window.dtype == np.uint8
+                np.testing.assert_array_equal(window, masks[start:start + length])
+                np.testing.assert_array_equal(shards.read(start, length), tokens[start:start + length])
+    np.testing.assert_array_equal(shards.document_lengths(), [len(d[0]) for d in docs])
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(shards))
+    np.testing.assert_array_equal(clone.read_mask(0, 10), masks[:10])
+
+
+def test_pt_shards_are_unchanged_and_have_no_masks(tmp_path):
+    index = _write(tmp_path, [[1, 2, 3]])
+    assert "masks" not in index["shards"][0] and not list(tmp_path.glob("masks_*"))
+    shards = TokenShards(tmp_path)
+    assert not shards.has_masks
+    with pytest.raises(DataError, match="no loss mask.*--stage sft"):
+        shards.read_mask(0, 1)
+
+
+def test_truncated_mask_error(tmp_path):
+    _write_masked(tmp_path, [(list(range(8)), [0, 1] * 4), (list(range(8)), [1] * 8)], shard_tokens=8)
+    path = tmp_path / "masks_00001.bin"
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(DataError, match=r"mask shard .*masks_00001\.bin.*expected 8 bytes.*has 5 bytes.*prepare"):
+        TokenShards(tmp_path)
+    path.unlink()
+    with pytest.raises(DataError, match=r"masks_00001\.bin.*missing"):
+        TokenShards(tmp_path)
+
+
+def test_mask_arguments_are_checked(tmp_path):
+    w = ShardWriter(tmp_path / "a", 100, {}, masks=True)
+    with pytest.raises(ValueError, match="pass add\\(ids, mask\\)"):
+        w.add([1, 2])
+    with pytest.raises(ValueError, match="shape"):
+        w.add([1, 2], [1])
+    with pytest.raises(ValueError, match="0 or 1"):
+        w.add([1, 2], [0, 2])
+    with pytest.raises(ValueError, match="no masks"):
+        ShardWriter(tmp_path / "b", 100, {}).add([1, 2], [0, 1])
+
+
+def test_remove_shards_removes_masks(tmp_path):
+    _write_masked(tmp_path, [([1, 2], [0, 1])])
+    remove_shards(tmp_path)
+    assert list(tmp_path.iterdir()) == []

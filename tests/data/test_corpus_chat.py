@@ -1,0 +1,176 @@
+"""The built-in corpus in chat form: SFT conversations, DPO pairs and their held-out evaluation sets."""
+
+import json
+
+import pytest
+
+from astrai_ds.data import corpus
+from astrai_ds.data.corpus import (QUESTIONS, TASKS, answer_style, chat_answer_correct, chat_item, chat_metrics,
+                                   dpo_records, sft_records, split_facts, task_facts, write_corpus)
+from astrai_ds.data.prepare import prepare_dpo, prepare_sft
+
+SCALE = 0.1
+CHAT_FILES = (corpus.SFT_FILE, corpus.SFT_EVAL_FILE, corpus.DPO_FILE, corpus.DPO_EVAL_FILE)
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    out = tmp_path_factory.mktemp("chatcorpus")
+    summary = write_corpus(out, seed=0, scale=SCALE)
+    return out, summary, {name: _lines(out / name) for name in CHAT_FILES}
+
+
+def _questions(records, key="messages"):
+    return {m["content"] for r in records for m in r[key] if m["role"] == "user"}
+
+
+def test_deterministic_per_seed(written, tmp_path):
+    out, _, _ = written
+    write_corpus(tmp_path / "same", seed=0, scale=SCALE)
+    write_corpus(tmp_path / "other", seed=1, scale=SCALE)
+    for name in CHAT_FILES:
+        assert (tmp_path / "same" / name).read_bytes() == (out / name).read_bytes(), name
+        assert (tmp_path / "other" / name).read_bytes() != (out / name).read_bytes(), name
+
+
+def test_sizes_and_balance(written):
+    out, summary, files = written
+    sft, sft_eval, dpo, dpo_eval = (files[n] for n in CHAT_FILES)
+    assert summary["sft_records"] == len(sft) == 22 * round(8000 * SCALE / 22)
+    assert summary["dpo_records"] == len(dpo) == 22 * round(4000 * SCALE / 22)
+    assert len(sft_eval) == len(dpo_eval) == len(split_facts(0).eval) == summary["sft_eval_items"]
+    assert 250 <= len(sft_eval) <= 400
+    for name in TASKS:
+        for lang in ("en", "zh"):
+            n = sum(r["task"] == name and r["lang"] == lang for r in sft_eval)
+            assert 10 <= n <= corpus.EVAL_PER_TASK_LANG, (name, lang)
+            assert sum(r["task"] == name and r["lang"] == lang for r in dpo_eval) == n
+    assert summary["tasks"]["add"]["sft"] == 2 * round(8000 * SCALE / 22)
+
+
+def test_full_scale_sizes():
+    assert 7_500 <= len(sft_records(0)) <= 8_500
+    assert 3_800 <= len(dpo_records(0)) <= 4_200
+
+
+def test_sft_conversations(written):
+    _, _, files = written
+    sft = files[corpus.SFT_FILE]
+    full = plain = two_turns = system = 0
+    for r in sft:
+        roles = [m["role"] for m in r["messages"]]
+        system += roles[0] == "system"
+        turns = roles[1:] if roles[0] == "system" else roles
+        assert turns in (["user", "assistant"], ["user", "assistant"] * 2)
+        two_turns += len(turns) == 4
+        answers = [m["content"] for m in r["messages"] if m["role"] == "assistant"]
+        sentence = [a.endswith((".", "。")) for a in answers]
+        assert len(set(sentence)) == 1  # one style per conversation
+        full += sentence[0]
+        plain += not sentence[0]
+        for m in r["messages"]:
+            if m["role"] == "user":
+                assert m["content"].endswith(("?", "？")), m
+    n = len(sft)
+    assert 0.4 < full / n < 0.6 and 0.4 < plain / n < 0.6  # both styles, a coin flip: SFT prefers neither
+    assert 0.12 < two_turns / n < 0.28 and 0.2 < system / n < 0.4
+    langs = {"zh" if any("\u4e00" <= ch <= "\u9fff" for ch in r["messages"][-2]["content"]) else "en" for r in sft}
+    assert langs == {"en", "zh"}
+
+
+def test_examples_render_as_documented():
+    facts = {f.prompt: f for f in task_facts("add")}
+    item = chat_item(facts["23 + 45 ="])
+    assert (item.question, item.plain, item.full) == ("What is 23 + 45?", "68", "23 + 45 = 68.")
+    item = chat_item(facts["23加45等于"])
+    assert (item.question, item.plain, item.full) == ("23加45等于多少？", "68", "23加45等于68。")
+    weekday = {f.prompt: f for f in task_facts("weekday")}
+    item = chat_item(weekday["What day comes before Wednesday?"])  # already a question: asked as it is
+    assert (item.question, item.plain, item.full) == ("What day comes before Wednesday?", "Tuesday",
+                                                      "The day before Wednesday is Tuesday.")
+    item = chat_item(weekday["星期一的后一天是"])
+    assert (item.question, item.plain, item.full) == ("星期一的后一天是星期几？", "星期二", "星期一的后一天是星期二。")
+    # Every phrasing of every task has a chat form whose full answer is a statement and plain answer a value.
+    for name in TASKS:
+        for f in task_facts(name)[::50]:
+            item = chat_item(f)
+            assert item.full.endswith((".", "。")) and not item.plain.endswith((".", "。")) and item.plain in item.full
+            assert item.question.endswith(("?", "？"))
+    assert len(set(QUESTIONS.values())) == len(QUESTIONS)
+
+
+def test_heldout_facts_stay_out_of_training(written):
+    _, _, files = written
+    sft, sft_eval, dpo, dpo_eval = (files[n] for n in CHAT_FILES)
+    train_questions = _questions(sft) | _questions(dpo, "prompt")
+    eval_questions = _questions(sft_eval) | _questions(dpo_eval, "prompt")
+    assert not train_questions & eval_questions
+    split = split_facts(0)
+    # Open-set tasks: no phrasing of a held-out fact is asked in training, in either language.
+    for name, task in TASKS.items():
+        if task.holdout == "fact":
+            keys = {f.key for f in split.eval if f.task == name}
+            heldout_questions = {chat_item(f).question for f in task_facts(name) if f.key in keys}
+            assert not heldout_questions & train_questions, name
+    # No training answer quotes a sentence held out from pretraining.
+    heldout_texts = {f.text for f in split.heldout}
+    answers = {m["content"] for r in sft for m in r["messages"] if m["role"] == "assistant"}
+    answers |= {r["chosen"] for r in dpo} | {r["rejected"] for r in dpo}
+    assert not answers & heldout_texts
+
+
+def test_dpo_pairs_prefer_the_full_correct_answer(written):
+    _, _, files = written
+    dpo, sft_eval, dpo_eval = files[corpus.DPO_FILE], files[corpus.SFT_EVAL_FILE], files[corpus.DPO_EVAL_FILE]
+    texts = {f.text for name in TASKS for f in task_facts(name)}
+    kinds = {"plain": 0, "wrong": 0}
+    for r in dpo:
+        assert set(r) == {"prompt", "chosen", "rejected"} and r["prompt"][-1]["role"] == "user"
+        assert r["chosen"] != r["rejected"]
+        assert r["chosen"] in texts  # a true fact, as a full sentence
+        assert r["rejected"] not in texts  # a bare value or a false sentence
+        kinds["wrong" if r["rejected"].endswith((".", "。")) else "plain"] += 1
+    assert 0.4 < kinds["plain"] / len(dpo) < 0.6
+    # The eval pairs line up with the SFT eval questions: chosen is the full answer, rejected is either.
+    for pair, item in zip(dpo_eval, sft_eval):
+        assert pair["prompt"][-1] == item["messages"][-1]
+        assert (pair["task"], pair["lang"]) == (item["task"], item["lang"])
+        assert answer_style(pair["chosen"], item) == "full" and chat_answer_correct(pair["chosen"], item)
+        if pair["rejected_kind"] == "plain_correct":
+            assert answer_style(pair["rejected"], item) == "plain" and chat_answer_correct(pair["rejected"], item)
+        else:
+            assert pair["rejected_kind"] == "full_wrong"
+            assert answer_style(pair["rejected"], item) == "full" and not chat_answer_correct(pair["rejected"], item)
+
+
+def test_eval_records_and_style_scoring(written):
+    _, _, files = written
+    items = files[corpus.SFT_EVAL_FILE]
+    for it in items:
+        assert set(it) == {"messages", "answer", "answers", "preferred", "task", "lang"}
+        assert it["messages"][-1]["role"] == "user" and it["preferred"] == "full"
+        assert it["answer"] == it["answers"]["plain"]
+        assert answer_style(it["answers"]["full"], it) == "full" and answer_style(it["answers"]["plain"], it) == "plain"
+    add = next(it for it in items if it["task"] == "add" and it["lang"] == "en")
+    a, b = add["messages"][-1]["content"].removeprefix("What is ").removesuffix("?").split(" + ")
+    assert add["answers"] == {"plain": str(int(a) + int(b)), "full": f"{a} + {b} = {int(a) + int(b)}."}
+    assert answer_style(f" {a} + {b} = 7. ", add) == "full"  # wrong, but in the full style
+    assert answer_style("7", add) == "plain" and answer_style("", add) == "other"
+    assert answer_style("The answer is 7.", add) == "other"
+    assert chat_answer_correct(" " + add["answers"]["full"] + "\n", add) and not chat_answer_correct("7", add)
+    m = chat_metrics([add["answers"]["full"], add["answers"]["plain"], "nonsense here", "7"], [add] * 4)
+    assert m == {"exact_match": 0.5, "preferred_style_rate": 0.25,
+                 "style_rates": {"plain": 0.5, "full": 0.25, "other": 0.25}}
+
+
+def test_chat_files_prepare_without_skips(written, tokenizer_dir, tmp_path):
+    out, _, files = written
+    s = prepare_sft([out / corpus.SFT_FILE], tokenizer_dir, tmp_path / "sft", seq_len=256, workers=1, progress=False)
+    assert s["skipped"] == {} and s["num_conversations"] == len(files[corpus.SFT_FILE])
+    s = prepare_dpo([out / corpus.DPO_FILE, out / corpus.DPO_EVAL_FILE], tokenizer_dir, tmp_path / "dpo",
+                    seq_len=256, workers=1, progress=False)
+    assert s["skipped"] == {} and s["num_pairs"] == len(files[corpus.DPO_FILE]) + len(files[corpus.DPO_EVAL_FILE])

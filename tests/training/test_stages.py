@@ -1,0 +1,84 @@
+"""SFT and DPO through the real `deepspeed` launcher on 2 CPU ranks, initialised from an exported PT model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import VENV_BIN, launch, run_cmd, tiny_train_config, train_losses
+
+pytestmark = pytest.mark.multiproc
+
+
+@pytest.fixture(scope="module")
+def stages(workspace, tmp_path_factory):
+    """A PT model trained for a few steps and exported, plus SFT and DPO shards of the built-in corpus."""
+    from astrai_ds.data.prepare import prepare_dpo, prepare_sft
+
+    root = tmp_path_factory.mktemp("stages")
+    pt = tiny_train_config(workspace, root / "pt", max_steps=4, save_interval=4)
+    run_cmd([str(VENV_BIN / "python"), "train.py", "--config", str(pt)])
+    run_cmd([str(VENV_BIN / "astrai-ds"), "export", "--run", str(root / "pt" / "run"), "--out", str(root / "pt_model")])
+    corpus, tok = workspace / "corpus", workspace / "tokenizer"
+    prepare_sft([corpus / "sft.jsonl"], tok, root / "sft_data", 64, workers=1, progress=False)
+    prepare_dpo([corpus / "dpo.jsonl"], tok, root / "dpo_data", 64, workers=1, progress=False)
+    return root
+
+
+def stage_config(workspace, stages, out, kind: str, **over):
+    data = {"sft": "sft_data", "dpo": "dpo_data"}[kind]
+    settings = dict(model=None, stage={"type": kind, "init_from": str(stages / "pt_model")},
+                    data__path=str(stages / data), data__eval_path=None, max_steps=4, save_interval=2,
+                    schedule__total_steps=4, micro_batch_size=2, grad_accum_steps=1)
+    settings.update(over)
+    return tiny_train_config(workspace, out, **settings)
+
+
+def resume_matches(workspace, stages, tmp_path, kind, ds_config, **over):
+    full = stage_config(workspace, stages, tmp_path / "full", kind, **over)
+    launch(full, ds_config=ds_config)
+    split = stage_config(workspace, stages, tmp_path / "split", kind, **over)
+    launch(split, ds_config=ds_config, sets=["max_steps=2"])
+    proc = launch(split, ds_config=ds_config)
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    expected, resumed = train_losses(tmp_path / "full" / "run"), train_losses(tmp_path / "split" / "run")
+    assert sorted(expected) == [1, 2, 3, 4]
+    for step in range(1, 5):
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-6), step
+    return proc, tmp_path / "full" / "run"
+
+
+def test_sft_zero2_trains_and_resumes(workspace, stages, tmp_path):
+    resume_matches(workspace, stages, tmp_path, "sft", "zero2.json")
+
+
+def test_dpo_zero3_live_reference_trains_and_resumes(workspace, stages, tmp_path):
+    proc, run = resume_matches(workspace, stages, tmp_path, "dpo", "zero3.json",
+                               stage={"type": "dpo", "init_from": str(stages / "pt_model"), "reference": "live",
+                                      "beta": 0.1})
+    assert "reference model unchanged" in proc.stdout
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for tag in ("dpo/rewards_chosen", "dpo/rewards_rejected", "dpo/reward_accuracy", "dpo/reward_margin",
+                "dpo/logps_chosen", "dpo/logps_rejected"):
+        assert any(tag in r for r in records), tag
+    # the policy starts as the reference: the first step's loss is log 2 and its rewards are 0
+    first = next(r for r in records if r["step"] == 1)
+    assert first["train/loss"] == pytest.approx(0.693147, abs=1e-4)
+
+
+def test_dpo_precomputed_reference_equals_live(workspace, stages, tmp_path):
+    losses = {}
+    for reference in ("live", "precomputed", "precomputed"):
+        out = tmp_path / f"{reference}{len(losses)}"
+        cfg = stage_config(workspace, stages, out, "dpo", save_interval=4,
+                           stage={"type": "dpo", "init_from": str(stages / "pt_model"), "reference": reference})
+        proc = launch(cfg, ds_config="zero2.json")
+        losses[out.name] = train_losses(out / "run")
+        if reference == "precomputed":
+            assert ("reusing" in proc.stdout) == (len(losses) == 3), proc.stdout
+    live, first, second = losses.values()
+    for step in range(1, 5):
+        assert first[step] == pytest.approx(live[step], rel=1e-5), step
+        assert second[step] == first[step]
+    assert list((stages / "dpo_data").glob("ref_logps_*.npy"))
