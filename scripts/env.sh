@@ -20,13 +20,22 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
   "$VPY" -m pip install -q "torch==2.13.0"
 fi
 
-# Reinstall the project only when pyproject.toml or the extras changed.
+# Reinstall the project only when pyproject.toml changed or an extra is asked for that is not installed yet.
 STAMP=".venv/.astrai_ds_installed"
-WANT="$(sha256sum pyproject.toml | cut -d' ' -f1) extras=${EXTRAS}"
-if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
-  echo "== installing astrai_ds${EXTRAS:+[$EXTRAS]} into .venv"
-  "$VPY" -m pip install -q -e ".${EXTRAS:+[$EXTRAS]}"
-  echo "$WANT" > "$STAMP"
+HASH="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+read -r OLD_HASH OLD_EXTRAS < "$STAMP" 2>/dev/null || true
+if [ "${OLD_HASH:-}" = "$HASH" ]; then
+  WANT_EXTRAS="${OLD_EXTRAS:-}"
+  if [ -n "$EXTRAS" ]; then
+    case ",${OLD_EXTRAS:-}," in *",${EXTRAS},"*) ;; *) WANT_EXTRAS="${OLD_EXTRAS:+$OLD_EXTRAS,}$EXTRAS" ;; esac
+  fi
+else
+  WANT_EXTRAS="$EXTRAS"
+fi
+if [ "${OLD_HASH:-}" != "$HASH" ] || [ "$WANT_EXTRAS" != "${OLD_EXTRAS:-}" ]; then
+  echo "== installing astrai_ds${WANT_EXTRAS:+[$WANT_EXTRAS]} into .venv"
+  "$VPY" -m pip install -q -e ".${WANT_EXTRAS:+[$WANT_EXTRAS]}"
+  echo "$HASH $WANT_EXTRAS" > "$STAMP"
 fi
 
 export PATH="$ROOT/.venv/bin:$PATH"

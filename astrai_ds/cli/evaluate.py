@@ -18,6 +18,8 @@ def add_arguments(p) -> None:
     p.add_argument("--pairs", default=None, help="preference pairs .jsonl (prompt, chosen, rejected): how often the "
                                                   "chosen response gets the higher log-prob")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per forward")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="weights and activations while evaluating; auto: bf16 where the device runs it natively")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
 
 
@@ -28,7 +30,12 @@ def run(args) -> int:
 
     if not (args.data or args.chat or args.pairs):
         raise UserError("nothing to evaluate: give --data, --chat and/or --pairs")
-    model, tokenizer = load_model_folder(args.model)
+    import torch
+
+    from astrai_ds.training.distributed import bf16_supported
+
+    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and bf16_supported())
+    model, tokenizer = load_model_folder(args.model, dtype=torch.bfloat16 if bf16 else torch.float32)
     result = {}
     if args.data:
         result.update(evaluate_model(model, tokenizer, read_eval_records(args.data), batch_size=args.batch_size))

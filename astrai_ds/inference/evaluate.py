@@ -86,9 +86,11 @@ def evaluate_model(model, tokenizer, records: list[dict], batch_size: int = 32, 
     prompts = [[tokenizer.bos_id] + ids for ids in tokenizer.encode_batch([r["prompt"] for r in qa])]
     if max_new_tokens is None:
         max_new_tokens = max(len(ids) for ids in tokenizer.encode_batch([r["answer"] for r in qa])) + 4
+    # The answer ends at the first sentence end, so generation can stop there too.
+    stop = {tokenizer.eos_id} | {ids[0] for ids in tokenizer.encode_batch([".", "。"]) if len(ids) == 1}
     hits, by_task = [], defaultdict(list)
     for start in range(0, len(qa), batch_size):
-        outs = greedy_generate(model, prompts[start:start + batch_size], max_new_tokens, {tokenizer.eos_id})
+        outs = greedy_generate(model, prompts[start:start + batch_size], max_new_tokens, stop)
         for record, out in zip(qa[start:start + batch_size], outs):
             hit = extract_answer(tokenizer.decode(out)) == record["answer"].strip()
             hits.append(hit)
@@ -103,7 +105,7 @@ def _prompt_messages(record: dict) -> list[dict]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 
 
-def evaluate_chat(model, tokenizer, records: list[dict], batch_size: int = 32, max_new_tokens: int = 32) -> dict:
+def evaluate_chat(model, tokenizer, records: list[dict], batch_size: int = 32, max_new_tokens: int | None = None) -> dict:
     """Greedy answers to chat-formatted held-out questions: {"chat_exact_match", "preferred_style_rate"}.
 
     A record holds `messages` (the conversation up to the question), `answers` (the accepted forms, one per
@@ -113,6 +115,9 @@ def evaluate_chat(model, tokenizer, records: list[dict], batch_size: int = 32, m
 
     model.eval()
     prompts = [render_chat(tokenizer, _prompt_messages(r), add_generation_prompt=True)[0] for r in records]
+    if max_new_tokens is None:  # room for the longest accepted answer, and a little more
+        forms = [form for r in records for form in r.get("answers", {"": r.get("answer", "")}).values()]
+        max_new_tokens = max(len(ids) for ids in tokenizer.encode_batch(forms)) + 4
     stop = {tokenizer.im_end_id, tokenizer.eos_id}
     correct, preferred = [], []
     for start in range(0, len(records), batch_size):

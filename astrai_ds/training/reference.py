@@ -36,15 +36,20 @@ def load_reference_model(model_dir: str | Path, policy_cfg: ModelConfig, tokeniz
     """The reference model from an exported folder, frozen; its shape and vocabulary must be the policy's."""
     from astrai_ds.convert.export import load_model_folder
 
-    model, ref_tokenizer = load_model_folder(model_dir)
-    diffs = [f"{k} {v} vs {policy_cfg.to_dict()[k]}" for k, v in model.cfg.to_dict().items()
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").exists():
+        raise ConfigError(f"{key} {model_dir} is not a model folder (no config.json); make one with "
+                          f"`astrai-ds export --run RUN_DIR --out {model_dir}`")
+    ref_cfg = ModelConfig.load(model_dir / "config.json").to_dict()
+    diffs = [f"{k} {v} vs the policy's {policy_cfg.to_dict()[k]}" for k, v in ref_cfg.items()
              if policy_cfg.to_dict()[k] != v]
     if diffs:
         raise ConfigError(f"{key} {model_dir}: the reference model's shape differs from the policy's "
                           f"({', '.join(diffs)}); use the folder the policy was initialised from")
-    if ref_tokenizer.hash != tokenizer.hash:
+    if Tokenizer.load(model_dir / "tokenizer.json").hash != tokenizer.hash:
         raise ConfigError(f"{key} {model_dir}: the reference model uses another tokenizer (vocabulary) than this run "
                           f"({tokenizer.path}); DPO compares log-probs token by token, so both must be the same")
+    model, _ = load_model_folder(model_dir)
     model.requires_grad_(False)
     return model.eval()
 

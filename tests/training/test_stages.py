@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -82,3 +83,46 @@ def test_dpo_precomputed_reference_equals_live(workspace, stages, tmp_path):
         assert first[step] == pytest.approx(live[step], rel=1e-5), step
         assert second[step] == first[step]
     assert list((stages / "dpo_data").glob("ref_logps_*.npy"))
+
+
+def expect_user_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("error:") == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in proc.stderr, (fragment, proc.stderr)
+
+
+def python_train(config):
+    return run_cmd([str(VENV_BIN / "python"), "train.py", "--config", str(config)], check=False)
+
+
+def test_sft_config_on_pt_shards_is_an_error(workspace, stages, tmp_path):
+    cfg = stage_config(workspace, stages, tmp_path, "sft", data__path=str(workspace / "data" / "pt"))
+    expect_user_error(python_train(cfg), "was prepared for stage 'pt'", "astrai-ds prepare --stage sft")
+
+
+def test_pt_config_on_sft_shards_is_an_error(workspace, stages, tmp_path):
+    cfg = tiny_train_config(workspace, tmp_path, data__path=str(stages / "sft_data"), data__eval_path=None)
+    expect_user_error(python_train(cfg), "was prepared for stage 'sft'", "astrai-ds prepare --stage pt")
+
+
+def test_reference_with_other_shape_or_vocabulary_is_an_error(workspace, stages, tmp_path):
+    from astrai_ds.data.tokenizer import train_tokenizer
+
+    other_shape = tmp_path / "other_shape"
+    shutil.copytree(stages / "pt_model", other_shape)
+    config = json.loads((other_shape / "config.json").read_text())
+    (other_shape / "config.json").write_text(json.dumps({**config, "n_layers": 3}))
+    cfg = stage_config(workspace, stages, tmp_path / "a", "dpo",
+                       stage={"type": "dpo", "init_from": str(stages / "pt_model"),
+                              "reference_model": str(other_shape)})
+    expect_user_error(python_train(cfg), "stage.reference_model", "n_layers 3 vs the policy's 2")
+
+    other_vocab = tmp_path / "other_vocab"
+    shutil.copytree(stages / "pt_model", other_vocab)
+    train_tokenizer([workspace / "corpus" / "pretrain.jsonl"], 400, tmp_path / "tok")
+    shutil.copyfile(tmp_path / "tok" / "tokenizer.json", other_vocab / "tokenizer.json")
+    cfg = stage_config(workspace, stages, tmp_path / "b", "dpo",
+                       stage={"type": "dpo", "init_from": str(stages / "pt_model"),
+                              "reference_model": str(other_vocab)})
+    expect_user_error(python_train(cfg), "another tokenizer")
