@@ -63,6 +63,7 @@ class StageConfig:
     beta: float = 0.1  # strength of the KL-like pull towards the reference model
     loss_type: Literal["sigmoid", "ipo", "hinge", "simpo"] = "sigmoid"  # simpo needs no reference model
     label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped preference labels (sigmoid)
+    sft_weight: float = 0.0  # RPO: add this times the chosen responses' token NLL to the DPO loss
     reference: Literal["live", "precomputed"] = "live"  # live: a frozen engine each step; precomputed: one pass first
     reference_model: str | None = None  # the reference model folder; none = init_from
     reference_offload: bool = False  # live reference under ZeRO-3: keep its parameters in host memory
@@ -70,6 +71,7 @@ class StageConfig:
     def __post_init__(self):
         check(self.beta > 0, "beta", f"must be positive, got {self.beta}")
         check(0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        check(self.sft_weight >= 0, "sft_weight", f"must be >= 0, got {self.sft_weight}")
         check(self.label_smoothing == 0 or self.loss_type == "sigmoid", "label_smoothing",
               f"applies to loss_type \"sigmoid\" only, not \"{self.loss_type}\"; set it to 0")
         check(self.type != "dpo" or self.loss_type == "simpo" or self.reference_model or self.init_from,

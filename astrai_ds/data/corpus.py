@@ -660,6 +660,12 @@ class ChatItem:
     question: str
     plain: str  # the bare value
     statement: Fact  # a statement of the same fact: render() is the full answer, wrong_answer() its format
+    statements: tuple = ()  # every statement phrasing of the same fact in the question's language
+
+    @property
+    def full_forms(self) -> list[str]:
+        """Every full sentence that states this fact correctly (one per phrasing of the language)."""
+        return [f.render() for f in self.statements] or [self.full]
 
     @property
     def full(self) -> str:
@@ -681,7 +687,8 @@ def chat_item(fact: Fact, heldout_prompts: frozenset = frozenset()) -> ChatItem:
     prompts = [p.format(**values) for p in statements]
     prompt = next((p for p in prompts if (fact.task, p) not in heldout_prompts), prompts[0])
     return ChatItem(fact, QUESTIONS.get(fact.phrasing, fact.phrasing).format(**values),
-                    plain[fact.lang].format(**values), _by_prompt(fact.task)[prompt])
+                    plain[fact.lang].format(**values), _by_prompt(fact.task)[prompt],
+                    tuple(_by_prompt(fact.task)[p] for p in prompts))
 
 
 def _system(lang: str, rng: random.Random) -> list[dict]:
@@ -758,7 +765,8 @@ def sft_eval_records(seed: int = 0) -> list[dict]:
         item = chat_item(fact, heldout)
         out.append({"messages": _system(fact.lang, rng) + [{"role": "user", "content": item.question}],
                     "answer": item.plain, "answers": {"plain": item.plain, "full": item.full},
-                    "preferred": PREFERRED_STYLE, "task": fact.task, "lang": fact.lang})
+                    "full_forms": item.full_forms, "preferred": PREFERRED_STYLE, "task": fact.task,
+                    "lang": fact.lang})
     return out
 
 
@@ -775,37 +783,43 @@ def dpo_eval_records(seed: int = 0) -> list[dict]:
     return out
 
 
-def _frame(record: dict) -> tuple[str, str]:
-    """The full answer around its value: ("23 + 45 = ", ".") for "23 + 45 = 68.", ("5 km = ", " m.") for
+def _frame(full: str, plain: str) -> tuple[str, str]:
+    """A full answer around its value: ("23 + 45 = ", ".") for "23 + 45 = 68.", ("5 km = ", " m.") for
     "5 km = 5000 m.". The value is the last occurrence of the plain answer: the answer ends the sentence."""
-    full, plain = record["answers"]["full"], record["answers"]["plain"]
     i = full.rfind(plain)
     return full[:i], full[i + len(plain):]
+
+
+def _full_forms(record: dict) -> list[str]:
+    return record.get("full_forms") or [record["answers"]["full"]]
 
 
 def answer_style(response: str, record: dict) -> str:
     """"full", "plain" or "other": the style of a response to an sft_eval record, right or wrong.
 
-    full: the full answer's sentence with any value in the value's place ("23 + 45 = 69." is full);
+    full: a full answer's sentence (any phrasing of the fact in `full_forms`) with any value in the value's
+    place ("23 + 45 = 69." is full);
     plain: a bare value, i.e. one word without a sentence end, not much longer than the plain answer;
     other: anything else (an empty answer, another sentence, a value with a unit)."""
     r = response.strip()
     answers = record["answers"]
-    for style in STYLES:
-        if r == answers[style]:
-            return style
-    prefix, suffix = _frame(record)
-    if len(r) > len(prefix) + len(suffix) and r.startswith(prefix) and r.endswith(suffix):
+    if r == answers["plain"]:
+        return "plain"
+    if r in _full_forms(record):
         return "full"
-    if (r and not any(c.isspace() for c in r) and not r.endswith((".", "。")) and not r.startswith(prefix)
-            and len(r) <= 2 * len(answers["plain"]) + 4):
+    frames = [_frame(full, answers["plain"]) for full in _full_forms(record)]
+    if any(len(r) > len(pre) + len(suf) and r.startswith(pre) and r.endswith(suf) for pre, suf in frames):
+        return "full"
+    if (r and not any(c.isspace() for c in r) and not r.endswith((".", "。"))
+            and not any(r.startswith(pre) for pre, _ in frames) and len(r) <= 2 * len(answers["plain"]) + 4):
         return "plain"
     return "other"
 
 
 def chat_answer_correct(response: str, record: dict) -> bool:
-    """The stripped response is the plain or the full answer of an sft_eval record, exactly."""
-    return response.strip() in (record["answers"]["plain"], record["answers"]["full"])
+    """The stripped response is exactly the plain answer of an sft_eval record, or exactly one of its full
+    sentences (any phrasing of the fact in the question's language)."""
+    return response.strip() in (record["answers"]["plain"], *_full_forms(record))
 
 
 def chat_metrics(responses: list[str], records: list[dict]) -> dict:

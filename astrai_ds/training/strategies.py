@@ -95,12 +95,15 @@ class DPOStrategy:
     name = "dpo"
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 reference: Reference | None = None, *, gamma: float = SIMPO_GAMMA):
+                 reference: Reference | None = None, *, gamma: float = SIMPO_GAMMA, sft_weight: float = 0.0):
         check_dpo_loss_type(loss_type, label_smoothing)
         if beta <= 0:
             raise ValueError(f"DPO beta must be positive, got {beta}")
         self.beta, self.loss_type, self.label_smoothing, self.gamma = beta, loss_type, label_smoothing, gamma
         self.reference = reference
+        # RPO (Pang et al. 2024): add sft_weight x the chosen responses' mean token NLL, so that pushing the
+        # rejected answers down does not also drag the chosen ones (and the model's fluency) down with them.
+        self.sft_weight = sft_weight
 
     @classmethod
     def from_config(cls, stage_cfg, reference: Reference | None = None) -> "DPOStrategy":
@@ -109,7 +112,7 @@ class DPOStrategy:
         ratio = getattr(stage_cfg, "gamma_beta_ratio", None)
         gamma = beta * ratio if ratio is not None else getattr(stage_cfg, "gamma", SIMPO_GAMMA)
         return cls(beta, getattr(stage_cfg, "loss_type", "sigmoid"), getattr(stage_cfg, "label_smoothing", 0.0),
-                   reference, gamma=gamma)
+                   reference, gamma=gamma, sft_weight=getattr(stage_cfg, "sft_weight", 0.0))
 
     @property
     def needs_reference(self) -> bool:
@@ -143,7 +146,13 @@ class DPOStrategy:
         loss, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
                                                           self.beta, self.loss_type, self.label_smoothing,
                                                           gamma=self.gamma)
-        metrics = {"loss": loss.detach(),
+        metrics = {}
+        if self.sft_weight > 0:
+            n_chosen = token_counts(labels).clamp(min=1).chunk(2)[0]
+            nll = -(chosen_logps / n_chosen).mean()
+            loss = loss + self.sft_weight * nll
+            metrics["dpo/sft_nll"] = nll.detach()
+        metrics |= {"loss": loss.detach(),
                    "dpo/rewards_chosen": chosen_rewards.mean(),
                    "dpo/rewards_rejected": rejected_rewards.mean(),
                    "dpo/reward_accuracy": (chosen_rewards > rejected_rewards).float().mean(),

@@ -151,10 +151,15 @@ def test_eval_records_and_style_scoring(written):
     _, _, files = written
     items = files[corpus.SFT_EVAL_FILE]
     for it in items:
-        assert set(it) == {"messages", "answer", "answers", "preferred", "task", "lang"}
+        assert set(it) == {"messages", "answer", "answers", "full_forms", "preferred", "task", "lang"}
         assert it["messages"][-1]["role"] == "user" and it["preferred"] == "full"
         assert it["answer"] == it["answers"]["plain"]
         assert answer_style(it["answers"]["full"], it) == "full" and answer_style(it["answers"]["plain"], it) == "plain"
+        # every phrasing of the fact counts as a right full answer, and states the same value
+        assert it["answers"]["full"] in it["full_forms"]
+        for form in it["full_forms"]:
+            assert it["answers"]["plain"] in form
+            assert answer_style(form, it) == "full" and chat_answer_correct(form, it)
     add = next(it for it in items if it["task"] == "add" and it["lang"] == "en")
     a, b = add["messages"][-1]["content"].removeprefix("What is ").removesuffix("?").split(" + ")
     assert add["answers"] == {"plain": str(int(a) + int(b)), "full": f"{a} + {b} = {int(a) + int(b)}."}

@@ -250,3 +250,33 @@ def test_from_config_and_registry():
         DPOStrategy(loss_type="nope")
     with pytest.raises(ValueError, match="label_smoothing"):
         DPOStrategy(loss_type="hinge", label_smoothing=0.1)
+
+
+def test_dpo_sft_weight_adds_chosen_token_nll():
+    """RPO: loss = DPO loss + sft_weight x mean over pairs of the chosen response's mean token NLL."""
+    import types
+
+    import torch
+
+    from astrai_ds.training.losses import sequence_logps, token_counts
+    from astrai_ds.training.strategies import DPOStrategy, concatenated_pair
+
+    torch.manual_seed(0)
+    vocab, B, T = 11, 3, 6
+    table = torch.randn(vocab, vocab)
+
+    def model(ids):  # a fixed bigram "model": logits depend on the current token only
+        return table[ids]
+
+    labels = torch.randint(0, vocab, (B, T))
+    labels[:, :2] = -100
+    batch = {"chosen_input_ids": torch.randint(0, vocab, (B, T)), "chosen_labels": labels,
+             "rejected_input_ids": torch.randint(0, vocab, (B, T)), "rejected_labels": labels.flip(1),
+             "ref_chosen_logps": torch.zeros(B), "ref_rejected_logps": torch.zeros(B)}
+    plain, _ = DPOStrategy.from_config(types.SimpleNamespace(beta=0.2)).compute_loss(model, batch)
+    rpo, metrics = DPOStrategy.from_config(types.SimpleNamespace(beta=0.2, sft_weight=0.5)).compute_loss(model, batch)
+    ids, all_labels = concatenated_pair(batch)
+    chosen = sequence_logps(model(ids), all_labels).chunk(2)[0]
+    nll = -(chosen / token_counts(labels)).mean()
+    assert torch.allclose(rpo, plain + 0.5 * nll)
+    assert torch.allclose(metrics["dpo/sft_nll"], nll)
