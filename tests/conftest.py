@@ -112,3 +112,13 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def train_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+
+
+def expect_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """A user's expected mistake: exit code 2, one `error:` message, no traceback, and the
+    message names every fragment (the file, key or value, and what to do)."""
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("error:") == 1, proc.stderr
+    assert ("\n" + proc.stderr).count("\nerror: ") == 1, proc.stderr  # at the start of a line
+    for fragment in fragments:
+        assert fragment in proc.stderr, (fragment, proc.stderr)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from astrai_ds.cli.main import COMMANDS
-from conftest import VENV_BIN, run_cmd
+from conftest import VENV_BIN, expect_user_error, run_cmd
 
 CLI = str(VENV_BIN / "astrai-ds")
 
@@ -23,20 +23,12 @@ def test_train_help_is_train_py_help():
     assert "--ds_config" in out and "--set" in out
 
 
-def expect_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr and proc.stderr.count("error:") == 1, proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: "), proc.stderr
-    for fragment in fragments:
-        assert fragment in proc.stderr, (fragment, proc.stderr)
-
-
 def test_prepare_empty_corpus(workspace, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"text": ""}\n{"title": "no text"}\n')
     proc = run_cmd([CLI, "prepare", "--stage", "pt", "--input", str(empty), "--tokenizer",
                     str(workspace / "tokenizer"), "--out", str(tmp_path / "out")], check=False)
-    expect_error(proc, "empty corpus", "empty.jsonl")
+    expect_user_error(proc, "empty corpus", "empty.jsonl")
 
 
 def test_prepare_missing_tokenizer(tmp_path):
@@ -44,18 +36,18 @@ def test_prepare_missing_tokenizer(tmp_path):
     text.write_text("hello\n")
     proc = run_cmd([CLI, "prepare", "--input", str(text), "--tokenizer", str(tmp_path / "nope"), "--out",
                     str(tmp_path / "out")], check=False)
-    expect_error(proc, "nope", "astrai-ds tokenizer")
+    expect_user_error(proc, "nope", "astrai-ds tokenizer")
 
 
 def test_export_of_a_folder_without_checkpoints(tmp_path):
-    expect_error(run_cmd([CLI, "export", "--run", str(tmp_path), "--out", str(tmp_path / "m")], check=False),
+    expect_user_error(run_cmd([CLI, "export", "--run", str(tmp_path), "--out", str(tmp_path / "m")], check=False),
                  "not a run folder")
 
 
 def test_eval_of_a_missing_model(tmp_path):
     data = tmp_path / "e.jsonl"
     data.write_text(json.dumps({"prompt": "1 + 1 =", "answer": "2"}) + "\n")
-    expect_error(run_cmd([CLI, "eval", "--model", str(tmp_path), "--data", str(data)], check=False),
+    expect_user_error(run_cmd([CLI, "eval", "--model", str(tmp_path), "--data", str(data)], check=False),
                  "not a model folder", "astrai-ds export")
 
 

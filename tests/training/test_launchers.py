@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import VENV_BIN, free_port, run_cmd, run_distributed, tiny_train_config, train_losses
+from conftest import VENV_BIN, expect_user_error, free_port, run_cmd, run_distributed, tiny_train_config, train_losses
 
 
 def python_train(config, *sets, check=True):
@@ -31,14 +31,6 @@ def test_torchrun(workspace, tmp_path):
                      "--config", str(tiny_train_config(workspace, tmp_path, max_steps=2, save_interval=2)),
                      "--ds_config", "zero3.json"], port)
     assert sorted(train_losses(tmp_path / "run")) == [1, 2]
-
-
-def expect_user_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert proc.stderr.count("error:") == 1, proc.stderr
-    for fragment in fragments:
-        assert fragment in proc.stderr, (fragment, proc.stderr)
 
 
 def test_error_unknown_key(workspace, tmp_path):

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import VENV_BIN, launch, run_cmd, tiny_train_config, train_losses
+from conftest import VENV_BIN, expect_user_error, launch, run_cmd, tiny_train_config, train_losses
 
 pytestmark = pytest.mark.multiproc
 
@@ -83,13 +83,6 @@ def test_dpo_precomputed_reference_equals_live(workspace, stages, tmp_path):
         assert first[step] == pytest.approx(live[step], rel=1e-5), step
         assert second[step] == first[step]
     assert list((stages / "dpo_data").glob("ref_logps_*.npy"))
-
-
-def expect_user_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr and proc.stderr.count("error:") == 1, proc.stderr
-    for fragment in fragments:
-        assert fragment in proc.stderr, (fragment, proc.stderr)
 
 
 def python_train(config):
