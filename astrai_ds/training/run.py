@@ -170,10 +170,9 @@ def build_trainer(args) -> Trainer:
     if cfg.stage.type == "dpo":
         reference, collate = _dpo_reference(cfg, model_cfg, tokenizer, ds_cfg, train_shards, train_set, collate,
                                             dist_info, engine.device, dtype)
-        if eval_set is not None:
+        if eval_set is not None and cfg.stage.reference == "precomputed":  # the eval pairs need their own table
             _, eval_collate = _dpo_reference(cfg, model_cfg, tokenizer, ds_cfg, eval_shards, eval_set,
-                                             eval_collate, dist_info, engine.device, dtype) \
-                if cfg.stage.reference == "precomputed" else (None, eval_collate)
+                                             eval_collate, dist_info, engine.device, dtype)
 
     micro = ds_cfg["train_micro_batch_size_per_gpu"]
     strategy = STRATEGIES[cfg.stage.type].from_config(cfg.stage, reference=reference)
