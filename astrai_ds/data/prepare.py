@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import time
 from collections import Counter, deque
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -94,6 +95,51 @@ def _check_args(seq_len, workers) -> int:
     return workers
 
 
+def _start(inputs: list, tokenizer_path, out_dir, seq_len, workers) -> tuple[int, list[Path], Tokenizer, Path]:
+    """Check the arguments, list the input files, load the tokenizer and clear `out_dir` of old shards:
+    (workers, files, tokenizer, out)."""
+    workers = _check_args(seq_len, workers)
+    files = expand_inputs(inputs)
+    tok = Tokenizer.load(tokenizer_path)
+    out = Path(out_dir)
+    remove_shards(out)
+    return workers, files, tok, out
+
+
+def _meta(stage: str, tok: Tokenizer, seq_len: int, files: list[Path], **token_ids) -> dict:
+    """The index metadata every stage records; `skipped` is filled in once every file has been read."""
+    return {"stage": stage, "tokenizer_hash": tok.hash, "vocab_size": tok.vocab_size, "seq_len": seq_len,
+            "bos_id": tok.bos_id, "eos_id": tok.eos_id, **token_ids, "inputs": [str(p) for p in files],
+            "skipped": {}, "skipped_examples": {}}
+
+
+@contextmanager
+def _writing(writer: ShardWriter, out: Path):
+    """Whatever interrupts the writing (an error, Ctrl-C) leaves no half-written shard folder behind."""
+    try:
+        yield
+    except BaseException:
+        writer.abort()
+        remove_shards(out)
+        raise
+
+
+def _skipped_note(skipped: Counter) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) or "none"
+
+
+def _close(writer: ShardWriter, out: Path, skipped: Counter, examples: dict, empty_error: str | None) -> dict:
+    """Record the skipped records and write the index; with `empty_error` (nothing usable was read), remove
+    the shards instead and raise it."""
+    if empty_error:
+        writer.abort()
+        remove_shards(out)
+        raise DataError(empty_error)
+    writer.meta["skipped"] = dict(sorted(skipped.items()))
+    writer.meta["skipped_examples"] = dict(sorted(examples.items()))
+    return writer.close()
+
+
 def prepare_pretrain(inputs: list, tokenizer_path, out_dir, seq_len: int, workers: int | None = None,
                      batch_size: int = 1000, progress: bool = True) -> dict:
     """Tokenize `.txt` (a line is a document) and `.jsonl` (field `text`) files into shards under `out_dir`.
@@ -102,51 +148,21 @@ def prepare_pretrain(inputs: list, tokenizer_path, out_dir, seq_len: int, worker
     An existing shard folder at `out_dir` is replaced."""
     from tqdm import tqdm
 
-    workers = _check_args(seq_len, workers)
-    files = expand_inputs(inputs)
-    tok = Tokenizer.load(tokenizer_path)
-    out = Path(out_dir)
-    remove_shards(out)
-
+    workers, files, tok, out = _start(inputs, tokenizer_path, out_dir, seq_len, workers)
     start = time.time()
     skipped: Counter = Counter()
     examples: dict[str, list[str]] = {}
     texts = itertools.chain.from_iterable(iter_texts(p, skipped, examples) for p in files)
-    meta = {
-        "stage": "pt",
-        "tokenizer_hash": tok.hash,
-        "vocab_size": tok.vocab_size,
-        "seq_len": seq_len,
-        "bos_id": tok.bos_id,
-        "eos_id": tok.eos_id,
-        "inputs": [str(p) for p in files],
-        "skipped": {},  # filled in below, once every file has been read
-        "skipped_examples": {},
-    }
-    writer = ShardWriter(out, tok.vocab_size, meta)
-    bar = tqdm(desc="prepare", unit="doc", disable=not progress)
-    try:
+    writer = ShardWriter(out, tok.vocab_size, _meta("pt", tok, seq_len, files))
+    with _writing(writer, out), tqdm(desc="prepare", unit="doc", disable=not progress) as bar:
         batches = ((len(batch), batch) for batch in _batches(texts, batch_size))
         for n, (flat, lengths) in _map_batches(_encode_docs, batches, tok, workers):
             for doc in np.split(flat, np.cumsum(lengths)[:-1]):
                 writer.add(doc)
             bar.update(n)
-    except BaseException:
-        writer.abort()
-        remove_shards(out)
-        raise
-    finally:
-        bar.close()
-    skipped_note = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) or "none"
-    if writer.num_documents == 0:
-        writer.abort()
-        remove_shards(out)
-        raise DataError(
-            f"empty corpus: no documents in {', '.join(map(str, files))} (skipped records: {skipped_note})"
-        )
-    writer.meta["skipped"] = dict(sorted(skipped.items()))
-    writer.meta["skipped_examples"] = dict(sorted(examples.items()))
-    index = writer.close()
+    empty_error = (f"empty corpus: no documents in {', '.join(map(str, files))} (skipped records: "
+                   f"{_skipped_note(skipped)})") if writer.num_documents == 0 else None
+    index = _close(writer, out, skipped, examples, empty_error)
     num_samples = max(0, (index["num_tokens"] - 1) // seq_len)
     summary = {
         "out_dir": str(out),
@@ -221,12 +237,7 @@ def _prepare_chat(stage: str, inputs: list, tokenizer_path, out_dir, seq_len: in
                   batch_size: int, progress: bool) -> dict:
     from tqdm import tqdm
 
-    workers = _check_args(seq_len, workers)
-    files = expand_inputs(inputs)
-    tok = Tokenizer.load(tokenizer_path)
-    out = Path(out_dir)
-    remove_shards(out)
-
+    workers, files, tok, out = _start(inputs, tokenizer_path, out_dir, seq_len, workers)
     start = time.time()
     skipped: Counter = Counter()
     examples: dict[str, list[str]] = {}
@@ -234,25 +245,12 @@ def _prepare_chat(stage: str, inputs: list, tokenizer_path, out_dir, seq_len: in
         (chat.normalize_pair, _render_pairs)
     records = _chat_records(files, normalize, skipped, examples)
     batches = (tuple(zip(*batch)) for batch in _batches(records, batch_size))  # (wheres, payloads)
-    meta = {
-        "stage": stage,
-        "tokenizer_hash": tok.hash,
-        "vocab_size": tok.vocab_size,
-        "seq_len": seq_len,
-        "bos_id": tok.bos_id,
-        "eos_id": tok.eos_id,
-        "pad_id": tok.pad_id,
-        "im_start_id": tok.im_start_id,
-        "im_end_id": tok.im_end_id,
-        "inputs": [str(p) for p in files],
-        "skipped": {},  # filled in below, once every file has been read
-        "skipped_examples": {},
-    }
+    meta = _meta(stage, tok, seq_len, files, pad_id=tok.pad_id, im_start_id=tok.im_start_id,
+                 im_end_id=tok.im_end_id)
     writer = ShardWriter(out, tok.vocab_size, meta, masks=True)
     records_done = overlong = trained = 0
     per_record = 1 if stage == "sft" else 2  # documents per record
-    bar = tqdm(desc=f"prepare {stage}", unit="record", disable=not progress)
-    try:
+    with _writing(writer, out), tqdm(desc=f"prepare {stage}", unit="record", disable=not progress) as bar:
         for wheres, (ids, mask, lengths) in _map_batches(render, batches, tok, workers):
             ends = np.cumsum(lengths).tolist()
             docs = [(ids[e - n:e], mask[e - n:e]) for e, n in zip(ends, lengths.tolist())]
@@ -268,26 +266,14 @@ def _prepare_chat(stage: str, inputs: list, tokenizer_path, out_dir, seq_len: in
                     trained += int(doc_mask.sum())
                 records_done += 1
             bar.update(len(wheres))
-    except BaseException:
-        writer.abort()
-        remove_shards(out)
-        raise
-    finally:
-        bar.close()
-    skipped_note = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) or "none"
-    if records_done == 0:
-        writer.abort()
-        remove_shards(out)
-        what = "conversations" if stage == "sft" else "preference pairs"
-        raise DataError(f"no usable {what} in {', '.join(map(str, files))} (skipped records: {skipped_note}); "
-                        f"see `astrai-ds prepare --help` for the record format")
+    what = "conversations" if stage == "sft" else "preference pairs"
     count_key = "num_conversations" if stage == "sft" else "num_pairs"
     writer.meta[count_key] = records_done
     if stage == "sft":
         writer.meta["num_overlong"] = overlong
-    writer.meta["skipped"] = dict(sorted(skipped.items()))
-    writer.meta["skipped_examples"] = dict(sorted(examples.items()))
-    index = writer.close()
+    empty_error = (f"no usable {what} in {', '.join(map(str, files))} (skipped records: {_skipped_note(skipped)}); "
+                   f"see `astrai-ds prepare --help` for the record format") if records_done == 0 else None
+    index = _close(writer, out, skipped, examples, empty_error)
     summary = {
         "out_dir": str(out),
         "stage": stage,
