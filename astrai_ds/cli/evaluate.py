@@ -21,6 +21,8 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="weights and activations while evaluating; auto: bf16 where the device runs it natively")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
+    p.add_argument("--responses", default=None, metavar="OUT.jsonl",
+                   help="with --chat: write every greedy answer (question, response, correct, style) to this file")
 
 
 def run(args) -> int:
@@ -30,6 +32,8 @@ def run(args) -> int:
 
     if not (args.data or args.chat or args.pairs):
         raise UserError("nothing to evaluate: give --data, --chat and/or --pairs")
+    if args.responses and not args.chat:
+        raise UserError("--responses writes the answers to the --chat questions: give --chat too")
     import torch
 
     from astrai_ds.training.distributed import bf16_supported
@@ -39,12 +43,16 @@ def run(args) -> int:
     result = {}
     if args.data:
         result.update(evaluate_model(model, tokenizer, read_eval_records(args.data), batch_size=args.batch_size))
+    responses = [] if args.responses else None
     if args.chat:
-        result.update(evaluate_chat(model, tokenizer, read_eval_records(args.chat), batch_size=args.batch_size))
+        result.update(evaluate_chat(model, tokenizer, read_eval_records(args.chat), batch_size=args.batch_size,
+                                    responses=responses))
     if args.pairs:
         result.update(evaluate_pairs(model, tokenizer, read_eval_records(args.pairs)))
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
+    if responses is not None:
+        Path(args.responses).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in responses))
     return 0

@@ -105,11 +105,13 @@ def _prompt_messages(record: dict) -> list[dict]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 
 
-def evaluate_chat(model, tokenizer, records: list[dict], batch_size: int = 32, max_new_tokens: int | None = None) -> dict:
+def evaluate_chat(model, tokenizer, records: list[dict], batch_size: int = 32, max_new_tokens: int | None = None,
+                  responses: list | None = None) -> dict:
     """Greedy answers to chat-formatted held-out questions: {"chat_exact_match", "preferred_style_rate"}.
 
     A record holds `messages` (the conversation up to the question), `answers` (the accepted forms, one per
-    style) and `preferred` (the style the preference pairs favour)."""
+    style) and `preferred` (the style the preference pairs favour). A `responses` list, when given, receives
+    one {"question", "response", "correct", "style", "answers"} per record."""
     from astrai_ds.data.chat import render_chat
     from astrai_ds.data.corpus import answer_style, chat_answer_correct
 
@@ -124,8 +126,12 @@ def evaluate_chat(model, tokenizer, records: list[dict], batch_size: int = 32, m
         outs = greedy_generate(model, prompts[start:start + batch_size], max_new_tokens, stop)
         for record, out in zip(records[start:start + batch_size], outs):
             response = tokenizer.decode(out)
+            style = answer_style(response, record)
             correct.append(chat_answer_correct(response, record))
-            preferred.append(answer_style(response, record) == record.get("preferred"))
+            preferred.append(style == record.get("preferred"))
+            if responses is not None:
+                responses.append({"question": _prompt_messages(record)[-1]["content"], "response": response,
+                                  "correct": correct[-1], "style": style, "answers": record.get("answers")})
     return {"chat_exact_match": sum(correct) / len(correct), "preferred_style_rate": sum(preferred) / len(preferred),
             "n_chat": len(records)}
 

@@ -51,6 +51,14 @@ def test_eval_of_a_missing_model(tmp_path):
                  "not a model folder", "astrai-ds export")
 
 
+def test_eval_responses_need_chat_questions(tmp_path):
+    data = tmp_path / "e.jsonl"
+    data.write_text(json.dumps({"prompt": "1 + 1 =", "answer": "2"}) + "\n")
+    proc = run_cmd([CLI, "eval", "--model", str(tmp_path), "--data", str(data), "--responses",
+                    str(tmp_path / "r.jsonl")], check=False)
+    expect_user_error(proc, "--responses", "give --chat too")
+
+
 def test_corpus_tokenizer_prepare_round(tmp_path):
     run_cmd([CLI, "corpus", "--out", str(tmp_path / "c"), "--scale", "0.05"])
     run_cmd([CLI, "tokenizer", "--input", str(tmp_path / "c" / "pretrain.jsonl"), "--vocab-size", "400", "--out",
