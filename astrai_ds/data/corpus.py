@@ -15,10 +15,12 @@ holds some of them out of training for evaluation:
 `pretrain_eval.jsonl`, and the same split as chat data: SFT conversations and DPO pairs from training
 renderings (`sft.jsonl`, `dpo.jsonl`), their evaluation sets from held-out ones (`sft_eval.jsonl`,
 `dpo_eval.jsonl`). In chat form every rendering becomes a question (`QUESTIONS`), answered in one of two
-styles: "plain", the bare value ("68", "星期二"), or "full", a sentence restating the fact ("23 + 45 = 68.",
-"23加45等于68。"). SFT answers take either style with probability 1/2, so SFT teaches no preference between
-them; every DPO pair prefers the full style with the correct value, against the plain style (correct
-value) or a plausible wrong value (full style). After SFT the preferred style is a coin flip, after DPO it
+styles: "plain", the bare value ("68", "星期二"), or "full", the value followed by a sentence that states
+the fact as its justification ("68. 23 + 45 = 68.", "68。23加45等于68。"). SFT answers take either style
+with probability 1/2, so SFT teaches no preference between them; every DPO pair prefers the full style with
+the correct value, against the plain style (correct value) or a plausible wrong value (full style). Both
+styles start with the value, so a pair of the two styles differs only after it: DPO learns to go on with a
+justification, not to move away from the value. After SFT the preferred style is a coin flip, after DPO it
 should not be: `answer_style` measures it.
 """
 
@@ -624,6 +626,12 @@ P_SYSTEM = 0.3  # share of conversations (and DPO prompts) with a system message
 P_TWO_TURNS = 0.2  # share of SFT conversations with a second question and answer
 STYLES = ("plain", "full")
 PREFERRED_STYLE = "full"
+JUSTIFY = {"en": ". ", "zh": "。"}  # between the value and the statement in a full answer
+
+
+def justified(value: str, statement: str, lang: str) -> str:
+    """A full-style answer: the value, then the sentence stating the fact."""
+    return value + JUSTIFY[lang] + statement
 
 
 def _is_question(phrasing: str) -> bool:
@@ -659,23 +667,27 @@ class ChatItem:
     fact: Fact  # the rendering the question comes from
     question: str
     plain: str  # the bare value
-    statement: Fact  # a statement of the same fact: render() is the full answer, wrong_answer() its format
+    statement: Fact  # a statement of the same fact: the full answer's justification; wrong_answer() its format
     statements: tuple = ()  # every statement phrasing of the same fact in the question's language
 
     @property
     def full_forms(self) -> list[str]:
-        """Every full sentence that states this fact correctly (one per phrasing of the language)."""
-        return [f.render() for f in self.statements] or [self.full]
+        """Every full answer that is right (the value, then any phrasing of the fact in the language)."""
+        return [justified(self.plain, f.render(), self.fact.lang) for f in self.statements] or [self.full]
 
     @property
     def full(self) -> str:
-        return self.statement.render()
+        return justified(self.plain, self.statement.render(), self.fact.lang)
 
     def answer(self, style: str) -> str:
         return self.plain if style == "plain" else self.full
 
     def wrong_full(self, rng: random.Random) -> str:
-        return self.statement.render(self.statement.wrong_answer(rng))
+        """A full answer with a plausible wrong value, in the value and in its justification alike."""
+        wrong = self.statement.wrong_answer(rng)  # in the statement's format: the value, then any unit
+        unit = self.statement.answer[len(self.plain):]
+        value = wrong[:len(wrong) - len(unit)] if unit and wrong.endswith(unit) else wrong
+        return justified(value, self.statement.render(wrong), self.fact.lang)
 
 
 def chat_item(fact: Fact, heldout_prompts: frozenset = frozenset()) -> ChatItem:
@@ -783,42 +795,49 @@ def dpo_eval_records(seed: int = 0) -> list[dict]:
     return out
 
 
-def _frame(full: str, plain: str) -> tuple[str, str]:
-    """A full answer around its value: ("23 + 45 = ", ".") for "23 + 45 = 68.", ("5 km = ", " m.") for
+def _frame(sentence: str, plain: str) -> tuple[str, str]:
+    """A statement around its value: ("23 + 45 = ", ".") for "23 + 45 = 68.", ("5 km = ", " m.") for
     "5 km = 5000 m.". The value is the last occurrence of the plain answer: the answer ends the sentence."""
-    i = full.rfind(plain)
-    return full[:i], full[i + len(plain):]
+    i = sentence.rfind(plain)
+    return sentence[:i], sentence[i + len(plain):]
 
 
 def _full_forms(record: dict) -> list[str]:
     return record.get("full_forms") or [record["answers"]["full"]]
 
 
+def _is_value(text: str, plain: str) -> bool:
+    """One word without a sentence end, not much longer than the plain answer: a bare value, right or wrong."""
+    return (bool(text) and not any(c.isspace() for c in text) and not text.endswith((".", "。"))
+            and len(text) <= 2 * len(plain) + 4)
+
+
 def answer_style(response: str, record: dict) -> str:
     """"full", "plain" or "other": the style of a response to an sft_eval record, right or wrong.
 
-    full: a full answer's sentence (any phrasing of the fact in `full_forms`) with any value in the value's
-    place ("23 + 45 = 69." is full);
+    full: a value, then the justification: a statement of the fact (any phrasing in `full_forms`) with any
+    value in the value's place ("69. 23 + 45 = 69." is full);
     plain: a bare value, i.e. one word without a sentence end, not much longer than the plain answer;
-    other: anything else (an empty answer, another sentence, a value with a unit)."""
+    other: anything else (an empty answer, a statement without the value first, a value with a unit)."""
     r = response.strip()
-    answers = record["answers"]
-    if r == answers["plain"]:
+    plain = record["answers"]["plain"]
+    if r == plain:
         return "plain"
     if r in _full_forms(record):
         return "full"
-    frames = [_frame(full, answers["plain"]) for full in _full_forms(record)]
-    if any(len(r) > len(pre) + len(suf) and r.startswith(pre) and r.endswith(suf) for pre, suf in frames):
-        return "full"
-    if (r and not any(c.isspace() for c in r) and not r.endswith((".", "。"))
-            and not any(r.startswith(pre) for pre, _ in frames) and len(r) <= 2 * len(answers["plain"]) + 4):
-        return "plain"
-    return "other"
+    joiner = JUSTIFY[record.get("lang", "en")]
+    head, sep, tail = r.partition(joiner)
+    if sep and _is_value(head, plain):
+        frames = [_frame(form[len(plain) + len(joiner):], plain) for form in _full_forms(record)]
+        if any(len(tail) > len(pre) + len(suf) and tail.startswith(pre) and tail.endswith(suf)
+               for pre, suf in frames):
+            return "full"
+    return "plain" if _is_value(r, plain) else "other"
 
 
 def chat_answer_correct(response: str, record: dict) -> bool:
     """The stripped response is exactly the plain answer of an sft_eval record, or exactly one of its full
-    sentences (any phrasing of the fact in the question's language)."""
+    answers (the value, then any phrasing of the fact in the question's language)."""
     return response.strip() in (record["answers"]["plain"], *_full_forms(record))
 
 

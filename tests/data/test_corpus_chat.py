@@ -1,6 +1,7 @@
 """The built-in corpus in chat form: SFT conversations, DPO pairs and their held-out evaluation sets."""
 
 import json
+import random
 
 import pytest
 
@@ -57,6 +58,15 @@ def test_full_scale_sizes():
     assert 3_800 <= len(dpo_records(0)) <= 4_200
 
 
+def _split_full(answer: str) -> tuple[str, str]:
+    """(value, statement) of a full-style answer."""
+    for joiner in corpus.JUSTIFY.values():
+        value, sep, statement = answer.partition(joiner)
+        if sep and statement:
+            return value, statement
+    raise AssertionError(f"not a full answer: {answer!r}")
+
+
 def test_sft_conversations(written):
     _, _, files = written
     sft = files[corpus.SFT_FILE]
@@ -85,21 +95,30 @@ def test_sft_conversations(written):
 def test_examples_render_as_documented():
     facts = {f.prompt: f for f in task_facts("add")}
     item = chat_item(facts["23 + 45 ="])
-    assert (item.question, item.plain, item.full) == ("What is 23 + 45?", "68", "23 + 45 = 68.")
+    assert (item.question, item.plain, item.full) == ("What is 23 + 45?", "68", "68. 23 + 45 = 68.")
     item = chat_item(facts["23加45等于"])
-    assert (item.question, item.plain, item.full) == ("23加45等于多少？", "68", "23加45等于68。")
+    assert (item.question, item.plain, item.full) == ("23加45等于多少？", "68", "68。23加45等于68。")
     weekday = {f.prompt: f for f in task_facts("weekday")}
     item = chat_item(weekday["What day comes before Wednesday?"])  # already a question: asked as it is
     assert (item.question, item.plain, item.full) == ("What day comes before Wednesday?", "Tuesday",
-                                                      "The day before Wednesday is Tuesday.")
+                                                      "Tuesday. The day before Wednesday is Tuesday.")
     item = chat_item(weekday["星期一的后一天是"])
-    assert (item.question, item.plain, item.full) == ("星期一的后一天是星期几？", "星期二", "星期一的后一天是星期二。")
-    # Every phrasing of every task has a chat form whose full answer is a statement and plain answer a value.
+    assert (item.question, item.plain, item.full) == ("星期一的后一天是星期几？", "星期二", "星期二。星期一的后一天是星期二。")
+    convert = {f.prompt: f for f in task_facts("convert")}
+    item = chat_item(convert["5 km ="])
+    assert item.full == "5000. 5 km = 5000 m."
+    assert item.wrong_full(random.Random(0)) in {f"{v}. 5 km = {v} m." for v in ("500", "50000")}
+    # Every phrasing of every task has a chat form whose full answer is the plain value, then a statement of
+    # the fact; a wrong full answer has the same wrong value in both places.
     for name in TASKS:
         for f in task_facts(name)[::50]:
             item = chat_item(f)
-            assert item.full.endswith((".", "。")) and not item.plain.endswith((".", "。")) and item.plain in item.full
+            joiner = corpus.JUSTIFY[f.lang]
+            assert item.full == item.plain + joiner + item.statement.render()
+            assert not item.plain.endswith((".", "。")) and item.statement.render().endswith((".", "。"))
             assert item.question.endswith(("?", "？"))
+            value, _, statement = item.wrong_full(random.Random(1)).partition(joiner)
+            assert value != item.plain and statement == item.statement.render(value + item.statement.answer[len(item.plain):])
     assert len(set(QUESTIONS.values())) == len(QUESTIONS)
 
 
@@ -120,7 +139,8 @@ def test_heldout_facts_stay_out_of_training(written):
     heldout_texts = {f.text for f in split.heldout}
     answers = {m["content"] for r in sft for m in r["messages"] if m["role"] == "assistant"}
     answers |= {r["chosen"] for r in dpo} | {r["rejected"] for r in dpo}
-    assert not answers & heldout_texts
+    statements = {a.partition(j)[2] for a in answers for j in corpus.JUSTIFY.values()} - {""}
+    assert statements and not statements & heldout_texts
 
 
 def test_dpo_pairs_prefer_the_full_correct_answer(written):
@@ -131,9 +151,14 @@ def test_dpo_pairs_prefer_the_full_correct_answer(written):
     for r in dpo:
         assert set(r) == {"prompt", "chosen", "rejected"} and r["prompt"][-1]["role"] == "user"
         assert r["chosen"] != r["rejected"]
-        assert r["chosen"] in texts  # a true fact, as a full sentence
-        assert r["rejected"] not in texts  # a bare value or a false sentence
-        kinds["wrong" if r["rejected"].endswith((".", "。")) else "plain"] += 1
+        value, statement = _split_full(r["chosen"])
+        assert statement in texts and r["chosen"].startswith(value)  # the value, then a true fact
+        if r["rejected"].endswith((".", "。")):  # a wrong value, then a false sentence
+            kinds["wrong"] += 1
+            assert _split_full(r["rejected"])[1] not in texts
+        else:  # the bare right value
+            kinds["plain"] += 1
+            assert r["rejected"] == value
     assert 0.4 < kinds["plain"] / len(dpo) < 0.6
     # The eval pairs line up with the SFT eval questions: chosen is the full answer, rejected is either.
     for pair, item in zip(dpo_eval, sft_eval):
@@ -162,10 +187,13 @@ def test_eval_records_and_style_scoring(written):
             assert answer_style(form, it) == "full" and chat_answer_correct(form, it)
     add = next(it for it in items if it["task"] == "add" and it["lang"] == "en")
     a, b = add["messages"][-1]["content"].removeprefix("What is ").removesuffix("?").split(" + ")
-    assert add["answers"] == {"plain": str(int(a) + int(b)), "full": f"{a} + {b} = {int(a) + int(b)}."}
-    assert answer_style(f" {a} + {b} = 7. ", add) == "full"  # wrong, but in the full style
+    s = int(a) + int(b)
+    assert add["answers"] == {"plain": str(s), "full": f"{s}. {a} + {b} = {s}."}
+    assert answer_style(f" 7. {a} + {b} = 7. ", add) == "full"  # wrong, but in the full style
     assert answer_style("7", add) == "plain" and answer_style("", add) == "other"
     assert answer_style("The answer is 7.", add) == "other"
+    assert answer_style(f"{a} + {b} = {s}.", add) == "other"  # a statement without the value first
+    assert not chat_answer_correct(f"{s}. {a} + {b} = 7.", add)  # the justification must be right too
     assert chat_answer_correct(" " + add["answers"]["full"] + "\n", add) and not chat_answer_correct("7", add)
     m = chat_metrics([add["answers"]["full"], add["answers"]["plain"], "nonsense here", "7"], [add] * 4)
     assert m == {"exact_match": 0.5, "preferred_style_rate": 0.25,
