@@ -71,7 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-config", default="configs/train/pt_small.json",
                    help="train config the runs start from (optimizer settings and seed come from it; data, batch, "
                         "steps, logging and schedule are overridden)")
-    p.add_argument("--ds-config", default="zero2.json", help="DeepSpeed config of the trainer runs")
+    p.add_argument("--ds-config", action="append", dest="ds_configs", default=None, metavar="DS_CONFIG",
+                   help="DeepSpeed config of the trainer runs; repeat it to compare several in one run (each gets "
+                        "its own 1-rank and 2-rank variants) [default: zero2.json]"),
     p.add_argument("--steps", type=int, default=30, help="measured steps per variant")
     p.add_argument("--warmup", type=int, default=5, help="steps run before the measured ones and not counted")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
@@ -99,9 +101,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.global_batch < 2 or args.global_batch % 2:
         p.error("--global-batch must be even (the 2-rank run splits it)")
     # Paths are taken relative to where the script was started; configs not found there fall back to the project.
-    for key in ("model", "train_config", "ds_config"):
+    args.ds_configs = args.ds_configs or ["zero2.json"]
+    for key in ("model", "train_config"):
         if Path(getattr(args, key)).exists():
             setattr(args, key, str(Path(getattr(args, key)).resolve()))
+    args.ds_configs = [str(Path(c).resolve()) if Path(c).exists() else c for c in args.ds_configs]
     for key in ("work_dir", "json_out"):
         if getattr(args, key):
             setattr(args, key, str(Path(getattr(args, key)).resolve()))
@@ -287,6 +291,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def list_variants(args) -> dict[str, tuple[int, str | None]]:
+    """Variant name -> (ranks, DeepSpeed config). With one DeepSpeed config the trainer variants are called
+    trainer-1rank and trainer-2rank; with several, the config's file stem is added in brackets."""
+    variants: dict[str, tuple[int, str | None]] = {}
+    if "plain" not in args.skip:
+        variants["plain"] = (1, None)
+    for ds_config in args.ds_configs:
+        for kind in ("trainer-1rank", "trainer-2rank"):
+            if kind not in args.skip:
+                name = kind if len(args.ds_configs) == 1 else f"{kind}[{Path(ds_config).stem}]"
+                variants[name] = (RANKS[kind], ds_config)
+    return variants
+
+
+def tag(variant: str) -> str:
+    """A variant's name as a file name."""
+    return variant.replace("[", "-").replace("]", "")
+
+
 def child_env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
@@ -301,7 +324,7 @@ def child_env(extra: dict | None = None) -> dict:
     return env
 
 
-def launch(work: Path, args, ranks: int, tag: str, script: str, extra_env: dict | None = None) -> Path:
+def launch(work: Path, args, ranks: int, ds_config: str, tag: str, script: str, extra_env: dict | None = None) -> Path:
     """Run `script` with train.py's arguments on `ranks` ranks (plain python for 1, the deepspeed launcher for
     more); returns the run folder. Exits with the log's tail when the run fails."""
     run_dir = work / "runs" / tag
@@ -315,7 +338,7 @@ def launch(work: Path, args, ranks: int, tag: str, script: str, extra_env: dict 
         launcher = VENV_BIN / "deepspeed"
         cmd = [str(launcher) if launcher.exists() else "deepspeed", "--num_gpus", str(ranks),
                "--master_port", str(port), script]
-    cmd += ["--config", args.train_config, "--ds_config", args.ds_config]
+    cmd += ["--config", args.train_config, "--ds_config", ds_config]
     for s in overrides(work, args, run_dir, ranks):
         cmd += ["--set", s]
     log = work / "runs" / f"{tag}.log"
@@ -333,9 +356,9 @@ def launch(work: Path, args, ranks: int, tag: str, script: str, extra_env: dict 
     return run_dir
 
 
-def run_trainer(work: Path, args, ranks: int, tag: str) -> dict:
+def run_trainer(work: Path, args, ranks: int, ds_config: str, tag: str) -> dict:
     """train.py on `ranks` ranks; per-step tokens/s read back from the run's metrics.jsonl."""
-    run_dir = launch(work, args, ranks, tag, "train.py")
+    run_dir = launch(work, args, ranks, ds_config, tag, "train.py")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     by_step = {r["step"]: r for r in records if "train/tokens_per_sec" in r}
     measured = range(args.warmup + 1, args.warmup + args.steps + 1)
@@ -350,11 +373,11 @@ def run_trainer(work: Path, args, ranks: int, tag: str) -> dict:
     return result
 
 
-def run_breakdown(work: Path, args, ranks: int, tag: str) -> list[dict]:
+def run_breakdown(work: Path, args, ranks: int, ds_config: str, tag: str) -> list[dict]:
     """This script as an instrumented train.py (see `worker_main`) on `ranks` ranks; rank 0's per-step phases."""
     out = work / "runs" / f"{tag}.phases.json"
     out.unlink(missing_ok=True)
-    run_dir = launch(work, args, ranks, tag, str(Path(__file__).resolve()), {WORKER_ENV: str(out)})
+    run_dir = launch(work, args, ranks, ds_config, tag, str(Path(__file__).resolve()), {WORKER_ENV: str(out)})
     if not args.keep_runs:
         shutil.rmtree(run_dir, ignore_errors=True)
     return json.loads(out.read_text())[args.warmup:]
@@ -447,12 +470,13 @@ def _pct(x: float | None) -> str:
     return "?" if x is None else f"{x:.0%}"
 
 
-def summarise(name: str, runs: list[dict], tokens_per_step: int, flops_per_token: float, peak: float) -> dict:
+def summarise(name: str, ranks: int, runs: list[dict], tokens_per_step: int, flops_per_token: float,
+              peak: float) -> dict:
     tps = [x for r in runs for x in r["tokens_per_sec"]]
     loads = [r["foreign_load"] for r in runs if r.get("foreign_load") is not None]
     med = statistics.median(tps)
     q = statistics.quantiles(tps, n=4) if len(tps) > 1 else [med, med, med]
-    return {"variant": name, "ranks": RANKS[name], "threads_per_rank": runs[0]["threads_per_rank"],
+    return {"variant": name, "ranks": ranks, "threads_per_rank": runs[0]["threads_per_rank"],
             "tokens_per_sec": med, "tokens_per_sec_p25": q[0], "tokens_per_sec_p75": q[2],
             "step_time_s": tokens_per_step / med, "measured_steps": len(tps),
             "mfu": med * flops_per_token / peak, "first_loss": runs[0]["losses"][0],
@@ -462,14 +486,15 @@ def summarise(name: str, runs: list[dict], tokens_per_step: int, flops_per_token
 
 def print_table(rows: list[dict]) -> None:
     base = next((r["tokens_per_sec"] for r in rows if r["variant"] == "plain"), None)
-    head = (f"{'variant':<15} {'ranks x thr':>11} {'tokens/s':>9} {'p25-p75':>13} {'step s':>7} {'vs plain':>8} "
+    w = max(15, *(len(r["variant"]) for r in rows))
+    head = (f"{'variant':<{w}} {'ranks x thr':>11} {'tokens/s':>9} {'p25-p75':>13} {'step s':>7} {'vs plain':>8} "
             f"{'MFU':>6} {'loss 1st/last':>15} {'other load':>10}")
     print(head)
     print("-" * len(head))
     for r in rows:
         r["vs_plain"] = r["tokens_per_sec"] / base if base else None
         ratio = f"{r['vs_plain']:.2f}x" if base else "-"
-        print(f"{r['variant']:<15} {r['ranks']:>5} x {r['threads_per_rank']:<3} {r['tokens_per_sec']:>9.0f} "
+        print(f"{r['variant']:<{w}} {r['ranks']:>5} x {r['threads_per_rank']:<3} {r['tokens_per_sec']:>9.0f} "
               f"{r['tokens_per_sec_p25']:>6.0f}-{r['tokens_per_sec_p75']:<6.0f} {r['step_time_s']:>7.3f} "
               f"{ratio:>8} {r['mfu']:>6.3f} {r['first_loss']:>7.3f}/{r['last_loss']:<7.3f} "
               f"{_pct(r['foreign_load']):>10}")
@@ -488,11 +513,12 @@ def print_breakdown(breakdown: dict[str, list[dict]]) -> dict:
     rows = {name: phase_medians(steps) for name, steps in breakdown.items()}
     print("where a step's time goes (rank 0, median ms per step; `comm` is the part of backward + step spent "
           "in torch.distributed collectives):")
-    head = f"{'variant':<15} {'wall':>7} " + " ".join(f"{k:>9}" for k in (*PHASES, "comm"))
+    w = max(15, *(len(name) for name in rows))
+    head = f"{'variant':<{w}} {'wall':>7} " + " ".join(f"{k:>9}" for k in (*PHASES, "comm"))
     print(head)
     print("-" * len(head))
     for name, m in rows.items():
-        print(f"{name:<15} {m['wall'] * 1e3:>7.1f} " + " ".join(f"{m[k] * 1e3:>9.1f}" for k in (*PHASES, "comm")))
+        print(f"{name:<{w}} {m['wall'] * 1e3:>7.1f} " + " ".join(f"{m[k] * 1e3:>9.1f}" for k in (*PHASES, "comm")))
     print("  forward: the model's forward only; other: loss function, lr and metric reads, logging and callbacks; "
           "plain step: clip_grad_norm_ + AdamW.step + zero_grad")
     return rows
@@ -501,7 +527,7 @@ def print_breakdown(breakdown: dict[str, list[dict]]) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.chdir(ROOT)  # configs and train.py are found relative to the project
-    variants = [v for v in VARIANTS if v not in args.skip]
+    variants = list_variants(args)
     info = machine_info()
     busy = info["cpu_busy_at_start"]
     print(f"machine: {info['cpu']} | {info['cores']} cores | torch {info['torch']} ({info['torch_threads']} threads) "
@@ -530,7 +556,7 @@ def main(argv=None) -> int:
         tokens_per_step = args.global_batch * args.seq_len
         print(f"model: {args.model} (dim {model_cfg.dim}, {model_cfg.n_layers} layers, vocab {model_cfg.vocab_size}) | "
               f"global batch {args.global_batch} x {args.seq_len} tokens = {tokens_per_step} tokens/step | "
-              f"{args.ds_config} | {args.warmup} warm-up + {args.steps} measured steps x {args.rounds} round(s) | "
+              f"{', '.join(args.ds_configs)} | {args.warmup} warm-up + {args.steps} measured steps x {args.rounds} round(s) | "
               f"{flops_per_token / 1e6:.1f} MFLOP/token", flush=True)
 
         peaks = [peak_flops(args.peak_size)]
@@ -545,7 +571,7 @@ def main(argv=None) -> int:
                     res = run_plain(cfg, model_cfg, args)
                     breakdown[v] += res["phases"]
                 else:
-                    res = run_trainer(work, args, RANKS[v], f"{v}-r{rnd}")
+                    res = run_trainer(work, args, *variants[v], f"{tag(v)}-r{rnd}")
                 res["foreign_load"] = load.share()
                 results[v].append(res)
                 print(f"round {rnd + 1}/{args.rounds} {v}: median {statistics.median(res['tokens_per_sec']):.0f} "
@@ -553,7 +579,7 @@ def main(argv=None) -> int:
                       f"{_pct(res['foreign_load'])})", flush=True)
                 if args.breakdown and v != "plain":
                     t0, load = time.perf_counter(), ForeignLoad()
-                    breakdown[v] += run_breakdown(work, args, RANKS[v], f"{v}-breakdown-r{rnd}")
+                    breakdown[v] += run_breakdown(work, args, *variants[v], f"{tag(v)}-breakdown-r{rnd}")
                     print(f"round {rnd + 1}/{args.rounds} {v}: instrumented run ({time.perf_counter() - t0:.0f}s wall, "
                           f"other processes' CPU load {_pct(load.share())})", flush=True)
         peaks.append(peak_flops(args.peak_size))
@@ -562,7 +588,7 @@ def main(argv=None) -> int:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    rows = [summarise(v, results[v], tokens_per_step, flops_per_token, peak) for v in variants]
+    rows = [summarise(v, variants[v][0], results[v], tokens_per_step, flops_per_token, peak) for v in variants]
     print()
     print(f"FLOPs/token = {FORMULA} = {flops_per_token / 1e6:.2f} MFLOP at T={args.seq_len}")
     print(f"peak = {peak / 1e9:.0f} GFLOP/s: the higher of two bf16 {args.peak_size}^3 matmul measurements in this "
@@ -577,7 +603,7 @@ def main(argv=None) -> int:
     if args.json_out:
         out = {"machine": info, "model": args.model, "model_config": model_cfg.to_dict(), "seq_len": args.seq_len,
                "global_batch": args.global_batch, "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds,
-               "ds_config": args.ds_config, "flops_per_token": flops_per_token, "flops_formula": FORMULA,
+               "ds_configs": args.ds_configs, "flops_per_token": flops_per_token, "flops_formula": FORMULA,
                "peak_flops": peak, "peak_flops_measurements": peaks, "results": rows,
                "phases_median_s": phases}
         Path(args.json_out).write_text(json.dumps(out, indent=2) + "\n")

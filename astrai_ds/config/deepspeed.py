@@ -45,13 +45,21 @@ def _autos(node, prefix=""):
         yield prefix[:-1]
 
 
+# ZeRO settings that pay on an accelerator and cost on a CPU: overlap_comm runs reductions on a side stream
+# while backward goes on (a CPU has no streams: the copies stay, the overlap does not), contiguous_gradients
+# copies every gradient into one buffer (fragmentation is a GPU allocator's problem). On 2 CPU ranks,
+# turning both off made ZeRO-2 steps 10-20% faster (docs/benchmarks.md).
+ACCELERATOR_ONLY = ("overlap_comm", "contiguous_gradients")
+
+
 def resolve_ds_config(ds: dict, train: TrainConfig, world_size: int, *, bf16_supported: bool,
-                      source: str = "DeepSpeed config") -> dict:
+                      accelerator: bool = True, source: str = "DeepSpeed config") -> dict:
     """Fill the "auto" values of a DeepSpeed config from the train config and check the batch arithmetic.
 
     Explicit numbers in the DeepSpeed config win over the train config (it is DeepSpeed's own format);
-    "auto" or a missing key takes the train config's value. Returns a new dict ready for
-    `deepspeed.initialize`.
+    "auto" or a missing key takes the train config's value. `zero_optimization.overlap_comm` and
+    `contiguous_gradients` written "auto" are on where `accelerator` (a GPU or other device with streams)
+    and off on a CPU. Returns a new dict ready for `deepspeed.initialize`.
     """
     ds = copy.deepcopy(ds)
     dp = world_size  # data-parallel size: no tensor or pipeline parallelism yet
@@ -91,6 +99,9 @@ def resolve_ds_config(ds: dict, train: TrainConfig, world_size: int, *, bf16_sup
     zero = ds.setdefault("zero_optimization", {"stage": 0})
     if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2, 3):
         raise ConfigError(f"{source}: zero_optimization.stage must be 0, 1, 2 or 3")
+    for key in ACCELERATOR_ONLY:
+        if zero.get(key) == "auto":
+            zero[key] = accelerator
     if "scheduler" in ds:
         raise ConfigError(f"{source}: remove the 'scheduler' section; the learning-rate schedule comes from "
                           "the train config's 'schedule' section")
@@ -103,7 +114,8 @@ def resolve_ds_config(ds: dict, train: TrainConfig, world_size: int, *, bf16_sup
     left = list(_autos(ds))
     if left:
         raise ConfigError(f"{source}: cannot resolve \"auto\" for {', '.join(left)}; only micro batch, gradient "
-                          "accumulation, train batch size, gradient clipping and bf16/fp16.enabled may be \"auto\"")
+                          "accumulation, train batch size, gradient clipping, bf16/fp16.enabled and "
+                          "zero_optimization.overlap_comm/contiguous_gradients may be \"auto\"")
     return ds
 
 

@@ -76,6 +76,13 @@ def init_distributed() -> DistInfo:
     return info
 
 
+def on_accelerator() -> bool:
+    """Whether DeepSpeed runs on a GPU (or another device with streams) rather than its CPU accelerator."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() != "cpu"
+
+
 def bf16_supported() -> bool:
     """Whether this device runs bf16 matmuls natively (so precision "auto" picks bf16)."""
     if torch.cuda.is_available():

@@ -25,7 +25,7 @@ from astrai_ds.training.callbacks import (Checkpointer, EarlyStop, Evaluator, Fr
                                           MetricsWriter, Progress)
 from astrai_ds.training.checkpoint import find_checkpoint
 from astrai_ds.training.data_setup import batch_iterator, build_dataset, open_data
-from astrai_ds.training.distributed import bf16_supported, env_rank, init_distributed
+from astrai_ds.training.distributed import bf16_supported, env_rank, init_distributed, on_accelerator
 from astrai_ds.training.engine import build_engine
 from astrai_ds.training.metrics import Throughput, measure_peak_flops
 from astrai_ds.training.strategies import STRATEGIES
@@ -154,7 +154,7 @@ def build_trainer(args) -> Trainer:
 
     dist_info = init_distributed()
     ds_cfg = resolve_ds_config(ds_raw, cfg, dist_info.world_size, bf16_supported=bf16_supported(),
-                               source=str(ds_path))
+                               accelerator=on_accelerator(), source=str(ds_path))
     dtype = torch.bfloat16 if ds_cfg["bf16"]["enabled"] else torch.float32
     output_dir = Path(cfg.output_dir)
     resume = find_checkpoint(cfg.resume, output_dir)

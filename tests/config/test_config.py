@@ -104,6 +104,18 @@ def test_ds_auto_values_filled():
     assert resolve_ds_config(ds, _train(), 2, bf16_supported=False)["bf16"]["enabled"] is False
 
 
+def test_ds_accelerator_only_settings_follow_the_device():
+    ds, _ = load_ds_config("zero2.json")
+    assert ds["zero_optimization"]["overlap_comm"] == "auto"
+    gpu = resolve_ds_config(ds, _train(), 2, bf16_supported=True, accelerator=True)["zero_optimization"]
+    cpu = resolve_ds_config(ds, _train(), 2, bf16_supported=True, accelerator=False)["zero_optimization"]
+    assert gpu["overlap_comm"] is True and gpu["contiguous_gradients"] is True
+    assert cpu["overlap_comm"] is False and cpu["contiguous_gradients"] is False
+    explicit = {"zero_optimization": {"stage": 2, "overlap_comm": True}}
+    assert resolve_ds_config(explicit, _train(), 1, bf16_supported=True,
+                             accelerator=False)["zero_optimization"]["overlap_comm"] is True
+
+
 def test_ds_batch_mismatch_names_all_four_numbers():
     ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "train_batch_size": 10}
     with pytest.raises(ConfigError) as e:
