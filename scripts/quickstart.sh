@@ -28,7 +28,7 @@ stage() {
   deepspeed --num_gpus "$NPROC" train.py --config "configs/train/${name}_tiny.json" --ds_config "$ds"
   astrai-ds export --run "$R/$name" --out "$R/models/$name"
   astrai-ds eval --model "$R/models/$name" --data "$C/pretrain_eval.jsonl" --chat "$C/sft_eval.jsonl" \
-    --pairs "$C/dpo_eval.jsonl" --out "$R/eval_$name.json" > /dev/null
+    --pairs "$C/dpo_eval.jsonl" --out "$R/eval_$name.json" --responses "$R/responses_$name.jsonl" > /dev/null
   astrai-ds report --stage "$name" --run "$R/$name" --eval "$R/eval_$name.json" --out "$R/report.json" \
     --wall-time $(( $(date +%s) - t0 ))
 }

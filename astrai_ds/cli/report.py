@@ -1,5 +1,5 @@
 """Summarise a stage's run and evaluation into report.json (merged per stage) and print the table:
-eval loss, exact match on held-out facts, chat exact match, preference accuracy, preferred-style rate,
+eval loss, exact match on held-out facts, chat exact match (answer; whole response), preference accuracy, preferred-style rate,
 training tokens/s and wall time."""
 
 from __future__ import annotations
@@ -27,9 +27,11 @@ def training_tokens_per_sec(run_dir: Path) -> float:
     return statistics.median(rates[1:] or rates) if rates else float("nan")
 
 
-METRICS = ("eval_loss", "exact_match", "chat_exact_match", "pref_accuracy", "preferred_style_rate")
+METRICS = ("eval_loss", "exact_match", "chat_exact_match", "chat_response_match", "pref_accuracy",
+           "preferred_style_rate")
 COLUMNS = (("eval_loss", "eval_loss", "{:.4f}"), ("exact_match", "exact_match", "{:.3f}"),
-           ("chat_exact_match", "chat_em", "{:.3f}"), ("pref_accuracy", "pref_acc", "{:.3f}"),
+           ("chat_exact_match", "chat_em", "{:.3f}"), ("chat_response_match", "chat_resp", "{:.3f}"),
+           ("pref_accuracy", "pref_acc", "{:.3f}"),
            ("preferred_style_rate", "pref_style", "{:.3f}"), ("tokens_per_sec", "tokens/s", "{:.0f}"),
            ("wall_time_s", "wall time", "{:.0f}s"))
 

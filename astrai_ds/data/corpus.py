@@ -795,13 +795,6 @@ def dpo_eval_records(seed: int = 0) -> list[dict]:
     return out
 
 
-def _frame(sentence: str, plain: str) -> tuple[str, str]:
-    """A statement around its value: ("23 + 45 = ", ".") for "23 + 45 = 68.", ("5 km = ", " m.") for
-    "5 km = 5000 m.". The value is the last occurrence of the plain answer: the answer ends the sentence."""
-    i = sentence.rfind(plain)
-    return sentence[:i], sentence[i + len(plain):]
-
-
 def _full_forms(record: dict) -> list[str]:
     return record.get("full_forms") or [record["answers"]["full"]]
 
@@ -812,44 +805,54 @@ def _is_value(text: str, plain: str) -> bool:
             and len(text) <= 2 * len(plain) + 4)
 
 
+def _split(response: str, record: dict) -> tuple[str, str]:
+    """(value, justification) of a response: the text before the first value/statement joiner of the
+    record's language and the text after it ("" when there is no joiner)."""
+    head, sep, tail = response.strip().partition(JUSTIFY[record.get("lang", "en")])
+    return (head, tail) if sep else (response.strip(), "")
+
+
 def answer_style(response: str, record: dict) -> str:
     """"full", "plain" or "other": the style of a response to an sft_eval record, right or wrong.
 
-    full: a value, then the justification: a statement of the fact (any phrasing in `full_forms`) with any
-    value in the value's place ("69. 23 + 45 = 69." is full);
+    full: a value, then a justification: one sentence ending in a full stop ("69. 23 + 45 = 69." and
+    "68. 23 + 46 = 68." are full);
     plain: a bare value, i.e. one word without a sentence end, not much longer than the plain answer;
-    other: anything else (an empty answer, a statement without the value first, a value with a unit)."""
-    r = response.strip()
+    other: anything else (an empty answer, a sentence without the value first, a value with a unit)."""
     plain = record["answers"]["plain"]
-    if r == plain:
+    value, justification = _split(response, record)
+    if not _is_value(value, plain):
+        return "other"
+    if not justification:
         return "plain"
-    if r in _full_forms(record):
-        return "full"
-    joiner = JUSTIFY[record.get("lang", "en")]
-    head, sep, tail = r.partition(joiner)
-    if sep and _is_value(head, plain):
-        frames = [_frame(form[len(plain) + len(joiner):], plain) for form in _full_forms(record)]
-        if any(len(tail) > len(pre) + len(suf) and tail.startswith(pre) and tail.endswith(suf)
-               for pre, suf in frames):
-            return "full"
-    return "plain" if _is_value(r, plain) else "other"
+    one_sentence = justification.endswith((".", "。")) and sum(map(justification.count, ".。")) == 1
+    return "full" if one_sentence else "other"
 
 
 def chat_answer_correct(response: str, record: dict) -> bool:
-    """The stripped response is exactly the plain answer of an sft_eval record, or exactly one of its full
-    answers (the value, then any phrasing of the fact in the question's language)."""
+    """The answer is right: the response is the plain value alone, or that value followed by a justification
+    (in the full style). The justification itself is scored by `chat_response_exact`."""
+    value, _ = _split(response, record)
+    return value == record["answers"]["plain"] and answer_style(response, record) in STYLES
+
+
+def chat_response_exact(response: str, record: dict) -> bool:
+    """The whole response is right: exactly the plain value, or exactly one of the full answers (the value,
+    then a correct statement of the fact in any phrasing of the question's language)."""
     return response.strip() in (record["answers"]["plain"], *_full_forms(record))
 
 
 def chat_metrics(responses: list[str], records: list[dict]) -> dict:
-    """exact_match (either style), preferred_style_rate (share of responses in the record's preferred style,
-    right or wrong) and the share of each style, over sft_eval records and greedy responses."""
+    """exact_match (the answer's value, either style), response_match (the whole response, justification
+    included), preferred_style_rate (share of responses in the record's preferred style, right or wrong) and
+    the share of each style, over sft_eval records and greedy responses."""
     n = len(records)
     if n == 0 or len(responses) != n:
         raise ValueError(f"need one response per record, got {len(responses)} responses for {n} records")
     styles = [answer_style(r, rec) for r, rec in zip(responses, records)]
     return {
         "exact_match": sum(chat_answer_correct(r, rec) for r, rec in zip(responses, records)) / n,
+        "response_match": sum(chat_response_exact(r, rec) for r, rec in zip(responses, records)) / n,
         "preferred_style_rate": sum(s == rec["preferred"] for s, rec in zip(styles, records)) / n,
         "style_rates": {s: styles.count(s) / n for s in (*STYLES, "other")},
     }

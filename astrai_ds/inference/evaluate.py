@@ -107,32 +107,38 @@ def _prompt_messages(record: dict) -> list[dict]:
 
 def evaluate_chat(model, tokenizer, records: list[dict], batch_size: int = 32, max_new_tokens: int | None = None,
                   responses: list | None = None) -> dict:
-    """Greedy answers to chat-formatted held-out questions: {"chat_exact_match", "preferred_style_rate"}.
+    """Greedy answers to chat-formatted held-out questions: {"chat_exact_match" (the answer's value is right),
+    "chat_response_match" (the whole response is right, a full answer's justification included),
+    "preferred_style_rate"}.
 
     A record holds `messages` (the conversation up to the question), `answers` (the accepted forms, one per
     style) and `preferred` (the style the preference pairs favour). A `responses` list, when given, receives
-    one {"question", "response", "correct", "style", "answers"} per record."""
+    one {"question", "response", "correct", "exact_response", "style", "answers"} per record."""
     from astrai_ds.data.chat import render_chat
-    from astrai_ds.data.corpus import answer_style, chat_answer_correct
+    from astrai_ds.data.corpus import answer_style, chat_answer_correct, chat_response_exact
 
     model.eval()
     prompts = [render_chat(tokenizer, _prompt_messages(r), add_generation_prompt=True)[0] for r in records]
     if max_new_tokens is None:  # room for the longest accepted answer, and a little more
-        forms = [form for r in records for form in r.get("answers", {"": r.get("answer", "")}).values()]
+        forms = [form for r in records
+                 for form in (*r.get("answers", {"": r.get("answer", "")}).values(), *r.get("full_forms", ()))]
         max_new_tokens = max(len(ids) for ids in tokenizer.encode_batch(forms)) + 4
     stop = {tokenizer.im_end_id, tokenizer.eos_id}
-    correct, preferred = [], []
+    correct, exact, preferred = [], [], []
     for start in range(0, len(records), batch_size):
         outs = greedy_generate(model, prompts[start:start + batch_size], max_new_tokens, stop)
         for record, out in zip(records[start:start + batch_size], outs):
             response = tokenizer.decode(out)
             style = answer_style(response, record)
             correct.append(chat_answer_correct(response, record))
+            exact.append(chat_response_exact(response, record))
             preferred.append(style == record.get("preferred"))
             if responses is not None:
                 responses.append({"question": _prompt_messages(record)[-1]["content"], "response": response,
-                                  "correct": correct[-1], "style": style, "answers": record.get("answers")})
-    return {"chat_exact_match": sum(correct) / len(correct), "preferred_style_rate": sum(preferred) / len(preferred),
+                                  "correct": correct[-1],
+                                  "exact_response": exact[-1], "style": style, "answers": record.get("answers")})
+    return {"chat_exact_match": sum(correct) / len(correct), "chat_response_match": sum(exact) / len(exact),
+            "preferred_style_rate": sum(preferred) / len(preferred),
             "n_chat": len(records)}
 
 

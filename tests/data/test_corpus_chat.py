@@ -7,7 +7,8 @@ import pytest
 
 from astrai_ds.data import corpus
 from astrai_ds.data.corpus import (QUESTIONS, TASKS, answer_style, chat_answer_correct, chat_item, chat_metrics,
-                                   dpo_records, sft_records, split_facts, task_facts, write_corpus)
+                                   chat_response_exact, dpo_records, sft_records, split_facts, task_facts,
+                                   write_corpus)
 from astrai_ds.data.prepare import prepare_dpo, prepare_sft
 
 SCALE = 0.1
@@ -190,14 +191,23 @@ def test_eval_records_and_style_scoring(written):
     s = int(a) + int(b)
     assert add["answers"] == {"plain": str(s), "full": f"{s}. {a} + {b} = {s}."}
     assert answer_style(f" 7. {a} + {b} = 7. ", add) == "full"  # wrong, but in the full style
+    assert answer_style(f"{s}. {a} + {b} = 7.", add) == "full"  # a wrong justification is still one
     assert answer_style("7", add) == "plain" and answer_style("", add) == "other"
     assert answer_style("The answer is 7.", add) == "other"
     assert answer_style(f"{a} + {b} = {s}.", add) == "other"  # a statement without the value first
-    assert not chat_answer_correct(f"{s}. {a} + {b} = 7.", add)  # the justification must be right too
-    assert chat_answer_correct(" " + add["answers"]["full"] + "\n", add) and not chat_answer_correct("7", add)
-    m = chat_metrics([add["answers"]["full"], add["answers"]["plain"], "nonsense here", "7"], [add] * 4)
-    assert m == {"exact_match": 0.5, "preferred_style_rate": 0.25,
-                 "style_rates": {"plain": 0.5, "full": 0.25, "other": 0.25}}
+    assert answer_style(f"{s}. {a} + {b} = {s}. {a} + {b} = {s}.", add) == "other"  # two sentences
+    # The answer is the value: right with or without a justification, and whatever the justification says;
+    # the whole response is right only with a right justification.
+    full = add["answers"]["full"]
+    assert chat_answer_correct(" " + full + "\n", add) and chat_response_exact(" " + full + "\n", add)
+    assert chat_answer_correct(str(s), add) and chat_response_exact(str(s), add)
+    assert chat_answer_correct(f"{s}. {a} + {b} = 7.", add) and not chat_response_exact(f"{s}. {a} + {b} = 7.", add)
+    assert not chat_answer_correct("7", add) and not chat_answer_correct(f"7. {a} + {b} = 7.", add)
+    assert not chat_answer_correct(f"{s} apples", add) and not chat_answer_correct(f"{s}. Yes. Yes.", add)
+    wrong_just = f"{s}. {a} + {b} = 7."
+    m = chat_metrics([full, str(s), "nonsense here", "7", wrong_just], [add] * 5)
+    assert m == {"exact_match": 0.6, "response_match": 0.4, "preferred_style_rate": 0.4,
+                 "style_rates": {"plain": 0.4, "full": 0.4, "other": 0.2}}
 
 
 def test_chat_files_prepare_without_skips(written, tokenizer_dir, tmp_path):

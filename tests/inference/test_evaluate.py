@@ -23,6 +23,7 @@ def test_chat_responses_match_the_summary(workspace):
     assert [r["correct"] for r in responses] == [chat_answer_correct(r["response"], rec)
                                                  for r, rec in zip(responses, records)]
     assert result["chat_exact_match"] == sum(r["correct"] for r in responses) / len(records)
+    assert result["chat_response_match"] == sum(r["exact_response"] for r in responses) / len(records)
 
     # Make the model's own (random) answer to the first question the reference: now it counts as correct.
     first = json.loads(json.dumps(records[0]))
@@ -30,4 +31,4 @@ def test_chat_responses_match_the_summary(workspace):
     again: list[dict] = []
     evaluate_chat(model, tok, [first], max_new_tokens=8, responses=again)
     assert again[0]["response"] == responses[0]["response"]
-    assert again[0]["correct"] == bool(responses[0]["response"].strip())
+    assert again[0]["exact_response"] == bool(responses[0]["response"].strip())
