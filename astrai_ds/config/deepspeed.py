@@ -99,6 +99,13 @@ def resolve_ds_config(ds: dict, train: TrainConfig, world_size: int, *, bf16_sup
     zero = ds.setdefault("zero_optimization", {"stage": 0})
     if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2, 3):
         raise ConfigError(f"{source}: zero_optimization.stage must be 0, 1, 2 or 3")
+    pure_bf16 = [k for k in ("bf16_master_weights_and_grads", "bf16_optimizer_states") if ds["bf16"].get(k)]
+    if pure_bf16 and not ds["bf16"]["enabled"]:
+        raise ConfigError(f"{source}: bf16.{pure_bf16[0]} keeps weights in bf16, but bf16 is off for this run "
+                          f"(train config precision {json.dumps(train.precision)}); set precision to \"bf16\" or "
+                          "use a DeepSpeed config without it")
+    if pure_bf16 and zero.get("stage", 0) == 0:
+        raise ConfigError(f"{source}: bf16.{pure_bf16[0]} needs ZeRO stage 1, 2 or 3 (zero_optimization.stage)")
     for key in ACCELERATOR_ONLY:
         if zero.get(key) == "auto":
             zero[key] = accelerator

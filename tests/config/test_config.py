@@ -116,6 +116,16 @@ def test_ds_accelerator_only_settings_follow_the_device():
                              accelerator=False)["zero_optimization"]["overlap_comm"] is True
 
 
+def test_ds_pure_bf16_needs_bf16_and_zero():
+    ds, _ = load_ds_config("zero2_pure_bf16.json")
+    assert resolve_ds_config(ds, _train(), 2, bf16_supported=True)["bf16"]["bf16_optimizer_states"] is True
+    with pytest.raises(ConfigError, match="bf16.bf16_master_weights_and_grads keeps weights in bf16"):
+        resolve_ds_config(ds, _train(), 2, bf16_supported=False)
+    ds["zero_optimization"]["stage"] = 0
+    with pytest.raises(ConfigError, match="needs ZeRO stage 1, 2 or 3"):
+        resolve_ds_config(ds, _train(), 2, bf16_supported=True)
+
+
 def test_ds_batch_mismatch_names_all_four_numbers():
     ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "train_batch_size": 10}
     with pytest.raises(ConfigError) as e:

@@ -92,6 +92,38 @@ def test_resume_continues_exactly(workspace, tmp_path):
         assert resumed[step] == expected[step], step
 
 
+def test_pure_bf16_resumes_exactly_and_exports(workspace, tmp_path):
+    """zero2_pure_bf16.json (bf16 weights, gradients and Adam state, no fp32 master copy) trains, resumes
+    exactly like the mixed-precision configs, and exports weights that reproduce the engine's logits."""
+    common = dict(max_steps=6, save_interval=3, schedule__total_steps=6, precision="bf16")
+    full = tiny_train_config(workspace, tmp_path / "full", **common)
+    launch(full, ds_config="zero2_pure_bf16.json")
+    split = tiny_train_config(workspace, tmp_path / "split", **common)
+    launch(split, ds_config="zero2_pure_bf16.json", sets=["max_steps=3"])
+    launch(split, ds_config="zero2_pure_bf16.json")
+    expected, resumed = train_losses(tmp_path / "full" / "run"), train_losses(tmp_path / "split" / "run")
+    assert [resumed[s] for s in range(1, 7)] == [expected[s] for s in range(1, 7)]
+    assert expected[6] < expected[1]
+    run = tmp_path / "full" / "run"
+    ds = json.loads((run / "ds_config.json").read_text())
+    assert ds["bf16"]["bf16_master_weights_and_grads"] and ds["zero_optimization"]["overlap_comm"] is False
+
+    model_dir = tmp_path / "model"
+    run_cmd([str(VENV_BIN / "astrai-ds"), "export", "--run", str(run), "--out", str(model_dir), "--dtype", "bf16"])
+    logits_file = tmp_path / "engine_logits.pt"
+    port = free_port()
+    run_distributed(deepspeed_cmd(str(ROOT / "tests" / "training" / "engine_logits.py"), 2, port)
+                    + ["--run", str(run), "--out", str(logits_file)], port)
+    from astrai_ds.convert.export import load_model_folder
+
+    model, _ = load_model_folder(model_dir)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    saved = torch.load(logits_file)
+    with torch.no_grad():
+        logits = model(saved["input_ids"]).float()
+    torch.testing.assert_close(logits, saved["logits"], rtol=1e-2, atol=1e-2)  # bf16 round-off
+
+
 def test_training_lowers_eval_loss(workspace, tmp_path):
     cfg = tiny_train_config(workspace, tmp_path, max_steps=60, eval_interval=30, save_interval=60, log_interval=10,
                             grad_accum_steps=1, micro_batch_size=8, precision="auto",
