@@ -69,8 +69,10 @@ def env() -> dict:
     return e
 
 
-def run_cmd(cmd: list[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+def run_cmd(cmd: list[str], timeout: int = 600, check: bool = True, extra_env: dict | None = None
+            ) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env={**env(), **(extra_env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
                              f"--- stderr\n{proc.stderr[-12000:]}")
@@ -83,11 +85,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_distributed(cmd: list[str], port: int, check: bool = True) -> subprocess.CompletedProcess:
+def run_distributed(cmd: list[str], port: int, check: bool = True, **kw) -> subprocess.CompletedProcess:
     """Run a launcher command on its own master port, then remove the shared-memory buffers that DeepSpeed's
     CPU all-reduce leaves in /dev/shm under that port's name (about 70 MB per rank, never unlinked)."""
     try:
-        return run_cmd(cmd, check=check)
+        return run_cmd(cmd, check=check, **kw)
     finally:
         for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
             f.unlink(missing_ok=True)

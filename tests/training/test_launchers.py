@@ -1,4 +1,5 @@
-"""train.py outside the deepspeed launcher: plain python (one rank) and torchrun; and clear errors."""
+"""train.py outside the deepspeed launcher: plain python (one rank) and torchrun; and clear errors.
+(mpirun, Slurm and the multi-node deepspeed launcher: tests/cluster.)"""
 
 from __future__ import annotations
 
@@ -87,17 +88,3 @@ def test_error_truncated_shard(workspace, tmp_path):
     cfg = tiny_train_config(workspace, tmp_path, data__path=str(data))
     expect_user_error(python_train(cfg, check=False), shard.name)
 
-
-@pytest.mark.multiproc
-def test_mpirun(workspace, tmp_path):
-    """`mpirun -n 2 python train.py`: no RANK in the environment, DeepSpeed discovers the world through mpi4py
-    (the test extra installs mpi4py and the mpich wheel)."""
-    mpirun = VENV_BIN / "mpirun"
-    if not mpirun.exists():
-        pytest.skip("mpirun not installed in the venv: pip install -e '.[mpi]'")
-    cfg = tiny_train_config(workspace, tmp_path, max_steps=2, save_interval=2)
-    # DeepSpeed's MPI discovery always takes port 29500, so the shm buffers carry that port's name
-    proc = run_distributed([str(mpirun), "-n", "2", str(VENV_BIN / "python"), "train.py", "--config", str(cfg),
-                            "--ds_config", "zero2.json"], 29500)
-    assert "world 2" in proc.stdout
-    assert sorted(train_losses(tmp_path / "run")) == [1, 2]
