@@ -29,13 +29,16 @@ ARGS+=("${EXTRA[@]}")
 echo "job $SLURM_JOB_ID: $SLURM_NTASKS tasks on $SLURM_JOB_NODELIST, master $MASTER_ADDR:$MASTER_PORT"
 echo "train.py ${ARGS[*]}"
 
-# Near the time limit Slurm sends USR1 (#SBATCH --signal=B:USR1@300): put the job back in the queue. It
-# starts again later and, with resume "auto", continues from the last checkpoint.
-requeue() {
-  echo "time limit near: requeueing job $SLURM_JOB_ID"
-  scontrol requeue "$SLURM_JOB_ID"
+# Near the time limit Slurm sends USR1 to this script (#SBATCH --signal=B:USR1@300). It is passed on to the
+# ranks through srun: train.py finishes its step, saves a checkpoint and exits. Then the job goes back in
+# the queue; it starts again later and, with resume "auto", continues from that checkpoint.
+REQUEUE=0
+on_usr1() {
+  echo "time limit near: asking the ranks for a checkpoint (job $SLURM_JOB_ID)"
+  REQUEUE=1
+  kill -USR1 "$SRUN" 2>/dev/null || true
 }
-trap requeue USR1
+trap on_usr1 USR1
 
 # The single quotes matter: each task expands SLURM_PROCID and SLURM_LOCALID for itself.
 srun --kill-on-bad-exit=1 bash -c \
@@ -44,7 +47,13 @@ srun --kill-on-bad-exit=1 bash -c \
 # srun runs in the background and the script waits for it: bash runs a trap only between commands, so
 # with srun in the foreground USR1 would wait until training ends.
 SRUN=$!
+status=0
 while true; do
-  wait "$SRUN" && exit 0 || status=$?
-  kill -0 "$SRUN" 2>/dev/null || exit "$status"
+  wait "$SRUN" && status=0 || status=$?
+  kill -0 "$SRUN" 2>/dev/null || break  # srun has ended (a trap interrupts `wait` without ending it)
 done
+if [ "$REQUEUE" = 1 ]; then
+  echo "checkpoint saved (train.py exited $status): requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$status"

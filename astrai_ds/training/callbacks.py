@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from astrai_ds.training.checkpoint import save_checkpoint
+from astrai_ds.training.distributed import all_reduce_host
 from astrai_ds.training.metrics import Throughput
 
 
@@ -56,8 +59,7 @@ class MetricsWriter:
 
 
 def _mean_over_ranks(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
+    t = all_reduce_host(torch.tensor(values, dtype=torch.float64))
     return (t / dist.get_world_size()).tolist()
 
 
@@ -173,6 +175,39 @@ class Checkpointer(Callback):
     def on_train_end(self, trainer) -> None:
         if self.last_saved != trainer.state.step and trainer.state.step > trainer.start_step:
             self._save(trainer)
+
+
+class StopOnSignal(Callback):
+    """SIGUSR1 asks for a checkpoint now (Slurm sends it before a job's time limit with `--signal`; so can
+    `kill -USR1`): training ends after the current step and the Checkpointer saves it. Ranks receive the
+    signal at different moments, so every step they agree through a one-number all-reduce and all stop after
+    the same step. Run the same command again to resume."""
+
+    SIGNALS = (signal.SIGUSR1,)
+
+    def __init__(self):
+        self.received = 0
+        self._previous: dict = {}
+
+    def _handler(self, signum, frame) -> None:
+        self.received = int(signum)
+
+    def on_train_begin(self, trainer) -> None:
+        if threading.current_thread() is threading.main_thread():  # Python only lets the main thread set them
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handler)
+
+    def on_step_end(self, trainer, metrics: dict) -> None:
+        flag = all_reduce_host(torch.tensor([self.received], dtype=torch.int64), op=dist.ReduceOp.MAX)
+        if flag.item() and not trainer.state.should_stop:
+            trainer.state.should_stop = True
+            trainer.log(f"{signal.Signals(int(flag.item())).name} received: stopping after step "
+                        f"{trainer.state.step} with a checkpoint; run the same command again to resume")
+
+    def on_train_end(self, trainer) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
 
 
 class Progress(Callback):

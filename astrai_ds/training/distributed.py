@@ -76,6 +76,19 @@ def init_distributed() -> DistInfo:
     return info
 
 
+def all_reduce_host(tensor: torch.Tensor, op=None) -> torch.Tensor:
+    """All-reduce a small host tensor (metrics, flags) in place and return it. NCCL only reduces device
+    tensors, so there the values make a round trip through the current GPU; gloo reduces them where they are."""
+    op = op if op is not None else torch.distributed.ReduceOp.SUM
+    if torch.distributed.get_backend() == "nccl":
+        on_device = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        torch.distributed.all_reduce(on_device, op=op)
+        tensor.copy_(on_device.cpu())
+    else:
+        torch.distributed.all_reduce(tensor, op=op)
+    return tensor
+
+
 def on_accelerator() -> bool:
     """Whether DeepSpeed runs on a GPU (or another device with streams) rather than its CPU accelerator."""
     from deepspeed.accelerator import get_accelerator

@@ -22,10 +22,11 @@ from astrai_ds.config.train import TrainConfig
 from astrai_ds.data.tokenizer import Tokenizer
 from astrai_ds.errors import ConfigError, DataError, UserError
 from astrai_ds.training.callbacks import (Checkpointer, EarlyStop, Evaluator, FrozenReferenceCheck, Logger,
+                                          StopOnSignal,
                                           MetricsWriter, Progress)
 from astrai_ds.training.checkpoint import find_checkpoint
 from astrai_ds.training.data_setup import batch_iterator, build_dataset, open_data
-from astrai_ds.training.distributed import bf16_supported, env_rank, init_distributed, on_accelerator
+from astrai_ds.training.distributed import all_reduce_host, bf16_supported, env_rank, init_distributed, on_accelerator
 from astrai_ds.training.engine import build_engine
 from astrai_ds.training.metrics import Throughput, measure_peak_flops
 from astrai_ds.training.strategies import STRATEGIES
@@ -184,7 +185,7 @@ def build_trainer(args) -> Trainer:
 
     torch.distributed.barrier()  # all ranks measure at once: they share the machine while training too
     peak = torch.tensor([measure_peak_flops(engine.device, dtype)], dtype=torch.float64)
-    torch.distributed.all_reduce(peak)
+    all_reduce_host(peak)
     flops_per_token = model.flops_per_token(cfg.data.seq_len)
 
     writer = MetricsWriter(output_dir, enabled=dist_info.is_main)
@@ -195,7 +196,7 @@ def build_trainer(args) -> Trainer:
             trainer.callbacks.append(EarlyStop(cfg.early_stop.patience, cfg.early_stop.min_delta))
     if reference is not None:
         trainer.callbacks.append(FrozenReferenceCheck(reference))
-    trainer.callbacks += [logger, Progress(dist_info.is_main, logger),
+    trainer.callbacks += [logger, Progress(dist_info.is_main, logger), StopOnSignal(),
                           Checkpointer(output_dir, cfg.save_interval, cfg.keep_checkpoints)]
 
     if resume:

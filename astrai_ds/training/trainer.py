@@ -11,7 +11,7 @@ from astrai_ds.config.train import TrainConfig
 from astrai_ds.training.batches import BatchIterator
 from astrai_ds.training.callbacks import Callback
 from astrai_ds.training.checkpoint import set_rng_state
-from astrai_ds.training.distributed import DistInfo
+from astrai_ds.training.distributed import DistInfo, all_reduce_host
 
 
 @dataclass
@@ -76,7 +76,7 @@ class Trainer:
         for _ in range(self.cfg.data.eval_batches):
             loss, _ = self.strategy.compute_loss(self.engine, self.eval_batches.next())
             total += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
-        torch.distributed.all_reduce(total)
+        all_reduce_host(total)
         self.engine.train()
         return (total[0] / total[1]).item()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,47 @@ def test_sbatch_slurm_pt(workspace, tmp_path, slurm):
     assert info["JobState"] == "COMPLETED", log
     assert "resumed from" in log and "global_step6 at step 6" in log, log
     assert sorted(train_losses(run_dir)) == list(range(1, 9)), log
+
+
+def _last_step(run_dir: Path) -> int:
+    return max(train_losses(run_dir), default=0) if (run_dir / "metrics.jsonl").exists() else 0
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def test_slurm_time_limit_signal_checkpoints_and_requeues(workspace, tmp_path, slurm):
+    """What happens before a job's time limit (`--signal=B:USR1@300`), with the signal sent by hand: the
+    batch script passes USR1 to the ranks through srun, train.py saves a checkpoint after its current step
+    and exits, and the script requeues the job."""
+    config = tiny_train_config(workspace, tmp_path, max_steps=100_000, save_interval=100_000,
+                               eval_interval=100_000, schedule__total_steps=100_000)
+    run_dir = tmp_path / "slurm_run"
+    job_env = {k: v for k, v in slurm.env(env()).items() if k not in LAUNCH_VARS}
+    job_env.update(CONFIG=str(config), OUTPUT_DIR=str(run_dir), EXTRA_ARGS="--set log_interval=1")
+    proc = subprocess.run(["sbatch", "--parsable", "--ntasks-per-node", "2", "--cpus-per-task", "1", "slurm/pt.sh"],
+                          cwd=ROOT, env=job_env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip().split(";")[0]
+    log_path = Path(slurm.job_state(job_id)["StdOut"])
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and _last_step(run_dir) < 3:
+            time.sleep(0.2)
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=slurm.env(), check=True)
+        while time.monotonic() < deadline and "requeueing job" not in _read(log_path):
+            time.sleep(0.2)
+        log = _read(log_path)
+    finally:
+        subprocess.run(["scancel", job_id], env=slurm.env(), check=False)  # the requeued job waits in the queue
+        slurm.wait(job_id, timeout=60)
+        log_path.unlink(missing_ok=True)
+        for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{10000 + int(job_id) % 50000}_*"):
+            f.unlink(missing_ok=True)
+    assert "SIGUSR1 received: stopping after step" in log and "requeueing job" in log, log
+    stopped_at = int((run_dir / "latest").read_text().strip()[len("global_step"):])
+    assert 3 <= stopped_at < 100_000 and (run_dir / f"global_step{stopped_at}" / "COMPLETE").exists(), log
 
 
 # --- two hosts through the deepspeed launcher's pdsh runner ------------------------------------------

@@ -3,16 +3,19 @@ moment resumes from the last complete checkpoint and continues the uninterrupted
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
 from astrai_ds.errors import UserError
 from astrai_ds.training.checkpoint import (COMPLETE, LATEST, atomic_write, find_checkpoint, list_checkpoints,
                                            prune_checkpoints)
-from conftest import ROOT, VENV_BIN, env, run_cmd, tiny_train_config, train_losses
+from conftest import (ROOT, VENV_BIN, deepspeed_cmd, env, free_port, launch, run_cmd, tiny_train_config,
+                      train_losses)
 
 
 def fake_checkpoint(run, step, complete=True):
@@ -83,3 +86,53 @@ def test_killed_run_resumes_from_last_complete_checkpoint(workspace, tmp_path):
     assert sorted(resumed) == list(range(1, 31))
     for step in range(killed_at + 1, 31):
         assert resumed[step] == expected[step], step
+
+
+def _rank_pid(config, local_rank: int) -> int | None:
+    """The pid of the train.py process of `local_rank` started with `config` (read from /proc)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(config).encode() in args and f"--local_rank={local_rank}".encode() in args:
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.multiproc
+def test_sigusr1_saves_a_checkpoint_and_stops(workspace, tmp_path):
+    """SIGUSR1 to one rank only (as a scheduler's warning may reach ranks at different moments): both ranks
+    stop after the same step, the run saves a complete checkpoint there, exits cleanly and resumes from it."""
+    cfg = tiny_train_config(workspace, tmp_path, max_steps=100_000, save_interval=100_000, eval_interval=100_000,
+                            log_interval=1, schedule__total_steps=100_000)
+    run = tmp_path / "run"
+    port = free_port()
+    cmd = deepspeed_cmd("train.py", 2, port) + ["--config", str(cfg), "--ds_config", "zero2.json"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            metrics = run / "metrics.jsonl"
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.1)
+        pid = _rank_pid(cfg, 1)
+        assert pid is not None and proc.poll() is None, "rank 1 is not running"
+        os.kill(pid, signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            f.unlink(missing_ok=True)
+    assert proc.returncode == 0, out[-4000:]
+    assert "SIGUSR1 received: stopping after step" in out
+    stopped_at = int((run / LATEST).read_text().strip()[len("global_step"):])
+    assert 3 <= stopped_at < 100_000 and (run / f"global_step{stopped_at}" / COMPLETE).exists()
+    assert max(train_losses(run)) == stopped_at
+
+    resumed = launch(cfg, sets=[f"max_steps={stopped_at + 2}"])
+    assert f"at step {stopped_at}" in resumed.stdout
+    assert sorted(train_losses(run))[-2:] == [stopped_at + 1, stopped_at + 2]
