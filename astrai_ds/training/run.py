@@ -234,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         trainer = build_trainer(args)
         state = trainer.fit()
         trainer.log(f"done: step {state.step}, {state.tokens_seen} tokens, output in {trainer.cfg.output_dir}")
+        # No rank tears its process group down while another still has collectives in flight: the peer's
+        # gloo threads then fail on the closed socket and abort the process after a successful run.
+        torch.distributed.barrier()
         return 0
     except UserError as e:
         if env_rank() == 0:
