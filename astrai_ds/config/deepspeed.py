@@ -47,8 +47,8 @@ def _autos(node, prefix=""):
 
 # ZeRO settings that pay on an accelerator and cost on a CPU: overlap_comm runs reductions on a side stream
 # while backward goes on (a CPU has no streams: the copies stay, the overlap does not), contiguous_gradients
-# copies every gradient into one buffer (fragmentation is a GPU allocator's problem). On 2 CPU ranks,
-# turning both off made ZeRO-2 steps 10-20% faster (docs/benchmarks.md).
+# copies every gradient into one buffer (fragmentation is a GPU allocator's problem). See docs/benchmarks.md
+# for what turning them off did on a CPU.
 ACCELERATOR_ONLY = ("overlap_comm", "contiguous_gradients")
 
 
