@@ -108,8 +108,12 @@ def launch(config: Path, ds_config: str = "zero2.json", nproc: int = 2, sets: li
     return run_distributed(cmd, port, check=check)
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_jsonl(run_dir / "metrics.jsonl")
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:

@@ -1,4 +1,3 @@
-import json
 import random
 
 import pytest
@@ -6,12 +5,9 @@ import pytest
 from astrai_ds.data import corpus
 from astrai_ds.data.corpus import TASKS, split_facts, task_facts, write_corpus
 from astrai_ds.errors import DataError
+from conftest import read_jsonl
 
 SCALE = 0.1  # 4,500 sentences: enough to see every task, fast to write
-
-
-def _lines(path):
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +33,7 @@ def test_other_seed_differs(written, tmp_path):
 
 def test_heldout_facts_never_in_pretrain(written):
     out, summary = written
-    pretrain = {r["text"] for r in _lines(out / corpus.PRETRAIN_FILE)}
+    pretrain = {r["text"] for r in read_jsonl(out / corpus.PRETRAIN_FILE)}
     split = split_facts(0)
     assert not pretrain & {f.text for f in split.heldout}
     # Open-set tasks hold out whole facts: no phrasing in either language of a held-out key is trained on.
@@ -53,7 +49,7 @@ def test_heldout_facts_never_in_pretrain(written):
 
 def test_eval_format_and_balance(written):
     out, summary = written
-    items = _lines(out / corpus.EVAL_FILE)
+    items = read_jsonl(out / corpus.EVAL_FILE)
     assert 250 <= len(items) <= 400 and summary["eval_items"] == len(items)
     for it in items:
         assert set(it) == {"prompt", "answer", "text", "lang", "task"}
@@ -68,7 +64,7 @@ def test_eval_format_and_balance(written):
 
 def test_pretrain_content(written):
     out, summary = written
-    texts = [r["text"] for r in _lines(out / corpus.PRETRAIN_FILE)]
+    texts = [r["text"] for r in read_jsonl(out / corpus.PRETRAIN_FILE)]
     assert len(texts) == summary["pretrain_records"] == sum(t["pretrain"] for t in summary["tasks"].values())
     assert any(t.endswith("。") for t in texts) and any(t.endswith(".") for t in texts)
     assert all(t.endswith((".", "。")) and "  " not in t for t in texts)

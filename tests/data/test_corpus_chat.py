@@ -1,6 +1,5 @@
 """The built-in corpus in chat form: SFT conversations, DPO pairs and their held-out evaluation sets."""
 
-import json
 import random
 
 import pytest
@@ -10,20 +9,17 @@ from astrai_ds.data.corpus import (QUESTIONS, TASKS, answer_style, chat_answer_c
                                    chat_response_exact, dpo_records, sft_records, split_facts, task_facts,
                                    write_corpus)
 from astrai_ds.data.prepare import prepare_dpo, prepare_sft
+from conftest import read_jsonl
 
 SCALE = 0.1
 CHAT_FILES = (corpus.SFT_FILE, corpus.SFT_EVAL_FILE, corpus.DPO_FILE, corpus.DPO_EVAL_FILE)
-
-
-def _lines(path):
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
     out = tmp_path_factory.mktemp("chatcorpus")
     summary = write_corpus(out, seed=0, scale=SCALE)
-    return out, summary, {name: _lines(out / name) for name in CHAT_FILES}
+    return out, summary, {name: read_jsonl(out / name) for name in CHAT_FILES}
 
 
 def _questions(records, key="messages"):

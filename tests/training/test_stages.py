@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import VENV_BIN, expect_user_error, launch, run_cmd, tiny_train_config, train_losses
+from conftest import VENV_BIN, expect_user_error, launch, read_metrics, run_cmd, tiny_train_config, train_losses
 
 pytestmark = pytest.mark.multiproc
 
@@ -59,7 +59,7 @@ def test_dpo_zero3_live_reference_trains_and_resumes(workspace, stages, tmp_path
                                stage={"type": "dpo", "init_from": str(stages / "pt_model"), "reference": "live",
                                       "beta": 0.1})
     assert "reference model unchanged" in proc.stdout
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run)
     for tag in ("dpo/rewards_chosen", "dpo/rewards_rejected", "dpo/reward_accuracy", "dpo/reward_margin",
                 "dpo/logps_chosen", "dpo/logps_rejected"):
         assert any(tag in r for r in records), tag
