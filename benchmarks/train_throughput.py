@@ -6,7 +6,9 @@ built-in corpus, our tokenizer and token shards, made once in the work folder), 
 hyper-parameters, loss and gradient clipping:
 
   plain          one process, all threads: Transformer cast to bf16 (no fp32 master copy), torch's AdamW
-                 with its defaults and the trainer's parameter groups, `token_cross_entropy`, clipping 1.0.
+                 with its defaults and the trainer's parameter groups, `token_cross_entropy`, clipping 1.0,
+                 and the trainer's malloc setting (cpu.keep_freed_memory; --default-malloc turns it off in
+                 every variant).
   trainer-1rank  `python train.py --ds_config zero2.json` (one rank, all threads).
   trainer-2rank  `deepspeed --num_gpus 2 train.py --ds_config zero2.json` (the real launcher; each rank
                  gets cores / 2 threads and half of every global batch).
@@ -84,6 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run the variants this many times, interleaved, and pool the measured steps (evens out "
                         "drift on a noisy machine)")
     p.add_argument("--skip", action="append", default=[], choices=VARIANTS, help="leave out a variant (repeatable)")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc malloc as it is in every variant (by default the plain loop keeps freed memory "
+                        "like the trainer does, cpu.keep_freed_memory, so both run on the same allocator)")
     p.add_argument("--breakdown", action="store_true",
                    help="also run the trainer variants instrumented and print where each step's time goes")
     p.add_argument("--work-dir", default=None,
@@ -213,6 +218,7 @@ def overrides(work: Path, args, run_dir: Path, ranks: int) -> list[str]:
         "activation_checkpointing=false",
         "schedule.type=constant",  # the plain loop's constant lr, so the loss curves can be compared
         "schedule.warmup_steps=0",
+        f"cpu.keep_freed_memory={'false' if args.default_malloc else 'true'}",
     ]
 
 
@@ -248,6 +254,10 @@ def run_plain(cfg, model_cfg, args) -> dict:
     from astrai_ds.training.engine import param_groups
     from astrai_ds.training.losses import token_cross_entropy
 
+    if not args.default_malloc:
+        from astrai_ds.training.cpu import keep_freed_memory
+
+        keep_freed_memory()  # the trainer's allocator setting (cpu.keep_freed_memory), for a like-for-like loop
     dataset = PretrainDataset(TokenShards(cfg.data.path), cfg.data.seq_len)
     # World 1 with micro = the global batch: rank r of a trainer world draws the r-th slice of the same batch.
     sampler = DistributedBatchSampler(len(dataset), args.global_batch, 0, 1, cfg.seed, shuffle=cfg.data.shuffle)
@@ -419,6 +429,7 @@ def worker_main(out_path: str) -> int:
 
     import torch.distributed as dist
 
+    from astrai_ds.training import cpu
     from astrai_ds.training.callbacks import Callback
     from astrai_ds.training.run import build_parser, build_trainer
 
@@ -427,7 +438,8 @@ def worker_main(out_path: str) -> int:
     # Before DeepSpeed starts: its comm backend keeps references to some of these functions.
     for name in COLLECTIVES:
         if hasattr(dist, name):
-            clock.wrap(dist, name, "comm")
+            clock.wrap(dist, name, f"comm.{name}")
+    clock.wrap(cpu._ShmRouter, "_shm_all_reduce", "comm.shm_all_reduce")  # what skips torch.distributed
 
     class Recorder(Callback):
         def __init__(self):
@@ -442,7 +454,9 @@ def worker_main(out_path: str) -> int:
             acc = clock.take()
             wall = now - self.t
             self.t = now
-            row = {k: acc.get(k, 0.0) for k in ("data", "forward", "backward", "step", "comm")}
+            row = {k: acc.get(k, 0.0) for k in ("data", "forward", "backward", "step")}
+            row["comm"] = sum(v for k, v in acc.items() if k.startswith("comm."))
+            row["collectives"] = {k[5:]: v for k, v in acc.items() if k.startswith("comm.")}
             row["other"] = wall - sum(row[k] for k in ("data", "forward", "backward", "step"))
             row["wall"] = wall
             self.steps.append(row)
@@ -505,7 +519,11 @@ def print_table(rows: list[dict]) -> None:
 
 
 def phase_medians(steps: list[dict]) -> dict:
-    return {k: statistics.median(s[k] for s in steps) for k in ("wall", *PHASES, "comm")}
+    row = {k: statistics.median(s[k] for s in steps) for k in ("wall", *PHASES, "comm")}
+    names = sorted({name for s in steps for name in s.get("collectives", {})})
+    row["collectives"] = {name: statistics.median(s.get("collectives", {}).get(name, 0.0) for s in steps)
+                          for name in names}
+    return row
 
 
 def print_breakdown(breakdown: dict[str, list[dict]]) -> dict:
@@ -519,6 +537,8 @@ def print_breakdown(breakdown: dict[str, list[dict]]) -> dict:
     print("-" * len(head))
     for name, m in rows.items():
         print(f"{name:<{w}} {m['wall'] * 1e3:>7.1f} " + " ".join(f"{m[k] * 1e3:>9.1f}" for k in (*PHASES, "comm")))
+        if m["collectives"]:
+            print(f"{'':<{w}}   comm: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in m["collectives"].items()))
     print("  forward: the model's forward only; other: loss function, lr and metric reads, logging and callbacks; "
           "plain step: clip_grad_norm_ + AdamW.step + zero_grad")
     return rows

@@ -90,6 +90,17 @@ class EarlyStopConfig:
 
 
 @dataclass
+class CpuConfig:
+    # CPU ranks all on one host: "auto" sends ZeRO's all-reduces and all-gathers through DeepSpeed's
+    # shared-memory kernel (about 3x faster than gloo over loopback); "gloo" keeps every collective on gloo.
+    collectives: Literal["auto", "gloo"] = "auto"
+    # glibc malloc keeps freed memory for reuse instead of handing large blocks back to the OS, so each step's
+    # big temporaries (activations, flat gradient copies) are not page-faulted in again; the process keeps
+    # its peak memory.
+    keep_freed_memory: bool = True
+
+
+@dataclass
 class TrainConfig:
     model: str | None  # path to a model config (configs/model/*.json); null when stage.init_from gives the shape
     tokenizer: str  # a tokenizer folder or tokenizer.json (`astrai-ds tokenizer ...`)
@@ -106,6 +117,7 @@ class TrainConfig:
     resume: str = "auto"  # "auto" (newest checkpoint in output_dir, if any), "none", or a checkpoint folder
     precision: Literal["bf16", "fp32", "auto"] = "auto"  # "auto": bf16 where the device supports it
     activation_checkpointing: bool = False  # recompute block activations in backward to save memory
+    cpu: CpuConfig = field(default_factory=CpuConfig)  # settings that apply on DeepSpeed's CPU accelerator only
     stage: StageConfig = field(default_factory=StageConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)

@@ -21,6 +21,7 @@ from astrai_ds.config.model import ModelConfig
 from astrai_ds.config.train import TrainConfig
 from astrai_ds.data.tokenizer import Tokenizer
 from astrai_ds.errors import ConfigError, DataError, UserError
+from astrai_ds.training import cpu
 from astrai_ds.training.callbacks import (Checkpointer, EarlyStop, Evaluator, FrozenReferenceCheck, Logger,
                                           StopOnSignal,
                                           MetricsWriter, Progress)
@@ -154,6 +155,9 @@ def build_trainer(args) -> Trainer:
     ds_raw, ds_path = load_ds_config(args.ds_config)
 
     dist_info = init_distributed()
+    on_cpu = not on_accelerator()
+    shm = on_cpu and cfg.cpu.collectives == "auto" and cpu.install_shm_collectives()
+    kept = on_cpu and cfg.cpu.keep_freed_memory and cpu.keep_freed_memory()
     ds_cfg = resolve_ds_config(ds_raw, cfg, dist_info.world_size, bf16_supported=bf16_supported(),
                                accelerator=on_accelerator(), source=str(ds_path))
     dtype = torch.bfloat16 if ds_cfg["bf16"]["enabled"] else torch.float32
@@ -210,7 +214,9 @@ def build_trainer(args) -> Trainer:
                     f"{train_set.num_truncated} truncated, {train_set.num_dropped} dropped (data.overlong)")
     trainer.log(
         f"stage {cfg.stage.type} | model {n_params / 1e6:.2f}M params | world {dist_info.world_size} | "
-        f"ZeRO-{zero_stage(ds_cfg)} | {'bf16' if dtype == torch.bfloat16 else 'fp32'} | micro {micro} x accum "
+        f"ZeRO-{zero_stage(ds_cfg)} | {'bf16' if dtype == torch.bfloat16 else 'fp32'} | "
+        f"{'collectives: shared memory + gloo | ' if shm else ''}{'malloc keeps freed memory | ' if kept else ''}"
+        f"micro {micro} x accum "
         f"{ds_cfg['gradient_accumulation_steps']} x dp {dist_info.world_size} = {ds_cfg['train_batch_size']} samples "
         f"of {cfg.data.seq_len} tokens | {len(train_set)} train samples | peak {peak.item() / 1e9:.0f} GFLOP/s "
         f"(measured: {dtype} matmul on {engine.device.type}, all ranks) | {flops_per_token / 1e6:.1f} MFLOP/token "

@@ -1,0 +1,83 @@
+"""Training on DeepSpeed's CPU accelerator: ZeRO's collectives through DeepSpeed's shared-memory all-reduce
+(the same results as gloo, and the same training run), and the allocator setting."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, deepspeed_cmd, free_port, run_cmd, run_distributed, tiny_train_config, train_losses
+
+# Where glibc put a 64 MiB tensor (bytes in mmapped blocks) and how large its heap stays once the tensor is
+# freed, from mallinfo2(), with and without `keep_freed_memory()`.
+_PLACEMENT = """
+import ctypes, sys, torch
+from astrai_ds.training.cpu import keep_freed_memory
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+x = torch.ones(64 << 20, dtype=torch.uint8)
+mapped = libc.mallinfo2().hblkhd
+del x
+print(mapped, libc.mallinfo2().arena)
+"""
+
+
+def test_keep_freed_memory_keeps_large_blocks_in_the_heap():
+    """By default glibc maps a 64 MiB block on its own and unmaps it on free (so the next step faults it in
+    again); with keep_freed_memory() it comes from the heap, and the heap keeps it after the free."""
+    out = {mode: [int(v) for v in subprocess.run([sys.executable, "-c", _PLACEMENT, mode], check=True,
+                                                  capture_output=True, text=True).stdout.split()]
+           for mode in ("keep", "default")}
+    block = 64 << 20
+    assert out["default"][0] >= block, out  # mmapped on its own
+    assert out["keep"][0] < block and out["keep"][1] >= block, out  # from the heap, still held after free
+
+
+@pytest.mark.multiproc
+def test_shm_collectives_match_gloo_bit_for_bit():
+    port = free_port()
+    proc = run_distributed(deepspeed_cmd(str(ROOT / "tests" / "training" / "shm_collectives_check.py"), 2, port),
+                           port)
+    out = proc.stdout + proc.stderr
+    for rank in (0, 1):
+        assert f"OK rank {rank} shm calls 18" in out, out[-3000:]
+
+
+def _train(config: Path, *sets: str):
+    """A 2-rank run; returns its output and the DeepSpeed shared-memory buffer names it left in /dev/shm."""
+    port = free_port()
+    cmd = deepspeed_cmd("train.py", 2, port) + ["--config", str(config), "--ds_config", "zero2.json"]
+    for s in sets:
+        cmd += ["--set", s]
+    pattern = f"deepspeed_allreduce_buffer_*_{port}_*"
+    try:
+        proc = run_cmd(cmd)
+        left = sorted(f.name for f in Path("/dev/shm").glob(pattern))
+    finally:
+        for f in Path("/dev/shm").glob(pattern):  # a failed run must not fill /dev/shm
+            f.unlink(missing_ok=True)
+    return proc.stdout + proc.stderr, left
+
+
+@pytest.mark.multiproc
+def test_shared_memory_and_gloo_train_identically(workspace, tmp_path):
+    """ZeRO-2 in bf16 on 2 ranks: the losses with the shared-memory collectives equal gloo's exactly, and no
+    shared-memory buffer outlives the run."""
+    runs = {}
+    for mode in ("auto", "gloo"):
+        cfg = tiny_train_config(workspace, tmp_path / mode, precision="bf16", cpu__collectives=mode)
+        out, left = _train(cfg)
+        assert left == [], left
+        assert ("collectives: shared memory" in out) == (mode == "auto"), out[-3000:]
+        assert "malloc keeps freed memory" in out, out[-3000:]
+        runs[mode] = train_losses(tmp_path / mode / "run")
+    assert sorted(runs["auto"]) == list(range(1, 7))
+    assert runs["auto"] == runs["gloo"]
