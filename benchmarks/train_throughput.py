@@ -9,6 +9,9 @@ hyper-parameters, loss and gradient clipping:
                  with its defaults and the trainer's parameter groups, `token_cross_entropy`, clipping 1.0,
                  and the trainer's malloc setting (cpu.keep_freed_memory; --default-malloc turns it off in
                  every variant).
+  plain-2proc    two such loops at once, one thread each, each on its half of every global batch, with no
+                 communication at all: the most that any 2-rank data-parallel run reaches on this machine
+                 (its tokens/s is the sum of the two loops').
   trainer-1rank  `python train.py --ds_config zero2.json` (one rank, all threads).
   trainer-2rank  `deepspeed --num_gpus 2 train.py --ds_config zero2.json` (the real launcher; each rank
                  gets cores / 2 threads and half of every global batch).
@@ -57,10 +60,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
-VARIANTS = ("plain", "trainer-1rank", "trainer-2rank")
-RANKS = {"plain": 1, "trainer-1rank": 1, "trainer-2rank": 2}
+VARIANTS = ("plain", "plain-2proc", "trainer-1rank", "trainer-2rank")
+RANKS = {"plain": 1, "plain-2proc": 2, "trainer-1rank": 1, "trainer-2rank": 2}
 FORMULA = "6 N + 12 L d T (PaLM appendix B; N = matmul weights incl. the output head, not the embedding)"
 WORKER_ENV = "ASTRAI_BENCH_WORKER"  # set: this process is an instrumented trainer rank (--breakdown)
+PLAIN_WORKER_ENV = "ASTRAI_BENCH_PLAIN_WORKER"  # JSON {rank, work, out}: this process is one of plain-2proc's loops
 PHASES = ("data", "forward", "backward", "step", "other")
 COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "all_gather", "reduce_scatter",
                "reduce", "broadcast", "barrier")
@@ -244,8 +248,9 @@ def peak_flops(size: int) -> float:
 
 # ------------------------------------------------------------------------------------------ the variants
 
-def run_plain(cfg, model_cfg, args) -> dict:
-    """The baseline: bf16 weights, torch AdamW, the trainer's loss and clipping, the same batches."""
+def run_plain(cfg, model_cfg, args, rank: int = 0, world: int = 1) -> dict:
+    """The baseline: bf16 weights, torch AdamW, the trainer's loss and clipping, the same batches (with
+    `world` > 1: rank `rank`'s share of them, as a trainer rank would draw it)."""
     from astrai_ds.data.datasets import PretrainDataset, collate_pretrain
     from astrai_ds.data.sampler import DistributedBatchSampler
     from astrai_ds.data.shards import TokenShards
@@ -260,13 +265,14 @@ def run_plain(cfg, model_cfg, args) -> dict:
         keep_freed_memory()  # the trainer's allocator setting (cpu.keep_freed_memory), for a like-for-like loop
     dataset = PretrainDataset(TokenShards(cfg.data.path), cfg.data.seq_len)
     # World 1 with micro = the global batch: rank r of a trainer world draws the r-th slice of the same batch.
-    sampler = DistributedBatchSampler(len(dataset), args.global_batch, 0, 1, cfg.seed, shuffle=cfg.data.shuffle)
+    micro = args.global_batch // world
+    sampler = DistributedBatchSampler(len(dataset), micro, rank, world, cfg.seed, shuffle=cfg.data.shuffle)
     batches = BatchIterator(dataset, sampler, collate_pretrain, torch.device("cpu"))
     torch.manual_seed(cfg.seed)  # the trainer's initial weights
     model = Transformer(model_cfg).to(torch.bfloat16).train()
     o = cfg.optimizer  # torch's own defaults otherwise (on CPU: the per-tensor loop, not fused)
     opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
-    tokens = args.global_batch * args.seq_len
+    tokens = micro * args.seq_len
     steps, losses = [], []
     for _ in range(args.warmup + args.steps):
         t = [time.perf_counter()]
@@ -295,6 +301,39 @@ def run_plain(cfg, model_cfg, args) -> dict:
             "threads_per_rank": torch.get_num_threads(), "phases": measured}
 
 
+def run_plain_2proc(work: Path, args) -> dict:
+    """Two plain loops at once (this script in plain-worker mode), one thread each; per step, the sum of their
+    tokens/s."""
+    procs, outs = [], []
+    for rank in range(2):
+        out = work / "runs" / f"plain-2proc-{rank}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.unlink(missing_ok=True)
+        spec = json.dumps({"rank": rank, "work": str(work), "out": str(out)})
+        env = child_env({PLAIN_WORKER_ENV: spec, "OMP_NUM_THREADS": "1"})
+        procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]], cwd=ROOT,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        outs.append(out)
+    for proc in procs:
+        log, _ = proc.communicate(timeout=args.timeout)
+        if proc.returncode != 0:
+            sys.exit(f"plain-2proc loop exited {proc.returncode}:\n{log[-4000:]}")
+    loops = [json.loads(o.read_text()) for o in outs]
+    return {"tokens_per_sec": [a + b for a, b in zip(*(loop["tokens_per_sec"] for loop in loops))],
+            "losses": loops[0]["losses"], "threads_per_rank": 1}
+
+
+def plain_worker_main(spec: str) -> int:
+    """One loop of plain-2proc: the plain loop on its rank's half of the batches, one thread."""
+    spec = json.loads(spec)
+    args = parse_args()
+    torch.set_num_threads(1)
+    cfg, model_cfg = load_configs(Path(spec["work"]), args)
+    res = run_plain(cfg, model_cfg, args, rank=spec["rank"], world=2)
+    Path(spec["out"]).write_text(json.dumps({"tokens_per_sec": res["tokens_per_sec"], "losses": res["losses"]}))
+    return 0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -305,8 +344,9 @@ def list_variants(args) -> dict[str, tuple[int, str | None]]:
     """Variant name -> (ranks, DeepSpeed config). With one DeepSpeed config the trainer variants are called
     trainer-1rank and trainer-2rank; with several, the config's file stem is added in brackets."""
     variants: dict[str, tuple[int, str | None]] = {}
-    if "plain" not in args.skip:
-        variants["plain"] = (1, None)
+    for plain in ("plain", "plain-2proc"):
+        if plain not in args.skip:
+            variants[plain] = (RANKS[plain], None)
     for ds_config in args.ds_configs:
         for kind in ("trainer-1rank", "trainer-2rank"):
             if kind not in args.skip:
@@ -328,7 +368,7 @@ def child_env(extra: dict | None = None) -> dict:
     # train.py splits the cores between the ranks of a machine unless OMP_NUM_THREADS says otherwise.
     env.pop("OMP_NUM_THREADS", None)
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE", "LOCAL_WORLD_SIZE",
-                WORKER_ENV):
+                WORKER_ENV, PLAIN_WORKER_ENV):
         env.pop(var, None)  # a world of its own, whatever started this script
     env.update(extra or {})
     return env
@@ -590,6 +630,8 @@ def main(argv=None) -> int:
                 if v == "plain":
                     res = run_plain(cfg, model_cfg, args)
                     breakdown[v] += res["phases"]
+                elif v == "plain-2proc":
+                    res = run_plain_2proc(work, args)
                 else:
                     res = run_trainer(work, args, *variants[v], f"{tag(v)}-r{rnd}")
                 res["foreign_load"] = load.share()
@@ -597,7 +639,7 @@ def main(argv=None) -> int:
                 print(f"round {rnd + 1}/{args.rounds} {v}: median {statistics.median(res['tokens_per_sec']):.0f} "
                       f"tokens/s ({time.perf_counter() - t0:.0f}s wall, other processes' CPU load "
                       f"{_pct(res['foreign_load'])})", flush=True)
-                if args.breakdown and v != "plain":
+                if args.breakdown and v.startswith("trainer"):
                     t0, load = time.perf_counter(), ForeignLoad()
                     breakdown[v] += run_breakdown(work, args, *variants[v], f"{tag(v)}-breakdown-r{rnd}")
                     print(f"round {rnd + 1}/{args.rounds} {v}: instrumented run ({time.perf_counter() - t0:.0f}s wall, "
@@ -634,4 +676,6 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     if os.environ.get(WORKER_ENV):
         sys.exit(worker_main(os.environ[WORKER_ENV]))
+    if os.environ.get(PLAIN_WORKER_ENV):
+        sys.exit(plain_worker_main(os.environ[PLAIN_WORKER_ENV]))
     sys.exit(main())
