@@ -6,9 +6,7 @@
 Run `python train.py --help` for every option; the work happens in astrai_ds.training.run.
 """
 
-import sys
-
-from astrai_ds.training.run import main
+from astrai_ds.training.run import main_and_exit
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main_and_exit()

@@ -675,7 +675,9 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     if os.environ.get(WORKER_ENV):
-        sys.exit(worker_main(os.environ[WORKER_ENV]))
+        from astrai_ds.training.distributed import exit_process
+
+        exit_process(worker_main(os.environ[WORKER_ENV]))  # a trainer rank ends like train.py's
     if os.environ.get(PLAIN_WORKER_ENV):
         sys.exit(plain_worker_main(os.environ[PLAIN_WORKER_ENV]))
     sys.exit(main())

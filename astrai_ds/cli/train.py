@@ -12,9 +12,9 @@ def add_arguments(p) -> None:
 
 
 def run_argv(argv: list[str]) -> int:
-    from astrai_ds.training.run import main
+    from astrai_ds.training.run import main_and_exit
 
-    return main(argv)
+    main_and_exit(argv)
 
 
 def run(args) -> int:

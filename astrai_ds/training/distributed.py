@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -91,6 +93,19 @@ def _unlink_shm_buffers(info: DistInfo) -> None:
     torch.distributed.barrier()
     name = Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{info.rank}"
     name.unlink(missing_ok=True)
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a rank's process with `code` without finalizing the interpreter; call it after
+    destroy_process_group, with every file closed. Even then a rank's gloo threads can be torn down during
+    finalization and abort the process ("terminate called without an active exception", exit -6) after a
+    successful run. MPI, when DeepSpeed's discovery started it under mpirun, is finalized first."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def all_reduce_host(tensor: torch.Tensor, op=None) -> torch.Tensor:

@@ -12,6 +12,7 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -27,7 +28,8 @@ from astrai_ds.training.callbacks import (Checkpointer, EarlyStop, Evaluator, Fr
                                           MetricsWriter, Progress)
 from astrai_ds.training.checkpoint import find_checkpoint
 from astrai_ds.training.data_setup import batch_iterator, build_dataset, open_data
-from astrai_ds.training.distributed import all_reduce_host, bf16_supported, env_rank, init_distributed, on_accelerator
+from astrai_ds.training.distributed import (all_reduce_host, bf16_supported, env_rank, exit_process, init_distributed,
+                                            on_accelerator)
 from astrai_ds.training.engine import build_engine
 from astrai_ds.training.metrics import Throughput, measure_peak_flops
 from astrai_ds.training.strategies import STRATEGIES
@@ -229,6 +231,12 @@ def _check_same_model(load_dir: Path, model_cfg: ModelConfig) -> None:
     if saved.exists() and json.loads(saved.read_text()) != model_cfg.to_dict():
         raise ConfigError(f"cannot resume from {load_dir}: it was trained with the model config in {saved}, which "
                           f"differs from this run's; use the same model config, another output_dir, or resume \"none\"")
+
+
+def main_and_exit(argv: list[str] | None = None) -> NoReturn:
+    """`main()` for a process of its own (train.py, `astrai-ds train`): ends the process with main's exit code
+    through `exit_process` once it returns."""
+    exit_process(main(argv))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ from astrai_ds.config.base import from_dict
 from astrai_ds.config.model import ModelConfig
 from astrai_ds.config.train import TrainConfig
 from astrai_ds.model import Transformer
-from astrai_ds.training.distributed import init_distributed
+from astrai_ds.training.distributed import exit_process, init_distributed
 from astrai_ds.training.engine import build_engine
 
 p = argparse.ArgumentParser()
@@ -32,3 +32,6 @@ with torch.no_grad():
     logits = engine(input_ids.to(engine.device)).float().cpu()
 if info.rank == 0:
     torch.save({"input_ids": input_ids, "logits": logits}, args.out)
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+exit_process(0)

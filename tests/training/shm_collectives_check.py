@@ -11,7 +11,7 @@ import torch.distributed as tdist
 
 import deepspeed.comm as dist
 from astrai_ds.training import cpu
-from astrai_ds.training.distributed import init_distributed
+from astrai_ds.training.distributed import exit_process, init_distributed
 
 p = argparse.ArgumentParser()
 p.add_argument("--local_rank", type=int, default=-1)
@@ -66,3 +66,4 @@ assert cpu.shm_calls() == before, "a call that needs gloo went through shared me
 tdist.barrier()
 print(f"OK rank {rank} shm calls {cpu.shm_calls()}", flush=True)
 tdist.destroy_process_group()
+exit_process(0)
