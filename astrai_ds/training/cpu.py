@@ -1,10 +1,10 @@
 """Training on DeepSpeed's CPU accelerator: faster collectives and an allocator that keeps its memory.
 
-Collectives. On DeepSpeed's CPU accelerator, ZeRO's gradient all-reduce and parameter all-gather go through gloo over
-loopback TCP. For CPU ranks of one host DeepSpeed also ships a shared-memory all-reduce (the
+Collectives. On DeepSpeed's CPU accelerator, ZeRO's gradient all-reduce and parameter all-gather go through
+gloo over loopback TCP. For CPU ranks of one host DeepSpeed also ships a shared-memory all-reduce (the
 `deepspeed_shm_comm` op behind `deepspeed.comm.inference_all_reduce`, used by its CPU inference), about three
-times faster on the same data (docs/benchmarks.md). `install_shm_collectives()` routes these calls of `deepspeed.comm` through
-it:
+times faster on the same data (benchmarks/cpu_collectives.py). `install_shm_collectives()` routes these calls
+of `deepspeed.comm` through it:
 
 - `all_reduce(SUM)` of a contiguous bf16, fp16 or fp32 tensor: the shared-memory kernel, in place;
 - `all_gather_into_tensor`: the other ranks' slots of the output zeroed, this rank's input copied into its

@@ -161,7 +161,7 @@ def build_trainer(args) -> Trainer:
     shm = on_cpu and cfg.cpu.collectives == "auto" and cpu.install_shm_collectives()
     kept = on_cpu and cfg.cpu.keep_freed_memory and cpu.keep_freed_memory()
     ds_cfg = resolve_ds_config(ds_raw, cfg, dist_info.world_size, bf16_supported=bf16_supported(),
-                               accelerator=on_accelerator(), source=str(ds_path))
+                               accelerator=not on_cpu, source=str(ds_path))
     dtype = torch.bfloat16 if ds_cfg["bf16"]["enabled"] else torch.float32
     output_dir = Path(cfg.output_dir)
     resume = find_checkpoint(cfg.resume, output_dir)
