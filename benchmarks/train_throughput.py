@@ -59,6 +59,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+START_DIR = Path.cwd()  # where the script was started: its relative paths are taken from here
 VENV_BIN = Path(sys.executable).parent
 VARIANTS = ("plain", "plain-2proc", "trainer-1rank", "trainer-2rank")
 RANKS = {"plain": 1, "plain-2proc": 2, "trainer-1rank": 1, "trainer-2rank": 2}
@@ -311,7 +312,7 @@ def run_plain_2proc(work: Path, args) -> dict:
         out.unlink(missing_ok=True)
         spec = json.dumps({"rank": rank, "work": str(work), "out": str(out)})
         env = child_env({PLAIN_WORKER_ENV: spec, "OMP_NUM_THREADS": "1"})
-        procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]], cwd=ROOT,
+        procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]], cwd=START_DIR,
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         outs.append(out)
     for proc in procs:
@@ -326,7 +327,8 @@ def run_plain_2proc(work: Path, args) -> dict:
 def plain_worker_main(spec: str) -> int:
     """One loop of plain-2proc: the plain loop on its rank's half of the batches, one thread."""
     spec = json.loads(spec)
-    args = parse_args()
+    args = parse_args()  # in the folder the benchmark was started from, like the parent's arguments
+    os.chdir(ROOT)
     torch.set_num_threads(1)
     cfg, model_cfg = load_configs(Path(spec["work"]), args)
     res = run_plain(cfg, model_cfg, args, rank=spec["rank"], world=2)
