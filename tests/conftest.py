@@ -85,14 +85,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def remove_shm_buffers(port: int) -> list[str]:
+    """Remove the shared-memory buffers that DeepSpeed's CPU all-reduce created in /dev/shm under `port`'s
+    name (about 70 MB per rank) and return their names. train.py unlinks its own once every rank has started;
+    what is left comes from a run that failed before that, or from a process that never got there."""
+    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    for f in left:
+        f.unlink(missing_ok=True)
+    return [f.name for f in left]
+
+
 def run_distributed(cmd: list[str], port: int, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    """Run a launcher command on its own master port, then remove the shared-memory buffers that DeepSpeed's
-    CPU all-reduce leaves in /dev/shm under that port's name (about 70 MB per rank, never unlinked)."""
+    """Run a launcher command on its own master port, then remove what it left in /dev/shm under that port's
+    name (`remove_shm_buffers`); the names removed are in the result's `shm_left`."""
     try:
-        return run_cmd(cmd, check=check, **kw)
+        proc = run_cmd(cmd, check=check, **kw)
     finally:
-        for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-            f.unlink(missing_ok=True)
+        left = remove_shm_buffers(port)
+    proc.shm_left = left
+    return proc
 
 
 def deepspeed_cmd(script: str, nproc: int, port: int) -> list[str]:

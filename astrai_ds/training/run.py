@@ -24,8 +24,7 @@ from astrai_ds.data.tokenizer import Tokenizer
 from astrai_ds.errors import ConfigError, DataError, UserError
 from astrai_ds.training import cpu
 from astrai_ds.training.callbacks import (Checkpointer, EarlyStop, Evaluator, FrozenReferenceCheck, Logger,
-                                          StopOnSignal,
-                                          MetricsWriter, Progress)
+                                          MetricsWriter, Progress, StopOnSignal)
 from astrai_ds.training.checkpoint import find_checkpoint
 from astrai_ds.training.data_setup import batch_iterator, build_dataset, open_data
 from astrai_ds.training.distributed import (all_reduce_host, bf16_supported, env_rank, exit_process, init_distributed,

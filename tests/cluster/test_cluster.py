@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, VENV_BIN, env, free_port, run_cmd, run_distributed, tiny_train_config, train_losses
+from conftest import (ROOT, VENV_BIN, env, free_port, remove_shm_buffers, run_cmd, run_distributed,
+                      tiny_train_config, train_losses)
 
 import local_slurm
 import two_hosts
@@ -74,8 +75,7 @@ def sbatch(cluster: local_slurm.LocalSlurm, script: str, *args: str, **env_vars:
     log = log_path.read_text(errors="replace") if log_path.exists() else f"(no log at {log_path})"
     log_path.unlink(missing_ok=True)
     port = 10000 + int(job_id) % 50000  # slurm/common.sh's MASTER_PORT
-    for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-        f.unlink(missing_ok=True)
+    remove_shm_buffers(port)
     return info, f"job {job_id}: {info['JobState']} exit {info.get('ExitCode')}\n--- {log_path.name}\n{log}"
 
 
@@ -134,8 +134,7 @@ def test_slurm_time_limit_signal_checkpoints_and_requeues(workspace, tmp_path, s
         subprocess.run(["scancel", job_id], env=slurm.env(), check=False)  # the requeued job waits in the queue
         slurm.wait(job_id, timeout=60)
         log_path.unlink(missing_ok=True)
-        for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{10000 + int(job_id) % 50000}_*"):
-            f.unlink(missing_ok=True)
+        remove_shm_buffers(10000 + int(job_id) % 50000)  # slurm/common.sh's MASTER_PORT
     assert "SIGUSR1 received: stopping after step" in log and "requeueing job" in log, log
     stopped_at = int((run_dir / "latest").read_text().strip()[len("global_step"):])
     assert 3 <= stopped_at < 100_000 and (run_dir / f"global_step{stopped_at}" / "COMPLETE").exists(), log

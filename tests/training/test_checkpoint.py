@@ -14,7 +14,8 @@ import pytest
 from astrai_ds.errors import UserError
 from astrai_ds.training.checkpoint import (COMPLETE, LATEST, atomic_write, find_checkpoint, list_checkpoints,
                                            prune_checkpoints)
-from conftest import (ROOT, VENV_BIN, deepspeed_cmd, env, free_port, launch, run_cmd, tiny_train_config,
+from conftest import (ROOT, VENV_BIN, deepspeed_cmd, env, free_port, launch, remove_shm_buffers, run_cmd,
+                      tiny_train_config,
                       train_losses)
 
 
@@ -125,8 +126,7 @@ def test_sigusr1_saves_a_checkpoint_and_stops(workspace, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-            f.unlink(missing_ok=True)
+        remove_shm_buffers(port)
     assert proc.returncode == 0, out[-4000:]
     assert "SIGUSR1 received: stopping after step" in out
     stopped_at = int((run / LATEST).read_text().strip()[len("global_step"):])

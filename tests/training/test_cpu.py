@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, deepspeed_cmd, free_port, run_cmd, run_distributed, tiny_train_config, train_losses
+from conftest import ROOT, deepspeed_cmd, free_port, launch, run_distributed, tiny_train_config, train_losses
 
 # Where glibc put a 64 MiB tensor (bytes in mmapped blocks) and how large its heap stays once the tensor is
 # freed, from mallinfo2(), with and without `keep_freed_memory()`.
@@ -51,22 +50,6 @@ def test_shm_collectives_match_gloo_bit_for_bit():
         assert f"OK rank {rank} shm calls 18" in out, out[-3000:]
 
 
-def _train(config: Path, *sets: str):
-    """A 2-rank run; returns its output and the DeepSpeed shared-memory buffer names it left in /dev/shm."""
-    port = free_port()
-    cmd = deepspeed_cmd("train.py", 2, port) + ["--config", str(config), "--ds_config", "zero2.json"]
-    for s in sets:
-        cmd += ["--set", s]
-    pattern = f"deepspeed_allreduce_buffer_*_{port}_*"
-    try:
-        proc = run_cmd(cmd)
-        left = sorted(f.name for f in Path("/dev/shm").glob(pattern))
-    finally:
-        for f in Path("/dev/shm").glob(pattern):  # a failed run must not fill /dev/shm
-            f.unlink(missing_ok=True)
-    return proc.stdout + proc.stderr, left
-
-
 @pytest.mark.multiproc
 def test_shared_memory_and_gloo_train_identically(workspace, tmp_path):
     """ZeRO-2 in bf16 on 2 ranks: the losses with the shared-memory collectives equal gloo's exactly, and no
@@ -74,8 +57,9 @@ def test_shared_memory_and_gloo_train_identically(workspace, tmp_path):
     runs = {}
     for mode in ("auto", "gloo"):
         cfg = tiny_train_config(workspace, tmp_path / mode, precision="bf16", cpu__collectives=mode)
-        out, left = _train(cfg)
-        assert left == [], left
+        proc = launch(cfg)
+        assert proc.shm_left == [], proc.shm_left
+        out = proc.stdout + proc.stderr
         assert ("collectives: shared memory" in out) == (mode == "auto"), out[-3000:]
         assert "malloc keeps freed memory" in out, out[-3000:]
         runs[mode] = train_losses(tmp_path / mode / "run")
