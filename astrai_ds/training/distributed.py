@@ -87,12 +87,18 @@ def _unlink_shm_buffers(info: DistInfo) -> None:
     leave them behind. Once every rank has mapped every buffer (DeepSpeed's set-up waits for that before
     init_distributed returns; the barrier makes sure all ranks got there), the names can go: the mappings
     stay valid until the processes exit, and the memory is freed then, however they exit."""
-    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-    if info.world_size < 2 or os.environ.get("LOCAL_SIZE") != str(info.world_size) or not (addr and port):
+    if info.world_size < 2 or os.environ.get("LOCAL_SIZE") != str(info.world_size) or not (
+            os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
         return
     torch.distributed.barrier()
-    name = Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{info.rank}"
-    name.unlink(missing_ok=True)
+    shm_buffer_path(info.rank).unlink(missing_ok=True)
+
+
+def shm_buffer_path(rank: int) -> Path:
+    """Where DeepSpeed's shared-memory all-reduce keeps `rank`'s buffer (its name: user id, MASTER_ADDR,
+    MASTER_PORT and rank; see DeepSpeed's csrc/cpu/comm/shm.cpp)."""
+    return (Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
+            f"{os.environ['MASTER_PORT']}_{rank}")
 
 
 def exit_process(code: int) -> NoReturn:

@@ -3,15 +3,13 @@
 bit for bit, and the calls it must leave alone still reach gloo. Each rank prints one `OK` line."""
 
 import argparse
-import os
-from pathlib import Path
 
 import torch
 import torch.distributed as tdist
 
 import deepspeed.comm as dist
 from astrai_ds.training import cpu
-from astrai_ds.training.distributed import exit_process, init_distributed
+from astrai_ds.training.distributed import exit_process, init_distributed, shm_buffer_path
 
 p = argparse.ArgumentParser()
 p.add_argument("--local_rank", type=int, default=-1)
@@ -19,8 +17,7 @@ p.parse_args()
 
 info = init_distributed()
 rank, world = info.rank, info.world_size
-shm_name = (Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
-            f"{os.environ['MASTER_PORT']}_{rank}")
+shm_name = shm_buffer_path(rank)
 assert not shm_name.exists(), f"{shm_name} left in /dev/shm after start-up"
 assert cpu.install_shm_collectives(), "shared-memory all-reduce not available on 2 local CPU ranks"
 assert cpu.install_shm_collectives()  # idempotent
