@@ -258,7 +258,7 @@ def run_plain(cfg, model_cfg, args, rank: int = 0, world: int = 1) -> dict:
     from astrai_ds.model import Transformer
     from astrai_ds.training.batches import BatchIterator
     from astrai_ds.training.engine import param_groups
-    from astrai_ds.training.losses import token_cross_entropy
+    from astrai_ds.model.losses import token_cross_entropy
 
     if not args.default_malloc:
         from astrai_ds.training.cpu import keep_freed_memory

@@ -14,7 +14,7 @@ def add_arguments(p) -> None:
 def run_argv(argv: list[str]) -> int:
     from astrai_ds.training.run import main_and_exit
 
-    main_and_exit(argv)
+    main_and_exit(argv, prog="astrai-ds train")
 
 
 def run(args) -> int:

@@ -1,6 +1,6 @@
-"""Typed dataclass configs loaded from JSON, with strict keys, type checks and `--set` overrides.
+"""Typed dataclass configs loaded from JSON or YAML, with strict keys, type checks and `--set` overrides.
 
-Precedence: dataclass defaults < JSON file < `--set section.key=value`. Every error names the file
+Precedence: dataclass defaults < JSON or YAML file < `--set section.key=value`. Every error names the file
 (or `--set`) and the dotted key, and says what to do.
 """
 
@@ -9,26 +9,80 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
+import yaml
+
 from astrai_ds.errors import ConfigError
+
+YAML_SUFFIXES = (".yaml", ".yml")
 
 
 def read_json(path: str | Path, what: str = "config") -> dict:
     """Read a JSON object from `path`, with errors that name the file and the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{what} file not found: {path}")
+    path = _existing(path, what)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    return _top_level_mapping(data, path, "a JSON object")
+
+
+def read_config(path: str | Path, what: str = "config") -> dict:
+    """Read a train or model config: YAML for `.yaml`/`.yml`, JSON otherwise. Both give the same plain dict,
+    so the schema, the validation and `--set` are the same."""
+    if Path(path).suffix.lower() not in YAML_SUFFIXES:
+        return read_json(path, what)
+    path = _existing(path, what)
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_JsonLikeYamlLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    return _top_level_mapping(data, path, "a mapping (key: value lines)")
+
+
+def _existing(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} file not found: {path}")
+    return path
+
+
+def _top_level_mapping(data: Any, path: Path, expected: str) -> dict:
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
+        got = "an empty document" if data is None else type(data).__name__
+        raise ConfigError(f"{path}: expected {expected} at the top level, got {got}")
     return data
+
+
+class _JsonLikeYamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader narrowed to what JSON can say, so that a YAML config means what its JSON twin means:
+    `3e-4` is a number (YAML 1.1 wants `3.0e-4` and reads `3e-4` as a string), a date such as 2024-01-01
+    stays a string, and every key is a string."""
+
+    def construct_mapping(self, node, deep=False):
+        mapping = super().construct_mapping(node, deep)
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node)
+            if not isinstance(key, str):
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key_node.value!r} is read as {type(key).__name__}, not a string; quote it",
+                    key_node.start_mark)
+        return mapping
+
+
+_JsonLikeYamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_JsonLikeYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -88,7 +142,7 @@ def _type_name(tp: Any) -> str:
     return str(tp)
 
 
-def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+def convert_value(value: Any, tp: Any, key: str, source: str) -> Any:
     """Check `value` against the annotation `tp` and convert it (int -> float, list -> tuple, dict -> dataclass)."""
     origin = get_origin(tp)
     bad = ConfigError(
@@ -103,7 +157,7 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
                     return None
                 continue
             try:
-                return _convert(value, arg, key, source)
+                return convert_value(value, arg, key, source)
             except ConfigError:
                 pass
         raise bad
@@ -132,7 +186,7 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
             raise bad
         args = get_args(tp)
         item_tp = args[0] if args else Any
-        items = [_convert(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+        items = [convert_value(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
@@ -150,23 +204,29 @@ def from_dict(cls, data: dict, source: str = "<dict>", prefix: str = ""):
     `source` (a file, or `--set`) and the dotted key."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    moved = getattr(cls, "MOVED", {})
     for key in data:
+        if key not in fields and key in moved:
+            raise ConfigError(f"{source}: key '{prefix}{key}' has moved to '{moved[key]}'")
         if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(
-                f"{source}: unknown key '{prefix}{key}'{hint}; allowed keys here: {', '.join(sorted(fields))}"
-            )
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}'{did_you_mean(key, fields, prefix)}; "
+                              f"allowed keys here: {', '.join(sorted(fields))}")
     kwargs = {}
     for name, f in fields.items():
         if name in data:
-            kwargs[name] = _convert(data[name], hints[name], prefix + name, source)
+            kwargs[name] = convert_value(data[name], hints[name], prefix + name, source)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{source}: missing required key '{prefix}{name}' ({_type_name(hints[name])})")
     try:
         return cls(**kwargs)
     except FieldError as e:
         raise ConfigError(f"{source}: key '{prefix}{e.key}' {e.problem}") from None
+
+
+def did_you_mean(key: str, candidates, prefix: str = "") -> str:
+    """` (did you mean 'prefix.close'?)` for the candidate closest to a misspelled `key`, or ""."""
+    close = difflib.get_close_matches(key, list(candidates), n=1)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
 
 
 def to_dict(obj) -> dict:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from astrai_ds.config.base import apply_overrides, check, from_dict, read_json, to_dict
+from astrai_ds.config.base import apply_overrides, check, from_dict, read_config, to_dict
 
 
 @dataclass
@@ -59,28 +59,49 @@ class ScheduleConfig:
 class StageConfig:
     type: Literal["pt", "sft", "dpo"] = "pt"  # pretraining, supervised fine-tuning, preference optimisation
     init_from: str | None = None  # an exported model folder to start from (fresh optimizer); none = random init
-    # dpo only
-    beta: float = 0.1  # strength of the KL-like pull towards the reference model
+
+    # Keys that lived here before DPO got its own section: a config that still has them gets told where they went.
+    MOVED = {k: f"dpo.{k}" for k in ("beta", "loss_type", "label_smoothing", "sft_weight", "gamma", "reference",
+                                     "reference_model", "reference_offload")}
+
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo")  # the keys of training.losses.DPO_LOSSES
+SMOOTHED_LOSS_TYPES = ("sigmoid", "simpo")  # the loss types that use label_smoothing
+SIMPO_GAMMA = 0.5  # SimPO's default target margin, as TRL's CPOConfig.simpo_gamma
+
+
+@dataclass
+class DPOConfig:
+    """Preference optimisation (stage.type "dpo"): the loss and the frozen reference model."""
+
     loss_type: Literal["sigmoid", "ipo", "hinge", "simpo"] = "sigmoid"  # simpo needs no reference model
-    label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped preference labels (sigmoid)
-    sft_weight: float = 0.0  # RPO: add this times the chosen responses' token NLL to the DPO loss
+    beta: float = 0.1  # strength of the pull towards the reference (simpo: reward scale, around 2)
+    label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped preference labels (sigmoid, simpo)
+    # simpo only: the target reward margin; SimPO's own code writes gamma_beta_ratio = gamma / beta. none = 0.5
+    gamma: float | None = None
+    sft_weight: float = 0.0  # RPO: add this times the chosen responses' token NLL to the preference loss
     reference: Literal["live", "precomputed"] = "live"  # live: a frozen engine each step; precomputed: one pass first
-    reference_model: str | None = None  # the reference model folder; none = init_from
+    reference_model: str | None = None  # the reference model folder; none = stage.init_from
     reference_offload: bool = False  # live reference under ZeRO-3: keep its parameters in host memory
 
     def __post_init__(self):
         check(self.beta > 0, "beta", f"must be positive, got {self.beta}")
         check(0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        check(self.label_smoothing == 0 or self.loss_type in SMOOTHED_LOSS_TYPES, "label_smoothing",
+              f"applies to loss_type {' or '.join(map(repr, SMOOTHED_LOSS_TYPES))} only, not {self.loss_type!r}; "
+              f"set it to 0")
+        check(self.gamma is None or self.loss_type == "simpo", "gamma",
+              f"is SimPO's target margin and has no effect on loss_type {self.loss_type!r}; remove it")
+        check(self.gamma is None or self.gamma >= 0, "gamma", f"must be >= 0, got {self.gamma}")
         check(self.sft_weight >= 0, "sft_weight", f"must be >= 0, got {self.sft_weight}")
-        check(self.label_smoothing == 0 or self.loss_type == "sigmoid", "label_smoothing",
-              f"applies to loss_type \"sigmoid\" only, not \"{self.loss_type}\"; set it to 0")
-        check(self.type != "dpo" or self.loss_type == "simpo" or self.reference_model or self.init_from,
-              "reference_model", "is needed for DPO: set stage.init_from (the SFT model folder) or "
-              "stage.reference_model")
 
     @property
-    def reference_path(self) -> str | None:
-        return self.reference_model or self.init_from
+    def simpo_gamma(self) -> float:
+        return SIMPO_GAMMA if self.gamma is None else self.gamma
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss_type != "simpo"
 
 
 @dataclass
@@ -119,6 +140,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute block activations in backward to save memory
     cpu: CpuConfig = field(default_factory=CpuConfig)  # settings that apply on DeepSpeed's CPU accelerator only
     stage: StageConfig = field(default_factory=StageConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)  # stage.type "dpo" only
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
@@ -128,6 +150,15 @@ class TrainConfig:
                     "eval_interval"):
             check(getattr(self, key) > 0, key, f"must be positive, got {getattr(self, key)}")
         check(self.keep_checkpoints >= 0, "keep_checkpoints", "must be >= 0")
+        check(bool(self.output_dir.strip()), "output_dir", "is empty; name the run folder, e.g. runs/mine")
+        check(self.stage.type != "dpo" or not self.dpo.needs_reference or self.reference_path is not None,
+              "dpo.reference_model", "is needed for DPO: set stage.init_from (the SFT model folder) or "
+              "dpo.reference_model")
+
+    @property
+    def reference_path(self) -> str | None:
+        """DPO's reference model folder: dpo.reference_model, else the folder the policy starts from."""
+        return self.dpo.reference_model or self.stage.init_from
 
     @property
     def schedule_steps(self) -> int:
@@ -135,8 +166,9 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] | None = None) -> "TrainConfig":
-        """Load a train config; `overrides` are `a.b=value` strings applied on top (`--set`)."""
-        data = apply_overrides(read_json(path, "train config"), overrides or [])
+        """Load a train config (JSON, or YAML for `.yaml`/`.yml`); `overrides` are `a.b=value` strings applied on
+        top (`--set`)."""
+        data = apply_overrides(read_config(path, "train config"), overrides or [])
         source = str(path) + (" (with --set overrides)" if overrides else "")
         return from_dict(cls, data, source)
 

@@ -1,6 +1,11 @@
 """Side concerns of training as callbacks around the loop: evaluation, early stop, logging, TensorBoard,
 checkpoints and the progress bar. Every rank runs every callback (collectives must match); only rank 0
-writes files or prints."""
+writes files or prints.
+
+A callback that must resume (its state changes from step to step) says `stateful = True` and has
+`state_dict(trainer)` / `load_state_dict(sd, trainer)`; its state travels in the checkpoint under its
+`name`. The others hold nothing that a resumed run could miss.
+"""
 
 from __future__ import annotations
 
@@ -15,12 +20,26 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from astrai_ds.run_dir import atomic_write
 from astrai_ds.training.checkpoint import save_checkpoint
 from astrai_ds.training.distributed import all_reduce_host
 from astrai_ds.training.metrics import Throughput
 
+# The order callbacks run in at every step, enforced by `Trainer.add_callbacks`: the evaluation sets the eval
+# loss that early stop reads; early stop and a signal set `should_stop`; the logger's line is what the progress
+# bar shows; the checkpoint comes last, so it saves every other callback's state after this step.
+CALLBACK_ORDER = ("Evaluator", "EarlyStop", "FrozenReferenceCheck", "Logger", "Progress", "StopOnSignal",
+                  "Checkpointer")
+
 
 class Callback:
+    stateful = False  # True: state_dict() / load_state_dict() carry its state across a resume
+
+    @property
+    def name(self) -> str:
+        """The key of its state in a checkpoint and of its place in CALLBACK_ORDER."""
+        return type(self).__name__
+
     def on_train_begin(self, trainer) -> None:
         pass
 
@@ -32,16 +51,27 @@ class Callback:
 
 
 class MetricsWriter:
-    """Rank 0's sink for scalars: one JSON line per record in metrics.jsonl, and TensorBoard under tb/."""
+    """Rank 0's sink for scalars: one JSON line per record in metrics.jsonl, and TensorBoard under tb/.
 
-    def __init__(self, output_dir: Path, enabled: bool):
+    A run resumed from the checkpoint of step `resume_step` first drops what the interrupted run logged after
+    that step (it is about to be logged again): metrics.jsonl is cut back to the lines of steps up to it, and
+    TensorBoard's writer purges the later events.
+    """
+
+    def __init__(self, output_dir: Path, enabled: bool, resume_step: int | None = None):
         self.enabled = enabled
         self._jsonl = self._tb = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._jsonl = open(Path(output_dir) / "metrics.jsonl", "a", encoding="utf-8")
-            self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tb"))
+            path = Path(output_dir) / "metrics.jsonl"
+            if resume_step is not None and path.exists():
+                kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+                        if _logged_step(line) <= resume_step]
+                atomic_write(path, "".join(kept))
+            self._jsonl = open(path, "a", encoding="utf-8")
+            self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tb"),
+                                     purge_step=resume_step + 1 if resume_step is not None else None)
 
     def write(self, step: int, scalars: dict) -> None:
         if not self.enabled:
@@ -58,14 +88,27 @@ class MetricsWriter:
             self._tb.close()
 
 
-def _mean_over_ranks(values: list[float]) -> list[float]:
-    t = all_reduce_host(torch.tensor(values, dtype=torch.float64))
-    return (t / dist.get_world_size()).tolist()
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; a line cut short by a kill counts as after every step (dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+def _sum_over_ranks(values: list[float]) -> list[float]:
+    return all_reduce_host(torch.tensor(values, dtype=torch.float64)).tolist()
 
 
 class Logger(Callback):
-    """Every log_interval steps: the strategy's metrics (loss first; means over ranks and steps), lr, grad
-    norm, tokens/s, MFU."""
+    """Every log_interval steps: the strategy's metrics (loss first; each step's global value, averaged over
+    the steps since the last line), lr, grad norm, trained tokens/s (all ranks, and per rank), MFU.
+
+    The strategy's metrics are each rank's shares of the global batch's values, so the sum over ranks is the
+    global value. The sums since the last line are part of the checkpoint (summed over the ranks when saved,
+    held by rank 0 when loaded), so a resumed run logs the same numbers as an uninterrupted one."""
+
+    stateful = True
 
     def __init__(self, writer: MetricsWriter, interval: int, throughput: Throughput):
         self.writer, self.interval, self.throughput = writer, interval, throughput
@@ -80,16 +123,17 @@ class Logger(Callback):
         for key, value in metrics["metrics"].items():
             self._sums[key] = self._sums.get(key, 0.0) + value
         self._steps += 1
-        self.throughput.add(metrics["tokens"])
+        self.throughput.add(metrics["tokens"], metrics["flops"])
         step = trainer.state.step
         if step % self.interval and step != trainer.cfg.max_steps:
             return
         keys = sorted(self._sums)  # the same order on every rank
-        means = dict(zip(keys, _mean_over_ranks([self._sums[k] / self._steps for k in keys])))
+        means = {k: v / self._steps for k, v in zip(keys, _sum_over_ranks([self._sums[k] for k in keys]))}
         self._sums, self._steps = {}, 0
         tps, mfu = self.throughput.rate()
         self.last = {"train/loss": means.pop("loss"), "train/lr": metrics["lr"],
-                     "train/grad_norm": metrics["grad_norm"], "train/tokens_per_sec": tps, "train/mfu": mfu,
+                     "train/grad_norm": metrics["grad_norm"], "train/tokens_per_sec": tps,
+                     "train/tokens_per_sec_per_rank": tps / trainer.dist.world_size, "train/mfu": mfu,
                      "train/tokens_seen": trainer.state.tokens_seen, "train/epoch": trainer.train_batches.sampler.epoch}
         self.last.update({k if "/" in k else f"train/{k}": v for k, v in means.items()})
         self.writer.write(step, self.last)
@@ -100,17 +144,27 @@ class Logger(Callback):
     def on_train_end(self, trainer) -> None:
         self.writer.close()
 
+    def state_dict(self, trainer) -> dict:
+        keys = sorted(self._sums)
+        return {"sums": dict(zip(keys, _sum_over_ranks([self._sums[k] for k in keys]))), "steps": self._steps}
+
+    def load_state_dict(self, sd: dict, trainer) -> None:
+        self._steps = sd["steps"]
+        self._sums = {k: v if trainer.dist.is_main else 0.0 for k, v in sd["sums"].items()}
+
 
 class Evaluator(Callback):
-    """Every eval_interval steps (and at the end): mean loss over the eval data, shared by all ranks."""
+    """Every eval_interval steps (and at the end): the eval loss, shared by all ranks."""
+
+    stateful = True
 
     def __init__(self, writer: MetricsWriter, interval: int):
         self.writer, self.interval = writer, interval
-        self.history: list[tuple[int, float]] = []
+        self.last_step = -1  # the step of the latest evaluation
 
     def _run(self, trainer) -> None:
         loss = trainer.evaluate()
-        self.history.append((trainer.state.step, loss))
+        self.last_step = trainer.state.step
         trainer.state.eval_loss, trainer.state.eval_step = loss, trainer.state.step
         trainer.log(f"step {trainer.state.step}: eval loss {loss:.4f}")
         self.writer.write(trainer.state.step, {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50))})
@@ -124,22 +178,30 @@ class Evaluator(Callback):
             self._run(trainer)
 
     def on_train_end(self, trainer) -> None:
-        if not self.history or self.history[-1][0] != trainer.state.step:
+        if self.last_step != trainer.state.step:
             self._run(trainer)
+
+    def state_dict(self, trainer) -> dict:
+        return {"last_step": self.last_step}
+
+    def load_state_dict(self, sd: dict, trainer) -> None:
+        self.last_step = sd["last_step"]
 
 
 class EarlyStop(Callback):
     """Stop when eval loss has not improved by min_delta for `patience` evaluations."""
 
+    stateful = True
+
     def __init__(self, patience: int, min_delta: float):
         self.patience, self.min_delta = patience, min_delta
-        self.best, self.bad, self._seen_step = float("inf"), 0, -1
+        self.best, self.bad, self.seen_step = float("inf"), 0, -1  # seen_step: the evaluation last counted
 
     def on_step_end(self, trainer, metrics: dict) -> None:
         state = trainer.state
-        if state.eval_loss is None or state.eval_step == self._seen_step:
+        if state.eval_loss is None or state.eval_step == self.seen_step:
             return
-        self._seen_step = state.eval_step
+        self.seen_step = state.eval_step
         if state.eval_loss < self.best - self.min_delta:
             self.best, self.bad = state.eval_loss, 0
         else:
@@ -149,11 +211,12 @@ class EarlyStop(Callback):
                 trainer.log(f"early stop at step {state.step}: eval loss {state.eval_loss:.4f} has not improved "
                             f"on {self.best:.4f} for {self.bad} evaluations")
 
-    def state_dict(self) -> dict:
-        return {"best": self.best, "bad": self.bad}
+    def state_dict(self, trainer) -> dict:
+        return {"best": self.best, "bad": self.bad, "seen_step": self.seen_step}
 
-    def load_state_dict(self, sd: dict) -> None:
+    def load_state_dict(self, sd: dict, trainer) -> None:
         self.best, self.bad = sd["best"], sd["bad"]
+        self.seen_step = sd.get("seen_step", trainer.state.eval_step)
 
 
 class Checkpointer(Callback):

@@ -1,4 +1,4 @@
-"""DeepSpeed checkpoints that survive a kill at any moment.
+"""DeepSpeed checkpoints that survive a kill at any moment (the folder layout is in `astrai_ds.run_dir`).
 
 Every rank writes its own shard into `global_stepN/`; only when all ranks are done (a barrier) does
 rank 0 mark the folder complete and move `latest` to it with an atomic rename. A run killed while
@@ -7,9 +7,8 @@ writing leaves `latest` on the previous, complete checkpoint, and resume never s
 
 from __future__ import annotations
 
-import os
+import json
 import random
-import re
 import shutil
 from pathlib import Path
 
@@ -18,20 +17,8 @@ import torch
 import torch.distributed as dist
 
 from astrai_ds.errors import UserError
-
-LATEST = "latest"
-COMPLETE = "COMPLETE"  # marker written into a checkpoint folder once every rank has saved its shard
-_TAG = re.compile(r"^global_step(\d+)$")
-
-
-def checkpoint_tag(step: int) -> str:
-    return f"global_step{step}"
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+from astrai_ds.run_dir import (LATEST, atomic_write, checkpoint_tag, incomplete_checkpoints, list_checkpoints,
+                               read_marker, resolve_checkpoint, write_marker)
 
 
 def rng_state() -> dict:
@@ -60,22 +47,12 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dic
                            save_latest=False)
     dist.barrier()  # every rank's shard is on disk before anything points at it
     if dist.get_rank() == 0:
-        (output_dir / tag / COMPLETE).write_text(f"{step}\n")
+        write_marker(output_dir / tag, step, dist.get_world_size(), engine.zero_optimization_stage())
         atomic_write(output_dir / LATEST, tag)
         if keep > 0:
             prune_checkpoints(output_dir, keep)
     dist.barrier()
     return output_dir / tag
-
-
-def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints in `output_dir`, oldest first."""
-    found = []
-    for path in Path(output_dir).glob("global_step*"):
-        m = _TAG.match(path.name)
-        if m and (path / COMPLETE).exists():
-            found.append((int(m.group(1)), path))
-    return sorted(found)
 
 
 def prune_checkpoints(output_dir: Path, keep: int) -> None:
@@ -85,27 +62,60 @@ def prune_checkpoints(output_dir: Path, keep: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def find_checkpoint(resume: str, output_dir: str | Path) -> tuple[Path, str] | None:
-    """Where to resume from: (load_dir, tag), or None to start fresh.
+def remove_incomplete_checkpoints(output_dir: Path) -> list[str]:
+    """Delete checkpoint folders that a killed run left without a marker (never a complete one); only call
+    this while holding the run's lock, so that no other run is writing one."""
+    removed = []
+    for path in incomplete_checkpoints(output_dir):
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path.name)
+    return removed
 
-    resume "auto": the checkpoint `latest` in output_dir names, if any; "none": start fresh; otherwise a
-    checkpoint folder (`run/global_step200`) or a run folder holding `latest`.
+
+def find_checkpoint(resume: str, output_dir: str | Path) -> tuple[Path, str, list[str]] | None:
+    """Where to resume from: (load_dir, tag, notes), or None to start fresh.
+
+    resume "auto": the checkpoint `latest` in output_dir names, if any, falling back to the newest older one
+    that is intact when it is damaged (notes say so); "none": start fresh; otherwise a checkpoint folder
+    (`run/global_step200`) or a run folder holding `latest`, which must be intact.
     """
     if resume == "none":
         return None
+    output_dir = Path(output_dir)
     if resume == "auto":
-        latest = Path(output_dir) / LATEST
-        if not latest.exists():
+        if not (output_dir / LATEST).exists():
             return None
-        tag = latest.read_text().strip()
-        if not (Path(output_dir) / tag / COMPLETE).exists():
-            raise UserError(f"{latest} names {tag}, which is missing or incomplete; point resume at a complete "
-                            f"checkpoint folder, or set resume to \"none\" to start over")
-        return Path(output_dir), tag
+        tag, notes = resolve_checkpoint(output_dir, fall_back=True)
+        return output_dir, tag, notes
     path = Path(resume)
     if (path / LATEST).exists():
-        return find_checkpoint("auto", path)
-    if (path / COMPLETE).exists():
-        return path.parent, path.name
-    raise UserError(f"resume: {resume} is not a complete checkpoint folder (global_stepN with a {COMPLETE} "
+        return path, *resolve_checkpoint(path)
+    if read_marker(path) is not None:
+        return path.parent, *resolve_checkpoint(path.parent, path.name)
+    raise UserError(f"resume: {resume} is not a complete checkpoint folder (global_stepN with a COMPLETE "
                     f"marker) nor a run folder with a '{LATEST}' file; use \"auto\", \"none\" or such a path")
+
+
+def check_resumable(load_dir: Path, tag: str, world_size: int, zero_stage: int, model_cfg: dict) -> None:
+    """Stop before anything is written when the checkpoint cannot resume in this run: another model shape,
+    ZeRO stage or number of ranks."""
+    where = load_dir / tag
+    saved_model = load_dir / "model_config.json"
+    if saved_model.exists() and json.loads(saved_model.read_text()) != model_cfg:
+        raise UserError(f"cannot resume from {where}: it was trained with the model config in {saved_model}, which "
+                        f"differs from this run's; use the same model config, another output_dir, or resume \"none\"")
+    marker = read_marker(where) or {}
+    saved_world, saved_stage = marker.get("world_size"), marker.get("zero_stage")
+    differs = []
+    if saved_stage is not None and saved_stage != zero_stage:
+        differs.append(f"ZeRO stage {saved_stage}, this run {zero_stage}")
+    # Even ZeRO-0 partitions its bf16 optimizer's master weights over the ranks, so every stage needs the same
+    # number of ranks to resume (the sampler alone could continue on another).
+    if saved_world is not None and saved_world != world_size:
+        differs.append(f"{saved_world} ranks, this run {world_size}")
+    if differs:
+        raise UserError(
+            f"cannot resume from {where}: it was written with {'; '.join(differs)}. Resume with the same ZeRO stage "
+            f"and number of ranks (the run's ds_config.json has the ones it used), or export it (`astrai-ds export "
+            f"--run {load_dir} --out MODEL_DIR`) and start a new run from it with stage.init_from (a fresh "
+            f"optimizer), or set resume to \"none\" with another output_dir")

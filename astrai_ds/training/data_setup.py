@@ -22,19 +22,21 @@ def open_data(path: str, key: str, cfg: TrainConfig, tokenizer: Tokenizer, confi
     """Open prepared shards and check they were made for this run's stage and with its tokenizer."""
     stage = cfg.stage.type
     prepare = (f"astrai-ds prepare --stage {stage} --input {_INPUT_HINT[stage]} --tokenizer {cfg.tokenizer} "
-               f"--out {path} --seq-len {cfg.data.seq_len}")
+               f"--seq-len {cfg.data.seq_len} --out")
     if not (Path(path) / "index.json").exists():
         raise DataError(f"{config_path}: {key} {path} holds no prepared data (no index.json). Make it with:\n"
-                        f"  {prepare}")
+                        f"  {prepare} {path}")
     shards = TokenShards(path)
     made_for = shards.meta.get("stage", "pt")
     if made_for != stage:
+        new = f"{Path(path)}_{stage}"  # a new folder: preparing into `path` itself would replace its data
         raise DataError(f"{config_path}: {key} {path} was prepared for stage '{made_for}', but this run trains "
-                        f"stage '{stage}' (stage.type); point {key} at data made with `{prepare}`")
+                        f"stage '{stage}' (stage.type); make {stage} data in a new folder with `{prepare} {new}` "
+                        f"and set {key} to {new}")
     if shards.meta.get("tokenizer_hash") != tokenizer.hash:
         raise DataError(f"{config_path}: {key} {path} was prepared with a different tokenizer than {tokenizer.path} "
-                        f"(hash {str(shards.meta.get('tokenizer_hash'))[:12]} vs {tokenizer.hash[:12]}); re-run "
-                        f"`{prepare}`")
+                        f"(hash {str(shards.meta.get('tokenizer_hash'))[:12]} vs {tokenizer.hash[:12]}); make it "
+                        f"again with `{prepare} {path} --overwrite` (this replaces the data in {path})")
     return shards
 
 

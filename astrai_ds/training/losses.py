@@ -1,6 +1,5 @@
-"""Loss functions as plain tensor functions (strategies and evaluation share them).
-
-Preference losses live in the `DPO_LOSSES` registry; `dpo_loss` is the one entry point that strategies call.
+"""Preference losses as plain tensor functions, behind the `DPO_LOSSES` registry; `dpo_loss` is the one entry
+point that the DPO strategy calls. Token losses and log-probs live beside the model (`model/losses.py`).
 """
 
 from __future__ import annotations
@@ -10,40 +9,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100  # label value that takes no part in the loss (padding, masked prompt tokens)
-
-
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labels that are not IGNORE_INDEX.
-
-    logits: (B, T, V) in any dtype (upcast to float32: a bf16 log-softmax over a large vocabulary loses bits);
-    labels: (B, T), already shifted so that labels[:, t] is the target of position t.
-    A batch without a single trained label (an SFT window that is all prompt) gives 0 with zero gradients,
-    where F.cross_entropy's own mean would give 0/0 = NaN and poison the step.
-    """
-    total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                            reduction="sum")
-    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
-
-
-def token_counts(labels: torch.Tensor) -> torch.Tensor:
-    """labels: (N, T) -> (N,) int64, the number of labels per row that are not IGNORE_INDEX."""
-    return (labels != IGNORE_INDEX).sum(-1)
-
-
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed log-probability of each row's labels: (N, T, V), (N, T) -> float32 (N,).
-
-    labels are already shifted (labels[:, t] is the target of position t); IGNORE_INDEX labels contribute 0.
-    The log-softmax runs in float32 whatever the logits' dtype. For a length-normalised average (SimPO),
-    divide by `token_counts(labels)`.
-    """
-    mask = labels != IGNORE_INDEX  # (N, T)
-    safe = labels.masked_fill(~mask, 0)  # gather needs a valid index even where the label is ignored
-    logp = F.log_softmax(logits.float(), dim=-1)  # (N, T, V)
-    per_token = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)  # (N, T)
-    return torch.where(mask, per_token, 0.0).sum(-1)  # (N,)
-
+from astrai_ds.config.train import SIMPO_GAMMA
 
 # ---- preference losses ---------------------------------------------------------------------------
 # Each takes the per-pair logits `h` (N,) and returns the per-pair loss (N,). For reference-based losses
@@ -82,35 +48,22 @@ DPO_LOSSES: dict[str, DPOLossFn] = {"sigmoid": sigmoid_loss, "ipo": ipo_loss, "h
                                     "simpo": simpo_loss}
 REFERENCE_FREE = frozenset({"simpo"})  # loss types that ignore the reference log-probs
 LENGTH_NORMALISED = frozenset({"simpo"})  # loss types that expect average, not summed, log-probs
-LABEL_SMOOTHING = frozenset({"sigmoid", "simpo"})  # loss types that use label_smoothing
-# Default SimPO target margin gamma, as TRL's CPOConfig.simpo_gamma; SimPO's own code sets
-# gamma_beta_ratio = gamma / beta instead. SimPO wants a much larger beta than DPO's 0.1 (around 2).
-SIMPO_GAMMA = 0.5
-
-
-def check_dpo_loss_type(loss_type: str, label_smoothing: float = 0.0) -> None:
-    """Raise ValueError for an unknown loss_type, or label smoothing on a type that would ignore it."""
-    if loss_type not in DPO_LOSSES:
-        raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of {sorted(DPO_LOSSES)}")
-    if label_smoothing and loss_type not in LABEL_SMOOTHING:
-        raise ValueError(f"label_smoothing={label_smoothing} has no effect on loss_type {loss_type!r}; "
-                         f"it applies to {sorted(LABEL_SMOOTHING)} only, so set it to 0")
 
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
              ref_chosen_logps: torch.Tensor | None, ref_rejected_logps: torch.Tensor | None, beta: float,
              loss_type: str = "sigmoid", label_smoothing: float = 0.0, *,
-             gamma: float = SIMPO_GAMMA) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             gamma: float = SIMPO_GAMMA, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Preference loss over a batch of pairs -> (loss, chosen_rewards, rejected_rewards).
 
     Inputs are (N,) per-pair sequence log-probs: summed over the response tokens for the reference-based
     types ("sigmoid", "ipo", "hinge"); averaged over them for "simpo" (see `LENGTH_NORMALISED`), which
-    ignores the reference and accepts ref_* = None. loss: the mean over the N pairs (a 0-dim float32 tensor).
+    ignores the reference and accepts ref_* = None. loss: the mean (reduction "mean") or the sum ("sum") over
+    the N pairs, a 0-dim float32 tensor; the sum is for a batch that is only part of the pairs averaged over.
     rewards: (N,) detached, beta * (policy - reference) log-probs, or beta * policy for reference-free types.
     gamma: SimPO's target margin (in reward units, the same for every beta); SimPO's own code writes it
     as gamma_beta_ratio = gamma / beta, so gamma = beta * gamma_beta_ratio. Unused by the other types.
     """
-    check_dpo_loss_type(loss_type, label_smoothing)
     policy_chosen_logps, policy_rejected_logps = policy_chosen_logps.float(), policy_rejected_logps.float()
     h = policy_chosen_logps - policy_rejected_logps  # (N,)
     if loss_type in REFERENCE_FREE:
@@ -123,5 +76,6 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
         h = h - (ref_chosen_logps - ref_rejected_logps)
         chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
         rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
-    loss = DPO_LOSSES[loss_type](h, beta, label_smoothing, gamma).mean()
+    per_pair = DPO_LOSSES[loss_type](h, beta, label_smoothing, gamma)
+    loss = per_pair.sum() if reduction == "sum" else per_pair.mean()
     return loss, chosen_rewards.detach(), rejected_rewards.detach()

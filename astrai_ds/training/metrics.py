@@ -1,4 +1,4 @@
-"""Throughput accounting: tokens/s, model FLOPs per token and MFU against a measured peak."""
+"""Throughput accounting: tokens/s and MFU against a measured peak."""
 
 from __future__ import annotations
 
@@ -34,18 +34,24 @@ def _sync(device: torch.device) -> None:
 
 
 class Throughput:
-    """Tokens/s and MFU over the steps since the last `rate()` call."""
+    """Tokens/s and MFU over the steps since the last `rate()` call.
 
-    def __init__(self, flops_per_token: float, peak_flops: float):
-        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
-        self._tokens, self._t0 = 0, time.perf_counter()
+    Tokens are the non-padding tokens through the policy (all ranks); FLOPs are what the steps executed (the
+    policy's forward and backward over the padded batch, recomputation, a live reference's forward), against
+    `peak_flops`, the measured peak of all ranks together: so MFU is the mean over the data-parallel ranks.
+    """
 
-    def add(self, tokens: int) -> None:
+    def __init__(self, peak_flops: float):
+        self.peak_flops = peak_flops
+        self._tokens, self._flops, self._t0 = 0.0, 0.0, time.perf_counter()
+
+    def add(self, tokens: float, flops: float) -> None:
         self._tokens += tokens
+        self._flops += flops
 
     def rate(self) -> tuple[float, float]:
         """(tokens/s, MFU) since the last call; resets the window."""
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
-        tps = self._tokens / elapsed
-        self._tokens, self._t0 = 0, time.perf_counter()
-        return tps, tps * self.flops_per_token / self.peak_flops if self.peak_flops else 0.0
+        tps, flops_per_sec = self._tokens / elapsed, self._flops / elapsed
+        self._tokens, self._flops, self._t0 = 0.0, 0.0, time.perf_counter()
+        return tps, flops_per_sec / self.peak_flops if self.peak_flops else 0.0

@@ -34,7 +34,7 @@ def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
 
 def load_reference_model(model_dir: str | Path, policy_cfg: ModelConfig, tokenizer: Tokenizer, key: str):
     """The reference model from an exported folder, frozen; its shape and vocabulary must be the policy's."""
-    from astrai_ds.convert.export import load_model_folder
+    from astrai_ds.model.io import load_model_folder
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
@@ -20,15 +22,17 @@ from astrai_ds.config.base import find_file
 from astrai_ds.config.deepspeed import load_ds_config, resolve_ds_config, zero_stage
 from astrai_ds.config.model import ModelConfig
 from astrai_ds.config.train import TrainConfig
+from astrai_ds.data.shards import TokenShards
 from astrai_ds.data.tokenizer import Tokenizer
 from astrai_ds.errors import ConfigError, DataError, UserError
+from astrai_ds.run_dir import atomic_write, tag_step
 from astrai_ds.training import cpu
 from astrai_ds.training.callbacks import (Checkpointer, EarlyStop, Evaluator, FrozenReferenceCheck, Logger,
                                           MetricsWriter, Progress, StopOnSignal)
-from astrai_ds.training.checkpoint import find_checkpoint
+from astrai_ds.training.checkpoint import check_resumable, find_checkpoint, remove_incomplete_checkpoints
 from astrai_ds.training.data_setup import batch_iterator, build_dataset, open_data
-from astrai_ds.training.distributed import (all_reduce_host, bf16_supported, env_rank, exit_process, init_distributed,
-                                            on_accelerator)
+from astrai_ds.training.distributed import (DistInfo, all_reduce_host, bf16_supported, env_rank, exit_process,
+                                            init_distributed, on_accelerator)
 from astrai_ds.training.engine import build_engine
 from astrai_ds.training.metrics import Throughput, measure_peak_flops
 from astrai_ds.training.strategies import STRATEGIES
@@ -37,9 +41,9 @@ from astrai_ds.training.trainer import Trainer
 DEFAULT_CONFIG = "configs/train/pt_1b.json"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="train.py",
+        prog=prog,
         description="Train a model with DeepSpeed. Launch with `deepspeed [--num_gpus N | --hostfile FILE] "
                     "train.py ...`, `torchrun --nproc_per_node N train.py ...`, `mpirun -n N python train.py ...` "
                     "or plain `python train.py ...` (one rank).",
@@ -103,17 +107,20 @@ def _load_tokenizer(cfg: TrainConfig, config_path: Path) -> Tokenizer:
 
 def _write_run_files(output_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig, ds_cfg: dict,
                      tokenizer: Tokenizer) -> None:
-    """The resolved configs and the tokenizer travel with the run, so export needs nothing else."""
+    """The resolved configs and the tokenizer travel with the run, so export needs nothing else. Each file is
+    replaced atomically: another rank or a later resume never reads half of one."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    (output_dir / "model_config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2) + "\n")
-    (output_dir / "ds_config.json").write_text(json.dumps(ds_cfg, indent=2) + "\n")
-    shutil.copyfile(tokenizer.path, output_dir / "tokenizer.json")
+    atomic_write(output_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    atomic_write(output_dir / "model_config.json", json.dumps(model_cfg.to_dict(), indent=2) + "\n")
+    atomic_write(output_dir / "ds_config.json", json.dumps(ds_cfg, indent=2) + "\n")
+    tmp = output_dir / f".tokenizer.json.tmp{os.getpid()}"
+    shutil.copyfile(tokenizer.path, tmp)
+    os.replace(tmp, output_dir / "tokenizer.json")
 
 
 def _build_model(cfg: TrainConfig, model_cfg: ModelConfig):
-    from astrai_ds.convert.export import load_weights
     from astrai_ds.model import Transformer
+    from astrai_ds.model.io import load_weights
 
     torch.manual_seed(cfg.seed)  # the same init on every rank and for every ZeRO stage
     model = Transformer(model_cfg)
@@ -129,15 +136,16 @@ def _dpo_reference(cfg, model_cfg, tokenizer, ds_cfg, train_shards, dataset, col
                                               load_reference_model, precompute_reference_logps,
                                               reference_cache_path)
 
-    stage = cfg.stage
-    if stage.loss_type == "simpo":  # reference-free
+    dpo = cfg.dpo
+    if not dpo.needs_reference:  # simpo
         return None, collate
-    ref_model = load_reference_model(stage.reference_path, model_cfg, tokenizer, "stage.reference_model")
-    if stage.reference == "live":
-        return live_reference_engine(ref_model, ds_cfg, stage.reference_offload), collate
-    cache = reference_cache_path(train_shards.path, Path(stage.reference_path), cfg.data.seq_len, dtype)
+    key = "dpo.reference_model" if dpo.reference_model else "stage.init_from"
+    ref_model = load_reference_model(cfg.reference_path, model_cfg, tokenizer, key)
+    if dpo.reference == "live":
+        return live_reference_engine(ref_model, ds_cfg, dpo.reference_offload), collate
+    cache = reference_cache_path(train_shards.path, Path(cfg.reference_path), cfg.data.seq_len, dtype)
     ref_model.to(device=device, dtype=dtype)
-    strategy = STRATEGIES["dpo"].from_config(stage)
+    strategy = STRATEGIES["dpo"].from_config(dpo)
     micro = ds_cfg["train_micro_batch_size_per_gpu"]
     table = load_or_precompute(
         cache, lambda: precompute_reference_logps(ref_model, dataset, collate, strategy, micro, dist_info, device),
@@ -146,100 +154,152 @@ def _dpo_reference(cfg, model_cfg, tokenizer, ds_cfg, train_shards, dataset, col
     return None, WithReferenceLogps(collate, table)
 
 
-def build_trainer(args) -> Trainer:
-    cfg, model_cfg, tokenizer, config_path = _load_inputs(args)
-    train_shards = open_data(cfg.data.path, "data.path", cfg, tokenizer, config_path)
-    eval_shards = open_data(cfg.data.eval_path, "data.eval_path", cfg, tokenizer, config_path) \
-        if cfg.data.eval_path else None
-    train_set, collate = build_dataset(train_shards, cfg)
-    eval_set, eval_collate = build_dataset(eval_shards, cfg) if eval_shards else (None, None)
-    ds_raw, ds_path = load_ds_config(args.ds_config)
+@dataclass
+class RunData:
+    """A run's datasets (train, and eval when data.eval_path is set) with their collate functions."""
 
-    dist_info = init_distributed()
-    on_cpu = not on_accelerator()
-    shm = on_cpu and cfg.cpu.collectives == "auto" and cpu.install_shm_collectives()
-    kept = on_cpu and cfg.cpu.keep_freed_memory and cpu.keep_freed_memory()
-    ds_cfg = resolve_ds_config(ds_raw, cfg, dist_info.world_size, bf16_supported=bf16_supported(),
-                               accelerator=not on_cpu, source=str(ds_path))
-    dtype = torch.bfloat16 if ds_cfg["bf16"]["enabled"] else torch.float32
+    train_shards: TokenShards
+    train_set: object
+    collate: object
+    eval_shards: TokenShards | None = None
+    eval_set: object = None
+    eval_collate: object = None
+
+
+def _open_run_data(cfg: TrainConfig, tokenizer: Tokenizer, config_path: Path) -> RunData:
+    train_shards = open_data(cfg.data.path, "data.path", cfg, tokenizer, config_path)
+    data = RunData(train_shards, *build_dataset(train_shards, cfg))
+    if cfg.data.eval_path:
+        data.eval_shards = open_data(cfg.data.eval_path, "data.eval_path", cfg, tokenizer, config_path)
+        data.eval_set, data.eval_collate = build_dataset(data.eval_shards, cfg)
+    return data
+
+
+def _setup_cpu(cfg: TrainConfig) -> list[str]:
+    """CPU-only settings (see training/cpu.py); returns what was switched on, for the start-up line."""
+    if on_accelerator():
+        return []
+    shm = cfg.cpu.collectives == "auto" and cpu.install_shm_collectives()
+    kept = cfg.cpu.keep_freed_memory and cpu.keep_freed_memory()
+    return ["collectives: shared memory + gloo"] * bool(shm) + ["malloc keeps freed memory"] * bool(kept)
+
+
+def _prepare_output_dir(cfg: TrainConfig, model_cfg: ModelConfig, ds_cfg: dict, tokenizer: Tokenizer,
+                        dist_info: DistInfo):
+    """Find the checkpoint to resume from and check that it can resume here, before anything is written;
+    then (rank 0) clear what a killed run left half-written and write the run files. -> (load_dir, tag) or None."""
     output_dir = Path(cfg.output_dir)
+    # Every rank reads the folder before rank 0 changes anything in it.
     resume = find_checkpoint(cfg.resume, output_dir)
     if resume:
-        _check_same_model(resume[0], model_cfg)
+        load_dir, tag, notes = resume
+        check_resumable(load_dir, tag, dist_info.world_size, zero_stage(ds_cfg), model_cfg.to_dict())
+    torch.distributed.barrier()
     if dist_info.is_main:
+        for note in resume[2] if resume else []:
+            print(f"resume: {note}", flush=True)
+        for name in remove_incomplete_checkpoints(output_dir) if output_dir.exists() else []:
+            print(f"removed {output_dir / name}: an incomplete checkpoint left by an interrupted run", flush=True)
         _write_run_files(output_dir, cfg, model_cfg, ds_cfg, tokenizer)
+    torch.distributed.barrier()
+    return resume[:2] if resume else None
 
+
+def _build_engine_and_strategy(cfg, model_cfg, tokenizer, ds_cfg, data: RunData, dist_info: DistInfo, dtype):
+    """The DeepSpeed engine (and, for DPO, the reference) and the stage's strategy -> (engine, strategy, model,
+    number of parameters)."""
     model = _build_model(cfg, model_cfg)
     n_params = model.num_params()  # before ZeRO-3 partitions the parameters
     engine = build_engine(model, cfg, ds_cfg)
     reference = None
     if cfg.stage.type == "dpo":
-        reference, collate = _dpo_reference(cfg, model_cfg, tokenizer, ds_cfg, train_shards, train_set, collate,
-                                            dist_info, engine.device, dtype)
-        if eval_set is not None and cfg.stage.reference == "precomputed":  # the eval pairs need their own table
-            _, eval_collate = _dpo_reference(cfg, model_cfg, tokenizer, ds_cfg, eval_shards, eval_set,
-                                             eval_collate, dist_info, engine.device, dtype)
+        reference, data.collate = _dpo_reference(cfg, model_cfg, tokenizer, ds_cfg, data.train_shards,
+                                                 data.train_set, data.collate, dist_info, engine.device, dtype)
+        if data.eval_set is not None and cfg.dpo.reference == "precomputed":  # the eval pairs need their own table
+            _, data.eval_collate = _dpo_reference(cfg, model_cfg, tokenizer, ds_cfg, data.eval_shards, data.eval_set,
+                                                  data.eval_collate, dist_info, engine.device, dtype)
+    strategy = STRATEGIES[cfg.stage.type].from_config(cfg.dpo, reference=reference)
+    return engine, strategy, model, n_params
 
-    micro = ds_cfg["train_micro_batch_size_per_gpu"]
-    strategy = STRATEGIES[cfg.stage.type].from_config(cfg.stage, reference=reference)
-    trainer = Trainer(engine, strategy,
-                      batch_iterator(train_set, collate, micro, dist_info, cfg.seed, cfg.data.shuffle, engine.device),
-                      batch_iterator(eval_set, eval_collate, micro, dist_info, cfg.seed, False, engine.device)
-                      if eval_set is not None else None,
-                      cfg, dist_info)
 
-    torch.distributed.barrier()  # all ranks measure at once: they share the machine while training too
+def _measure_peak(engine, dtype) -> float:
+    """The summed matmul peak of all ranks; all measure at once, as they share the machine while training."""
+    torch.distributed.barrier()
     peak = torch.tensor([measure_peak_flops(engine.device, dtype)], dtype=torch.float64)
-    all_reduce_host(peak)
-    flops_per_token = model.flops_per_token(cfg.data.seq_len)
+    return all_reduce_host(peak).item()
 
-    writer = MetricsWriter(output_dir, enabled=dist_info.is_main)
-    logger = Logger(writer, cfg.log_interval, Throughput(flops_per_token, peak.item()))
-    if eval_set is not None:
-        trainer.callbacks.append(Evaluator(writer, cfg.eval_interval))
+
+def _add_callbacks(trainer: Trainer, cfg: TrainConfig, data: RunData, resume_step: int | None, peak: float) -> None:
+    output_dir, is_main = Path(cfg.output_dir), trainer.dist.is_main
+    writer = MetricsWriter(output_dir, enabled=is_main, resume_step=resume_step)
+    logger = Logger(writer, cfg.log_interval, Throughput(peak))
+    if data.eval_set is not None:
+        trainer.add_callbacks(Evaluator(writer, cfg.eval_interval))
         if cfg.early_stop.patience > 0:
-            trainer.callbacks.append(EarlyStop(cfg.early_stop.patience, cfg.early_stop.min_delta))
-    if reference is not None:
-        trainer.callbacks.append(FrozenReferenceCheck(reference))
-    trainer.callbacks += [logger, Progress(dist_info.is_main, logger), StopOnSignal(),
-                          Checkpointer(output_dir, cfg.save_interval, cfg.keep_checkpoints)]
+            trainer.add_callbacks(EarlyStop(cfg.early_stop.patience, cfg.early_stop.min_delta))
+    if trainer.strategy.reference_forward:
+        trainer.add_callbacks(FrozenReferenceCheck(trainer.strategy.reference))
+    trainer.add_callbacks(logger, Progress(is_main, logger), StopOnSignal(),
+                          Checkpointer(output_dir, cfg.save_interval, cfg.keep_checkpoints))
+
+
+def build_trainer(args) -> Trainer:
+    cfg, model_cfg, tokenizer, config_path = _load_inputs(args)
+    data = _open_run_data(cfg, tokenizer, config_path)
+    ds_raw, ds_path = load_ds_config(args.ds_config)
+
+    dist_info = init_distributed()
+    cpu_notes = _setup_cpu(cfg)
+    ds_cfg = resolve_ds_config(ds_raw, cfg, dist_info.world_size, bf16_supported=bf16_supported(),
+                               accelerator=on_accelerator(), source=str(ds_path))
+    dtype = torch.bfloat16 if ds_cfg["bf16"]["enabled"] else torch.float32
+    resume = _prepare_output_dir(cfg, model_cfg, ds_cfg, tokenizer, dist_info)
+
+    engine, strategy, model, n_params = _build_engine_and_strategy(cfg, model_cfg, tokenizer, ds_cfg, data, dist_info, dtype)
+    micro = ds_cfg["train_micro_batch_size_per_gpu"]
+    trainer = Trainer(engine, strategy,
+                      batch_iterator(data.train_set, data.collate, micro, dist_info, cfg.seed, cfg.data.shuffle,
+                                     engine.device),
+                      batch_iterator(data.eval_set, data.eval_collate, micro, dist_info, cfg.seed, False, engine.device)
+                      if data.eval_set is not None else None,
+                      cfg, dist_info)
+    trainer.flops_per_token = model.flops_per_token
+    peak = _measure_peak(engine, dtype)
+    _add_callbacks(trainer, cfg, data, tag_step(resume[1]) if resume else None, peak)
 
     if resume:
         _, client_state = engine.load_checkpoint(str(resume[0]), tag=resume[1])
         trainer.load_state_dict(client_state)
         trainer.log(f"resumed from {resume[0] / resume[1]} at step {trainer.state.step}")
-
-    if cfg.stage.type == "sft":
-        trainer.log(f"sft data: {train_set.num_conversations} conversations in {len(train_set)} "
-                    f"{'packed ' if cfg.data.packing else ''}sequences; longer than seq_len {cfg.data.seq_len}: "
-                    f"{train_set.num_truncated} truncated, {train_set.num_dropped} dropped (data.overlong)")
-    trainer.log(
-        f"stage {cfg.stage.type} | model {n_params / 1e6:.2f}M params | world {dist_info.world_size} | "
-        f"ZeRO-{zero_stage(ds_cfg)} | {'bf16' if dtype == torch.bfloat16 else 'fp32'} | "
-        f"{'collectives: shared memory + gloo | ' if shm else ''}{'malloc keeps freed memory | ' if kept else ''}"
-        f"micro {micro} x accum "
-        f"{ds_cfg['gradient_accumulation_steps']} x dp {dist_info.world_size} = {ds_cfg['train_batch_size']} samples "
-        f"of {cfg.data.seq_len} tokens | {len(train_set)} train samples | peak {peak.item() / 1e9:.0f} GFLOP/s "
-        f"(measured: {dtype} matmul on {engine.device.type}, all ranks) | {flops_per_token / 1e6:.1f} MFLOP/token "
-        f"(6N + 12LdT)")
+    _log_start(trainer, cfg, ds_cfg, data, model, n_params, peak, dtype, cpu_notes)
     return trainer
 
 
-def _check_same_model(load_dir: Path, model_cfg: ModelConfig) -> None:
-    saved = load_dir / "model_config.json"
-    if saved.exists() and json.loads(saved.read_text()) != model_cfg.to_dict():
-        raise ConfigError(f"cannot resume from {load_dir}: it was trained with the model config in {saved}, which "
-                          f"differs from this run's; use the same model config, another output_dir, or resume \"none\"")
+def _log_start(trainer, cfg, ds_cfg, data: RunData, model, n_params, peak, dtype, cpu_notes) -> None:
+    if cfg.stage.type == "sft":
+        train_set = data.train_set
+        trainer.log(f"sft data: {train_set.num_conversations} conversations in {len(train_set)} "
+                    f"{'packed ' if cfg.data.packing else ''}sequences; longer than seq_len {cfg.data.seq_len}: "
+                    f"{train_set.num_truncated} truncated, {train_set.num_dropped} dropped (data.overlong)")
+    world = trainer.dist.world_size
+    trainer.log(
+        f"stage {cfg.stage.type} | model {n_params / 1e6:.2f}M params | world {world} | "
+        f"ZeRO-{zero_stage(ds_cfg)} | {'bf16' if dtype == torch.bfloat16 else 'fp32'} | "
+        + "".join(f"{note} | " for note in cpu_notes)
+        + f"micro {ds_cfg['train_micro_batch_size_per_gpu']} x accum {ds_cfg['gradient_accumulation_steps']} x dp "
+        f"{world} = {ds_cfg['train_batch_size']} samples of up to {cfg.data.seq_len} tokens | {len(data.train_set)} "
+        f"train samples | peak {peak / 1e9:.0f} GFLOP/s (measured: {dtype} matmul on {trainer.engine.device.type}, "
+        f"all ranks) | {model.flops_per_token(cfg.data.seq_len) / 1e6:.1f} MFLOP/token at full length (6N + 12LdT)")
 
 
-def main_and_exit(argv: list[str] | None = None) -> NoReturn:
+def main_and_exit(argv: list[str] | None = None, prog: str = "train.py") -> NoReturn:
     """`main()` for a process of its own (train.py, `astrai-ds train`): ends the process with main's exit code
     through `exit_process` once it returns."""
-    exit_process(main(argv))
+    exit_process(main(argv, prog))
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
+    args = build_parser(prog).parse_args(argv)
     # DeepSpeed calls torch.distributed's old collective names on every step; torch warns each time.
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.",
                             category=FutureWarning)

@@ -40,4 +40,6 @@ def lr_multiplier(step: int, cfg: ScheduleConfig, total_steps: int) -> float:
         return (step + 1) / cfg.warmup_steps
     span = max(1, total_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
-    return SCHEDULES[cfg.type](progress, cfg)
+    # The floor holds past the end too (schedule.total_steps below max_steps), where rounding in a formula
+    # could otherwise land a hair below it, or below 0.
+    return max(cfg.min_lr_ratio, SCHEDULES[cfg.type](progress, cfg))

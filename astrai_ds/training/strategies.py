@@ -1,9 +1,20 @@
-"""Training strategies: each turns a batch into a loss. The engine owns backward, step, accumulation
-and clipping; a strategy only computes `compute_loss(model, batch) -> (loss, metrics)`.
+"""Training strategies: each turns a micro-batch into its share of the global batch's loss. The engine owns
+backward, step, accumulation and clipping; a strategy only counts and computes.
 
-metrics maps a name to a detached 0-dim float32 tensor on the batch's device (no host sync per
-micro-step); "loss" is always there. The trainer averages them over micro-steps and ranks.
-Build a strategy with `STRATEGIES[stage.type].from_config(stage, reference=...)`.
+A loss is a sum over what it counts (trained tokens, preference pairs), divided once by the count of the
+whole global batch: every micro-batch of every data-parallel rank. So a strategy has two calls:
+
+- `counts(batch) -> {name: 0-dim float64 tensor}`: what this micro-batch holds ("tokens": trained labels,
+  "pairs", ...; always "inputs": the non-padding tokens that go through the policy, for tokens/s). The
+  trainer sums them over the step's micro-batches and all-reduces them over the ranks: the `totals`.
+- `compute_loss(model, batch, totals) -> (loss, metrics)`: this micro-batch's contribution, e.g. its summed
+  token loss / totals["tokens"]. Summed over micro-batches and ranks, the contributions give the global
+  batch's loss, whatever the micro-batch size, accumulation and world size. Without `totals` the batch's own
+  counts are used: the loss of that batch alone.
+
+metrics maps a name to a detached 0-dim float32 tensor on the batch's device (no host sync per micro-step),
+each a contribution in the same sense, so the trainer sums them; "loss" is always there.
+Build a strategy with `STRATEGIES[stage.type].from_config(cfg, reference=...)`.
 """
 
 from __future__ import annotations
@@ -13,55 +24,74 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from astrai_ds.training.losses import (IGNORE_INDEX, LENGTH_NORMALISED, REFERENCE_FREE, SIMPO_GAMMA,
-                                       check_dpo_loss_type, dpo_loss, sequence_logps, token_counts,
-                                       token_cross_entropy)
+from astrai_ds.config.train import DPOConfig
+from astrai_ds.model.losses import IGNORE_INDEX, sequence_logps, token_counts, token_loss_sum
+from astrai_ds.training.losses import LENGTH_NORMALISED, dpo_loss
 
 # A frozen reference model: input_ids (N, T) -> logits (N, T, V), e.g. a DeepSpeed inference engine.
 Reference = Callable[[torch.Tensor], torch.Tensor]
 
 
-class PretrainStrategy:
-    """Causal language modelling on fixed windows of the token stream."""
+def _count(x) -> torch.Tensor:
+    return torch.as_tensor(x, dtype=torch.float64)
 
-    name = "pt"
+
+class TokenStrategy:
+    """Shared by PT and SFT: the loss is the mean next-token loss over the global batch's trained tokens."""
+
+    name = ""
+    reference_forward = False  # no second model runs on the batch
 
     @classmethod
-    def from_config(cls, stage_cfg=None, reference: Reference | None = None) -> "PretrainStrategy":
+    def from_config(cls, cfg=None, reference: Reference | None = None):
         return cls()
 
-    def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
-        logits = model(batch["input_ids"])  # (B, T, V)
-        loss = token_cross_entropy(logits, batch["labels"])
+    def policy_shape(self, batch: dict) -> tuple[int, int]:
+        """(rows, T) of the policy's forward: what it computes on, padding included."""
+        return tuple(batch["input_ids"].shape)
+
+    def counts(self, batch: dict) -> dict[str, torch.Tensor]:
+        return {"tokens": _count((batch["labels"] != IGNORE_INDEX).sum()), "inputs": _count(self._inputs(batch))}
+
+    def _inputs(self, batch: dict):
+        return batch["input_ids"].numel()
+
+    def forward(self, model, batch: dict) -> torch.Tensor:
+        return model(batch["input_ids"])  # (B, T, V)
+
+    def compute_loss(self, model, batch: dict, totals: dict | None = None) -> tuple[torch.Tensor, dict]:
+        totals = totals or self.counts(batch)
+        loss = token_loss_sum(self.forward(model, batch), batch["labels"]) / totals["tokens"].clamp(min=1).float()
         return loss, {"loss": loss.detach()}
 
 
-class SFTStrategy:
+class PretrainStrategy(TokenStrategy):
+    """Causal language modelling on fixed windows of the token stream (no padding)."""
+
+    name = "pt"
+
+
+class SFTStrategy(TokenStrategy):
     """Supervised fine-tuning on (possibly packed) conversations; only the assistant tokens are trained.
 
     batch: input_ids, labels (IGNORE_INDEX on prompt tokens, segment boundaries and padding), and optionally
     position_ids (restarting per packed segment) and doc_ids (segment index, -1 on padding). With doc_ids,
     attention is block-diagonal causal, so packed segments never see each other; without, plain causal.
-    The loss is the mean over the trained tokens of the micro-batch. metrics: "loss", "tokens" (the number
-    of trained tokens in the micro-batch, as a float32 tensor).
     """
 
     name = "sft"
 
-    @classmethod
-    def from_config(cls, stage_cfg=None, reference: Reference | None = None) -> "SFTStrategy":
-        return cls()
+    def _inputs(self, batch: dict):
+        doc_ids = batch.get("doc_ids")
+        return batch["input_ids"].numel() if doc_ids is None else (doc_ids >= 0).sum()
 
-    def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+    def forward(self, model, batch: dict) -> torch.Tensor:
         attn_mask = None
         if batch.get("doc_ids") is not None:
             from astrai_ds.model.masks import block_causal_mask
 
             attn_mask = block_causal_mask(batch["doc_ids"])  # (B, 1, T, T) bool
-        logits = model(batch["input_ids"], position_ids=batch.get("position_ids"), attn_mask=attn_mask)  # (B, T, V)
-        loss = token_cross_entropy(logits, batch["labels"])
-        tokens = (batch["labels"] != IGNORE_INDEX).sum().float()
-        return loss, {"loss": loss.detach(), "tokens": tokens}
+        return model(batch["input_ids"], position_ids=batch.get("position_ids"), attn_mask=attn_mask)  # (B, T, V)
 
 
 def _pad_right(x: torch.Tensor, length: int, value: int) -> torch.Tensor:
@@ -79,6 +109,14 @@ def concatenated_pair(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return input_ids, labels
 
 
+def _real_inputs(labels: torch.Tensor) -> torch.Tensor:
+    """Non-padding inputs of right-padded DPO rows (B, T): a response ends each sequence, so a row's real
+    inputs end at its last trained label."""
+    trained = labels != IGNORE_INDEX  # (B, T)
+    end = trained.shape[1] - trained.flip(-1).int().argmax(-1)  # (B,) one past the last trained label
+    return torch.where(trained.any(-1), end, 0).sum()
+
+
 class DPOStrategy:
     """Preference optimisation on (chosen, rejected) pairs: DPO and its variants (`losses.DPO_LOSSES`).
 
@@ -86,37 +124,32 @@ class DPOStrategy:
     Reference log-probs come from the batch ("ref_chosen_logps", "ref_rejected_logps", precomputed with
     `reference_logps`) when present, else from `reference` (one no-grad forward on the same batch).
     Reference-free types ("simpo") need neither, and get length-normalised (average) log-probs.
-    metrics (detached 0-dim float32 tensors, batch means): "loss", "dpo/rewards_chosen",
-    "dpo/rewards_rejected", "dpo/reward_accuracy" (share of pairs with chosen reward > rejected reward),
-    "dpo/reward_margin" (chosen minus rejected reward), "dpo/logps_chosen", "dpo/logps_rejected" (the
-    policy's summed log-probs of the responses, whatever the loss type).
+    The preference loss is the mean over the global batch's pairs; the optional NLL term (`sft_weight`) the
+    mean token loss over all its chosen responses' tokens. metrics (means over the pairs): "loss",
+    "dpo/rewards_chosen", "dpo/rewards_rejected", "dpo/reward_accuracy" (share of pairs with chosen reward >
+    rejected reward), "dpo/reward_margin" (chosen minus rejected reward), "dpo/logps_chosen",
+    "dpo/logps_rejected" (the policy's summed log-probs of the responses, whatever the loss type), and with
+    sft_weight "dpo/sft_nll".
     """
 
     name = "dpo"
 
-    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 reference: Reference | None = None, *, gamma: float = SIMPO_GAMMA, sft_weight: float = 0.0):
-        check_dpo_loss_type(loss_type, label_smoothing)
-        if beta <= 0:
-            raise ValueError(f"DPO beta must be positive, got {beta}")
-        self.beta, self.loss_type, self.label_smoothing, self.gamma = beta, loss_type, label_smoothing, gamma
+    def __init__(self, cfg: DPOConfig | None = None, reference: Reference | None = None):
+        self.cfg = cfg or DPOConfig()
         self.reference = reference
-        # RPO (Pang et al. 2024): add sft_weight x the chosen responses' mean token NLL, so that pushing the
-        # rejected answers down does not also drag the chosen ones (and the model's fluency) down with them.
-        self.sft_weight = sft_weight
 
     @classmethod
-    def from_config(cls, stage_cfg, reference: Reference | None = None) -> "DPOStrategy":
-        """Reads beta, loss_type, label_smoothing and, for SimPO, gamma or gamma_beta_ratio (gamma / beta)."""
-        beta = getattr(stage_cfg, "beta", 0.1)
-        ratio = getattr(stage_cfg, "gamma_beta_ratio", None)
-        gamma = beta * ratio if ratio is not None else getattr(stage_cfg, "gamma", SIMPO_GAMMA)
-        return cls(beta, getattr(stage_cfg, "loss_type", "sigmoid"), getattr(stage_cfg, "label_smoothing", 0.0),
-                   reference, gamma=gamma, sft_weight=getattr(stage_cfg, "sft_weight", 0.0))
+    def from_config(cls, cfg: DPOConfig, reference: Reference | None = None) -> "DPOStrategy":
+        return cls(cfg, reference)
 
     @property
     def needs_reference(self) -> bool:
-        return self.loss_type not in REFERENCE_FREE
+        return self.cfg.needs_reference
+
+    @property
+    def reference_forward(self) -> bool:
+        """Whether a reference model runs on every batch (not when precomputed or reference-free)."""
+        return self.needs_reference and self.reference is not None
 
     @staticmethod
     @torch.no_grad()
@@ -129,7 +162,20 @@ class DPOStrategy:
         input_ids, labels = concatenated_pair(batch)
         return sequence_logps(reference_model(input_ids), labels).chunk(2)
 
-    def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+    def policy_shape(self, batch: dict) -> tuple[int, int]:
+        B, T = batch["chosen_input_ids"].shape[0], max(batch["chosen_input_ids"].shape[1],
+                                                       batch["rejected_input_ids"].shape[1])
+        return 2 * B, T
+
+    def counts(self, batch: dict) -> dict[str, torch.Tensor]:
+        inputs = _real_inputs(batch["chosen_labels"]) + _real_inputs(batch["rejected_labels"])
+        return {"pairs": _count(batch["chosen_labels"].shape[0]),
+                "chosen_tokens": _count((batch["chosen_labels"] != IGNORE_INDEX).sum()), "inputs": _count(inputs)}
+
+    def compute_loss(self, model, batch: dict, totals: dict | None = None) -> tuple[torch.Tensor, dict]:
+        cfg = self.cfg
+        totals = totals or self.counts(batch)
+        pairs = totals["pairs"].clamp(min=1).float()
         input_ids, labels = concatenated_pair(batch)  # (2B, T)
         logps = sequence_logps(model(input_ids), labels)  # (2B,) summed
         chosen_logps, rejected_logps = logps.chunk(2)  # (B,) each
@@ -137,37 +183,38 @@ class DPOStrategy:
         if self.needs_reference:
             ref_chosen, ref_rejected = self._reference_logps(batch)
             ref_chosen, ref_rejected = ref_chosen.to(logps.device), ref_rejected.to(logps.device)
-        if self.loss_type in LENGTH_NORMALISED:
+        if cfg.loss_type in LENGTH_NORMALISED:
             # clamp: a pair whose response was truncated away entirely contributes 0, not 0/0
             n_chosen, n_rejected = token_counts(labels).clamp(min=1).chunk(2)
             policy_chosen, policy_rejected = chosen_logps / n_chosen, rejected_logps / n_rejected
         else:
             policy_chosen, policy_rejected = chosen_logps, rejected_logps
-        loss, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                                                          self.beta, self.loss_type, self.label_smoothing,
-                                                          gamma=self.gamma)
+        pref_sum, chosen_rewards, rejected_rewards = dpo_loss(
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected, cfg.beta, cfg.loss_type, cfg.label_smoothing,
+            gamma=cfg.simpo_gamma, reduction="sum")
+        loss = pref_sum / pairs
         metrics = {}
-        if self.sft_weight > 0:
-            n_chosen = token_counts(labels).clamp(min=1).chunk(2)[0]
-            nll = -(chosen_logps / n_chosen).mean()
-            loss = loss + self.sft_weight * nll
+        if cfg.sft_weight > 0:
+            # token-weighted over every chosen response of the global batch, like the SFT loss
+            nll = -chosen_logps.sum() / totals["chosen_tokens"].clamp(min=1).float()
+            loss = loss + cfg.sft_weight * nll
             metrics["dpo/sft_nll"] = nll.detach()
         metrics |= {"loss": loss.detach(),
-                   "dpo/rewards_chosen": chosen_rewards.mean(),
-                   "dpo/rewards_rejected": rejected_rewards.mean(),
-                   "dpo/reward_accuracy": (chosen_rewards > rejected_rewards).float().mean(),
-                   "dpo/reward_margin": (chosen_rewards - rejected_rewards).mean(),
-                   "dpo/logps_chosen": chosen_logps.detach().mean(),
-                   "dpo/logps_rejected": rejected_logps.detach().mean()}
+                    "dpo/rewards_chosen": chosen_rewards.sum() / pairs,
+                    "dpo/rewards_rejected": rejected_rewards.sum() / pairs,
+                    "dpo/reward_accuracy": (chosen_rewards > rejected_rewards).float().sum() / pairs,
+                    "dpo/reward_margin": (chosen_rewards - rejected_rewards).sum() / pairs,
+                    "dpo/logps_chosen": chosen_logps.detach().sum() / pairs,
+                    "dpo/logps_rejected": rejected_logps.detach().sum() / pairs}
         return loss, metrics
 
     def _reference_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if "ref_chosen_logps" in batch and "ref_rejected_logps" in batch:
             return batch["ref_chosen_logps"].float(), batch["ref_rejected_logps"].float()
         if self.reference is None:
-            raise ValueError(f"DPO loss_type {self.loss_type!r} needs reference log-probs: give the strategy "
+            raise ValueError(f"DPO loss_type {self.cfg.loss_type!r} needs reference log-probs: give the strategy "
                              f"a reference model, or precompute them into the batch (ref_chosen_logps, "
-                             f"ref_rejected_logps); only {sorted(REFERENCE_FREE)} need neither")
+                             f"ref_rejected_logps); only simpo needs neither")
         return self.reference_logps(self.reference, batch)
 
 

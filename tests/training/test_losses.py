@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from astrai_ds.training.losses import (DPO_LOSSES, IGNORE_INDEX, dpo_loss, sequence_logps, token_counts,
-                                       token_cross_entropy)
+from astrai_ds.model.losses import IGNORE_INDEX, sequence_logps, token_counts, token_cross_entropy
+from astrai_ds.training.losses import DPO_LOSSES, dpo_loss
 
 # Two pairs of summed log-probs. h = (pc - pr) - (rc - rr) = 0.7 and -0.7.
 PC, PR, RC, RR = [-10.0, -12.5], [-11.0, -12.0], [-10.5, -12.0], [-10.8, -12.2]
@@ -100,18 +100,32 @@ def test_identical_policy_and_reference_give_log_two():
     assert chosen.abs().max() == 0 and rejected.abs().max() == 0
 
 
-def test_registry_and_unknown_type():
-    assert {"sigmoid", "ipo", "hinge", "simpo"} <= set(DPO_LOSSES)
-    with pytest.raises(ValueError, match="sigmoid"):
-        dpo_loss(*tensors(), BETA, "kto-ish")
+def test_registry_matches_the_config_and_the_config_validates_once():
+    """The config layer lists the loss types (and validates them); the registry must implement exactly those."""
+    from astrai_ds.config.base import from_dict
+    from astrai_ds.config.train import DPO_LOSS_TYPES, DPOConfig
+    from astrai_ds.errors import ConfigError
+
+    assert set(DPO_LOSSES) == set(DPO_LOSS_TYPES)
+    with pytest.raises(ConfigError, match="dpo.loss_type.*sigmoid"):
+        from_dict(DPOConfig, {"loss_type": "kto-ish"}, "cfg.json", prefix="dpo.")
+    with pytest.raises(ConfigError, match="dpo.label_smoothing"):
+        from_dict(DPOConfig, {"loss_type": "ipo", "label_smoothing": 0.1}, "cfg.json", prefix="dpo.")
+    with pytest.raises(ConfigError, match="dpo.gamma.*SimPO"):
+        from_dict(DPOConfig, {"loss_type": "sigmoid", "gamma": 1.0}, "cfg.json", prefix="dpo.")
+    assert from_dict(DPOConfig, {"loss_type": "simpo", "gamma": 1.5, "label_smoothing": 0.1}, "x").gamma == 1.5
 
 
-def test_reference_needed_and_label_smoothing_rejected_where_meaningless():
+def test_reference_needed():
     pc, pr, _, _ = tensors()
     with pytest.raises(ValueError, match="reference"):
         dpo_loss(pc, pr, None, None, BETA, "sigmoid")
-    with pytest.raises(ValueError, match="label_smoothing"):
-        dpo_loss(*tensors(), BETA, "ipo", 0.1)
+
+
+def test_sum_reduction_is_the_mean_times_the_pairs():
+    mean, _, _ = dpo_loss(*tensors(), BETA, "sigmoid")
+    total, _, _ = dpo_loss(*tensors(), BETA, "sigmoid", reduction="sum")
+    torch.testing.assert_close(total, mean * len(tensors()[0]))
 
 
 # ---- sequence log-probs ---------------------------------------------------------------------------

@@ -66,7 +66,7 @@ def test_export_reproduces_trained_logits(zero_runs, name, tmp_path):
     port = free_port()
     run_distributed(deepspeed_cmd(str(ROOT / "tests" / "training" / "engine_logits.py"), 2, port)
                     + ["--run", str(run), "--out", str(logits_file)], port)
-    from astrai_ds.convert.export import load_model_folder
+    from astrai_ds.model.io import load_model_folder
 
     model, _ = load_model_folder(model_dir)
     saved = torch.load(logits_file)
@@ -114,7 +114,7 @@ def test_pure_bf16_resumes_exactly_and_exports(workspace, tmp_path):
     port = free_port()
     run_distributed(deepspeed_cmd(str(ROOT / "tests" / "training" / "engine_logits.py"), 2, port)
                     + ["--run", str(run), "--out", str(logits_file)], port)
-    from astrai_ds.convert.export import load_model_folder
+    from astrai_ds.model.io import load_model_folder
 
     model, _ = load_model_folder(model_dir, dtype=torch.bfloat16)
     saved = torch.load(logits_file)

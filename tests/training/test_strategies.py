@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from astrai_ds.model import ModelConfig, Transformer
-from astrai_ds.training.losses import IGNORE_INDEX, dpo_loss, sequence_logps, token_counts
+from astrai_ds.model.losses import IGNORE_INDEX, sequence_logps, token_counts
+from astrai_ds.training.losses import dpo_loss
+from astrai_ds.config.train import DPOConfig
 from astrai_ds.training.strategies import STRATEGIES, DPOStrategy, PretrainStrategy, SFTStrategy
 
 V = 64
@@ -84,7 +86,8 @@ def test_sft_trains_only_response_targets():
     batch = sft_batch([[sample(12, 5, 3, raw)]], 12)
     base_loss, metrics, base_grads = loss_and_grads(strategy, model, batch)
     trained = batch["labels"][0] != IGNORE_INDEX
-    assert metrics["tokens"].item() == trained.sum().item() == 12 - 5  # targets 5..11, less the last position
+    assert strategy.counts(batch)["tokens"].item() == trained.sum().item() == 12 - 5  # targets 5..11, less the last
+    assert strategy.counts(batch)["inputs"].item() == 12  # no padding
     with torch.no_grad():
         logp = model(batch["input_ids"]).float().log_softmax(-1)[0]  # (T, V)
     expected = -sum(logp[t, batch["labels"][0, t]] for t in range(12) if trained[t]) / trained.sum()
@@ -116,7 +119,9 @@ def test_sft_packed_equals_unpacked_loss_and_grads(unpacked_doc_ids):
         unpacked = {k: unpacked[k] for k in ("input_ids", "labels")}
     p_loss, p_metrics, p_grads = loss_and_grads(strategy, model, packed)
     u_loss, u_metrics, u_grads = loss_and_grads(strategy, model, unpacked)
-    assert p_metrics["tokens"].item() == u_metrics["tokens"].item() == (7 - 3) + (6 - 2) + (9 - 4)
+    assert (strategy.counts(packed)["tokens"].item() == strategy.counts(unpacked)["tokens"].item()
+            == (7 - 3) + (6 - 2) + (9 - 4))
+    assert strategy.counts(packed)["inputs"].item() == 7 + 6 + 9  # non-padding inputs (doc_ids >= 0)
     torch.testing.assert_close(p_loss, u_loss)
     for name in p_grads:
         torch.testing.assert_close(p_grads[name], u_grads[name], msg=lambda m: f"{name}: {m}")
@@ -162,14 +167,14 @@ def test_dpo_live_reference_equals_precomputed_and_reference_gets_no_grads():
     policy, reference = tiny_model(0), tiny_model(1)
     batch = dpo_batch()
     policy_calls, reference_calls = record_calls(policy), record_calls(reference)
-    live = DPOStrategy(beta=0.1, loss_type="sigmoid", label_smoothing=0.1, reference=reference)
+    live = DPOStrategy(DPOConfig(beta=0.1, loss_type="sigmoid", label_smoothing=0.1), reference=reference)
     live_loss, live_metrics, live_grads = loss_and_grads(live, policy, batch)
     assert policy_calls == [(4, 10)] and reference_calls == [(4, 10)]  # one forward each on the (2B, T) batch
     assert all(p.grad is None for p in reference.parameters())
 
     ref_c, ref_r = DPOStrategy.reference_logps(reference, batch)
     assert ref_c.shape == (2,) and not ref_c.requires_grad
-    pre = DPOStrategy(beta=0.1, loss_type="sigmoid", label_smoothing=0.1)
+    pre = DPOStrategy(DPOConfig(beta=0.1, loss_type="sigmoid", label_smoothing=0.1))
     pre_loss, pre_metrics, pre_grads = loss_and_grads(pre, policy, {**batch, "ref_chosen_logps": ref_c,
                                                                      "ref_rejected_logps": ref_r})
     torch.testing.assert_close(pre_loss, live_loss)
@@ -217,7 +222,7 @@ def test_simpo_needs_no_reference_and_uses_average_logps():
     batch = dpo_batch()
     reference = tiny_model(1)
     reference_calls = record_calls(reference)
-    strategy = DPOStrategy(beta=2.0, loss_type="simpo", reference=reference, gamma=1.0)
+    strategy = DPOStrategy(DPOConfig(beta=2.0, loss_type="simpo", gamma=1.0), reference=reference)
     loss, metrics = strategy.compute_loss(policy, batch)
     assert reference_calls == []
     with torch.no_grad():
@@ -238,27 +243,25 @@ def test_dpo_without_any_reference_raises():
 
 def test_from_config_and_registry():
     assert set(STRATEGIES) == {"pt", "sft", "dpo"}
-    cfg = SimpleNamespace(type="dpo", beta=0.3, loss_type="ipo", label_smoothing=0.0)
+    cfg = DPOConfig(beta=0.3, loss_type="ipo")
     ref = object()
     s = STRATEGIES["dpo"].from_config(cfg, reference=ref)
-    assert (s.beta, s.loss_type, s.label_smoothing, s.reference) == (0.3, "ipo", 0.0, ref)
-    assert DPOStrategy.from_config(SimpleNamespace()).loss_type == "sigmoid"
-    assert DPOStrategy.from_config(SimpleNamespace(beta=2.0, loss_type="simpo", gamma_beta_ratio=0.5)).gamma == 1.0
+    assert (s.cfg, s.reference, s.needs_reference) == (cfg, ref, True)
+    assert DPOStrategy().cfg.loss_type == "sigmoid"
+    simpo = DPOStrategy.from_config(DPOConfig(beta=2.0, loss_type="simpo", gamma=1.0))
+    assert (simpo.cfg.simpo_gamma, simpo.needs_reference, simpo.reference_forward) == (1.0, False, False)
+    assert DPOConfig(loss_type="simpo").simpo_gamma == 0.5
     assert isinstance(STRATEGIES["sft"].from_config(cfg, reference=ref), SFTStrategy)
     assert isinstance(STRATEGIES["pt"].from_config(cfg), PretrainStrategy)
-    with pytest.raises(ValueError, match="sigmoid"):
-        DPOStrategy(loss_type="nope")
-    with pytest.raises(ValueError, match="label_smoothing"):
-        DPOStrategy(loss_type="hinge", label_smoothing=0.1)
 
 
 def test_dpo_sft_weight_adds_chosen_token_nll():
-    """RPO: loss = DPO loss + sft_weight x mean over pairs of the chosen response's mean token NLL."""
+    """RPO: loss = DPO loss + sft_weight x the mean token NLL over all chosen responses' tokens."""
     import types
 
     import torch
 
-    from astrai_ds.training.losses import sequence_logps, token_counts
+    from astrai_ds.model.losses import sequence_logps, token_counts
     from astrai_ds.training.strategies import DPOStrategy, concatenated_pair
 
     torch.manual_seed(0)
@@ -273,10 +276,10 @@ def test_dpo_sft_weight_adds_chosen_token_nll():
     batch = {"chosen_input_ids": torch.randint(0, vocab, (B, T)), "chosen_labels": labels,
              "rejected_input_ids": torch.randint(0, vocab, (B, T)), "rejected_labels": labels.flip(1),
              "ref_chosen_logps": torch.zeros(B), "ref_rejected_logps": torch.zeros(B)}
-    plain, _ = DPOStrategy.from_config(types.SimpleNamespace(beta=0.2)).compute_loss(model, batch)
-    rpo, metrics = DPOStrategy.from_config(types.SimpleNamespace(beta=0.2, sft_weight=0.5)).compute_loss(model, batch)
+    plain, _ = DPOStrategy.from_config(DPOConfig(beta=0.2)).compute_loss(model, batch)
+    rpo, metrics = DPOStrategy.from_config(DPOConfig(beta=0.2, sft_weight=0.5)).compute_loss(model, batch)
     ids, all_labels = concatenated_pair(batch)
     chosen = sequence_logps(model(ids), all_labels).chunk(2)[0]
-    nll = -(chosen / token_counts(labels)).mean()
+    nll = -chosen.sum() / token_counts(labels).sum()
     assert torch.allclose(rpo, plain + 0.5 * nll)
     assert torch.allclose(metrics["dpo/sft_nll"], nll)

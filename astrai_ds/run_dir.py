@@ -1,0 +1,131 @@
+"""The layout of a run folder, shared by training (save, resume) and export (read):
+
+    run/
+      train_config.json model_config.json ds_config.json tokenizer.json   the resolved inputs (atomic writes)
+      metrics.jsonl  tb/                                                  what the run logged
+      global_stepN/                                                       one DeepSpeed checkpoint per save
+        COMPLETE                                                          written last: JSON, see below
+      latest                                                              the tag of the newest complete one
+
+A checkpoint is complete only once its COMPLETE marker exists: rank 0 writes it after every rank has saved
+its shard. The marker records the step, the world size and ZeRO stage that wrote it, and the size of every
+file in the folder, so a file damaged later (a truncated copy, a full disk) is found before DeepSpeed reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from astrai_ds.errors import UserError
+
+LATEST = "latest"
+COMPLETE = "COMPLETE"
+RUN_FILES = ("train_config.json", "model_config.json", "ds_config.json", "tokenizer.json")
+_TAG = re.compile(r"^global_step(\d+)$")
+
+
+class DamagedCheckpoint(UserError):
+    """A checkpoint marked complete whose files no longer match its marker."""
+
+
+def checkpoint_tag(step: int) -> str:
+    return f"global_step{step}"
+
+
+def tag_step(tag: str) -> int | None:
+    m = _TAG.match(tag)
+    return int(m.group(1)) if m else None
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write `text` so that a reader (another rank) or a kill never sees a partial file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_marker(folder: Path, step: int, world_size: int, zero_stage: int) -> None:
+    """Mark `folder` complete, recording what wrote it and the size of each of its files."""
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    marker = {"step": step, "world_size": world_size, "zero_stage": zero_stage, "files": files}
+    atomic_write(folder / COMPLETE, json.dumps(marker, indent=1) + "\n")
+
+
+def read_marker(folder: Path) -> dict | None:
+    """The marker of a complete checkpoint, or None when the folder is not complete. A marker from before
+    markers held JSON (a bare step number) reads as {"step": N}."""
+    path = Path(folder) / COMPLETE
+    if not path.is_file():
+        return None
+    text = path.read_text().strip()
+    try:
+        marker = json.loads(text)
+    except json.JSONDecodeError:
+        raise DamagedCheckpoint(f"{path} is damaged (not JSON); use another checkpoint") from None
+    return marker if isinstance(marker, dict) else {"step": int(marker)}
+
+
+def verify(folder: Path) -> dict:
+    """The marker of a complete checkpoint whose files are all there at their recorded sizes; raises
+    DamagedCheckpoint naming the first file that is not."""
+    folder = Path(folder)
+    marker = read_marker(folder)
+    if marker is None:
+        raise DamagedCheckpoint(f"{folder} is not a complete checkpoint (no {COMPLETE} marker)")
+    for name, size in marker.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            raise DamagedCheckpoint(f"{path} is missing from a checkpoint marked complete")
+        if path.stat().st_size != size:
+            raise DamagedCheckpoint(f"{path} is damaged: {path.stat().st_size} bytes where {size} were saved")
+    return marker
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Checkpoints marked complete in `run_dir`, oldest first."""
+    found = [(tag_step(p.name), p) for p in Path(run_dir).glob("global_step*") if tag_step(p.name) is not None]
+    return sorted((step, p) for step, p in found if (p / COMPLETE).is_file())
+
+
+def incomplete_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint folders without a marker: left by a run killed while saving."""
+    return sorted(p for p in Path(run_dir).glob("global_step*")
+                  if p.is_dir() and tag_step(p.name) is not None and not (p / COMPLETE).exists())
+
+
+def latest_tag(run_dir: Path) -> str | None:
+    path = Path(run_dir) / LATEST
+    return path.read_text().strip() if path.is_file() else None
+
+
+def resolve_checkpoint(run_dir: Path, tag: str | None = None, fall_back: bool = False) -> tuple[str, list[str]]:
+    """The checkpoint of `run_dir` to read -> (tag, notes).
+
+    tag None means the one `latest` names. With `fall_back`, a damaged or incomplete latest checkpoint gives
+    way to the newest older one that verifies, and `notes` says what was skipped and why; without, it is an
+    error that names the damaged file and the complete checkpoints there are.
+    """
+    run_dir = Path(run_dir)
+    wanted = tag or latest_tag(run_dir)
+    if wanted is None:
+        raise UserError(f"{run_dir} has no '{LATEST}' file: it holds no complete checkpoint yet; pass the run "
+                        f"folder given as output_dir to train.py, or --tag global_stepN")
+    candidates = [wanted] + ([p.name for _, p in reversed(list_checkpoints(run_dir)) if p.name != wanted]
+                             if fall_back else [])
+    notes = []
+    for candidate in candidates:
+        try:
+            verify(run_dir / candidate)
+            return candidate, notes
+        except DamagedCheckpoint as e:
+            if not fall_back:
+                others = [p.name for _, p in list_checkpoints(run_dir) if p.name != candidate]
+                raise DamagedCheckpoint(f"{e}; complete checkpoints in {run_dir}: {', '.join(others) or 'none'}") \
+                    from None
+            notes.append(f"skipping {candidate}: {e}")
+    raise DamagedCheckpoint(f"no usable checkpoint in {run_dir} ({'; '.join(notes)}); set resume to \"none\" to "
+                            f"start over in another output_dir")
