@@ -198,7 +198,7 @@ def build_data(work: Path, args) -> None:
     write_corpus(work / "corpus", seed=0, scale=args.corpus_scale)
     train_tokenizer([work / "corpus" / "pretrain.jsonl"], args.vocab_size, work / "tokenizer")
     prepare_pretrain([work / "corpus" / "pretrain.jsonl"], work / "tokenizer", work / "data" / "pt", args.seq_len,
-                     progress=False)
+                     progress=False, overwrite=True)
     stamp.write_text(json.dumps(want) + "\n")
     print(f"data: corpus, tokenizer and shards built in {time.perf_counter() - t0:.0f}s under {work}", flush=True)
 

@@ -23,13 +23,15 @@ def add_arguments(p) -> None:
     p.add_argument("--seq-len", type=int, default=2048,
                    help="training sequence length (recorded in the index; dpo skips pairs that do not fit)")
     p.add_argument("--workers", type=int, default=None, help="encoding processes (default: up to 4)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the prepared data already in --out (otherwise such a folder is refused)")
 
 
 def run(args) -> int:
     from astrai_ds.data.prepare import prepare_dpo, prepare_pretrain, prepare_sft
 
     prepare = {"pt": prepare_pretrain, "sft": prepare_sft, "dpo": prepare_dpo}[args.stage]
-    s = prepare(args.input, args.tokenizer, args.out, args.seq_len, workers=args.workers)
+    s = prepare(args.input, args.tokenizer, args.out, args.seq_len, workers=args.workers, overwrite=args.overwrite)
     shape = f"{s['num_tokens']} tokens ({s['dtype']}, {s['num_shards']} shard(s)"
     if args.stage == "pt":
         print(f"wrote {s['num_documents']} documents, {shape}, {s['num_samples']} samples of {args.seq_len}) "

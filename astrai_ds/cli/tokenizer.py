@@ -17,5 +17,9 @@ def run(args) -> int:
     from astrai_ds.data.tokenizer import Tokenizer, train_tokenizer
 
     path = train_tokenizer(args.input, args.vocab_size, args.out)
-    print(f"wrote {path} ({Tokenizer.load(path).vocab_size} tokens)")
+    learned = Tokenizer.load(path).vocab_size
+    print(f"wrote {path} ({learned} tokens)")
+    if learned < args.vocab_size:
+        print(f"learned {learned} of the {args.vocab_size} tokens asked for: the input is too small to learn more "
+              f"merges (give more text for a larger vocabulary)")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from astrai_ds.config.base import check, from_dict, read_json, to_dict
+from astrai_ds.config.base import check, from_dict, read_config, to_dict
 
 
 @dataclass
@@ -48,7 +48,8 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelConfig":
-        return from_dict(cls, read_json(path, "model config"), str(path))
+        """Load a model config: JSON, or YAML for `.yaml`/`.yml`."""
+        return from_dict(cls, read_config(path, "model config"), str(path))
 
     def to_dict(self) -> dict:
         return to_dict(self)

@@ -132,7 +132,6 @@ class SFTDataset(torch.utils.data.Dataset):
             raise DataError(f"overlong must be 'truncate' or 'drop', got {overlong!r}")
         require_stage(shards, "sft")
         self.shards, self.seq_len, self.packing, self.overlong = shards, seq_len, packing, overlong
-        self.pad_id = int(shards.meta.get("pad_id", 0))
         capacity = seq_len + 1
         starts, lengths = shards.document_starts(), shards.document_lengths()
         keep = lengths <= capacity
@@ -227,7 +226,6 @@ class DPODataset(torch.utils.data.Dataset):
             raise DataError(f"{shards.path} holds {shards.num_documents} documents, not whole (chosen, rejected) "
                             f"pairs; re-run `astrai-ds prepare --stage dpo` for it")
         self.shards, self.seq_len = shards, seq_len
-        self.pad_id = int(shards.meta.get("pad_id", 0))
         self._starts, self._lengths = shards.document_starts(), shards.document_lengths()
         if len(self._lengths) == 0:
             raise DataError(f"{shards.path} holds no preference pairs")

@@ -13,6 +13,7 @@ examples per reason), never dropped silently.
 from __future__ import annotations
 
 import itertools
+import json
 import multiprocessing
 import os
 import time
@@ -24,8 +25,8 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from astrai_ds.data import chat
-from astrai_ds.data.shards import ShardWriter, remove_shards
-from astrai_ds.data.sources import count_skip, expand_inputs, iter_records, iter_texts
+from astrai_ds.data.shards import INDEX_FILE, ShardWriter, remove_shards
+from astrai_ds.data.sources import check_out_dir, count_skip, expand_inputs, iter_records, iter_texts
 from astrai_ds.data.tokenizer import Tokenizer
 from astrai_ds.errors import DataError
 
@@ -95,13 +96,27 @@ def _check_args(seq_len, workers) -> int:
     return workers
 
 
-def _start(inputs: list, tokenizer_path, out_dir, seq_len, workers) -> tuple[int, list[Path], Tokenizer, Path]:
+def _held(out: Path) -> str:
+    """What the prepared data in `out` is, from its index.json, for a message."""
+    try:
+        index = json.loads((out / INDEX_FILE).read_text(encoding="utf-8"))
+        return (f"stage {index.get('stage', 'pt')} shards: {index['num_documents']} documents, "
+                f"{index['num_tokens']} tokens")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"prepared data: it has an {INDEX_FILE}"
+
+
+def _start(inputs: list, tokenizer_path, out_dir, seq_len, workers,
+           overwrite: bool) -> tuple[int, list[Path], Tokenizer, Path]:
     """Check the arguments, list the input files, load the tokenizer and clear `out_dir` of old shards:
-    (workers, files, tokenizer, out)."""
+    (workers, files, tokenizer, out). Prepared data already in `out_dir` is only replaced with `overwrite`."""
     workers = _check_args(seq_len, workers)
+    out = check_out_dir(out_dir, "the token shards")
+    if (out / INDEX_FILE).exists() and not overwrite:
+        raise DataError(f"{out} already holds {_held(out)}; give --out a new folder, or add --overwrite to "
+                        f"replace that data")
     files = expand_inputs(inputs)
     tok = Tokenizer.load(tokenizer_path)
-    out = Path(out_dir)
     remove_shards(out)
     return workers, files, tok, out
 
@@ -141,14 +156,14 @@ def _close(writer: ShardWriter, out: Path, skipped: Counter, examples: dict, emp
 
 
 def prepare_pretrain(inputs: list, tokenizer_path, out_dir, seq_len: int, workers: int | None = None,
-                     batch_size: int = 1000, progress: bool = True) -> dict:
+                     batch_size: int = 1000, progress: bool = True, overwrite: bool = False) -> dict:
     """Tokenize `.txt` (a line is a document) and `.jsonl` (field `text`) files into shards under `out_dir`.
 
     Returns a summary: documents, tokens, shards, training windows of `seq_len`, skipped records by reason.
-    An existing shard folder at `out_dir` is replaced."""
+    Prepared data already in `out_dir` is refused (DataError), or replaced with `overwrite`."""
     from tqdm import tqdm
 
-    workers, files, tok, out = _start(inputs, tokenizer_path, out_dir, seq_len, workers)
+    workers, files, tok, out = _start(inputs, tokenizer_path, out_dir, seq_len, workers, overwrite)
     start = time.time()
     skipped: Counter = Counter()
     examples: dict[str, list[str]] = {}
@@ -234,10 +249,10 @@ def _too_long(stage: str, docs: list[tuple[np.ndarray, np.ndarray]], seq_len: in
 
 
 def _prepare_chat(stage: str, inputs: list, tokenizer_path, out_dir, seq_len: int, workers: int | None,
-                  batch_size: int, progress: bool) -> dict:
+                  batch_size: int, progress: bool, overwrite: bool) -> dict:
     from tqdm import tqdm
 
-    workers, files, tok, out = _start(inputs, tokenizer_path, out_dir, seq_len, workers)
+    workers, files, tok, out = _start(inputs, tokenizer_path, out_dir, seq_len, workers, overwrite)
     start = time.time()
     skipped: Counter = Counter()
     examples: dict[str, list[str]] = {}
@@ -300,20 +315,21 @@ def _prepare_chat(stage: str, inputs: list, tokenizer_path, out_dir, seq_len: in
 
 
 def prepare_sft(inputs: list, tokenizer_path, out_dir, seq_len: int, workers: int | None = None,
-                batch_size: int = 500, progress: bool = True) -> dict:
+                batch_size: int = 500, progress: bool = True, overwrite: bool = False) -> dict:
     """Render SFT conversations (.jsonl: {"messages": [{"role", "content"}, ...]} or {"prompt", "response"},
     optionally "system") into masked shards under `out_dir`, one document per conversation.
 
     Returns a summary: conversations, tokens, trained tokens, conversations longer than seq_len (kept:
-    training truncates or drops them), skipped records by reason. An existing shard folder is replaced."""
-    return _prepare_chat("sft", inputs, tokenizer_path, out_dir, seq_len, workers, batch_size, progress)
+    training truncates or drops them), skipped records by reason. Prepared data already in `out_dir` is
+    refused, or replaced with `overwrite`."""
+    return _prepare_chat("sft", inputs, tokenizer_path, out_dir, seq_len, workers, batch_size, progress, overwrite)
 
 
 def prepare_dpo(inputs: list, tokenizer_path, out_dir, seq_len: int, workers: int | None = None,
-                batch_size: int = 500, progress: bool = True) -> dict:
+                batch_size: int = 500, progress: bool = True, overwrite: bool = False) -> dict:
     """Render DPO pairs (.jsonl: {"prompt": str or messages, "chosen", "rejected"}, or "messages" for the
     prompt) into masked shards under `out_dir`: pair i is documents 2i (chosen) and 2i + 1 (rejected).
 
     A pair whose prompt plus longer response exceeds seq_len is skipped as too_long. Returns a summary like
     prepare_sft's, with num_pairs."""
-    return _prepare_chat("dpo", inputs, tokenizer_path, out_dir, seq_len, workers, batch_size, progress)
+    return _prepare_chat("dpo", inputs, tokenizer_path, out_dir, seq_len, workers, batch_size, progress, overwrite)

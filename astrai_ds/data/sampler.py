@@ -15,8 +15,8 @@ class DistributedBatchSampler:
 
     Every rank holds the same state, and `consumed` counts samples of all ranks, so a run can also resume
     with a different world size or micro-batch size: it continues from the same position of the same order.
-    Draw indices when a step really consumes them: state_dict() after a DataLoader has prefetched batches
-    through this sampler would record the prefetched position, not the trained one.
+    Draw indices (`next_indices`) only when a step consumes them: state_dict() records the position after
+    the last draw, so indices drawn ahead of training would be skipped on resume.
     """
 
     def __init__(self, num_samples: int, micro_batch_size: int, rank: int, world_size: int, seed: int,
@@ -81,11 +81,6 @@ class DistributedBatchSampler:
         indices = self._order_for_epoch()[start:start + self.micro_batch_size].tolist()
         self._consumed += self.global_batch
         return indices
-
-    def __iter__(self):
-        """Endless micro-batches (for `DataLoader(batch_sampler=...)`); see the class note on prefetching."""
-        while True:
-            yield self.next_indices()
 
     def state_dict(self) -> dict:
         return {

@@ -253,8 +253,7 @@ class TokenShards:
         return len(self.index["shards"])
 
     def _memmaps(self) -> list[np.memmap]:
-        # Opened lazily and dropped when pickled (see __getstate__): a DataLoader worker re-opens its own
-        # maps instead of receiving a copy of every shard.
+        # Opened on the first read, so opening a folder only to check its index maps nothing.
         if self._maps is None:
             self._maps = [np.memmap(self.path / s["tokens"], dtype=self.dtype, mode="r", shape=(s["num_tokens"],))
                           for s in self.index["shards"]]
@@ -265,12 +264,6 @@ class TokenShards:
             self._mask_maps = [np.memmap(self.path / s["masks"], dtype=MASK_DTYPE, mode="r", shape=(s["num_tokens"],))
                                for s in self.index["shards"]]
         return self._mask_maps
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_maps"] = None
-        state["_mask_maps"] = None
-        return state
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) of the stream as a new int64 array, across shard boundaries."""

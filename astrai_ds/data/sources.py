@@ -1,6 +1,7 @@
 """Raw text sources: `.txt` files (one document per line) and `.jsonl` files (one JSON object per line,
 the document in its `text` field), read lazily line by line and NFC-normalized; and the JSON records of
-chat `.jsonl` files (`iter_records`), which the chat module checks and normalizes.
+chat `.jsonl` files (`iter_records`), which the chat module checks and normalizes. `check_out_dir` checks the
+output folder of a data command before any work starts.
 
 The tokenizer has no normalizer (so that decode(encode(x)) == x for any string); text is NFC-normalized
 here instead, once, before both tokenizer training and encoding, so the two always see the same form.
@@ -54,6 +55,17 @@ def expand_inputs(inputs: list) -> list[Path]:
     if not files:
         raise DataError("no input files given; pass one or more .txt or .jsonl files")
     return files
+
+
+def check_out_dir(out_dir, what: str) -> Path:
+    """`out_dir` as a Path, once it is known that it can be a folder: it is one, or it is missing and no path
+    above it is a file. Raises DataError naming the file in the way; `what` says what goes in the folder."""
+    out = Path(out_dir)
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise DataError(f"cannot write {what} to {out}: {blocking} is a file, not a folder; give --out a folder "
+                        f"(a missing one is created), or move the file away")
+    return out
 
 
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:

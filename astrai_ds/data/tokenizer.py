@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import sys
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from astrai_ds.data.sources import expand_inputs, iter_texts
+from astrai_ds.data.sources import check_out_dir, expand_inputs, iter_texts
 from astrai_ds.errors import DataError
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<|im_start|>", "<|im_end|>"] + [f"<|reserved_{i}|>" for i in range(11)]
@@ -28,11 +29,12 @@ def _training_texts(files: list[Path]) -> Iterator[str]:
         yield from iter_texts(path)  # strict: a damaged record raises DataError naming file and line
 
 
-def train_tokenizer(files: list, vocab_size: int, out_dir) -> Path:
+def train_tokenizer(files: list, vocab_size: int, out_dir, progress: bool = True) -> Path:
     """Train a byte-level BPE tokenizer on `.txt`/`.jsonl` files and write `out_dir/tokenizer.json`.
 
     The files are streamed (never loaded whole). Returns the path of the written tokenizer.json. The
-    vocabulary may come out smaller than `vocab_size` when the corpus has too few distinct pairs to merge."""
+    vocabulary may come out smaller than `vocab_size` when the corpus has too few distinct pairs to merge.
+    `progress` shows the tokenizers library's progress bars on a terminal."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -41,6 +43,7 @@ def train_tokenizer(files: list, vocab_size: int, out_dir) -> Path:
             f"tokenizer vocab_size {vocab_size!r} is too small: the minimum is {MIN_VOCAB_SIZE} "
             f"({N_BYTES} bytes + {len(SPECIAL_TOKENS)} special tokens)"
         )
+    out = check_out_dir(out_dir, "the tokenizer")
     paths = expand_inputs(files)
     texts = _training_texts(paths)
     first = next(texts, None)
@@ -57,10 +60,11 @@ def train_tokenizer(files: list, vocab_size: int, out_dir) -> Path:
         vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,  # added first, so they get ids 0..15 in order
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        # The library draws its bars on a terminal only; elsewhere (a log file, a pipe) it writes blank
+        # lines to stdout instead, so ask for them only when stderr is a terminal.
+        show_progress=progress and sys.stderr.isatty(),
     )
     tok.train_from_iterator(itertools.chain([first], texts), trainer=trainer)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / TOKENIZER_FILE
     tmp = path.with_name(path.name + ".tmp")

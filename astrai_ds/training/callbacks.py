@@ -154,7 +154,9 @@ class Logger(Callback):
 
 
 class Evaluator(Callback):
-    """Every eval_interval steps (and at the end): the eval loss, shared by all ranks."""
+    """Every eval_interval steps and at the end of training: the eval loss, shared by all ranks. A run stopped
+    before max_steps (a signal, a lost launcher) is not at its end: it adds no evaluation, so its resumed
+    continuation logs exactly what an uninterrupted run logs (early stop stops right after an evaluation)."""
 
     stateful = True
 
@@ -178,7 +180,7 @@ class Evaluator(Callback):
             self._run(trainer)
 
     def on_train_end(self, trainer) -> None:
-        if self.last_step != trainer.state.step:
+        if self.last_step != trainer.state.step and trainer.state.step >= trainer.cfg.max_steps:
             self._run(trainer)
 
     def state_dict(self, trainer) -> dict:

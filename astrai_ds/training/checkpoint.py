@@ -96,12 +96,21 @@ def find_checkpoint(resume: str, output_dir: str | Path) -> tuple[Path, str, lis
                     f"marker) nor a run folder with a '{LATEST}' file; use \"auto\", \"none\" or such a path")
 
 
+def _read_json(path: Path):
+    """A run file's content; None when it is missing, or was left empty or cut short by a kill during a
+    non-atomic write (it is rewritten from this run's configs)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def check_resumable(load_dir: Path, tag: str, world_size: int, zero_stage: int, model_cfg: dict) -> None:
     """Stop before anything is written when the checkpoint cannot resume in this run: another model shape,
     ZeRO stage or number of ranks."""
     where = load_dir / tag
     saved_model = load_dir / "model_config.json"
-    if saved_model.exists() and json.loads(saved_model.read_text()) != model_cfg:
+    if _read_json(saved_model) not in (None, model_cfg):
         raise UserError(f"cannot resume from {where}: it was trained with the model config in {saved_model}, which "
                         f"differs from this run's; use the same model config, another output_dir, or resume \"none\"")
     marker = read_marker(where) or {}

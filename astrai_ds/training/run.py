@@ -50,7 +50,8 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--config", default=DEFAULT_CONFIG,
-                   help="train config (JSON); a relative path is looked up in the working directory, then the project")
+                   help="train config (JSON or YAML); a relative path is looked up in the working directory, then "
+                        "the project")
     p.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", default="zero2.json",
                    help="DeepSpeed config (JSON, DeepSpeed's format); a bare name such as zero3.json falls back to "
                         "the project's ds_configs/")

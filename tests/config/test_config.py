@@ -1,9 +1,10 @@
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 
 from astrai_ds.config.base import apply_overrides, from_dict
-from astrai_ds.config.deepspeed import find_ds_config, load_ds_config, resolve_ds_config
 from astrai_ds.config.model import ModelConfig
 from astrai_ds.config.train import TrainConfig
 from astrai_ds.errors import ConfigError
@@ -89,68 +90,74 @@ def test_model_shape_checks():
         from_dict(ModelConfig, {"n_heads": 4, "n_kv_heads": 3}, "m.json")
 
 
-def _train():
-    return TrainConfig(model="m", tokenizer="t", data=from_dict(TrainConfig, BASE).data, output_dir="o",
-                       micro_batch_size=4, grad_accum_steps=2)
+TINY_YAML = """\
+# the same run as TINY_JSON below, in YAML
+model: configs/model/tiny.json
+tokenizer: tok
+data:
+  path: d
+  seq_len: 64
+output_dir: out
+micro_batch_size: 4
+grad_accum_steps: 2
+optimizer:
+  lr: 3e-3          # YAML 1.1 alone would read this as a string
+  betas: [0.9, 0.95]
+schedule: {type: wsd, warmup_steps: 5}
+"""
+TINY_JSON = {**BASE, "optimizer": {"lr": 3e-3, "betas": [0.9, 0.95]}, "schedule": {"type": "wsd", "warmup_steps": 5}}
 
 
-def test_ds_auto_values_filled():
-    ds, path = load_ds_config("zero3.json")
-    assert path.parent.name == "ds_configs"
-    out = resolve_ds_config(ds, _train(), world_size=2, bf16_supported=True)
-    assert out["train_micro_batch_size_per_gpu"] == 4 and out["gradient_accumulation_steps"] == 2
-    assert out["train_batch_size"] == 16 and out["gradient_clipping"] == 1.0
-    assert out["bf16"]["enabled"] is True and out["fp16"]["enabled"] is False
-    assert resolve_ds_config(ds, _train(), 2, bf16_supported=False)["bf16"]["enabled"] is False
+@pytest.mark.parametrize("suffix", [".yaml", ".yml"])
+def test_yaml_train_config_loads_like_its_json_twin(tmp_path, suffix):
+    yaml_path = tmp_path / f"train{suffix}"
+    yaml_path.write_text(TINY_YAML)
+    json_path = write(tmp_path, TINY_JSON)
+    assert TrainConfig.load(yaml_path) == TrainConfig.load(json_path)
+    assert TrainConfig.load(yaml_path).optimizer.lr == 0.003
+    overrides = ["max_steps=7", "data.seq_len=32", "optimizer.betas=[0.8,0.9]"]
+    from_yaml = TrainConfig.load(yaml_path, overrides)
+    assert from_yaml == TrainConfig.load(json_path, overrides) and from_yaml.data.seq_len == 32
 
 
-def test_ds_accelerator_only_settings_follow_the_device():
-    ds, _ = load_ds_config("zero2.json")
-    assert ds["zero_optimization"]["overlap_comm"] == "auto"
-    gpu = resolve_ds_config(ds, _train(), 2, bf16_supported=True, accelerator=True)["zero_optimization"]
-    cpu = resolve_ds_config(ds, _train(), 2, bf16_supported=True, accelerator=False)["zero_optimization"]
-    assert gpu["overlap_comm"] is True and gpu["contiguous_gradients"] is True
-    assert cpu["overlap_comm"] is False and cpu["contiguous_gradients"] is False
-    explicit = {"zero_optimization": {"stage": 2, "overlap_comm": True}}
-    assert resolve_ds_config(explicit, _train(), 1, bf16_supported=True,
-                             accelerator=False)["zero_optimization"]["overlap_comm"] is True
+def test_yaml_model_config_loads_like_its_json_twin(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(json.loads(Path("configs/model/tiny.json").read_text())))
+    assert ModelConfig.load(path) == ModelConfig.load("configs/model/tiny.json")
 
 
-def test_ds_pure_bf16_needs_bf16_and_zero():
-    ds, _ = load_ds_config("zero2_pure_bf16.json")
-    assert resolve_ds_config(ds, _train(), 2, bf16_supported=True)["bf16"]["bf16_optimizer_states"] is True
-    with pytest.raises(ConfigError, match="bf16.bf16_master_weights_and_grads keeps weights in bf16"):
-        resolve_ds_config(ds, _train(), 2, bf16_supported=False)
-    ds["zero_optimization"]["stage"] = 0
-    with pytest.raises(ConfigError, match="needs ZeRO stage 1, 2 or 3"):
-        resolve_ds_config(ds, _train(), 2, bf16_supported=True)
+def test_yaml_gets_the_same_validation(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text(TINY_YAML)
+    with pytest.raises(ConfigError, match=r"train.yaml \(with --set overrides\): key 'max_steps' must be an integer"):
+        TrainConfig.load(path, ["max_steps=ten"])
+    path.write_text(TINY_YAML.replace("  seq_len: 64", "  seqlen: 64"))
+    with pytest.raises(ConfigError, match=r"train.yaml: unknown key 'data.seqlen' \(did you mean 'data.seq_len'\?\)"):
+        TrainConfig.load(path)
 
 
-def test_ds_batch_mismatch_names_all_four_numbers():
-    ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "train_batch_size": 10}
-    with pytest.raises(ConfigError) as e:
-        resolve_ds_config(ds, _train(), world_size=2, bf16_supported=True, source="my_ds.json")
-    msg = str(e.value)
-    assert "my_ds.json" in msg and "(10)" in msg and "(4)" in msg and "(2)" in msg and "= 16" in msg
+def test_bad_yaml_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: x\ndata:\n  path: d\n seq_len: 64\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: invalid YAML at line 4, column 2: "):
+        TrainConfig.load(path)
+    path.write_text("model: x\n1: y\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: invalid YAML at line 2, column 1: key '1' is read as int"):
+        TrainConfig.load(path)
 
 
-def test_ds_leftover_auto_is_an_error():
-    ds = {"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}
-    with pytest.raises(ConfigError, match="zero_optimization.reduce_bucket_size"):
-        resolve_ds_config(ds, _train(), 1, bf16_supported=True)
+def test_yaml_top_level_must_be_a_mapping(tmp_path):
+    path = tmp_path / "list.yml"
+    path.write_text("- model: x\n- tokenizer: t\n")
+    with pytest.raises(ConfigError, match=r"list.yml: expected a mapping \(key: value lines\) at the top level, "
+                                          r"got list"):
+        TrainConfig.load(path)
+    path.write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match="list.yml: expected a mapping .* got an empty document"):
+        ModelConfig.load(path)
 
 
-def test_ds_explicit_values_win_and_scheduler_rejected():
-    out = resolve_ds_config({"train_micro_batch_size_per_gpu": 2}, _train(), 1, bf16_supported=True)
-    assert out["train_micro_batch_size_per_gpu"] == 2 and out["train_batch_size"] == 4
-    with pytest.raises(ConfigError, match="remove the 'scheduler' section"):
-        resolve_ds_config({"scheduler": {"type": "WarmupLR"}}, _train(), 1, bf16_supported=True)
-
-
-def test_ds_config_lookup(tmp_path, monkeypatch):
-    assert find_ds_config("zero2.json").name == "zero2.json"
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "zero2.json").write_text("{}")
-    assert find_ds_config("zero2.json").resolve() == (tmp_path / "zero2.json").resolve()
-    with pytest.raises(ConfigError, match="DeepSpeed config not found: nope.json"):
-        find_ds_config("nope.json")
+def test_yaml_dates_stay_strings(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text(TINY_YAML.replace("output_dir: out", "output_dir: 2024-01-01"))
+    assert TrainConfig.load(path).output_dir == "2024-01-01"

@@ -4,6 +4,9 @@ import pytest
 
 from astrai_ds.data import corpus
 from astrai_ds.data.corpus import TASKS, split_facts, task_facts, write_corpus
+from astrai_ds.data.corpus.facts import register
+from astrai_ds.data.corpus.words import (ANTONYMS, MONTH_DAYS, MONTHS_EN, MONTHS_ZH, UNITS, WEEKDAYS_EN, WEEKDAYS_ZH,
+                                         WORDS)
 from astrai_ds.errors import DataError
 from conftest import read_jsonl
 
@@ -82,9 +85,31 @@ def test_examples_render_as_documented():
         assert t in texts, t
 
 
+def test_word_tables_have_one_answer_per_fact():
+    # Every column unique: "the Chinese for X", "the opposite of X" and "the day after X" have one answer.
+    en, zh = [w for w, _ in WORDS], [z for _, z in WORDS]
+    assert len(set(en)) == len(en) and len(set(zh)) == len(zh)
+    assert all(w.isascii() and w.isalpha() and w.islower() for w in en)  # letter counts and first letters
+    antonyms_en = [w for p in ANTONYMS for w in p[2:]]
+    antonyms_zh = [w for p in ANTONYMS for w in p[:2]]
+    assert len(set(antonyms_en)) == len(antonyms_en) and len(set(antonyms_zh)) == len(antonyms_zh)
+    for names in (WEEKDAYS_EN, WEEKDAYS_ZH, MONTHS_EN, MONTHS_ZH):
+        assert len(set(names)) == len(names)
+    assert len(WEEKDAYS_EN) == len(WEEKDAYS_ZH) == 7 and len(MONTHS_EN) == len(MONTHS_ZH) == 12
+    assert sum(MONTH_DAYS) == 365
+    assert len({u[2] for u in UNITS.values()}) == len(UNITS) and all(u[0] != u[1] for u in UNITS.values())
+
+
+def test_register_refuses_an_unknown_holdout():
+    with pytest.raises(ValueError, match="holdout must be 'fact' or 'rendering'"):
+        register("nope", holdout="phrasing", pretrain_records=1)
+    assert "nope" not in TASKS
+
+
 def test_all_renderings_unique_and_have_wrong_answers():
     facts = [f for name in TASKS for f in task_facts(name)]
     assert len({f.text for f in facts}) == len(facts)
+    assert all(f.distractors and f.answer not in f.distractors for f in facts)
     rng = random.Random(0)
     for f in facts[::97]:
         wrong = f.wrong_answer(rng)

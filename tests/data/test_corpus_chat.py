@@ -5,10 +5,11 @@ import random
 import pytest
 
 from astrai_ds.data import corpus
-from astrai_ds.data.corpus import (QUESTIONS, TASKS, answer_style, chat_answer_correct, chat_item, chat_metrics,
-                                   chat_response_exact, dpo_records, sft_records, split_facts, task_facts,
+from astrai_ds.data.corpus import (QUESTIONS, TASKS, chat_item, dpo_records, sft_records, split_facts, task_facts,
                                    write_corpus)
+from astrai_ds.data.corpus.chat_forms import CHAT_FORMS, is_question
 from astrai_ds.data.prepare import prepare_dpo, prepare_sft
+from astrai_ds.inference.scoring import answer_style, chat_answer_correct
 from conftest import read_jsonl
 
 SCALE = 0.1
@@ -169,7 +170,7 @@ def test_dpo_pairs_prefer_the_full_correct_answer(written):
             assert answer_style(pair["rejected"], item) == "full" and not chat_answer_correct(pair["rejected"], item)
 
 
-def test_eval_records_and_style_scoring(written):
+def test_eval_records(written):
     _, _, files = written
     items = files[corpus.SFT_EVAL_FILE]
     for it in items:
@@ -186,24 +187,15 @@ def test_eval_records_and_style_scoring(written):
     a, b = add["messages"][-1]["content"].removeprefix("What is ").removesuffix("?").split(" + ")
     s = int(a) + int(b)
     assert add["answers"] == {"plain": str(s), "full": f"{s}. {a} + {b} = {s}."}
-    assert answer_style(f" 7. {a} + {b} = 7. ", add) == "full"  # wrong, but in the full style
-    assert answer_style(f"{s}. {a} + {b} = 7.", add) == "full"  # a wrong justification is still one
-    assert answer_style("7", add) == "plain" and answer_style("", add) == "other"
-    assert answer_style("The answer is 7.", add) == "other"
-    assert answer_style(f"{a} + {b} = {s}.", add) == "other"  # a statement without the value first
-    assert answer_style(f"{s}. {a} + {b} = {s}. {a} + {b} = {s}.", add) == "other"  # two sentences
-    # The answer is the value: right with or without a justification, and whatever the justification says;
-    # the whole response is right only with a right justification.
-    full = add["answers"]["full"]
-    assert chat_answer_correct(" " + full + "\n", add) and chat_response_exact(" " + full + "\n", add)
-    assert chat_answer_correct(str(s), add) and chat_response_exact(str(s), add)
-    assert chat_answer_correct(f"{s}. {a} + {b} = 7.", add) and not chat_response_exact(f"{s}. {a} + {b} = 7.", add)
-    assert not chat_answer_correct("7", add) and not chat_answer_correct(f"7. {a} + {b} = 7.", add)
-    assert not chat_answer_correct(f"{s} apples", add) and not chat_answer_correct(f"{s}. Yes. Yes.", add)
-    wrong_just = f"{s}. {a} + {b} = 7."
-    m = chat_metrics([full, str(s), "nonsense here", "7", wrong_just], [add] * 5)
-    assert m == {"exact_match": 0.6, "response_match": 0.4, "preferred_style_rate": 0.4,
-                 "style_rates": {"plain": 0.4, "full": 0.4, "other": 0.2}}
+
+
+def test_every_phrasing_has_one_question_and_a_statement():
+    questions = [QUESTIONS.get(p, p) for p in CHAT_FORMS]
+    assert len(set(questions)) == len(questions), "two phrasings share a question"
+    for phrasing, (_, statements) in CHAT_FORMS.items():
+        assert is_question(phrasing) or phrasing in QUESTIONS, phrasing
+        assert statements, f"{phrasing!r} has no statement phrasing in its language to justify a full answer"
+    assert {f.phrasing for name in TASKS for f in task_facts(name)} <= set(CHAT_FORMS)
 
 
 def test_chat_files_prepare_without_skips(written, tokenizer_dir, tmp_path):

@@ -52,12 +52,16 @@ def test_skipped_records_are_counted(messy_inputs, tokenizer_dir, tmp_path):
     assert TokenShards(tmp_path / "out").meta["skipped"] == expected
 
 
-def test_overwrites_previous_output(messy_inputs, tokenizer_dir, tmp_path):
+def test_overwrites_previous_output_only_when_asked(messy_inputs, tokenizer_dir, tmp_path):
     out = tmp_path / "out"
     prepare_pretrain(messy_inputs, tokenizer_dir, out, seq_len=4, workers=1, progress=False)
+    index = (out / "index.json").read_bytes()
     small = tmp_path / "small.txt"
     small.write_text("just one line\n", encoding="utf-8")
-    summary = prepare_pretrain([small], tokenizer_dir, out, seq_len=4, workers=1, progress=False)
+    with pytest.raises(DataError, match=f"{out} already holds stage pt shards: 38 documents.*--overwrite"):
+        prepare_pretrain([small], tokenizer_dir, out, seq_len=4, workers=1, progress=False)
+    assert (out / "index.json").read_bytes() == index
+    summary = prepare_pretrain([small], tokenizer_dir, out, seq_len=4, workers=1, progress=False, overwrite=True)
     assert summary["num_documents"] == 1
     assert sorted(p.name for p in out.iterdir()) == ["doc_offsets_00000.npy", "index.json", "tokens_00000.bin"]
 

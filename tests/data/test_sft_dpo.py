@@ -16,7 +16,7 @@ from astrai_ds.data.shards import ShardWriter, TokenShards
 from astrai_ds.errors import DataError
 from astrai_ds.model import ModelConfig, Transformer
 from astrai_ds.model.masks import block_causal_mask
-from astrai_ds.training import losses
+from astrai_ds.model import losses
 
 
 def _jsonl(path, records):

@@ -78,17 +78,6 @@ def test_remove_and_rewrite(tmp_path):
     assert TokenShards(tmp_path).read(0, 2).tolist() == [4, 5]
 
 
-def test_pickle_does_not_copy_shards(tmp_path):
-    import pickle
-
-    _write(tmp_path, [list(range(50))], shard_tokens=100)
-    shards = TokenShards(tmp_path)
-    shards.read(0, 5)  # opens the memmaps
-    clone = pickle.loads(pickle.dumps(shards))
-    assert len(pickle.dumps(shards)) < 2000
-    assert clone.read(10, 3).tolist() == [10, 11, 12]
-
-
 def _write_masked(out, docs, shard_tokens=10):
     w = ShardWriter(out, 1000, {"stage": "sft"}, shard_tokens=shard_tokens, masks=True)
     for ids, mask in docs:
@@ -113,10 +102,6 @@ def test_masks_round_trip(tmp_path):
                 np.testing.assert_array_equal(window, masks[start:start + length])
                 np.testing.assert_array_equal(shards.read(start, length), tokens[start:start + length])
     np.testing.assert_array_equal(shards.document_lengths(), [len(d[0]) for d in docs])
-    import pickle
-
-    clone = pickle.loads(pickle.dumps(shards))
-    np.testing.assert_array_equal(clone.read_mask(0, 10), masks[:10])
 
 
 def test_pt_shards_are_unchanged_and_have_no_masks(tmp_path):

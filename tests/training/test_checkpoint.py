@@ -12,19 +12,20 @@ from pathlib import Path
 import pytest
 
 from astrai_ds.errors import UserError
-from astrai_ds.training.checkpoint import (COMPLETE, LATEST, atomic_write, find_checkpoint, list_checkpoints,
-                                           prune_checkpoints)
-from conftest import (ROOT, VENV_BIN, deepspeed_cmd, env, free_port, launch, remove_shm_buffers, run_cmd,
-                      tiny_train_config,
-                      train_losses)
+from astrai_ds.run_dir import COMPLETE, LATEST, atomic_write, list_checkpoints, resolve_checkpoint, write_marker
+from astrai_ds.training.checkpoint import (check_resumable, find_checkpoint, prune_checkpoints,
+                                           remove_incomplete_checkpoints)
+from conftest import (ROOT, VENV_BIN, deepspeed_cmd, env, free_port, launch, read_metrics, remove_shm_buffers,
+                      run_cmd, tiny_train_config, train_losses)
 
 
-def fake_checkpoint(run, step, complete=True):
+def fake_checkpoint(run, step, complete=True, world_size=2, zero_stage=2):
     path = run / f"global_step{step}"
     path.mkdir(parents=True)
-    (path / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    (path / "mp_rank_00_model_states.pt").write_bytes(b"x" * 100)
+    (path / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"y" * 300)
     if complete:
-        (path / COMPLETE).write_text(f"{step}\n")
+        write_marker(path, step, world_size, zero_stage)
     return path
 
 
@@ -35,9 +36,9 @@ def test_find_checkpoint(tmp_path):
     fake_checkpoint(tmp_path, 4)
     fake_checkpoint(tmp_path, 6, complete=False)  # killed while writing
     atomic_write(tmp_path / LATEST, "global_step4")
-    assert find_checkpoint("auto", tmp_path) == (tmp_path, "global_step4")
-    assert find_checkpoint(str(tmp_path / "global_step2"), tmp_path / "other") == (tmp_path, "global_step2")
-    assert find_checkpoint(str(tmp_path), tmp_path / "other") == (tmp_path, "global_step4")
+    assert find_checkpoint("auto", tmp_path) == (tmp_path, "global_step4", [])
+    assert find_checkpoint(str(tmp_path / "global_step2"), tmp_path / "other") == (tmp_path, "global_step2", [])
+    assert find_checkpoint(str(tmp_path), tmp_path / "other") == (tmp_path, "global_step4", [])
     with pytest.raises(UserError, match="not a complete checkpoint"):
         find_checkpoint(str(tmp_path / "global_step6"), tmp_path)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 4]
@@ -46,8 +47,49 @@ def test_find_checkpoint(tmp_path):
 def test_latest_naming_incomplete_checkpoint_is_an_error(tmp_path):
     fake_checkpoint(tmp_path, 2, complete=False)
     atomic_write(tmp_path / LATEST, "global_step2")
-    with pytest.raises(UserError, match="missing or incomplete"):
+    with pytest.raises(UserError, match="no usable checkpoint.*global_step2 is not a complete checkpoint"):
         find_checkpoint("auto", tmp_path)
+
+
+def test_damaged_checkpoint_falls_back_on_auto_and_is_named_otherwise(tmp_path):
+    """A truncated file inside a checkpoint marked complete: resume "auto" takes the previous complete one and
+    says why; an explicit resume path and export name the damaged file and the checkpoints that are intact."""
+    fake_checkpoint(tmp_path, 2)
+    damaged = fake_checkpoint(tmp_path, 4) / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    atomic_write(tmp_path / LATEST, "global_step4")
+    damaged.write_bytes(b"y" * 120)  # truncated after the marker was written
+    load_dir, tag, notes = find_checkpoint("auto", tmp_path)
+    assert (load_dir, tag) == (tmp_path, "global_step2")
+    assert len(notes) == 1 and "skipping global_step4" in notes[0] and f"{damaged} is damaged: 120 bytes where " \
+        "300 were saved" in notes[0]
+    with pytest.raises(UserError, match=f"{damaged} is damaged.*complete checkpoints in .*: global_step2"):
+        find_checkpoint(str(tmp_path / "global_step4"), tmp_path)
+    with pytest.raises(UserError, match=f"{damaged} is damaged"):
+        resolve_checkpoint(tmp_path)  # what export reads
+    damaged.unlink()
+    with pytest.raises(UserError, match=f"{damaged} is missing"):
+        resolve_checkpoint(tmp_path, "global_step4")
+
+
+def test_incomplete_checkpoints_are_removed_and_complete_ones_kept(tmp_path):
+    fake_checkpoint(tmp_path, 2)
+    fake_checkpoint(tmp_path, 4, complete=False)
+    (tmp_path / "global_stepX").mkdir()  # not a checkpoint name: not ours to delete
+    assert remove_incomplete_checkpoints(tmp_path) == ["global_step4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step2", "global_stepX"]
+
+
+def test_resume_with_another_zero_stage_or_world_size_is_refused(tmp_path):
+    fake_checkpoint(tmp_path, 2, world_size=2, zero_stage=3)
+    model = {"dim": 64}
+    (tmp_path / "model_config.json").write_text('{"dim": 64}')
+    check_resumable(tmp_path, "global_step2", 2, 3, model)  # the same: fine
+    with pytest.raises(UserError, match="ZeRO stage 3, this run 2.*stage.init_from"):
+        check_resumable(tmp_path, "global_step2", 2, 2, model)
+    with pytest.raises(UserError, match="2 ranks, this run 1"):
+        check_resumable(tmp_path, "global_step2", 1, 3, model)
+    with pytest.raises(UserError, match="model config"):
+        check_resumable(tmp_path, "global_step2", 2, 3, {"dim": 128})
 
 
 def test_prune_keeps_newest_and_latest(tmp_path):
@@ -136,3 +178,93 @@ def test_sigusr1_saves_a_checkpoint_and_stops(workspace, tmp_path):
     resumed = launch(cfg, sets=[f"max_steps={stopped_at + 2}"])
     assert f"at step {stopped_at}" in resumed.stdout
     assert sorted(train_losses(run))[-2:] == [stopped_at + 1, stopped_at + 2]
+
+
+TIMING = {"train/tokens_per_sec", "train/tokens_per_sec_per_rank", "train/mfu"}  # wall-clock: differ run to run
+
+
+def _kill_after_checkpoint(cfg: Path, run: Path, step: int) -> None:
+    """Start a one-rank run and SIGKILL it as soon as its checkpoint of `step` is complete."""
+    proc = subprocess.Popen([str(VENV_BIN / "python"), "train.py", "--config", str(cfg)], cwd=ROOT, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if (run / LATEST).exists() and (run / LATEST).read_text().strip() == f"global_step{step}":
+            break
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (run / LATEST).read_text().strip() == f"global_step{step}", "the run did not reach the checkpoint"
+
+
+def test_killed_at_each_checkpoint_logs_what_an_uninterrupted_run_logs(workspace, tmp_path):
+    """Killed right after each checkpoint and resumed, a run gives the uninterrupted run's metrics.jsonl line for
+    line (the lines logged after the checkpoint are dropped before they are logged again), the same evaluations
+    and the same early-stop decision; TensorBoard shows each step once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # min_delta 10: no evaluation counts as an improvement, so early stop fires at the third evaluation after
+    # the first (steps 0, 2, 4, 6): at step 6 of 10. log_interval 3 leaves partial sums in the checkpoints.
+    common = dict(max_steps=10, save_interval=2, eval_interval=2, log_interval=3, keep_checkpoints=0,
+                  schedule__total_steps=10, early_stop={"patience": 3, "min_delta": 10.0})
+    ref = tiny_train_config(workspace, tmp_path / "ref", **common)
+    full = run_cmd([str(VENV_BIN / "python"), "train.py", "--config", str(ref)])
+    assert "early stop at step 6" in full.stdout
+
+    cfg = tiny_train_config(workspace, tmp_path / "killed", **common)
+    run = tmp_path / "killed" / "run"
+    for step in (2, 4):
+        _kill_after_checkpoint(cfg, run, step)
+    resumed = run_cmd([str(VENV_BIN / "python"), "train.py", "--config", str(cfg)])
+    assert "at step 4" in resumed.stdout and "early stop at step 6" in resumed.stdout
+
+    def lines(run_dir):
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(run_dir)]
+
+    assert lines(run) == lines(tmp_path / "ref" / "run")
+    events = EventAccumulator(str(run / "tb")).Reload()
+    for tag in ("train/loss", "eval/loss"):
+        steps = [e.step for e in events.Scalars(tag)]
+        assert steps == sorted(set(steps)), (tag, steps)  # each step once
+    assert [e.step for e in events.Scalars("eval/loss")] == [0, 2, 4, 6]
+
+
+def test_run_file_left_empty_by_a_kill_does_not_stop_a_resume(tmp_path):
+    fake_checkpoint(tmp_path, 2, world_size=1, zero_stage=0)
+    (tmp_path / "model_config.json").write_text("")  # a kill during a plain (non-atomic) write
+    check_resumable(tmp_path, "global_step2", 1, 0, {"dim": 64})
+
+
+def test_run_files_are_never_seen_half_written(tmp_path):
+    """Another rank reading model_config.json while rank 0 rewrites the run files (a resume) sees a whole file,
+    old or new, never an empty or half-written one."""
+    import json
+    import threading
+    from types import SimpleNamespace
+
+    from astrai_ds.training.run import _write_run_files
+
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_text("{}")
+    versions = [{"dim": i, "pad": "x" * 20_000} for i in range(150)]
+
+    def files(i):
+        return (SimpleNamespace(to_dict=lambda: {"step": i}), SimpleNamespace(to_dict=lambda: versions[i]), {},
+                SimpleNamespace(path=tokenizer))
+
+    _write_run_files(tmp_path, *files(0))
+    seen, done = [], threading.Event()
+
+    def read():
+        while not done.is_set():
+            seen.append((tmp_path / "model_config.json").read_text())
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    for i in range(1, len(versions)):
+        _write_run_files(tmp_path, *files(i))
+    done.set()
+    reader.join()
+    assert len(seen) > 10 and all(json.loads(text) in versions for text in seen)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["tokenizer.json", "train_config.json",
+                                                                 "model_config.json", "ds_config.json"])

@@ -88,3 +88,26 @@ def test_error_truncated_shard(workspace, tmp_path):
     cfg = tiny_train_config(workspace, tmp_path, data__path=str(data))
     expect_user_error(python_train(cfg, check=False), shard.name)
 
+
+
+def test_error_empty_output_dir(workspace, tmp_path):
+    """`--set output_dir=` would train into the working directory."""
+    cfg = tiny_train_config(workspace, tmp_path)
+    expect_user_error(python_train(cfg, "output_dir=", check=False), "output_dir", "is empty")
+
+
+def test_resume_with_another_zero_stage_is_refused_and_keeps_the_run_files(workspace, tmp_path):
+    cfg = tiny_train_config(workspace, tmp_path, max_steps=2, save_interval=2)
+    python_train(cfg)
+    run = tmp_path / "run"
+    before = {name: (run / name).read_bytes() for name in ("ds_config.json", "train_config.json")}
+    proc = run_cmd([str(VENV_BIN / "python"), "train.py", "--config", str(cfg), "--ds_config", "zero3.json",
+                    "--set", "max_steps=4"], check=False)
+    expect_user_error(proc, "cannot resume from", "ZeRO stage 2, this run 3", "stage.init_from")
+    assert {name: (run / name).read_bytes() for name in before} == before
+
+
+def test_train_help_names_the_command_it_was_called_as():
+    proc = run_cmd([str(VENV_BIN / "astrai-ds"), "train", "--help"])
+    assert proc.stdout.startswith("usage: astrai-ds train") and "(default: None)" not in proc.stdout
+    assert run_cmd([str(VENV_BIN / "python"), "train.py", "--help"]).stdout.startswith("usage: train.py")

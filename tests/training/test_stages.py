@@ -56,8 +56,7 @@ def test_sft_zero2_trains_and_resumes(workspace, stages, tmp_path):
 
 def test_dpo_zero3_live_reference_trains_and_resumes(workspace, stages, tmp_path):
     proc, run = resume_matches(workspace, stages, tmp_path, "dpo", "zero3.json",
-                               stage={"type": "dpo", "init_from": str(stages / "pt_model"), "reference": "live",
-                                      "beta": 0.1})
+                               dpo={"reference": "live", "beta": 0.1})
     assert "reference model unchanged" in proc.stdout
     records = read_metrics(run)
     for tag in ("dpo/rewards_chosen", "dpo/rewards_rejected", "dpo/reward_accuracy", "dpo/reward_margin",
@@ -72,8 +71,7 @@ def test_dpo_precomputed_reference_equals_live(workspace, stages, tmp_path):
     losses = {}
     for reference in ("live", "precomputed", "precomputed"):
         out = tmp_path / f"{reference}{len(losses)}"
-        cfg = stage_config(workspace, stages, out, "dpo", save_interval=4,
-                           stage={"type": "dpo", "init_from": str(stages / "pt_model"), "reference": reference})
+        cfg = stage_config(workspace, stages, out, "dpo", save_interval=4, dpo={"reference": reference})
         proc = launch(cfg, ds_config="zero2.json")
         losses[out.name] = train_losses(out / "run")
         if reference == "precomputed":
@@ -106,16 +104,30 @@ def test_reference_with_other_shape_or_vocabulary_is_an_error(workspace, stages,
     shutil.copytree(stages / "pt_model", other_shape)
     config = json.loads((other_shape / "config.json").read_text())
     (other_shape / "config.json").write_text(json.dumps({**config, "n_layers": 3}))
-    cfg = stage_config(workspace, stages, tmp_path / "a", "dpo",
-                       stage={"type": "dpo", "init_from": str(stages / "pt_model"),
-                              "reference_model": str(other_shape)})
-    expect_user_error(python_train(cfg), "stage.reference_model", "n_layers 3 vs the policy's 2")
+    cfg = stage_config(workspace, stages, tmp_path / "a", "dpo", dpo={"reference_model": str(other_shape)})
+    expect_user_error(python_train(cfg), "dpo.reference_model", "n_layers 3 vs the policy's 2")
 
     other_vocab = tmp_path / "other_vocab"
     shutil.copytree(stages / "pt_model", other_vocab)
     train_tokenizer([workspace / "corpus" / "pretrain.jsonl"], 400, tmp_path / "tok")
     shutil.copyfile(tmp_path / "tok" / "tokenizer.json", other_vocab / "tokenizer.json")
-    cfg = stage_config(workspace, stages, tmp_path / "b", "dpo",
-                       stage={"type": "dpo", "init_from": str(stages / "pt_model"),
-                              "reference_model": str(other_vocab)})
+    cfg = stage_config(workspace, stages, tmp_path / "b", "dpo", dpo={"reference_model": str(other_vocab)})
     expect_user_error(python_train(cfg), "another tokenizer")
+
+
+def test_simpo_gamma_is_set_from_the_config_and_old_keys_say_where_they_went(workspace, stages, tmp_path):
+    """dpo.gamma reaches SimPO's loss (it was stuck at 0.5); a config with DPO keys under `stage` is told where
+    they moved."""
+    losses = {}
+    for gamma in (0.5, 3.0):
+        out = tmp_path / f"g{gamma}"
+        cfg = stage_config(workspace, stages, out, "dpo", max_steps=1, save_interval=1,
+                           dpo={"loss_type": "simpo", "beta": 2.0, "gamma": gamma})
+        run_cmd([str(VENV_BIN / "python"), "train.py", "--config", str(cfg)])
+        losses[gamma] = train_losses(out / "run")[1]
+    # At the first step policy = the SFT start for both; a larger target margin gives a larger loss.
+    assert losses[3.0] > losses[0.5] + 0.5, losses
+    cfg = stage_config(workspace, stages, tmp_path / "old", "dpo")
+    proc = run_cmd([str(VENV_BIN / "python"), "train.py", "--config", str(cfg), "--set", "stage.beta=0.2"],
+                   check=False)
+    expect_user_error(proc, "'stage.beta' has moved to 'dpo.beta'")

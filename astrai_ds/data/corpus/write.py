@@ -1,0 +1,88 @@
+"""`write_corpus`: the training facts as `pretrain.jsonl` and the held-out prompts as `pretrain_eval.jsonl`,
+and the same split as chat data (`sft.jsonl`, `dpo.jsonl` and their `_eval` sets)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+from astrai_ds.data.corpus.chat_forms import (DPO_PAIRS, SFT_CONVERSATIONS, dpo_eval_records, dpo_records,
+                                              sft_eval_records, sft_records)
+from astrai_ds.data.corpus.facts import LANGS, TASKS, Fact
+from astrai_ds.data.corpus.split import per_task_lang, sample_renderings, split_facts
+from astrai_ds.data.sources import check_out_dir
+from astrai_ds.errors import DataError
+
+PRETRAIN_FILE = "pretrain.jsonl"
+EVAL_FILE = "pretrain_eval.jsonl"
+SFT_FILE = "sft.jsonl"
+SFT_EVAL_FILE = "sft_eval.jsonl"
+DPO_FILE = "dpo.jsonl"
+DPO_EVAL_FILE = "dpo_eval.jsonl"
+
+
+def _write_lines(path: Path, records) -> int:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+def write_corpus(out_dir, seed: int = 0, scale: float = 1.0) -> dict:
+    """Write under `out_dir`:
+
+    - `pretrain.jsonl` ({"text"} per line, shuffled), `pretrain_eval.jsonl` ({"prompt", "answer", "text",
+      "lang", "task"});
+    - `sft.jsonl` ({"messages"}), `sft_eval.jsonl` (see `sft_eval_records`);
+    - `dpo.jsonl` ({"prompt": messages, "chosen", "rejected"}), `dpo_eval.jsonl` (plus "task", "lang",
+      "rejected_kind").
+
+    The same seed gives byte-identical files; `scale` multiplies the number of training records but leaves
+    the held-out split, and so the eval files, unchanged."""
+    if not isinstance(scale, (int, float)) or not scale > 0:
+        raise DataError(f"corpus scale must be a positive number, got {scale!r}")
+    if not isinstance(seed, int) or seed < 0:
+        raise DataError(f"corpus seed must be a non-negative integer, got {seed!r}")
+    out = check_out_dir(out_dir, "the corpus")
+    split = split_facts(seed)
+    train_by_task: dict[str, list[Fact]] = {name: [] for name in TASKS}
+    for f in split.train:
+        train_by_task[f.task].append(f)
+    records: list[Fact] = []
+    counts: dict[str, dict] = {}
+    for name, task in TASKS.items():
+        n = max(1, round(task.pretrain_records * scale))
+        records += sample_renderings(train_by_task[name], n, random.Random(f"sample:{seed}:{name}"))
+        counts[name] = {"pretrain": n, "eval": sum(f.task == name for f in split.eval),
+                        "sft": per_task_lang(SFT_CONVERSATIONS, scale) * len(LANGS),
+                        "dpo": per_task_lang(DPO_PAIRS, scale) * len(LANGS)}
+    random.Random(f"shuffle:{seed}").shuffle(records)
+
+    out.mkdir(parents=True, exist_ok=True)
+    pretrain_bytes = _write_lines(out / PRETRAIN_FILE, ({"text": f.text} for f in records))
+    eval_bytes = _write_lines(out / EVAL_FILE, (f.eval_record() for f in split.eval))
+    chat = {SFT_FILE: sft_records(seed, scale), SFT_EVAL_FILE: sft_eval_records(seed),
+            DPO_FILE: dpo_records(seed, scale), DPO_EVAL_FILE: dpo_eval_records(seed)}
+    for name, chat_records in chat.items():
+        _write_lines(out / name, chat_records)
+    return {
+        "pretrain": str(out / PRETRAIN_FILE),
+        "eval": str(out / EVAL_FILE),
+        "pretrain_records": len(records),
+        "eval_items": len(split.eval),
+        "pretrain_bytes": pretrain_bytes,
+        "eval_bytes": eval_bytes,
+        "sft": str(out / SFT_FILE),
+        "sft_eval": str(out / SFT_EVAL_FILE),
+        "dpo": str(out / DPO_FILE),
+        "dpo_eval": str(out / DPO_EVAL_FILE),
+        "sft_records": len(chat[SFT_FILE]),
+        "sft_eval_items": len(chat[SFT_EVAL_FILE]),
+        "dpo_records": len(chat[DPO_FILE]),
+        "dpo_eval_items": len(chat[DPO_EVAL_FILE]),
+        "tasks": counts,
+    }
