@@ -316,6 +316,11 @@ def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
         if env_rank() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the terminal sends SIGINT to every rank of the launch
+        if env_rank() == 0:
+            print("interrupted: run the same command again to resume from the last complete checkpoint",
+                  file=sys.stderr, flush=True)
+        return 130
     finally:
         # Tear the process group down before interpreter exit: left to the exit handlers, gloo's threads
         # can be destroyed while still joinable, and the rank aborts ("terminate called without an active

@@ -111,3 +111,23 @@ def test_train_help_names_the_command_it_was_called_as():
     proc = run_cmd([str(VENV_BIN / "astrai-ds"), "train", "--help"])
     assert proc.stdout.startswith("usage: astrai-ds train") and "(default: None)" not in proc.stdout
     assert run_cmd([str(VENV_BIN / "python"), "train.py", "--help"]).stdout.startswith("usage: train.py")
+
+
+def test_ctrl_c_ends_with_one_line_and_no_traceback(workspace, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    from conftest import ROOT, env
+
+    cfg = tiny_train_config(workspace, tmp_path, max_steps=100000, save_interval=100000, log_interval=1)
+    proc = subprocess.Popen([str(VENV_BIN / "python"), "train.py", "--config", str(cfg)], cwd=ROOT, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "run" / "metrics.jsonl").exists():
+        time.sleep(0.1)
+    time.sleep(1)  # well inside the training loop
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err and "interrupted" in err, err
