@@ -1,10 +1,14 @@
 """Evaluate a model folder on held-out data: token loss over the texts and exact match of greedy answers
-(records with `prompt` and `answer`, such as the built-in pretrain_eval.jsonl). Prints JSON."""
+(--data: records with `prompt` and `answer`, such as the built-in pretrain_eval.jsonl), greedy chat answers
+(--chat: sft_eval.jsonl) and preference pairs (--pairs: dpo_eval.jsonl). Every record is checked before the
+model is loaded. Prints JSON on stdout and progress on stderr."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from astrai_ds.errors import UserError
 
 NAME = "eval"
 HELP = "evaluate a model folder"
@@ -25,15 +29,36 @@ def add_arguments(p) -> None:
                    help="with --chat: write every greedy answer (question, response, correct, style) to this file")
 
 
-def run(args) -> int:
-    from astrai_ds.convert.export import load_model_folder
-    from astrai_ds.errors import UserError
-    from astrai_ds.inference.evaluate import evaluate_chat, evaluate_model, evaluate_pairs, read_eval_records
+def _output_file(path: str | None, option: str) -> Path | None:
+    """`path` as a file to write at the end, its folder made now: a bad path fails before the evaluation."""
+    if path is None:
+        return None
+    out = Path(path)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{option} {out}: cannot create its folder {out.parent} ({e.strerror}); give another path") \
+            from None
+    if out.is_dir():
+        raise UserError(f"{option} {out} is a folder; give a file path")
+    return out
 
+
+def run(args) -> int:
     if not (args.data or args.chat or args.pairs):
         raise UserError("nothing to evaluate: give --data, --chat and/or --pairs")
     if args.responses and not args.chat:
         raise UserError("--responses writes the answers to the --chat questions: give --chat too")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    out, responses_out = _output_file(args.out, "--out"), _output_file(args.responses, "--responses")
+    from astrai_ds.inference.evaluate import evaluate_chat, evaluate_model, evaluate_pairs, read_eval_records
+    from astrai_ds.model.io import load_model_folder
+
+    # Every record is checked before the model is loaded: a wrong file fails in a second, not after an hour.
+    facts = read_eval_records(args.data, "facts") if args.data else None
+    chat = read_eval_records(args.chat, "chat") if args.chat else None
+    pairs = read_eval_records(args.pairs, "pairs") if args.pairs else None
     import torch
 
     from astrai_ds.training.distributed import bf16_supported
@@ -41,18 +66,18 @@ def run(args) -> int:
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and bf16_supported())
     model, tokenizer = load_model_folder(args.model, dtype=torch.bfloat16 if bf16 else torch.float32)
     result = {}
-    if args.data:
-        result.update(evaluate_model(model, tokenizer, read_eval_records(args.data), batch_size=args.batch_size))
-    responses = [] if args.responses else None
-    if args.chat:
-        result.update(evaluate_chat(model, tokenizer, read_eval_records(args.chat), batch_size=args.batch_size,
-                                    responses=responses))
-    if args.pairs:
-        result.update(evaluate_pairs(model, tokenizer, read_eval_records(args.pairs)))
+    if facts:
+        result.update(evaluate_model(model, tokenizer, facts, batch_size=args.batch_size, progress=True))
+    responses = [] if responses_out else None
+    if chat:
+        result.update(evaluate_chat(model, tokenizer, chat, batch_size=args.batch_size, responses=responses,
+                                    progress=True))
+    if pairs:
+        result.update(evaluate_pairs(model, tokenizer, pairs, progress=True))
     text = json.dumps(result, indent=2)
     print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    if responses is not None:
-        Path(args.responses).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in responses))
+    if out is not None:
+        out.write_text(text + "\n")
+    if responses_out is not None:
+        responses_out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in responses))
     return 0

@@ -10,7 +10,8 @@ HELP = "export a checkpoint to a model folder"
 def add_arguments(p) -> None:
     p.add_argument("--run", required=True, help="the run folder (output_dir of train.py)")
     p.add_argument("--tag", default=None, help="checkpoint to export, e.g. global_step200 (default: latest)")
-    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--out", required=True,
+                   help="model folder to write: a new or empty folder, or a model folder to overwrite")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weight dtype on disk")
 
 

@@ -14,6 +14,18 @@ from astrai_ds.errors import UserError
 COMMANDS = {m.NAME: m for m in (corpus, tokenizer, prepare, train, export, evaluate, report)}
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help, unless there is no default to show (None, a flag's False)
+    or the help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS or "default" in text):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="astrai-ds",
@@ -24,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module in COMMANDS.items():
         p = sub.add_parser(name, help=module.HELP, description=module.__doc__,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=HelpFormatter)
         module.add_arguments(p)
     return parser
 
@@ -33,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:  # train.py owns its arguments (and the launcher's --local_rank)
         return train.run_argv(argv[1:])
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return COMMANDS[args.command].run(args) or 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,6 +8,8 @@ import json
 import statistics
 from pathlib import Path
 
+from astrai_ds.errors import DataError
+
 NAME = "report"
 HELP = "summarise runs and evaluations into a table"
 
@@ -20,10 +22,32 @@ def add_arguments(p) -> None:
     p.add_argument("--wall-time", type=float, default=None, help="seconds the stage took")
 
 
+def _read_json_object(path: Path, what: str, fix: str) -> dict:
+    """The JSON object in `path`; a DataError naming the file, what is wrong with it and `fix` otherwise."""
+    if not path.is_file():
+        raise DataError(f"{what} {path} {'is a folder' if path.is_dir() else 'not found'}; {fix}")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{what} {path} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{what} {path} holds a JSON {type(value).__name__}, not an object; {fix}")
+    return value
+
+
 def training_tokens_per_sec(run_dir: Path) -> float:
     """Median tokens/s over the logged steps, leaving out the first log (it includes warm-up)."""
-    rates = [r["train/tokens_per_sec"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-             if "train/tokens_per_sec" in r]
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise DataError(f"--run {run_dir}: {path.name} not found; give --run the output_dir of a training run")
+    rates = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}); a line of the training log is damaged") from None
+        if isinstance(record, dict) and "train/tokens_per_sec" in record:
+            rates.append(record["train/tokens_per_sec"])
     return statistics.median(rates[1:] or rates) if rates else float("nan")
 
 
@@ -45,10 +69,20 @@ def format_table(report: dict) -> str:
 
 
 def run(args) -> int:
-    out = Path(args.out)
-    report = json.loads(out.read_text()) if out.exists() else {}
-    evaluation = json.loads(Path(args.eval).read_text())
+    out, eval_path = Path(args.out), Path(args.eval)
+    fix = "give --eval the file written by `astrai-ds eval ... --out FILE`"
+    evaluation = _read_json_object(eval_path, "--eval", fix)
     entry = {key: evaluation[key] for key in METRICS if key in evaluation}
+    if not entry:
+        raise DataError(f"--eval {eval_path} holds none of the metrics ({', '.join(METRICS)}); {fix}")
+    for key, value in entry.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DataError(f"--eval {eval_path}: {key} is {json.dumps(value)}, not a number; {fix}")
+    report = (_read_json_object(out, "--out", "give --out another file, or move this one away")
+              if out.exists() else {})
+    if not all(isinstance(stage, dict) for stage in report.values()):
+        raise DataError(f"--out {out} is not a report (an object of stages, each an object of metrics); give --out "
+                        f"another file, or move this one away")
     entry["tokens_per_sec"] = training_tokens_per_sec(Path(args.run))
     if args.wall_time is not None:
         entry["wall_time_s"] = args.wall_time

@@ -8,6 +8,7 @@ zero_to_fp32 helpers gather them into one state dict. Without ZeRO the module we
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,9 @@ import torch
 from safetensors.torch import save_model
 
 from astrai_ds.config.model import ModelConfig
+from astrai_ds.data.sources import check_out_dir
 from astrai_ds.errors import UserError
+from astrai_ds.model.io import MODEL_FILES
 from astrai_ds.run_dir import read_marker, resolve_checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -35,21 +38,43 @@ def consolidated_state_dict(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in states["module"].items()}
 
 
+def _umask_mode() -> int:
+    """The mode a new file gets under the process's umask (read by setting it, then restoring it)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _check_model_out_dir(out_dir: Path) -> None:
+    """Refuse `out_dir` when it cannot be a folder or is a non-empty folder that is not a model folder (one that
+    holds model.safetensors, or only model folder files): export overwrites a model's files, nothing else."""
+    check_out_dir(out_dir, "the model folder")
+    entries = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if entries and "model.safetensors" not in entries and not set(entries) <= set(MODEL_FILES):
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise UserError(f"{out_dir} is not empty ({shown}) and is not a model folder; give --out a new or empty "
+                        f"folder, or a model folder to overwrite")
+
+
 def export_run(run_dir: str | Path, out_dir: str | Path, tag: str | None = None, dtype: str = "fp32") -> Path:
-    """Consolidate checkpoint `tag` (default: the latest) of `run_dir` into the model folder `out_dir`."""
+    """Consolidate checkpoint `tag` (default: the latest) of `run_dir` into the model folder `out_dir`: a new or
+    empty folder, or a model folder whose files are overwritten. Every file it writes follows the umask."""
     from astrai_ds.model import Transformer
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not (run_dir / "model_config.json").exists():
         raise UserError(f"{run_dir} is not a run folder (no model_config.json); pass the output_dir of a training run")
     tag, _ = resolve_checkpoint(run_dir, tag)
+    _check_model_out_dir(out_dir)
     model_cfg = ModelConfig.load(run_dir / "model_config.json")
     model = Transformer(model_cfg)
     # strict: every parameter of the model must come from the checkpoint, and nothing else may be there
     model.load_state_dict(consolidated_state_dict(run_dir, tag), strict=True)
     model.to(DTYPES[dtype])
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(out_dir / "model.safetensors"), metadata={"source": f"{run_dir.name}/{tag}"})
+    weights = out_dir / "model.safetensors"
+    save_model(model, str(weights), metadata={"source": f"{run_dir.name}/{tag}"})
+    weights.chmod(_umask_mode())  # safetensors creates it 0600 whatever the umask
     (out_dir / "config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2) + "\n")
     shutil.copyfile(run_dir / "tokenizer.json", out_dir / "tokenizer.json")
     return out_dir

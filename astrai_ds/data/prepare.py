@@ -16,6 +16,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import signal
 import time
 from collections import Counter, deque
 from contextlib import contextmanager
@@ -35,6 +36,9 @@ _worker_tokenizer: Tokenizer | None = None
 
 def _init_worker(tokenizer_path: str) -> None:
     global _worker_tokenizer
+    # Ctrl-C signals the whole process group: the parent stops the pool; a worker that took it too would
+    # print a traceback, and one killed inside a task can leave the pool waiting for its result forever.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Each worker is one process already; the tokenizer's own thread pool would oversubscribe the cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_tokenizer = Tokenizer.load(tokenizer_path)

@@ -1,13 +1,17 @@
-"""Held-out evaluation of a model folder: token loss on the eval texts and exact match of greedy answers.
+"""Held-out evaluation of a model folder: token loss on the eval texts and exact match of greedy answers,
+greedy chat answers, and preference pairs.
 
-An eval record is a JSON line with `prompt` and `answer` (and optionally `text`, the full sentence).
+A fact record is a JSON line with `prompt` and `answer` (and optionally `text`, the full sentence).
 Exact match: the greedy continuation of `<bos> prompt`, cut at the first sentence end, equals `answer`.
+Chat and pair records are described in `RECORD_KINDS`; every record is checked when it is read.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -15,15 +19,56 @@ import torch
 
 from astrai_ds.errors import DataError
 from astrai_ds.inference.generate import greedy_generate
-from astrai_ds.training.losses import IGNORE_INDEX, token_cross_entropy
+from astrai_ds.model.losses import IGNORE_INDEX, token_loss_sum
 
 _ANSWER_END = re.compile(r"[.。!?！？\n]")
 
 
-def read_eval_records(path: str | Path) -> list[dict]:
+# What each kind of eval record holds: (fields, the built-in corpus's file of that kind, the `eval` option).
+RECORD_KINDS = {
+    "facts": ("'prompt' and 'answer' strings, or a 'text' string", "pretrain_eval.jsonl", "--data"),
+    "chat": ("'messages' ending with the user's question, and 'answers' with 'plain' and 'full' strings",
+             "sft_eval.jsonl", "--chat"),
+    "pairs": ("'prompt' (a string or messages) with 'chosen' and 'rejected' strings", "dpo_eval.jsonl", "--pairs"),
+}
+
+
+def _record_kind(record: dict) -> str | None:
+    """The kind of eval record `record` looks like, by its fields, or None."""
+    if "chosen" in record or "rejected" in record:
+        return "pairs"
+    if "messages" in record or "answers" in record:
+        return "chat"
+    if "prompt" in record or "text" in record:
+        return "facts"
+    return None
+
+
+def _check_record(record: dict, kind: str) -> None:
+    """Raise ValueError saying what keeps `record`, which looks like a `kind` record, from being one."""
+    from astrai_ds.data.chat import check_messages, normalize_pair
+
+    if kind == "facts":
+        if not (isinstance(record.get("text"), str)
+                or isinstance(record.get("prompt"), str) and isinstance(record.get("answer"), str)):
+            raise ValueError("'prompt' and 'answer' are not both strings, and there is no 'text' string")
+    elif kind == "chat":
+        check_messages(_prompt_messages(record), final="user")
+        answers = record.get("answers")
+        if not (isinstance(answers, dict) and all(isinstance(answers.get(k), str) for k in ("plain", "full"))):
+            raise ValueError("'answers' is not an object with 'plain' and 'full' strings")
+    else:
+        normalize_pair(record)
+
+
+def read_eval_records(path: str | Path, kind: str) -> list[dict]:
+    """The records of a .jsonl eval file, each checked to be of `kind` (a key of RECORD_KINDS); raises
+    DataError naming the file, the line, what is wrong and what to do."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"eval data not found: {path} (the built-in one is written by `astrai-ds corpus --out DIR`)")
+    fields, example, option = RECORD_KINDS[kind]
+    expected = f"{option} expects {fields} on every line, as in {example}"
     records = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -33,13 +78,44 @@ def read_eval_records(path: str | Path) -> list[dict]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not any(k in record for k in ("text", "prompt", "messages")):
-                raise DataError(f"{path}:{lineno}: expected an object with 'prompt' and 'answer', 'text', or "
-                                f"'messages'")
+            seen = _record_kind(record) if isinstance(record, dict) else None
+            if seen is None:
+                raise DataError(f"{path}:{lineno}: not an eval record; {expected}")
+            if seen != kind:
+                raise DataError(f"{path}:{lineno}: a {seen} record (as in {RECORD_KINDS[seen][1]}), not a {kind} "
+                                f"record: give this file with {RECORD_KINDS[seen][2]} instead of {option}")
+            try:
+                _check_record(record, kind)
+            except ValueError as e:
+                raise DataError(f"{path}:{lineno}: {e}; {expected}") from None
             records.append(record)
     if not records:
-        raise DataError(f"{path}: no records")
+        raise DataError(f"{path}: no records; {expected}")
     return records
+
+
+def _batches(n: int, batch_size: int, desc: str, unit: str, progress: bool):
+    """The start of each batch of `n` items. With `progress`, like training's Progress: a tqdm bar on a
+    terminal, else a plain line at each tenth of the items; both on stderr, as stdout carries the result."""
+    starts = range(0, n, batch_size)
+    if not progress:
+        yield from starts
+        return
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        with tqdm(total=n, desc=desc, unit=unit, dynamic_ncols=True) as bar:
+            for start in starts:
+                yield start
+                bar.update(min(batch_size, n - start))
+        return
+    t0, tenths = time.perf_counter(), 0
+    for start in starts:
+        yield start
+        done = min(start + batch_size, n)
+        if done * 10 // n > tenths:
+            tenths = done * 10 // n
+            print(f"{desc}: {done}/{n} {unit}s, {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
 
 
 def extract_answer(completion: str) -> str:
@@ -55,11 +131,12 @@ def full_text(record: dict) -> str:
 
 
 @torch.no_grad()
-def eval_loss(model, tokenizer, texts: list[str], batch_size: int = 32) -> float:
-    """Mean next-token loss over `<bos> text <eos>` of every text, as the training windows see documents."""
+def eval_loss(model, tokenizer, texts: list[str], batch_size: int = 32, *, progress: bool = False) -> float:
+    """Mean next-token loss over `<bos> text <eos>` of every text, as the training windows see documents: the
+    summed token loss of all of them divided by their token count (training's evaluation loss, too)."""
     total, count = 0.0, 0
     device = next(model.parameters()).device
-    for start in range(0, len(texts), batch_size):
+    for start in _batches(len(texts), batch_size, "eval loss", "text", progress):
         seqs = [[tokenizer.bos_id] + ids + [tokenizer.eos_id]
                 for ids in tokenizer.encode_batch(texts[start:start + batch_size])]
         seqs = [s[: model.cfg.max_seq_len + 1] for s in seqs]
@@ -69,16 +146,18 @@ def eval_loss(model, tokenizer, texts: list[str], batch_size: int = 32) -> float
         for row, s in enumerate(seqs):  # right padding: pads come after every real token, so causality hides them
             input_ids[row, : len(s) - 1] = torch.tensor(s[:-1])
             labels[row, : len(s) - 1] = torch.tensor(s[1:])
-        n = int((labels != IGNORE_INDEX).sum())
-        loss = token_cross_entropy(model(input_ids.to(device)), labels.to(device))
-        total, count = total + loss.item() * n, count + n
+        total += token_loss_sum(model(input_ids.to(device)), labels.to(device)).item()
+        count += int((labels != IGNORE_INDEX).sum())
     return total / max(count, 1)
 
 
-def evaluate_model(model, tokenizer, records: list[dict], batch_size: int = 32, max_new_tokens: int | None = None) -> dict:
-    """{"eval_loss", "exact_match", "n", "per_task": {task: exact match}} over `records`."""
+def evaluate_model(model, tokenizer, records: list[dict], batch_size: int = 32, max_new_tokens: int | None = None,
+                   *, progress: bool = False) -> dict:
+    """{"eval_loss", "exact_match", "n", "per_task": {task: exact match}} over `records` (fact records);
+    `progress` shows the greedy answers' progress on stderr."""
     model.eval()
-    result = {"eval_loss": eval_loss(model, tokenizer, [full_text(r) for r in records], batch_size),
+    result = {"eval_loss": eval_loss(model, tokenizer, [full_text(r) for r in records], batch_size,
+                                     progress=progress),
               "n": len(records)}
     qa = [r for r in records if isinstance(r.get("prompt"), str) and isinstance(r.get("answer"), str)]
     if not qa:
@@ -89,7 +168,7 @@ def evaluate_model(model, tokenizer, records: list[dict], batch_size: int = 32, 
     # The answer ends at the first sentence end, so generation can stop there too.
     stop = {tokenizer.eos_id} | {ids[0] for ids in tokenizer.encode_batch([".", "。"]) if len(ids) == 1}
     hits, by_task = [], defaultdict(list)
-    for start in range(0, len(qa), batch_size):
+    for start in _batches(len(qa), batch_size, "eval exact match", "prompt", progress):
         outs = greedy_generate(model, prompts[start:start + batch_size], max_new_tokens, stop)
         for record, out in zip(qa[start:start + batch_size], outs):
             hit = extract_answer(tokenizer.decode(out)) == record["answer"].strip()
@@ -106,26 +185,26 @@ def _prompt_messages(record: dict) -> list[dict]:
 
 
 def evaluate_chat(model, tokenizer, records: list[dict], batch_size: int = 32, max_new_tokens: int | None = None,
-                  responses: list | None = None) -> dict:
+                  responses: list | None = None, *, progress: bool = False) -> dict:
     """Greedy answers to chat-formatted held-out questions: {"chat_exact_match" (the answer's value is right),
     "chat_response_match" (the whole response is right, a full answer's justification included),
     "preferred_style_rate"}.
 
     A record holds `messages` (the conversation up to the question), `answers` (the accepted forms, one per
     style) and `preferred` (the style the preference pairs favour). A `responses` list, when given, receives
-    one {"question", "response", "correct", "exact_response", "style", "answers"} per record."""
+    one {"question", "response", "correct", "exact_response", "style", "answers"} per record. `progress`
+    shows progress on stderr."""
     from astrai_ds.data.chat import render_chat
-    from astrai_ds.data.corpus import answer_style, chat_answer_correct, chat_response_exact
+    from astrai_ds.inference.scoring import answer_style, chat_answer_correct, chat_response_exact
 
     model.eval()
     prompts = [render_chat(tokenizer, _prompt_messages(r), add_generation_prompt=True)[0] for r in records]
     if max_new_tokens is None:  # room for the longest accepted answer, and a little more
-        forms = [form for r in records
-                 for form in (*r.get("answers", {"": r.get("answer", "")}).values(), *r.get("full_forms", ()))]
+        forms = [form for r in records for form in (*r["answers"].values(), *r.get("full_forms", ()))]
         max_new_tokens = max(len(ids) for ids in tokenizer.encode_batch(forms)) + 4
     stop = {tokenizer.im_end_id, tokenizer.eos_id}
     correct, exact, preferred = [], [], []
-    for start in range(0, len(records), batch_size):
+    for start in _batches(len(records), batch_size, "eval chat", "question", progress):
         outs = greedy_generate(model, prompts[start:start + batch_size], max_new_tokens, stop)
         for record, out in zip(records[start:start + batch_size], outs):
             response = tokenizer.decode(out)
@@ -142,15 +221,17 @@ def evaluate_chat(model, tokenizer, records: list[dict], batch_size: int = 32, m
             "n_chat": len(records)}
 
 
-def evaluate_pairs(model, tokenizer, records: list[dict]) -> dict:
+def evaluate_pairs(model, tokenizer, records: list[dict], *, progress: bool = False) -> dict:
     """{"pref_accuracy"}: the share of held-out pairs where the model gives the chosen response a higher
-    log-prob than the rejected one (each response scored with its closing <|im_end|>)."""
+    log-prob than the rejected one (each response scored with its closing <|im_end|>); `progress` shows
+    progress on stderr."""
     from astrai_ds.data.chat import render_chat
     from astrai_ds.inference.generate import sequence_logprob
 
     model.eval()
     wins = []
-    for record in records:
+    for i in _batches(len(records), 1, "eval pairs", "pair", progress):
+        record = records[i]
         prompt = render_chat(tokenizer, _prompt_messages(record), add_generation_prompt=True)[0]
         chosen = tokenizer.encode(record["chosen"]) + [tokenizer.im_end_id]
         rejected = tokenizer.encode(record["rejected"]) + [tokenizer.im_end_id]

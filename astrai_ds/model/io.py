@@ -12,6 +12,8 @@ from astrai_ds.config.model import ModelConfig
 from astrai_ds.errors import UserError
 from astrai_ds.model.transformer import Transformer
 
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")  # what a model folder holds
+
 
 def load_weights(model: torch.nn.Module, model_dir: str | Path) -> None:
     """Load an exported folder's weights into `model` (same shape), e.g. to fine-tune from it."""
@@ -27,7 +29,7 @@ def load_model_folder(model_dir: str | Path, dtype: torch.dtype | None = None, d
     from astrai_ds.data.tokenizer import Tokenizer
 
     model_dir = Path(model_dir)
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+    for name in MODEL_FILES:
         if not (model_dir / name).exists():
             raise UserError(f"{model_dir} is not a model folder: {name} is missing; make one with "
                             f"`astrai-ds export --run RUN_DIR --out {model_dir}`")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from astrai_ds.cli.main import COMMANDS
+from astrai_ds.cli.main import COMMANDS, build_parser
 from conftest import VENV_BIN, expect_user_error, run_cmd
 
 CLI = str(VENV_BIN / "astrai-ds")
@@ -16,6 +17,16 @@ CLI = str(VENV_BIN / "astrai-ds")
 def test_every_subcommand_has_help(command):
     out = run_cmd([CLI, command, "--help"]).stdout
     assert "usage:" in out and len(out.splitlines()) > 3
+
+
+@pytest.mark.parametrize("command", sorted(set(COMMANDS) - {"train"}))  # train.py's help is train.py's
+def test_help_shows_a_default_once_and_only_when_there_is_one(command, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    options = capsys.readouterr().out.split("options:", 1)[1]
+    for entry in re.split(r"\n  (?=-)", options):  # one entry per option, its help wrapped over lines
+        text = " ".join(entry.split())
+        assert "default: None" not in text and text.count("default") <= 1, text
 
 
 def test_train_help_is_train_py_help():
@@ -66,3 +77,37 @@ def test_corpus_tokenizer_prepare_round(tmp_path):
     out = run_cmd([CLI, "prepare", "--stage", "pt", "--input", str(tmp_path / "c" / "pretrain.jsonl"),
                    "--tokenizer", str(tmp_path / "t"), "--out", str(tmp_path / "d"), "--seq-len", "64"]).stdout
     assert "documents" in out and (tmp_path / "d" / "index.json").exists()
+
+
+@pytest.mark.parametrize("command", ["corpus", "tokenizer", "prepare"])
+def test_out_naming_a_file(command, workspace, tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder\n")
+    args = {"corpus": ["--scale", "0.01"],
+            "tokenizer": ["--input", str(workspace / "corpus" / "pretrain_eval.jsonl"), "--vocab-size", "300"],
+            "prepare": ["--input", str(workspace / "corpus" / "pretrain_eval.jsonl"), "--tokenizer",
+                        str(workspace / "tokenizer")]}[command]
+    for out in (taken, taken / "sub"):  # the folder itself, or a folder above it
+        proc = run_cmd([CLI, command, *args, "--out", str(out)], check=False)
+        expect_user_error(proc, str(taken), "is a file, not a folder", "--out")
+    assert taken.read_text() == "not a folder\n"
+
+
+def test_prepare_keeps_prepared_data_unless_overwrite(workspace, tmp_path):
+    pairs, pretrain = workspace / "corpus" / "dpo_eval.jsonl", workspace / "corpus" / "pretrain_eval.jsonl"
+    common = ["--tokenizer", str(workspace / "tokenizer"), "--out", str(tmp_path / "data"), "--seq-len", "64"]
+    run_cmd([CLI, "prepare", "--stage", "dpo", "--input", str(pairs), *common])
+    index = (tmp_path / "data" / "index.json").read_bytes()
+    proc = run_cmd([CLI, "prepare", "--stage", "pt", "--input", str(pretrain), *common], check=False)
+    expect_user_error(proc, str(tmp_path / "data"), "stage dpo", "new folder", "--overwrite")
+    assert (tmp_path / "data" / "index.json").read_bytes() == index
+    run_cmd([CLI, "prepare", "--stage", "pt", "--input", str(pretrain), *common, "--overwrite"])
+    assert json.loads((tmp_path / "data" / "index.json").read_text())["stage"] == "pt"
+
+
+def test_tokenizer_says_when_it_learns_fewer_tokens_than_asked(tmp_path):
+    text = tmp_path / "tiny.txt"
+    text.write_text("one two three\n")
+    proc = run_cmd([CLI, "tokenizer", "--input", str(text), "--vocab-size", "2048", "--out", str(tmp_path / "t")])
+    assert "of the 2048 tokens asked for" in proc.stdout and "too small" in proc.stdout, proc.stdout
+    assert "Traceback" not in proc.stderr and "warn" not in proc.stderr.lower(), proc.stderr

@@ -1,0 +1,55 @@
+"""`astrai-ds export`: where the model folder may go (a new or empty folder, or a model folder to overwrite;
+never a file or a folder of something else), and its files follow the umask."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from astrai_ds.convert.export import export_run
+from conftest import VENV_BIN, expect_user_error, run_cmd
+
+CLI = str(VENV_BIN / "astrai-ds")
+
+
+def test_export_to_an_existing_file_is_refused(run_dir, tmp_path):
+    taken = tmp_path / "model"
+    taken.write_text("not a folder")
+    proc = run_cmd([CLI, "export", "--run", str(run_dir), "--out", str(taken)], check=False)
+    expect_user_error(proc, str(taken), "is a file, not a folder", "--out")
+    assert taken.read_text() == "not a folder"
+
+
+def test_export_into_a_folder_of_something_else_is_refused(run_dir, tmp_path):
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("keep me")
+    proc = run_cmd([CLI, "export", "--run", str(run_dir), "--out", str(other)], check=False)
+    expect_user_error(proc, str(other), "todo.txt", "not a model folder", "new or empty folder")
+    assert sorted(p.name for p in other.iterdir()) == ["todo.txt"]
+
+
+def test_export_overwrites_a_model_folder(run_dir, tmp_path):
+    out = tmp_path / "model"
+    export_run(run_dir, out)
+    first = (out / "model.safetensors").read_bytes()
+    (out / "config.json").write_text("{}")  # an older export, say
+    export_run(run_dir, out)  # a model folder: its files are replaced
+    assert (out / "model.safetensors").read_bytes() == first
+    assert json.loads((out / "config.json").read_text()) == json.loads((run_dir / "model_config.json").read_text())
+    (tmp_path / "empty").mkdir()
+    export_run(run_dir, tmp_path / "empty")  # an empty folder is fine too
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_exported_files_follow_the_umask(run_dir, tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        out = export_run(run_dir, tmp_path / "model")
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes == {name: 0o666 & ~umask for name in ("config.json", "model.safetensors", "tokenizer.json")}
