@@ -6,6 +6,7 @@
       global_stepN/                                                       one DeepSpeed checkpoint per save
         COMPLETE                                                          written last: JSON, see below
       latest                                                              the tag of the newest complete one
+      train.lock                                                          held by the run training into it
 
 A checkpoint is complete only once its COMPLETE marker exists: rank 0 writes it after every rank has saved
 its shard. The marker records the step, the world size and ZeRO stage that wrote it, and the size of every
@@ -14,6 +15,8 @@ file in the folder, so a file damaged later (a truncated copy, a full disk) is f
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import re
@@ -24,6 +27,7 @@ from astrai_ds.errors import UserError
 LATEST = "latest"
 COMPLETE = "COMPLETE"
 RUN_FILES = ("train_config.json", "model_config.json", "ds_config.json", "tokenizer.json")
+LOCK_FILE = "train.lock"  # rank 0 of the run training into the folder holds an flock on it (training/guard.py)
 _TAG = re.compile(r"^global_step(\d+)$")
 
 
@@ -129,3 +133,30 @@ def resolve_checkpoint(run_dir: Path, tag: str | None = None, fall_back: bool = 
             notes.append(f"skipping {candidate}: {e}")
     raise DamagedCheckpoint(f"no usable checkpoint in {run_dir} ({'; '.join(notes)}); set resume to \"none\" to "
                             f"start over in another output_dir")
+
+
+def describe_holder(lock_path: Path) -> str:
+    """What the lock file says about the run holding it, in words."""
+    try:
+        record = json.loads(Path(lock_path).read_text())
+        return (f"pid {record['pid']} on {record['host']}, started {record['started']}: "
+                f"{record['command']}")
+    except (OSError, ValueError, KeyError, TypeError):  # written by a run that is just starting
+        return f"see {lock_path}"
+
+
+def output_dir_holder(output_dir: Path) -> str | None:
+    """None when no training run holds `output_dir`'s lock; else the holder in words (pid, host, start time,
+    command). For readers of a run folder, such as export, that must not read a run still being written."""
+    path = Path(output_dir) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        return describe_holder(path) if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else None
+    finally:
+        os.close(fd)
+    return None

@@ -20,12 +20,16 @@ astrai-ds prepare --stage pt --input "$C/pretrain_eval.jsonl" --tokenizer "$R/to
 astrai-ds prepare --stage sft --input "$C/sft.jsonl" --tokenizer "$R/tokenizer" --out "$R/data/sft" --seq-len 128
 astrai-ds prepare --stage dpo --input "$C/dpo.jsonl" --tokenizer "$R/tokenizer" --out "$R/data/dpo" --seq-len 128
 
+# A free port for each launch: the launcher's default, 29500, may be another run's on this machine.
+free_port() { python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'; }
+
 # stage NAME DS_CONFIG: train with the launcher, export, evaluate, add the stage to the report
 stage() {
   local name=$1 ds=$2 t0
   t0=$(date +%s)
   echo "== $name on $NPROC ranks ($ds)"
-  deepspeed --num_gpus "$NPROC" train.py --config "configs/train/${name}_tiny.json" --ds_config "$ds"
+  deepspeed --num_gpus "$NPROC" --master_port "$(free_port)" train.py --config "configs/train/${name}_tiny.json" \
+    --ds_config "$ds"
   astrai-ds export --run "$R/$name" --out "$R/models/$name"
   astrai-ds eval --model "$R/models/$name" --data "$C/pretrain_eval.jsonl" --chat "$C/sft_eval.jsonl" \
     --pairs "$C/dpo_eval.jsonl" --out "$R/eval_$name.json" --responses "$R/responses_$name.jsonl" > /dev/null

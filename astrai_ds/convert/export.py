@@ -19,7 +19,7 @@ from astrai_ds.config.model import ModelConfig
 from astrai_ds.data.sources import check_out_dir
 from astrai_ds.errors import UserError
 from astrai_ds.model.io import MODEL_FILES
-from astrai_ds.run_dir import read_marker, resolve_checkpoint
+from astrai_ds.run_dir import output_dir_holder, read_marker, resolve_checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -64,6 +64,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, tag: str | None = None,
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not (run_dir / "model_config.json").exists():
         raise UserError(f"{run_dir} is not a run folder (no model_config.json); pass the output_dir of a training run")
+    holder = output_dir_holder(run_dir)
+    if holder is not None:
+        raise UserError(f"{run_dir} is still being trained into ({holder}); wait for that run to end, then export "
+                        f"(its last checkpoint may not be written yet)")
     tag, _ = resolve_checkpoint(run_dir, tag)
     _check_model_out_dir(out_dir)
     model_cfg = ModelConfig.load(run_dir / "model_config.json")

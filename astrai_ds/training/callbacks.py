@@ -23,6 +23,7 @@ import torch.distributed as dist
 from astrai_ds.run_dir import atomic_write
 from astrai_ds.training.checkpoint import save_checkpoint
 from astrai_ds.training.distributed import all_reduce_host
+from astrai_ds.training.guard import Launcher, LauncherWatch, tolerate_lost_output
 from astrai_ds.training.metrics import Throughput
 
 # The order callbacks run in at every step, enforced by `Trainer.add_callbacks`: the evaluation sets the eval
@@ -243,33 +244,76 @@ class Checkpointer(Callback):
 
 
 class StopOnSignal(Callback):
-    """SIGUSR1 asks for a checkpoint now (Slurm sends it before a job's time limit with `--signal`; so can
-    `kill -USR1`): training ends after the current step and the Checkpointer saves it. Ranks receive the
-    signal at different moments, so every step they agree through a one-number all-reduce and all stop after
-    the same step. Run the same command again to resume."""
+    """Stop after the current step, with a checkpoint, when a signal asks for it or the launcher is gone.
 
-    SIGNALS = (signal.SIGUSR1,)
+    - SIGUSR1 asks for a checkpoint now (Slurm sends it before a job's time limit with `--signal`; so can
+      `kill -USR1`). The run exits 0, ready to resume.
+    - SIGTERM (`kill`, `scancel`; DeepSpeed's launch.py and torchrun pass theirs and Ctrl-C on as SIGTERM) and
+      SIGINT (Ctrl-C) do the same, and the run exits 128 + the signal's number (143, 130) as a killed process
+      would. A second Ctrl-C stops at once (KeyboardInterrupt). Launchers kill their ranks 30 s after passing
+      SIGTERM on: a step and a checkpoint that take longer are cut short, and `latest` stays on the last
+      complete checkpoint.
+    - One of `launchers` (training/guard.py: DeepSpeed's launch.py, the `deepspeed` command, torchrun) ended:
+      nothing would stop the ranks any more, and a `deepspeed ... && next step` chain may already have gone
+      on. The run exits 1.
 
-    def __init__(self):
-        self.received = 0
+    Ranks learn of these at different moments, so once before the first step and after every step they agree
+    through a small all-reduce and all stop after the same step. Run the same command again to resume."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, launchers: tuple[Launcher, ...] = ()):
+        self.received: frozenset[int] = frozenset()  # signal numbers; replaced, never changed in place
+        self.lost: Launcher | None = None  # the launcher this rank saw end
+        self.exit_code = 0  # what the process should exit with once training has ended
+        self._watch = LauncherWatch(launchers, self._launcher_gone)
         self._previous: dict = {}
+        self._agreed = False
 
     def _handler(self, signum, frame) -> None:
-        self.received = int(signum)
+        if signum == signal.SIGINT and signum in self.received:  # Ctrl-C twice: do not wait for the step
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.received = self.received | {int(signum)}  # a handler may run while the main thread reads the set
+        tolerate_lost_output()
+
+    def _launcher_gone(self, launcher: Launcher) -> None:
+        tolerate_lost_output()
+        self.lost = launcher
 
     def on_train_begin(self, trainer) -> None:
         if threading.current_thread() is threading.main_thread():  # Python only lets the main thread set them
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handler)
+        gone = self._watch.gone()  # it may have ended while the run was being set up
+        if gone is not None:
+            self._launcher_gone(gone)
+        self._watch.start()
+        self._agree(trainer)
 
     def on_step_end(self, trainer, metrics: dict) -> None:
-        flag = all_reduce_host(torch.tensor([self.received], dtype=torch.int64), op=dist.ReduceOp.MAX)
-        if flag.item() and not trainer.state.should_stop:
-            trainer.state.should_stop = True
-            trainer.log(f"{signal.Signals(int(flag.item())).name} received: stopping after step "
-                        f"{trainer.state.step} with a checkpoint; run the same command again to resume")
+        self._agree(trainer)
+
+    def _agree(self, trainer) -> None:
+        mine = [max(self.received, default=0), int(self.lost is not None)]
+        sig, lost = all_reduce_host(torch.tensor(mine, dtype=torch.int64), op=dist.ReduceOp.MAX).tolist()
+        if not (sig or lost) or self._agreed:
+            return
+        self._agreed = trainer.state.should_stop = True
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            self.exit_code = 128 + sig
+        elif lost:
+            self.exit_code = 1
+        if sig:
+            reason = f"{signal.Signals(sig).name} received"
+        else:
+            reason = f"{self.lost if self.lost else 'the launcher of another rank'} is gone"
+        step = trainer.state.step
+        trainer.log(f"{reason}: stopping after step {step} with a checkpoint; run the same command again to resume"
+                    if step > trainer.start_step else f"{reason}: stopping before training, at step {step}")
 
     def on_train_end(self, trainer) -> None:
+        self._watch.stop()
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()

@@ -16,6 +16,8 @@ from typing import NoReturn
 
 import torch
 
+from astrai_ds.errors import UserError
+
 _MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
 _LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
                     "SLURM_NTASKS_PER_NODE")
@@ -63,7 +65,13 @@ def init_distributed() -> DistInfo:
     if not launched:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
-    deepspeed.init_distributed(verbose=False)
+    try:
+        deepspeed.init_distributed(verbose=False)
+    except torch.distributed.DistError as e:
+        error = rendezvous_error(e)
+        if error is None:
+            raise
+        raise error from None
     info = DistInfo(
         rank=torch.distributed.get_rank(),
         world_size=torch.distributed.get_world_size(),
@@ -78,6 +86,25 @@ def init_distributed() -> DistInfo:
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     _unlink_shm_buffers(info)
     return info
+
+
+def rendezvous_error(error: Exception) -> UserError | None:
+    """One line saying what to do for a rendezvous that failed because of its address or port (None for other
+    errors): the port is taken (rank 0 could not listen on it: often another run on the default 29500), or
+    the ranks did not all meet there before the timeout."""
+    addr, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
+    text = str(error)
+    pick = (f"start the run on a free port: `deepspeed --master_port N ...` (torchrun: --master_port N; srun, "
+            f"mpirun: MASTER_PORT=N), e.g. N = {_free_port()}, free now")
+    if "EADDRINUSE" in text or "address already in use" in text.lower():
+        return UserError(f"port {port} on {socket.gethostname()} (MASTER_PORT) is already in use, perhaps by "
+                         f"another training run; {pick}")
+    if "timed out" in text.lower():
+        return UserError(f"the ranks did not all meet at {addr}:{port} (MASTER_ADDR:MASTER_PORT) before the timeout "
+                         f"({text.splitlines()[0]}); check that every rank was given the same address and port, "
+                         f"that {addr} reaches rank 0's host from every node (deepspeed --master_addr), and that "
+                         f"no other run uses the port; {pick}")
+    return None
 
 
 def _unlink_shm_buffers(info: DistInfo) -> None:

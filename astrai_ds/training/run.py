@@ -34,6 +34,7 @@ from astrai_ds.training.data_setup import batch_iterator, build_dataset, open_da
 from astrai_ds.training.distributed import (DistInfo, all_reduce_host, bf16_supported, env_rank, exit_process,
                                             init_distributed, on_accelerator)
 from astrai_ds.training.engine import build_engine
+from astrai_ds.training.guard import Launcher, find_launchers, lock_output_dir
 from astrai_ds.training.metrics import Throughput, measure_peak_flops
 from astrai_ds.training.strategies import STRATEGIES
 from astrai_ds.training.trainer import Trainer
@@ -230,7 +231,8 @@ def _measure_peak(engine, dtype) -> float:
     return all_reduce_host(peak).item()
 
 
-def _add_callbacks(trainer: Trainer, cfg: TrainConfig, data: RunData, resume_step: int | None, peak: float) -> None:
+def _add_callbacks(trainer: Trainer, cfg: TrainConfig, data: RunData, resume_step: int | None, peak: float,
+                   launchers: tuple[Launcher, ...]) -> None:
     output_dir, is_main = Path(cfg.output_dir), trainer.dist.is_main
     writer = MetricsWriter(output_dir, enabled=is_main, resume_step=resume_step)
     logger = Logger(writer, cfg.log_interval, Throughput(peak))
@@ -240,16 +242,20 @@ def _add_callbacks(trainer: Trainer, cfg: TrainConfig, data: RunData, resume_ste
             trainer.add_callbacks(EarlyStop(cfg.early_stop.patience, cfg.early_stop.min_delta))
     if trainer.strategy.reference_forward:
         trainer.add_callbacks(FrozenReferenceCheck(trainer.strategy.reference))
-    trainer.add_callbacks(logger, Progress(is_main, logger), StopOnSignal(),
+    trainer.add_callbacks(logger, Progress(is_main, logger), StopOnSignal(launchers),
                           Checkpointer(output_dir, cfg.save_interval, cfg.keep_checkpoints))
 
 
 def build_trainer(args) -> Trainer:
+    # First: once a launcher dies, its ranks get another parent and could not find it any more.
+    launchers = find_launchers()
     cfg, model_cfg, tokenizer, config_path = _load_inputs(args)
     data = _open_run_data(cfg, tokenizer, config_path)
     ds_raw, ds_path = load_ds_config(args.ds_config)
 
     dist_info = init_distributed()
+    # Before anything reads or writes in output_dir: a second run into it stops here, naming the first.
+    run_lock = lock_output_dir(Path(cfg.output_dir), dist_info)
     cpu_notes = _setup_cpu(cfg)
     ds_cfg = resolve_ds_config(ds_raw, cfg, dist_info.world_size, bf16_supported=bf16_supported(),
                                accelerator=on_accelerator(), source=str(ds_path))
@@ -266,7 +272,8 @@ def build_trainer(args) -> Trainer:
                       cfg, dist_info)
     trainer.flops_per_token = model.flops_per_token
     peak = _measure_peak(engine, dtype)
-    _add_callbacks(trainer, cfg, data, tag_step(resume[1]) if resume else None, peak)
+    _add_callbacks(trainer, cfg, data, tag_step(resume[1]) if resume else None, peak, launchers)
+    trainer.run_lock = run_lock  # held as long as the trainer lives (the process, for train.py)
 
     if resume:
         _, client_state = engine.load_checkpoint(str(resume[0]), tag=resume[1])
@@ -311,7 +318,11 @@ def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
         # No rank tears its process group down while another still has collectives in flight: the peer's
         # gloo threads then fail on the closed socket and abort the process after a successful run.
         torch.distributed.barrier()
-        return 0
+        stop = next(cb for cb in trainer.callbacks if cb.name == "StopOnSignal")
+        if stop.exit_code == 130 and env_rank() == 0:
+            print("interrupted: run the same command again to resume from the last complete checkpoint",
+                  file=sys.stderr, flush=True)
+        return stop.exit_code
     except UserError as e:
         if env_rank() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)

@@ -37,6 +37,7 @@ class Trainer:
         self.accum = engine.gradient_accumulation_steps()
         # Training FLOPs per token for a context of T (forward + backward); set by the builder for MFU.
         self.flops_per_token: Callable[[int], float] | None = None
+        self.run_lock = None  # the output folder's lock (training/guard.py), held as long as the trainer lives
 
     def add_callbacks(self, *callbacks: Callback) -> None:
         """Callbacks run in CALLBACK_ORDER whatever order they are added in (see callbacks.py for why)."""
