@@ -1,9 +1,10 @@
 """Linear and embedding layers that draw their weights from N(0, std) in their own constructor.
 
 Why not initialise from the parent module, or in a separate `reset_parameters` pass over the model?
-DeepSpeed ZeRO-3's `zero.Init` partitions a module's own parameters as soon as that module's `__init__`
-returns, so a parent that touches a child's weight afterwards sees an empty shard and its init is
-silently lost. Doing the init inside the layer that owns the weight works with and without ZeRO-3.
+Each layer owning its init keeps the init next to the weight it sets, and it is what a sharded build needs:
+under DeepSpeed ZeRO-3's `zero.Init` (not used yet: today every rank builds the whole model before ZeRO-3
+partitions it), a module's own parameters are partitioned as soon as its `__init__` returns, so a parent
+that touched a child's weight afterwards would see an empty shard and its init would be silently lost.
 """
 
 from __future__ import annotations

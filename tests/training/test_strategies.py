@@ -283,3 +283,13 @@ def test_dpo_sft_weight_adds_chosen_token_nll():
     nll = -chosen.sum() / token_counts(labels).sum()
     assert torch.allclose(rpo, plain + 0.5 * nll)
     assert torch.allclose(metrics["dpo/sft_nll"], nll)
+
+
+def test_dpo_counts_pairs_chosen_tokens_and_real_inputs_of_both_sides():
+    """tokens/s counts what the policy reads without padding: both sides of each pair, up to each row's last
+    trained label (in collate_dpo's batches the response ends every sequence)."""
+    batch = dpo_batch(B=2, T=10)  # chosen rows: labels on positions 3..8; rejected rows: 3..5, padded to 10
+    counts = DPOStrategy().counts(batch)
+    assert counts["pairs"].item() == 2 and counts["chosen_tokens"].item() == 2 * 6
+    assert counts["inputs"].item() == 2 * 9 + 2 * 6
+    assert DPOStrategy().policy_shape(batch) == (4, 10)
