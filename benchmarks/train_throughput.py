@@ -5,7 +5,8 @@ All three variants train the same model from the same initial weights on the sam
 built-in corpus, our tokenizer and token shards, made once in the work folder), with the same AdamW
 hyper-parameters, loss and gradient clipping:
 
-  plain          one process, all threads: Transformer cast to bf16 (no fp32 master copy), torch's AdamW
+  plain          one process, all threads: Transformer cast to bf16 (no fp32 master copy; --precision fp32
+                 keeps every variant in fp32, for CPUs without native bf16), torch's AdamW
                  with its defaults and the trainer's parameter groups, `token_cross_entropy`, clipping 1.0,
                  and the trainer's malloc setting (cpu.keep_freed_memory; --default-malloc turns it off in
                  every variant).
@@ -19,7 +20,7 @@ hyper-parameters, loss and gradient clipping:
 Tokens/s is the median over the measured steps after the warm-up steps: the plain loop times each step
 with time.perf_counter; the trainer runs log every step and their per-step `train/tokens_per_sec` is read
 back from metrics.jsonl (a final checkpoint is written after the last step, outside the timings). MFU is
-taken against a bf16 matmul peak measured in this run (2048^3, all threads, before and after the
+taken against a matmul peak in the training dtype measured in this run (2048^3, all threads, before and after the
 variants; the higher of the two):
 
     MFU = tokens/s * flops_per_token / peak
@@ -61,6 +62,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 START_DIR = Path.cwd()  # where the script was started: its relative paths are taken from here
 VENV_BIN = Path(sys.executable).parent
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 VARIANTS = ("plain", "plain-2proc", "trainer-1rank", "trainer-2rank")
 RANKS = {"plain": 1, "plain-2proc": 2, "trainer-1rank": 1, "trainer-2rank": 2}
 FORMULA = "6 N + 12 L d T (PaLM appendix B; N = matmul weights incl. the output head, not the embedding)"
@@ -102,6 +104,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab-size", type=int, default=2048, help="tokenizer vocabulary (the quickstart's)")
     p.add_argument("--corpus-scale", type=float, default=1.0, help="built-in corpus scale")
     p.add_argument("--peak-size", type=int, default=2048, help="matmul size of the peak measurement")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                   help="what every variant trains in (and the peak's dtype); fp32 on a CPU without native bf16, "
+                        "where bf16 matmuls are emulated and measure the emulation")
     p.add_argument("--timeout", type=int, default=3600, help="seconds allowed for one trainer run")
     p.add_argument("--keep-runs", action="store_true", help="keep the trainer runs' folders (logs, checkpoints)")
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="also write the results as JSON")
@@ -219,7 +224,7 @@ def overrides(work: Path, args, run_dir: Path, ranks: int) -> list[str]:
         "save_interval=1000000000",  # no checkpoint inside the measured steps (the final one comes after)
         "eval_interval=1000000000",
         "resume=none",
-        "precision=bf16",
+        f"precision={args.precision}",
         "activation_checkpointing=false",
         "schedule.type=constant",  # the plain loop's constant lr, so the loss curves can be compared
         "schedule.warmup_steps=0",
@@ -241,16 +246,16 @@ def load_configs(work: Path, args):
     return cfg, model_cfg
 
 
-def peak_flops(size: int) -> float:
+def peak_flops(size: int, precision: str = "bf16") -> float:
     from astrai_ds.training.metrics import measure_peak_flops
 
-    return measure_peak_flops(torch.device("cpu"), torch.bfloat16, size=size)
+    return measure_peak_flops(torch.device("cpu"), DTYPES[precision], size=size)
 
 
 # ------------------------------------------------------------------------------------------ the variants
 
 def run_plain(cfg, model_cfg, args, rank: int = 0, world: int = 1) -> dict:
-    """The baseline: bf16 weights, torch AdamW, the trainer's loss and clipping, the same batches (with
+    """The baseline: bf16 (or --precision fp32) weights, torch AdamW, the trainer's loss and clipping, the same batches (with
     `world` > 1: rank `rank`'s share of them, as a trainer rank would draw it)."""
     from astrai_ds.data.datasets import PretrainDataset, collate_pretrain
     from astrai_ds.data.sampler import DistributedBatchSampler
@@ -270,7 +275,7 @@ def run_plain(cfg, model_cfg, args, rank: int = 0, world: int = 1) -> dict:
     sampler = DistributedBatchSampler(len(dataset), micro, rank, world, cfg.seed, shuffle=cfg.data.shuffle)
     batches = BatchIterator(dataset, sampler, collate_pretrain, torch.device("cpu"))
     torch.manual_seed(cfg.seed)  # the trainer's initial weights
-    model = Transformer(model_cfg).to(torch.bfloat16).train()
+    model = Transformer(model_cfg).to(DTYPES[args.precision]).train()
     o = cfg.optimizer  # torch's own defaults otherwise (on CPU: the per-tensor loop, not fused)
     opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
     tokens = micro * args.seq_len
@@ -621,8 +626,8 @@ def main(argv=None) -> int:
               f"{', '.join(args.ds_configs)} | {args.warmup} warm-up + {args.steps} measured steps x {args.rounds} round(s) | "
               f"{flops_per_token / 1e6:.1f} MFLOP/token", flush=True)
 
-        peaks = [peak_flops(args.peak_size)]
-        print(f"peak: {peaks[0] / 1e9:.0f} GFLOP/s (bf16 {args.peak_size}^3 matmul, {torch.get_num_threads()} threads)",
+        peaks = [peak_flops(args.peak_size, args.precision)]
+        print(f"peak: {peaks[0] / 1e9:.0f} GFLOP/s ({args.precision} {args.peak_size}^3 matmul, {torch.get_num_threads()} threads)",
               flush=True)
         results: dict[str, list[dict]] = {v: [] for v in variants}
         breakdown: dict[str, list[dict]] = {v: [] for v in variants}
@@ -646,7 +651,7 @@ def main(argv=None) -> int:
                     breakdown[v] += run_breakdown(work, args, *variants[v], f"{tag(v)}-breakdown-r{rnd}")
                     print(f"round {rnd + 1}/{args.rounds} {v}: instrumented run ({time.perf_counter() - t0:.0f}s wall, "
                           f"other processes' CPU load {_pct(load.share())})", flush=True)
-        peaks.append(peak_flops(args.peak_size))
+        peaks.append(peak_flops(args.peak_size, args.precision))
         peak = max(peaks)
     finally:
         if tmp:
@@ -655,7 +660,7 @@ def main(argv=None) -> int:
     rows = [summarise(v, variants[v][0], results[v], tokens_per_step, flops_per_token, peak) for v in variants]
     print()
     print(f"FLOPs/token = {FORMULA} = {flops_per_token / 1e6:.2f} MFLOP at T={args.seq_len}")
-    print(f"peak = {peak / 1e9:.0f} GFLOP/s: the higher of two bf16 {args.peak_size}^3 matmul measurements in this "
+    print(f"peak = {peak / 1e9:.0f} GFLOP/s: the higher of two {args.precision} {args.peak_size}^3 matmul measurements in this "
           f"run (before: {peaks[0] / 1e9:.0f}, after: {peaks[1] / 1e9:.0f}), {torch.get_num_threads()} threads")
     print("tokens/s = median over the measured steps of all rounds; MFU = tokens/s x FLOPs/token / peak")
     print()
