@@ -111,6 +111,11 @@ def install_shm_collectives() -> bool:
     return True
 
 
+def shm_supports(dtype: torch.dtype) -> bool:
+    """Whether an all-reduce of `dtype` takes the shared-memory path on this CPU (after install)."""
+    return _router is not None and _router.level >= _MIN_LEVEL.get(dtype, 99)
+
+
 def shm_calls() -> int:
     """How many collectives the shared-memory kernel has served in this process."""
     return _router.calls if _router is not None else 0

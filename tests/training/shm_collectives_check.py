@@ -23,7 +23,10 @@ assert cpu.install_shm_collectives(), "shared-memory all-reduce not available on
 assert cpu.install_shm_collectives()  # idempotent
 
 g = torch.Generator().manual_seed(100 + rank)
+expected_calls = 0
 for dtype in (torch.float32, torch.bfloat16):
+    # The kernel needs avx2 for fp32 and avx512bw for 16-bit types; without them the call stays on gloo.
+    shm = cpu.shm_supports(dtype)
     # sizes below and above the kernel's 1 MiB naive/distributed threshold and its 32 MiB chunk
     for numel in (5, 300_000, 9_000_001):
         x = torch.randn(numel, generator=g).to(dtype)
@@ -32,7 +35,7 @@ for dtype in (torch.float32, torch.bfloat16):
         got = x.clone()
         before = cpu.shm_calls()
         dist.all_reduce(got)
-        assert cpu.shm_calls() == before + 1, "all_reduce did not take the shared-memory path"
+        assert cpu.shm_calls() == before + shm, f"all_reduce of {dtype} took the wrong path (shared memory: {shm})"
         assert torch.equal(got, want), (dtype, numel, (got.float() - want.float()).abs().max())
 
         part = torch.randn(numel, generator=g).to(dtype)
@@ -46,6 +49,7 @@ for dtype in (torch.float32, torch.bfloat16):
         flat.narrow(0, rank * numel, numel).copy_(part)
         dist.all_gather_into_tensor(flat, flat.narrow(0, rank * numel, numel))
         assert torch.equal(flat, want), (dtype, numel, "in-place all_gather_into_tensor")
+        expected_calls += 3 * shm
 
 # calls that must stay on gloo: another dtype, another operation, an asynchronous call
 before = cpu.shm_calls()
@@ -61,6 +65,8 @@ assert torch.equal(a, torch.full((1000,), float(world))), a
 assert cpu.shm_calls() == before, "a call that needs gloo went through shared memory"
 
 tdist.barrier()
-print(f"OK rank {rank} shm calls {cpu.shm_calls()}", flush=True)
+assert cpu.shm_calls() == expected_calls, (cpu.shm_calls(), expected_calls)
+print(f"OK rank {rank} shm calls {cpu.shm_calls()} (bf16 on shared memory: {cpu.shm_supports(torch.bfloat16)})",
+      flush=True)
 tdist.destroy_process_group()
 exit_process(0)
