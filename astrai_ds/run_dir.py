@@ -44,11 +44,11 @@ def tag_step(tag: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write `text` so that a reader (another rank) or a kill never sees a partial file."""
+def atomic_write(path: Path, content: str | bytes) -> None:
+    """Write `content` so that a reader (another rank) or a kill never sees a partial file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
+    tmp.write_bytes(content) if isinstance(content, bytes) else tmp.write_text(content)
     os.replace(tmp, path)
 
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 import warnings
 from dataclasses import dataclass
@@ -115,9 +113,7 @@ def _write_run_files(output_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig,
     atomic_write(output_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     atomic_write(output_dir / "model_config.json", json.dumps(model_cfg.to_dict(), indent=2) + "\n")
     atomic_write(output_dir / "ds_config.json", json.dumps(ds_cfg, indent=2) + "\n")
-    tmp = output_dir / f".tokenizer.json.tmp{os.getpid()}"
-    shutil.copyfile(tokenizer.path, tmp)
-    os.replace(tmp, output_dir / "tokenizer.json")
+    atomic_write(output_dir / "tokenizer.json", Path(tokenizer.path).read_bytes())
 
 
 def _build_model(cfg: TrainConfig, model_cfg: ModelConfig):
