@@ -11,3 +11,7 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A data file, shard folder or tokenizer is missing, damaged or does not match."""
+
+
+class RequestError(UserError):
+    """A generation request is invalid; the message names the field."""

@@ -167,5 +167,13 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self._hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def decode_stream(self, skip_special_tokens: bool = True):
+        """An incremental decoder for generation: `step(token_id)` returns the new text, or None while the
+        tokens so far end inside a character (byte-level BPE splits a Chinese character across tokens)."""
+        from tokenizers.decoders import DecodeStream
+
+        stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        return lambda token_id: stream.step(self._hf, int(token_id))
+
     def __repr__(self) -> str:
         return f"Tokenizer({str(self._path)!r}, vocab_size={self.vocab_size})"

@@ -48,11 +48,11 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids: (B, T) or (T,) int -> (cos, sin), each float32 (B or 1, T, head_dim)."""
-        if position_ids.numel() and (int(position_ids.max()) >= self.max_seq_len or int(position_ids.min()) < 0):
-            raise ValueError(
-                f"position ids must lie in [0, max_seq_len={self.max_seq_len}), got range "
-                f"[{int(position_ids.min())}, {int(position_ids.max())}]; crop the sequence or raise "
-                f"model.max_seq_len")
+        if position_ids.numel():
+            # Checked on the device, without a host synchronisation in the forward (a CPU raises at once).
+            torch._assert_async((position_ids.min() >= 0) & (position_ids.max() < self.max_seq_len),
+                                f"position ids must lie in [0, max_seq_len={self.max_seq_len}); crop the sequence "
+                                f"or raise model.max_seq_len")
         cos, sin = self.tables(position_ids.device)
         if position_ids.dim() == 1:
             position_ids = position_ids.unsqueeze(0)  # (1, T)

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from astrai_ds.config.model import ModelConfig
 from astrai_ds.model.block import Block
 from astrai_ds.model.init import NormalEmbedding, NormalLinear
+from astrai_ds.model.kv_cache import CacheBatch
 from astrai_ds.model.norm import RMSNorm
 from astrai_ds.model.rope import RotaryEmbedding
 
@@ -111,13 +112,16 @@ class Transformer(nn.Module):
         # Set by the trainer: recompute each block in the backward pass instead of storing activations.
         self.activation_checkpointing = False
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids: (B, T) int -> logits (B, T, vocab) in the model's dtype.
+    def hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+               attn_mask: torch.Tensor | None = None, cache: CacheBatch | None = None) -> torch.Tensor:
+        """input_ids: (B, T) int -> the last block's hidden states (B, T, dim), before the final norm.
 
         position_ids: (B, T) or (T,) int, default arange(T); pass them for left padding or packed
         sequences. attn_mask: None for causal attention, else a bool mask broadcastable to (B, 1, T, T),
-        True = may attend, which must include the causal constraint itself.
+        True = may attend, which must include the causal constraint itself. cache: a generation step over
+        a paged KV cache, with the step's tokens flattened into one row (B = 1) and their position_ids
+        given. `self.head(...)` turns the result into logits; generation applies it only to the positions
+        it samples from.
         """
         T = input_ids.shape[1]
         if position_ids is None:
@@ -128,8 +132,13 @@ class Transformer(nn.Module):
             if self.activation_checkpointing and self.training:
                 h = checkpoint(block, h, cos, sin, attn_mask, use_reentrant=False)
             else:
-                h = block(h, cos, sin, attn_mask)
-        return self.head(h)  # (B, T, vocab)
+                h = block(h, cos, sin, attn_mask, cache)
+        return h  # (B, T, dim)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids: (B, T) int -> logits (B, T, vocab) in the model's dtype; arguments as in `hidden`."""
+        return self.head(self.hidden(input_ids, position_ids, attn_mask))  # (B, T, vocab)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Number of parameters, a tied embedding/head matrix counted once.

@@ -267,9 +267,9 @@ def test_bf16_runs_and_rope_tables_stay_float32():
 
 def test_positions_beyond_max_seq_len_raise():
     m = model()
-    with pytest.raises(ValueError, match="max_seq_len"):
+    with pytest.raises(RuntimeError, match="max_seq_len"):
         m(ids(1, 65))
-    with pytest.raises(ValueError, match="max_seq_len"):
+    with pytest.raises(RuntimeError, match="max_seq_len"):
         m(ids(1, 4), position_ids=torch.tensor([0, 1, 2, 64]))
     m(ids(1, 64))  # exactly max_seq_len is fine
 

@@ -1,0 +1,283 @@
+"""The generation engine: requests in, tokens and text out, with continuous batching over a paged KV cache.
+
+`add_request` / `step` / `abort` are the core: every `step` schedules the waiting and running requests
+(scheduler), runs one forward over their new tokens (model runner), samples one token for each request that
+reached its last token (sampling, each request with its own generator) and turns tokens into safe text
+deltas (detokenizer). Streaming (`stream`), one request (`generate`) and a list of requests
+(`generate_batch`) are loops over `step`; they all share the engine, so requests from several callers batch
+together.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from astrai_ds.errors import RequestError
+from astrai_ds.inference.block_manager import BlockManager
+from astrai_ds.inference.detokenizer import IncrementalDetokenizer
+from astrai_ds.inference.model_runner import ModelRunner, local_kv_heads
+from astrai_ds.inference.sampling import SamplingParams, make_generator, sample
+from astrai_ds.inference.scheduler import Scheduler
+from astrai_ds.inference.sequence import Sequence
+from astrai_ds.model.kv_cache import KVCache
+
+Prompt = str | list[int] | list[dict]  # text (a <bos> is put before it), token ids, or chat messages
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    text: str  # the new text: whole characters only, never (part of) a stop string
+    token_ids: list[int]  # the new tokens
+    logprobs: list[dict] | None  # per new token: {"token_id", "logprob", "top_logprobs": [(id, logprob), ...]}
+    finished: bool
+    finish_reason: str | None  # "stop", "length" or "abort" once finished
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int  # prompt tokens served from the prefix cache
+
+
+@dataclass
+class Completion:
+    """A finished request (`generate`, `generate_batch`)."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    logprobs: list[dict] | None = None
+    error: str | None = None  # set (and nothing generated) when the request was refused
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    generator: torch.Generator | None
+    logprobs: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16  # tokens per KV cache block
+    kv_cache_tokens: int | None = None  # pool size in tokens; default: from kv_cache_memory
+    kv_cache_memory: int = 1 << 30  # pool size in bytes when kv_cache_tokens is not given
+    max_num_seqs: int = 64  # requests stepped together at most
+    max_num_batched_tokens: int = 512  # new tokens per step (prefill chunks + decode tokens)
+    seed: int = 0  # seeds the generators of requests that bring no seed (the same on every tensor-parallel rank)
+
+    def __post_init__(self):
+        for key in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, key) < 1:
+                raise RequestError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
+            raise RequestError(f"kv_cache_tokens must be at least block_size ({self.block_size}), "
+                               f"got {self.kv_cache_tokens}")
+
+
+class LLMEngine:
+    def __init__(self, model, tokenizer, config: EngineConfig | None = None):
+        self.config = config = config or EngineConfig()
+        self.model, self.tokenizer = model.eval(), tokenizer
+        cfg = model.cfg
+        if tokenizer.vocab_size > cfg.vocab_size:
+            raise RequestError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                               f"{cfg.vocab_size}: they do not belong together")
+        dtype = next(model.parameters()).dtype
+        tokens = config.kv_cache_tokens or config.kv_cache_memory // KVCache.bytes_per_token(
+            cfg.n_layers, local_kv_heads(model), cfg.head_dim, dtype)
+        # Never more than every request at full context could use, never less than one full context.
+        tokens = min(max(tokens, cfg.max_seq_len), config.max_num_seqs * cfg.max_seq_len)
+        num_blocks = -(-tokens // config.block_size)
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        self.stop_ids = frozenset({tokenizer.eos_id, tokenizer.im_end_id})
+        self._requests: dict[str, _Request] = {}
+        self._ids = itertools.count()
+        self._seeds = random.Random(config.seed)
+
+    @property
+    def max_context(self) -> int:
+        return self.model.cfg.max_seq_len
+
+    # ------------------------------------------------------------------ requests
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt: text gets a leading <bos>; chat messages are rendered with the ChatML template
+        and the assistant's generation header."""
+        from astrai_ds.data.chat import check_messages, render_chat
+
+        if isinstance(prompt, str):
+            return [self.tokenizer.bos_id] + self.tokenizer.encode(prompt)
+        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            try:
+                messages = check_messages(prompt, final=None)
+            except ValueError as e:
+                raise RequestError(f"messages: {e}") from None
+            return render_chat(self.tokenizer, messages, add_generation_prompt=True)[0]
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            vocab = self.model.cfg.vocab_size
+            bad = next((t for t in prompt if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise RequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+            return list(prompt)
+        raise RequestError("prompt must be a non-empty string, a list of token ids or a list of chat messages")
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a request; it runs from the next `step`. Raises RequestError (and queues nothing) when the
+        request cannot be served: the engine's other requests are never affected."""
+        params = params or SamplingParams()
+        ids = self.encode(prompt)
+        if len(ids) >= self.max_context:
+            raise RequestError(f"the prompt is {len(ids)} tokens, and the model's context is {self.max_context} "
+                               f"tokens: shorten the prompt to at most {self.max_context - 1} tokens")
+        need = min(len(ids) + params.max_new_tokens, self.max_context)
+        pool = self.blocks.num_blocks * self.blocks.block_size
+        if need > pool:
+            raise RequestError(f"the request needs up to {need} tokens of KV cache, more than the whole pool "
+                               f"({pool} tokens): lower max_new_tokens or give the engine a larger kv cache")
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._requests:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        seed = params.seed if params.seed is not None else self._seeds.randrange(2**63)
+        seq = Sequence(request_id, ids, params, self.stop_ids | frozenset(params.stop_token_ids), self.max_context)
+        generator = None if params.temperature == 0 else make_generator(seed)
+        detok = IncrementalDetokenizer(self.tokenizer, stop=list(params.stop))
+        self._requests[request_id] = _Request(seq, detok, generator)
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its cache blocks (a no-op for an unknown or finished one)."""
+        request = self._requests.pop(request_id, None)
+        if request is not None and not request.seq.finished:
+            self.scheduler.finish(request.seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------------ one step
+
+    def step(self) -> list[RequestOutput]:
+        """Run one forward for the scheduled requests and sample; returns what each request gained."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        logits = self.runner.run(scheduled)  # (S, vocab) for the requests that sample
+        self.scheduler.advance(scheduled)
+        sampling = [s.seq for s in scheduled if s.samples]
+        requests = [self._requests[seq.request_id] for seq in sampling]
+        results = sample(logits, [seq.params for seq in sampling], [r.generator for r in requests],
+                         [seq.prompt_ids for seq in sampling], [seq.output_ids for seq in sampling])
+        outputs = []
+        for seq, request, result in zip(sampling, requests, results):
+            reason = seq.append(result.token_id)
+            new_ids = [] if reason == "stop" else [result.token_id]
+            text = request.detok.add(result.token_id) if new_ids else ""
+            if request.detok.stopped:
+                reason = "stop"
+            if reason is not None:
+                text += "" if request.detok.stopped else request.detok.finish()
+                self.scheduler.finish(seq, reason)
+                del self._requests[seq.request_id]
+            logprobs = None
+            if seq.params.logprobs is not None and new_ids:
+                logprobs = [{"token_id": result.token_id, "logprob": result.logprob,
+                             "top_logprobs": result.top_logprobs or []}]
+                request.logprobs += logprobs
+            outputs.append(RequestOutput(seq.request_id, text, new_ids, logprobs, reason is not None, reason,
+                                         len(seq.prompt_ids), len(seq.output_ids), seq.num_cached))
+        return outputs
+
+    # ------------------------------------------------------------------ wrappers
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Generate one request and yield its outputs as they come (other queued requests step along).
+        Closing the iterator early aborts the request."""
+        request_id = self.add_request(prompt, params)
+        done = False
+        try:
+            while not done:
+                for out in self.step():
+                    if out.request_id == request_id:
+                        done = out.finished
+                        yield out
+        finally:
+            if not done:
+                self.abort(request_id)
+
+    def generate(self, prompt: Prompt, params: SamplingParams | None = None) -> Completion:
+        return self.generate_batch([prompt], params)[0]
+
+    def generate_batch(self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams] | None = None,
+                       progress: bool = False) -> list[Completion]:
+        """Completions of `prompts`, in their order, all stepped together. `params` is one for all or one per
+        prompt. A request that is refused (RequestError) gets a Completion with `error` set; the rest run.
+        `progress` shows a bar (a terminal) or a line per tenth (elsewhere) on stderr."""
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise RequestError(f"{len(prompts)} prompts but {len(params)} sampling parameter sets")
+        results: list[Completion | None] = [None] * len(prompts)
+        pending: dict[str, tuple[int, list[str], list[int], list[dict]]] = {}
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            try:
+                pending[self.add_request(prompt, p)] = (i, [], [], [])
+            except RequestError as e:
+                results[i] = Completion(f"refused-{i}", "", [], None, 0, 0, error=str(e))
+        bar = _Progress(len(pending), "generate", progress)
+        while pending:
+            for out in self.step():
+                if out.request_id not in pending:
+                    continue
+                i, text, ids, logprobs = pending[out.request_id]
+                text.append(out.text)
+                ids += out.token_ids
+                logprobs += out.logprobs or []
+                if out.finished:
+                    del pending[out.request_id]
+                    results[i] = Completion(out.request_id, "".join(text), ids, out.finish_reason, out.prompt_tokens,
+                                            out.completion_tokens, out.cached_tokens,
+                                            logprobs if params[i] and params[i].logprobs is not None else None)
+                    bar.update()
+        bar.close()
+        return results
+
+
+class _Progress:
+    """A tqdm bar on a terminal; elsewhere (a log, a pipe) a plain line at each tenth. Both on stderr."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.total, self.desc, self.done, self.tenths = total, desc, 0, 0
+        self.enabled, self.t0 = enabled and total > 0, time.perf_counter()
+        self.bar = None
+        if self.enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="req", dynamic_ncols=True)
+
+    def update(self) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update()
+        elif self.enabled and self.done * 10 // self.total > self.tenths:
+            self.tenths = self.done * 10 // self.total
+            print(f"{self.desc}: {self.done}/{self.total} requests, {time.perf_counter() - self.t0:.0f}s",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,183 @@
+"""Per-request sampling parameters and a batched sampler whose rows never influence each other.
+
+Each row has its own params and its own `torch.Generator`, and the random draw happens per row on the CPU,
+so a request with a seed gets the same tokens whether it runs alone or next to any other requests.
+Order per row: penalties on the raw logits -> temperature (0 = argmax) -> top-k -> top-p -> min-p -> draw.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+from astrai_ds.errors import RequestError
+
+MAX_LOGPROBS = 20
+GREEDY_EPS = 1e-5  # a temperature below this is greedy: dividing by it would overflow the logits to inf
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256  # > 0
+    temperature: float = 1.0  # >= 0; 0 means greedy (argmax of the penalised logits)
+    top_k: int = 0  # 0 = off; else keep the k most likely tokens
+    top_p: float = 1.0  # in (0, 1]: keep the smallest set of most likely tokens with mass >= top_p
+    min_p: float = 0.0  # in [0, 1]: drop tokens with p < min_p * p_max
+    repetition_penalty: float = 1.0  # > 0; HF/CTRL: over prompt and output tokens, logit > 0 -> /p, else *p
+    presence_penalty: float = 0.0  # in [-2, 2]; OpenAI: minus this once for each token already in the output
+    frequency_penalty: float = 0.0  # in [-2, 2]; OpenAI: minus this times the token's count in the output
+    stop: list[str] = ()  # stop strings; the text is cut just before the first one
+    stop_token_ids: list[int] = ()  # extra stop token ids (the engine adds eos / im_end itself)
+    seed: int | None = None  # the request's own generator: same seed -> same tokens, whatever else is batched
+    logprobs: int | None = None  # None: none; N: log-prob of each chosen token and its top-N alternatives
+
+    def __post_init__(self):
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens <= 0:
+            raise self._invalid("max_new_tokens", "an integer > 0")
+        if not _is_number(self.temperature) or self.temperature < 0:
+            raise self._invalid("temperature", "a finite number >= 0 (0 = greedy)")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise self._invalid("top_k", "an integer >= 0 (0 = off)")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise self._invalid("top_p", "in (0, 1]")
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            raise self._invalid("min_p", "in [0, 1]")
+        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise self._invalid("repetition_penalty", "a finite number > 0 (1 = off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not _is_number(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
+                raise self._invalid(name, "in [-2, 2]")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
+            raise self._invalid("stop", "a string or a list of non-empty strings")
+        if (not isinstance(self.stop_token_ids, (list, tuple))
+                or not all(_is_int(t) and t >= 0 for t in self.stop_token_ids)):
+            raise self._invalid("stop_token_ids", "a list of integers >= 0")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
+            raise self._invalid("seed", "None or an integer in [0, 2**64)")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise self._invalid("logprobs", f"None or an integer in [0, {MAX_LOGPROBS}]")
+        self.stop, self.stop_token_ids = list(self.stop), list(self.stop_token_ids)
+        self.temperature, self.top_p, self.min_p = float(self.temperature), float(self.top_p), float(self.min_p)
+        self.repetition_penalty = float(self.repetition_penalty)
+        self.presence_penalty, self.frequency_penalty = float(self.presence_penalty), float(self.frequency_penalty)
+
+    def _invalid(self, name: str, allowed: str) -> RequestError:
+        value = getattr(self, name)
+        return RequestError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_EPS
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SamplingParams":
+        """From a request's fields (a JSONL line, an HTTP body); an unknown key is an error naming it."""
+        if not isinstance(d, dict):
+            raise RequestError(f"sampling parameters must be an object, got {type(d).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = [k for k in d if k not in known]
+        if unknown:
+            raise RequestError(f"unknown sampling parameter(s) {', '.join(map(repr, unknown))}; "
+                               f"known: {', '.join(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SampleResult:
+    token_id: int
+    logprob: float | None  # of the chosen token under the model's raw distribution; None unless asked
+    top_logprobs: list[tuple[int, float]] | None  # the top-N (token, logprob), highest first
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator seeded with `seed`, or with a fresh random seed when `seed` is None."""
+    g = torch.Generator()
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
+
+
+def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompt_ids: list[list[int]],
+                    output_ids: list[list[int]]) -> torch.Tensor:
+    """A penalised copy of `logits` (B, V); only the tokens that occur in a row's context are touched."""
+    logits = logits.clone()
+    for row, p in enumerate(params):
+        x = logits[row]  # (V,), a view: writes land in `logits`
+        if p.repetition_penalty != 1.0 and (prompt_ids[row] or output_ids[row]):
+            seen = torch.tensor(sorted(set(prompt_ids[row]) | set(output_ids[row])), dtype=torch.long)
+            vals = x[seen]
+            x[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and output_ids[row]:
+            ids, counts = torch.tensor(output_ids[row], dtype=torch.long).unique(return_counts=True)
+            x[ids] -= p.frequency_penalty * counts.to(x.dtype) + p.presence_penalty
+    return logits
+
+
+def filter_logits(x: torch.Tensor, p: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k, then top-p, then min-p on one row of tempered logits x (V,).
+
+    Returns the logits sorted descending with dropped tokens at -inf, and the token id of each position.
+    Top-p sees the top-k survivors renormalised; min-p needs no renormalising (it compares ratios)."""
+    x, order = x.sort(descending=True)  # (V,), (V,)
+    keep = torch.ones_like(x, dtype=torch.bool)
+    if p.top_k:
+        keep[p.top_k:] = False  # by position, so exactly k survive even when logits tie
+    if p.top_p < 1.0:
+        probs = x.masked_fill(~keep, -math.inf).softmax(-1)
+        keep &= probs.cumsum(-1) - probs < p.top_p  # the mass before a token is still short of top_p
+    if p.min_p > 0.0:
+        probs = x.masked_fill(~keep, -math.inf).softmax(-1)
+        keep &= probs >= p.min_p * probs[0]
+    return x.masked_fill(~keep, -math.inf), order
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           prompt_ids: list[list[int]], output_ids: list[list[int]]) -> list[SampleResult]:
+    """The next token of each row of `logits` (B, V), the last position's logits of each request.
+
+    A sampling row draws with its own generator (None: torch's default one); greedy rows ignore theirs.
+    Log-probs are of the raw model distribution, before penalties and temperature, as vLLM reports them."""
+    B = logits.shape[0]
+    if not len(params) == len(generators) == len(prompt_ids) == len(output_ids) == B:
+        raise ValueError(f"sample: {B} rows of logits but {len(params)} params, {len(generators)} generators, "
+                         f"{len(prompt_ids)} prompts and {len(output_ids)} outputs")
+    # The draw runs on the CPU with each request's CPU generator, which makes it independent of the device.
+    logits = logits.detach().float().cpu()  # (B, V)
+    penalised = apply_penalties(logits, params, prompt_ids, output_ids)  # (B, V)
+
+    results = []
+    for row, p in enumerate(params):
+        x = penalised[row]  # (V,)
+        if p.greedy:
+            token = int(x.argmax())
+        else:
+            x = x / p.temperature
+            if p.top_k or p.top_p < 1.0 or p.min_p > 0.0:
+                x, order = filter_logits(x, p)
+                token = int(order[torch.multinomial(x.softmax(-1), 1, generator=generators[row])])
+            else:
+                token = int(torch.multinomial(x.softmax(-1), 1, generator=generators[row]))
+        if p.logprobs is None:
+            results.append(SampleResult(token, None, None))
+            continue
+        lp = logits[row].log_softmax(-1)  # (V,), of the raw logits
+        top = lp.topk(min(p.logprobs, lp.numel()))  # sorted, highest first
+        results.append(SampleResult(token, float(lp[token]), list(zip(top.indices.tolist(), top.values.tolist()))))
+    return results

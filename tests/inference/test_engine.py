@@ -1,0 +1,203 @@
+"""The generation engine: the paged cache's logits equal a full forward, greedy tokens do not depend on the
+batch, prefixes are reused, a full pool preempts instead of failing, and bad requests are refused alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from astrai_ds.data.tokenizer import Tokenizer
+from astrai_ds.errors import RequestError
+from astrai_ds.inference.block_manager import BlockManager
+from astrai_ds.inference.engine import EngineConfig, LLMEngine
+from astrai_ds.inference.generate import greedy_generate
+from astrai_ds.inference.model_runner import ModelRunner
+from astrai_ds.inference.sampling import SamplingParams
+from astrai_ds.inference.scheduler import Scheduler
+from astrai_ds.inference.sequence import Sequence
+from astrai_ds.model import ModelConfig, Transformer
+
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12)
+
+
+def tiny_model(vocab_size: int = 512, max_seq_len: int = 128, **over) -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176,
+                      max_seq_len=max_seq_len, **over)
+    # A large init makes a random model's argmax depend strongly on the context, so a cache bug changes
+    # the tokens instead of hiding behind a near-constant prediction.
+    cfg.init_std = 0.2
+    return Transformer(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(workspace) -> Tokenizer:
+    return Tokenizer.load(workspace / "tokenizer")
+
+
+def random_ids(n: int, seed: int, vocab: int = 512) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(16, vocab, (n,), generator=g).tolist()
+
+
+def teacher_forced_logits(model, sequences: list[tuple[list[int], list[int]]], budget: int, block_size: int = 8,
+                          num_blocks: int = 64, staggered: bool = False) -> tuple[list[list[torch.Tensor]], list]:
+    """Run (prompt, continuation) pairs through scheduler + runner, feeding the continuation instead of sampling;
+    returns each sequence's logits at every sampled position, and the sequences. With `staggered`, each
+    sequence joins only after the previous one finished its prompt (so it can hit the prefix cache)."""
+    blocks = BlockManager(num_blocks, block_size)
+    scheduler = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=budget)
+    runner = ModelRunner(model, num_blocks, block_size)
+    seqs = [Sequence(f"s{i}", p, SamplingParams(max_new_tokens=len(c) + 1), frozenset(), 10_000)
+            for i, (p, c) in enumerate(sequences)]
+    queue = list(seqs)
+    logits: dict[str, list[torch.Tensor]] = {s.request_id: [] for s in seqs}
+    scheduler.add(queue.pop(0))
+    while scheduler.has_unfinished() or queue:
+        if queue and (not staggered or not scheduler.waiting and all(s.num_computed >= len(s.prompt_ids)
+                                                                      for s in scheduler.running)):
+            scheduler.add(queue.pop(0))
+        scheduled = scheduler.schedule()
+        out = runner.run(scheduled)
+        scheduler.advance(scheduled)
+        for s, row in zip([s for s in scheduled if s.samples], out):
+            seq = s.seq
+            logits[seq.request_id].append(row)
+            continuation = sequences[int(seq.request_id[1:])][1]
+            if len(seq.output_ids) == len(continuation):
+                scheduler.finish(seq, "length")
+            else:
+                seq.output_ids.append(continuation[len(seq.output_ids)])
+    return [logits[s.request_id] for s in seqs], seqs
+
+
+def full_logits(model, prompt: list[int], continuation: list[int]) -> torch.Tensor:
+    ids = torch.tensor([prompt + continuation])
+    with torch.no_grad():
+        return model(ids)[0, len(prompt) - 1:].float()  # (len(continuation) + 1, vocab)
+
+
+@pytest.mark.parametrize("case", ["single", "batch", "chunked", "prefix"])
+def test_cache_logits_equal_full_forward(model, case):
+    if case == "single":
+        sequences, budget = [(random_ids(21, 1), random_ids(6, 2))], 512
+    elif case == "batch":
+        sequences, budget = [(random_ids(n, n), random_ids(5, n + 100)) for n in (3, 30, 17, 1, 44)], 512
+    elif case == "chunked":  # long prompts prefilled 7 tokens per step, beside decodes
+        sequences, budget = [(random_ids(n, n), random_ids(4, n + 100)) for n in (50, 9, 33)], 7
+    else:  # the second and third share the first one's first 40 tokens
+        shared = random_ids(40, 7)
+        sequences = [(shared + random_ids(5, 8), random_ids(4, 9)), (shared + random_ids(9, 10), random_ids(4, 11)),
+                     (shared, random_ids(4, 12))]
+        budget = 512
+    got, seqs = teacher_forced_logits(model, sequences, budget, staggered=case == "prefix")
+    for (prompt, continuation), rows in zip(sequences, got):
+        want = full_logits(model, prompt, continuation)
+        assert len(rows) == len(want)
+        torch.testing.assert_close(torch.stack(rows), want, rtol=0, atol=1e-5)
+    if case == "prefix":
+        assert [s.num_cached for s in seqs] == [0, 40, 32]  # 5 blocks of 8; the whole prompt is never reused
+
+
+def test_greedy_tokens_alone_equal_inside_a_mixed_batch(model, tokenizer):
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_batched_tokens=24, block_size=8))
+    prompts = [random_ids(n, n) for n in (5, 37, 12, 60, 2)]
+    alone = [engine.generate(p, GREEDY).token_ids for p in prompts]
+    # The same prompts among sampled requests of other lengths, chunked prefills and a 24-token step budget.
+    mixed = prompts[:2] + [random_ids(25, 99)] + prompts[2:] + [random_ids(9, 98)]
+    params = [GREEDY, GREEDY, SamplingParams(temperature=1.0, max_new_tokens=20, seed=3)] + [GREEDY] * 3 + \
+             [SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=5, seed=4)]
+    together = engine.generate_batch(mixed, params)
+    assert [c.token_ids for i, c in enumerate(together) if i not in (2, 6)] == alone
+    assert sum(len(ids) for ids in alone) >= 40 and len({tuple(ids) for ids in alone}) == len(alone), alone
+
+
+def test_greedy_engine_equals_the_uncached_generator(model, tokenizer):
+    engine = LLMEngine(model, tokenizer)
+    prompts = [random_ids(n, n + 50) for n in (4, 19, 33)]
+    reference = greedy_generate(model, prompts, max_new_tokens=10, stop_ids=[])
+    assert [c.token_ids for c in engine.generate_batch(prompts, SamplingParams(temperature=0, max_new_tokens=10))] \
+        == reference
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(model, tokenizer):
+    engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8))
+    params = SamplingParams(temperature=1.0, top_k=50, max_new_tokens=15, seed=1234)
+    alone = engine.generate(random_ids(10, 5), params).token_ids
+    batch = engine.generate_batch([random_ids(30, 6), random_ids(10, 5), random_ids(3, 7)],
+                                  [SamplingParams(temperature=1.0, max_new_tokens=9), params,
+                                   SamplingParams(temperature=0.5, max_new_tokens=20, seed=1)])
+    assert batch[1].token_ids == alone
+    assert engine.generate(random_ids(10, 5), SamplingParams(temperature=1.0, top_k=50, max_new_tokens=15,
+                                                              seed=99)).token_ids != alone
+
+
+def test_prefix_reuse_skips_the_shared_prefill(model, tokenizer):
+    engine = LLMEngine(model, tokenizer, EngineConfig(block_size=16))
+    system = random_ids(100, 21)
+    first = engine.generate(system + random_ids(7, 22), GREEDY)
+    second = engine.generate(system + random_ids(7, 23), GREEDY)
+    again = engine.generate(system + random_ids(7, 22), GREEDY)
+    assert first.cached_tokens == 0 and second.cached_tokens == 96 and again.cached_tokens == 96
+    assert again.token_ids == first.token_ids
+
+
+def test_a_full_pool_preempts_and_still_finishes_every_request(model, tokenizer):
+    prompts = [random_ids(n, n + 7) for n in (30, 41, 25, 50, 12, 36)]
+    params = SamplingParams(temperature=0, max_new_tokens=30)
+    roomy = LLMEngine(model, tokenizer).generate_batch(prompts, params)
+    tight = LLMEngine(model, tokenizer, EngineConfig(block_size=8, kv_cache_tokens=128))  # one context's worth
+    assert [c.token_ids for c in tight.generate_batch(prompts, params)] == [c.token_ids for c in roomy]
+    assert tight.scheduler.num_preemptions > 0
+    assert tight.blocks.num_free_blocks == tight.blocks.num_blocks
+
+
+def test_abort_frees_the_blocks_at_once(model, tokenizer):
+    engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8))
+    ids = [engine.add_request(random_ids(40, i), SamplingParams(temperature=0, max_new_tokens=50)) for i in range(3)]
+    for _ in range(3):
+        engine.step()
+    assert engine.blocks.num_free_blocks < engine.blocks.num_blocks
+    for request_id in ids:
+        engine.abort(request_id)
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks and not engine.has_unfinished()
+
+
+def test_stream_yields_the_same_text_as_generate(model, tokenizer):
+    engine = LLMEngine(model, tokenizer)
+    params = SamplingParams(temperature=0, max_new_tokens=20)
+    pieces = list(engine.stream("12 + 30 = ", params))
+    whole = engine.generate("12 + 30 = ", params)
+    assert "".join(p.text for p in pieces) == whole.text
+    assert pieces[-1].finished and pieces[-1].finish_reason == whole.finish_reason == "length"
+    assert sum(len(p.token_ids) for p in pieces) == whole.completion_tokens == 20
+
+
+def test_context_end_stops_with_length(tokenizer):
+    engine = LLMEngine(tiny_model(max_seq_len=32), tokenizer)
+    out = engine.generate(random_ids(28, 3), SamplingParams(temperature=0, max_new_tokens=100))
+    assert out.finish_reason == "length" and out.prompt_tokens + out.completion_tokens == 32
+
+
+def test_bad_requests_are_refused_alone(model, tokenizer):
+    engine = LLMEngine(model, tokenizer)
+    with pytest.raises(RequestError, match="the prompt is 200 tokens.*context is 128"):
+        engine.add_request(random_ids(200, 1), GREEDY)
+    with pytest.raises(RequestError, match="outside the vocabulary"):
+        engine.add_request([5, 9999], GREEDY)
+    with pytest.raises(RequestError, match="prompt must be"):
+        engine.add_request([], GREEDY)
+    out = engine.generate_batch([random_ids(5, 1), random_ids(500, 2), random_ids(6, 3)], GREEDY)
+    assert out[1].error and "500 tokens" in out[1].error and not out[1].token_ids
+    assert out[0].token_ids == engine.generate(random_ids(5, 1), GREEDY).token_ids and len(out[2].token_ids) == 12
+    assert not engine.has_unfinished()
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tokenizer):
+    with pytest.raises(RequestError, match="tokenizer has 512 tokens but the model only 256"):
+        LLMEngine(tiny_model(vocab_size=256), tokenizer)
