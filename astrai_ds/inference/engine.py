@@ -224,10 +224,10 @@ class LLMEngine:
         return self.generate_batch([prompt], params)[0]
 
     def generate_batch(self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams] | None = None,
-                       progress: bool = False) -> list[Completion]:
+                       progress: bool = False, desc: str = "generate") -> list[Completion]:
         """Completions of `prompts`, in their order, all stepped together. `params` is one for all or one per
         prompt. A request that is refused (RequestError) gets a Completion with `error` set; the rest run.
-        `progress` shows a bar (a terminal) or a line per tenth (elsewhere) on stderr."""
+        `progress` shows a bar (a terminal) or a line per tenth (elsewhere) on stderr, named `desc`."""
         params = params if isinstance(params, list) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise RequestError(f"{len(prompts)} prompts but {len(params)} sampling parameter sets")
@@ -238,7 +238,7 @@ class LLMEngine:
                 pending[self.add_request(prompt, p)] = (i, [], [], [])
             except RequestError as e:
                 results[i] = Completion(f"refused-{i}", "", [], None, 0, 0, error=str(e))
-        bar = _Progress(len(pending), "generate", progress)
+        bar = _Progress(len(pending), desc, progress)
         while pending:
             for out in self.step():
                 if out.request_id not in pending:

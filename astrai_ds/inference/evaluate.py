@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from astrai_ds.errors import DataError
-from astrai_ds.inference.generate import greedy_generate
 from astrai_ds.model.losses import IGNORE_INDEX, token_loss_sum
 
 _ANSWER_END = re.compile(r"[.。!?！？\n]")
@@ -151,6 +150,22 @@ def eval_loss(model, tokenizer, texts: list[str], batch_size: int = 32, *, progr
     return total / max(count, 1)
 
 
+def _greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, stop: set[int], batch_size: int,
+            desc: str, progress: bool) -> list[list[int]]:
+    """Greedy continuations of token-id prompts through the generation engine (`batch_size` requests stepped
+    together); a prompt stops at a stop id, which is not included."""
+    from astrai_ds.inference.engine import EngineConfig, LLMEngine
+    from astrai_ds.inference.sampling import SamplingParams
+
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=batch_size))
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=sorted(stop))
+    completions = engine.generate_batch(prompts, params, progress=progress, desc=desc)
+    refused = next((c.error for c in completions if c.error), None)
+    if refused:
+        raise DataError(f"{desc}: {refused}")
+    return [c.token_ids for c in completions]
+
+
 def evaluate_model(model, tokenizer, records: list[dict], batch_size: int = 32, max_new_tokens: int | None = None,
                    *, progress: bool = False) -> dict:
     """{"eval_loss", "exact_match", "n", "per_task": {task: exact match}} over `records` (fact records);
@@ -168,12 +183,11 @@ def evaluate_model(model, tokenizer, records: list[dict], batch_size: int = 32, 
     # The answer ends at the first sentence end, so generation can stop there too.
     stop = {tokenizer.eos_id} | {ids[0] for ids in tokenizer.encode_batch([".", "。"]) if len(ids) == 1}
     hits, by_task = [], defaultdict(list)
-    for start in _batches(len(qa), batch_size, "eval exact match", "prompt", progress):
-        outs = greedy_generate(model, prompts[start:start + batch_size], max_new_tokens, stop)
-        for record, out in zip(qa[start:start + batch_size], outs):
-            hit = extract_answer(tokenizer.decode(out)) == record["answer"].strip()
-            hits.append(hit)
-            by_task[f"{record.get('task', 'all')}/{record.get('lang', 'all')}"].append(hit)
+    outs = _greedy(model, tokenizer, prompts, max_new_tokens, stop, batch_size, "eval exact match", progress)
+    for record, out in zip(qa, outs):
+        hit = extract_answer(tokenizer.decode(out)) == record["answer"].strip()
+        hits.append(hit)
+        by_task[f"{record.get('task', 'all')}/{record.get('lang', 'all')}"].append(hit)
     result["exact_match"] = sum(hits) / len(hits)
     result["per_task"] = {k: sum(v) / len(v) for k, v in sorted(by_task.items())}
     return result
@@ -204,18 +218,17 @@ def evaluate_chat(model, tokenizer, records: list[dict], batch_size: int = 32, m
         max_new_tokens = max(len(ids) for ids in tokenizer.encode_batch(forms)) + 4
     stop = {tokenizer.im_end_id, tokenizer.eos_id}
     correct, exact, preferred = [], [], []
-    for start in _batches(len(records), batch_size, "eval chat", "question", progress):
-        outs = greedy_generate(model, prompts[start:start + batch_size], max_new_tokens, stop)
-        for record, out in zip(records[start:start + batch_size], outs):
-            response = tokenizer.decode(out)
-            style = answer_style(response, record)
-            correct.append(chat_answer_correct(response, record))
-            exact.append(chat_response_exact(response, record))
-            preferred.append(style == record.get("preferred"))
-            if responses is not None:
-                responses.append({"question": _prompt_messages(record)[-1]["content"], "response": response,
-                                  "correct": correct[-1],
-                                  "exact_response": exact[-1], "style": style, "answers": record.get("answers")})
+    outs = _greedy(model, tokenizer, prompts, max_new_tokens, stop, batch_size, "eval chat", progress)
+    for record, out in zip(records, outs):
+        response = tokenizer.decode(out)
+        style = answer_style(response, record)
+        correct.append(chat_answer_correct(response, record))
+        exact.append(chat_response_exact(response, record))
+        preferred.append(style == record.get("preferred"))
+        if responses is not None:
+            responses.append({"question": _prompt_messages(record)[-1]["content"], "response": response,
+                              "correct": correct[-1],
+                              "exact_response": exact[-1], "style": style, "answers": record.get("answers")})
     return {"chat_exact_match": sum(correct) / len(correct), "chat_response_match": sum(exact) / len(exact),
             "preferred_style_rate": sum(preferred) / len(preferred),
             "n_chat": len(records)}
@@ -226,8 +239,6 @@ def evaluate_pairs(model, tokenizer, records: list[dict], *, progress: bool = Fa
     log-prob than the rejected one (each response scored with its closing <|im_end|>); `progress` shows
     progress on stderr."""
     from astrai_ds.data.chat import render_chat
-    from astrai_ds.inference.generate import sequence_logprob
-
     model.eval()
     wins = []
     for i in _batches(len(records), 1, "eval pairs", "pair", progress):
@@ -237,3 +248,24 @@ def evaluate_pairs(model, tokenizer, records: list[dict], *, progress: bool = Fa
         rejected = tokenizer.encode(record["rejected"]) + [tokenizer.im_end_id]
         wins.append(sequence_logprob(model, prompt, chosen) > sequence_logprob(model, prompt, rejected))
     return {"pref_accuracy": sum(wins) / len(wins), "n_pairs": len(records)}
+
+
+@torch.no_grad()
+def sequence_logprob(model, prompt: list[int], completion: list[int]) -> float:
+    """Sum over the completion tokens of log p(token | prompt and the completion before it).
+
+    The whole sequence must fit in model.cfg.max_seq_len (cropping would change what is scored).
+    """
+    if not prompt:
+        raise ValueError("sequence_logprob: the prompt needs at least one token (e.g. a BOS id)")
+    if not completion:
+        return 0.0
+    ids = list(prompt) + list(completion)
+    if len(ids) > model.cfg.max_seq_len:
+        raise ValueError(f"sequence_logprob: prompt + completion is {len(ids)} tokens, more than "
+                         f"max_seq_len={model.cfg.max_seq_len}")
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
+    logits = model(input_ids)[0, len(prompt) - 1:-1].float()  # (len(completion), vocab): predicts completion
+    targets = input_ids[0, len(prompt):]  # (len(completion),)
+    return float(torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).sum())

@@ -44,7 +44,7 @@ def test_eval_shows_the_progress_of_every_loop(workspace, model_dir, tmp_path):
                     "--data", str(files["pretrain_eval.jsonl"]), "--chat", str(files["sft_eval.jsonl"]),
                     "--pairs", str(files["dpo_eval.jsonl"]), "--out", str(tmp_path / "out" / "eval.json")])
     # stderr is not a terminal here: plain lines, one per tenth of each loop, and the result alone on stdout
-    for last in ("eval exact match: 5/5 prompts", "eval chat: 5/5 questions", "eval pairs: 5/5 pairs"):
+    for last in ("eval exact match: 5/5 requests", "eval chat: 5/5 requests", "eval pairs: 5/5 pairs"):
         assert last in proc.stderr, proc.stderr
     assert "eval pairs: 1/5 pairs" in proc.stderr
     result = json.loads(proc.stdout)

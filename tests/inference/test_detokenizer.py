@@ -125,10 +125,10 @@ def test_invalid_bytes_at_the_end_flush_like_decode(tok):
 
 
 @pytest.mark.parametrize("text, stops, want", [
-    # "气很" is complete before "天气很好", though "天气很好" starts earlier; "天气很好" is one token in
-    # this tokenizer, so both stops show up in the same step.
-    ("x天气很好", ["天气很好", "气很"], "x天"),
-    ("xabcd", ["abcd", "bc"], "xa"),
+    # The inner stop is complete first, though the other starts earlier. The last token ("苹果", "ick" in
+    # this tokenizer) completes both stops in the same step, so the order within one step is tested.
+    ("x苹果", ["x苹果", "苹"], "x"),
+    ("xquick", ["uick", "ic"], "xqu"),
     ("xab", ["b", "ab"], "x"),  # both end at once: the longer one cuts
 ])
 def test_first_stop_is_the_first_complete(tok, text, stops, want):

@@ -10,7 +10,6 @@ from astrai_ds.data.tokenizer import Tokenizer
 from astrai_ds.errors import RequestError
 from astrai_ds.inference.block_manager import BlockManager
 from astrai_ds.inference.engine import EngineConfig, LLMEngine
-from astrai_ds.inference.generate import greedy_generate
 from astrai_ds.inference.model_runner import ModelRunner
 from astrai_ds.inference.sampling import SamplingParams
 from astrai_ds.inference.scheduler import Scheduler
@@ -117,12 +116,35 @@ def test_greedy_tokens_alone_equal_inside_a_mixed_batch(model, tokenizer):
     assert sum(len(ids) for ids in alone) >= 40 and len({tuple(ids) for ids in alone}) == len(alone), alone
 
 
-def test_greedy_engine_equals_the_uncached_generator(model, tokenizer):
+def uncached_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """The reference: a full forward over the whole sequence for every new token, argmax of the last position."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+def test_greedy_engine_equals_the_uncached_forward(model, tokenizer):
     engine = LLMEngine(model, tokenizer)
     prompts = [random_ids(n, n + 50) for n in (4, 19, 33)]
-    reference = greedy_generate(model, prompts, max_new_tokens=10, stop_ids=[])
+    reference = [uncached_greedy(model, p, 10) for p in prompts]
     assert [c.token_ids for c in engine.generate_batch(prompts, SamplingParams(temperature=0, max_new_tokens=10))] \
         == reference
+    assert not any(t in engine.stop_ids for ids in reference for t in ids)  # all 10 tokens were really compared
+
+
+def test_sequence_logprob_equals_manual(model):
+    from astrai_ds.inference.evaluate import sequence_logprob
+
+    prompt, completion = [5, 17, 42], [7, 99, 3]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt + completion])).float()[0], dim=-1)
+    manual = sum(float(logp[len(prompt) - 1 + j, tok]) for j, tok in enumerate(completion))
+    assert sequence_logprob(model, prompt, completion) == pytest.approx(manual, abs=1e-5)
+    assert sequence_logprob(model, prompt, []) == 0.0
+    with pytest.raises(ValueError):
+        sequence_logprob(model, [], [1])
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(model, tokenizer):
