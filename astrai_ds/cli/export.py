@@ -1,10 +1,11 @@
-"""Consolidate a training run's DeepSpeed checkpoint (no ZeRO, ZeRO-1/2/3) into a model folder:
-config.json, model.safetensors and tokenizer.json, loadable without DeepSpeed."""
+"""Consolidate a training run's DeepSpeed checkpoint (no ZeRO, ZeRO-1/2/3) into a model folder, loadable without
+DeepSpeed and by Hugging Face `transformers` (LlamaForCausalLM, or Qwen3ForCausalLM with QK-norm): config.json,
+model.safetensors, generation_config.json, tokenizer.json and tokenizer_config.json (with the ChatML template)."""
 
 from __future__ import annotations
 
 NAME = "export"
-HELP = "export a checkpoint to a model folder"
+HELP = "export a checkpoint to a model folder (also a Hugging Face Llama folder)"
 
 
 def add_arguments(p) -> None:

@@ -1,6 +1,5 @@
-"""Export a DeepSpeed run to a model folder that loads without DeepSpeed.
-
-A model folder holds `config.json` (the resolved model config), `model.safetensors` and `tokenizer.json`.
+"""Export a DeepSpeed run to a model folder that loads without DeepSpeed, and in `transformers` as
+LlamaForCausalLM (Qwen3ForCausalLM with QK-norm): the format is model/io.py's `save_model_folder`.
 ZeRO-1/2/3 checkpoints keep the fp32 master weights split across ranks' optimizer files; DeepSpeed's
 zero_to_fp32 helpers gather them into one state dict. Without ZeRO the module weights are read directly.
 """
@@ -8,17 +7,15 @@ zero_to_fp32 helpers gather them into one state dict. Without ZeRO the module we
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_model
 
 from astrai_ds.config.model import ModelConfig
 from astrai_ds.data.sources import check_out_dir
+from astrai_ds.data.tokenizer import Tokenizer
 from astrai_ds.errors import UserError
-from astrai_ds.model.io import MODEL_FILES
+from astrai_ds.model.io import MODEL_FILES, save_model_folder
 from astrai_ds.run_dir import output_dir_holder, read_marker, resolve_checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -36,13 +33,6 @@ def consolidated_state_dict(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     # No ZeRO: rank 0's model file holds the whole module (in the training dtype).
     states = torch.load(run_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     return {k: v.float() for k, v in states["module"].items()}
-
-
-def _umask_mode() -> int:
-    """The mode a new file gets under the process's umask (read by setting it, then restoring it)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def _check_model_out_dir(out_dir: Path) -> None:
@@ -75,10 +65,5 @@ def export_run(run_dir: str | Path, out_dir: str | Path, tag: str | None = None,
     # strict: every parameter of the model must come from the checkpoint, and nothing else may be there
     model.load_state_dict(consolidated_state_dict(run_dir, tag), strict=True)
     model.to(DTYPES[dtype])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights = out_dir / "model.safetensors"
-    save_model(model, str(weights), metadata={"source": f"{run_dir.name}/{tag}"})
-    weights.chmod(_umask_mode())  # safetensors creates it 0600 whatever the umask
-    (out_dir / "config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2) + "\n")
-    shutil.copyfile(run_dir / "tokenizer.json", out_dir / "tokenizer.json")
-    return out_dir
+    return save_model_folder(model, Tokenizer.load(run_dir / "tokenizer.json"), out_dir,
+                             source=f"{run_dir.name}/{tag}")

@@ -154,8 +154,9 @@ class LLMEngine:
         if request_id in self._requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         seed = params.seed if params.seed is not None else self._seeds.randrange(2**63)
-        seq = Sequence(request_id, ids, params, self.stop_ids | frozenset(params.stop_token_ids), self.max_context)
-        generator = None if params.temperature == 0 else make_generator(seed)
+        stop_ids = (frozenset() if params.ignore_eos else self.stop_ids) | frozenset(params.stop_token_ids)
+        seq = Sequence(request_id, ids, params, stop_ids, self.max_context)
+        generator = None if params.greedy else make_generator(seed)
         detok = IncrementalDetokenizer(self.tokenizer, stop=list(params.stop))
         self._requests[request_id] = _Request(seq, detok, generator)
         self.scheduler.add(seq)

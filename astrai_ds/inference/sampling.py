@@ -40,6 +40,7 @@ class SamplingParams:
     stop_token_ids: list[int] = ()  # extra stop token ids (the engine adds eos / im_end itself)
     seed: int | None = None  # the request's own generator: same seed -> same tokens, whatever else is batched
     logprobs: int | None = None  # None: none; N: log-prob of each chosen token and its top-N alternatives
+    ignore_eos: bool = False  # keep going past <eos> and <|im_end|> (benchmarks: fixed output lengths)
 
     def __post_init__(self):
         if not _is_int(self.max_new_tokens) or self.max_new_tokens <= 0:
@@ -68,6 +69,8 @@ class SamplingParams:
             raise self._invalid("seed", "None or an integer in [0, 2**64)")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise self._invalid("logprobs", f"None or an integer in [0, {MAX_LOGPROBS}]")
+        if not isinstance(self.ignore_eos, bool):
+            raise self._invalid("ignore_eos", "true or false")
         self.stop, self.stop_token_ids = list(self.stop), list(self.stop_token_ids)
         self.temperature, self.top_p, self.min_p = float(self.temperature), float(self.top_p), float(self.min_p)
         self.repetition_penalty = float(self.repetition_penalty)

@@ -34,13 +34,13 @@ def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
 
 def load_reference_model(model_dir: str | Path, policy_cfg: ModelConfig, tokenizer: Tokenizer, key: str):
     """The reference model from an exported folder, frozen; its shape and vocabulary must be the policy's."""
-    from astrai_ds.model.io import load_model_folder
+    from astrai_ds.model.io import load_model_folder, read_model_config
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
         raise ConfigError(f"{key} {model_dir} is not a model folder (no config.json); make one with "
                           f"`astrai-ds export --run RUN_DIR --out {model_dir}`")
-    ref_cfg = ModelConfig.load(model_dir / "config.json").to_dict()
+    ref_cfg = read_model_config(model_dir).to_dict()
     diffs = [f"{k} {v} vs the policy's {policy_cfg.to_dict()[k]}" for k, v in ref_cfg.items()
              if policy_cfg.to_dict()[k] != v]
     if diffs:
@@ -80,7 +80,12 @@ def parameter_checksum(module: torch.nn.Module) -> str:
 
 
 def reference_cache_path(data_dir: Path, model_dir: Path, seq_len: int, dtype: torch.dtype) -> Path:
-    model_hash = file_sha256(Path(model_dir) / "model.safetensors")[:16]
+    weights = Path(model_dir) / "model.safetensors"
+    if weights.exists():
+        model_hash = file_sha256(weights)[:16]
+    else:  # a Hugging Face folder with sharded weights
+        shards = sorted(Path(model_dir).glob("model-*.safetensors"))
+        model_hash = hashlib.sha256("".join(file_sha256(p) for p in shards).encode()).hexdigest()[:16]
     data_hash = file_sha256(Path(data_dir) / "index.json")[:16]
     return Path(data_dir) / f"ref_logps_{model_hash}_{data_hash}_{seq_len}_{str(dtype).split('.')[-1]}.npy"
 

@@ -81,11 +81,13 @@ def _load_inputs(args) -> tuple[TrainConfig, ModelConfig, Tokenizer, Path]:
 def _model_config(cfg: TrainConfig, config_path: Path, tokenizer: Tokenizer) -> tuple[ModelConfig, Path]:
     """The model's shape: from stage.init_from's folder when fine-tuning, else from the `model` config."""
     if cfg.stage.init_from:
+        from astrai_ds.model.io import read_model_config
+
         folder = Path(cfg.stage.init_from)
         if not (folder / "config.json").exists():
             raise ConfigError(f"{config_path}: stage.init_from {folder} is not a model folder (no config.json); "
                               f"make one with `astrai-ds export --run RUN_DIR --out {folder}`")
-        model_cfg = ModelConfig.load(folder / "config.json")
+        model_cfg = read_model_config(folder)  # our export or a Hugging Face Llama/Qwen3 folder
         if cfg.model:
             other = ModelConfig.load(find_file(cfg.model, "model config", key=f"{config_path}: model"))
             if other.resolved(tokenizer.vocab_size).to_dict() != model_cfg.to_dict():

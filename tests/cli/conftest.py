@@ -8,10 +8,10 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import save_model
 
 from astrai_ds.data.tokenizer import Tokenizer
 from astrai_ds.model import ModelConfig, Transformer
+from astrai_ds.model.io import save_model_folder
 from astrai_ds.run_dir import LATEST, write_marker
 
 
@@ -24,13 +24,9 @@ def _tiny_model(workspace) -> Transformer:
 
 @pytest.fixture(scope="session")
 def model_dir(workspace, tmp_path_factory):
-    """config.json, model.safetensors and tokenizer.json: what `astrai-ds eval` reads."""
+    """A model folder as `astrai-ds export` writes it: what `astrai-ds eval` reads."""
     out = tmp_path_factory.mktemp("model")
-    model = _tiny_model(workspace)
-    save_model(model, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps(model.cfg.to_dict()))
-    shutil.copyfile(workspace / "tokenizer" / "tokenizer.json", out / "tokenizer.json")
-    return out
+    return save_model_folder(_tiny_model(workspace), Tokenizer.load(workspace / "tokenizer"), out)
 
 
 @pytest.fixture(scope="session")

@@ -3,13 +3,14 @@ never a file or a folder of something else), and its files follow the umask."""
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 
 import pytest
 
+from astrai_ds.config.model import ModelConfig
 from astrai_ds.convert.export import export_run
+from astrai_ds.model.io import MODEL_FILES, read_model_config
 from conftest import VENV_BIN, expect_user_error, run_cmd
 
 CLI = str(VENV_BIN / "astrai-ds")
@@ -39,7 +40,7 @@ def test_export_overwrites_a_model_folder(run_dir, tmp_path):
     (out / "config.json").write_text("{}")  # an older export, say
     export_run(run_dir, out)  # a model folder: its files are replaced
     assert (out / "model.safetensors").read_bytes() == first
-    assert json.loads((out / "config.json").read_text()) == json.loads((run_dir / "model_config.json").read_text())
+    assert read_model_config(out) == ModelConfig.load(run_dir / "model_config.json")
     (tmp_path / "empty").mkdir()
     export_run(run_dir, tmp_path / "empty")  # an empty folder is fine too
 
@@ -52,4 +53,4 @@ def test_exported_files_follow_the_umask(run_dir, tmp_path, umask):
     finally:
         os.umask(previous)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
-    assert modes == {name: 0o666 & ~umask for name in ("config.json", "model.safetensors", "tokenizer.json")}
+    assert modes == {name: 0o666 & ~umask for name in MODEL_FILES}

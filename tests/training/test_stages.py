@@ -103,7 +103,7 @@ def test_reference_with_other_shape_or_vocabulary_is_an_error(workspace, stages,
     other_shape = tmp_path / "other_shape"
     shutil.copytree(stages / "pt_model", other_shape)
     config = json.loads((other_shape / "config.json").read_text())
-    (other_shape / "config.json").write_text(json.dumps({**config, "n_layers": 3}))
+    (other_shape / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
     cfg = stage_config(workspace, stages, tmp_path / "a", "dpo", dpo={"reference_model": str(other_shape)})
     expect_user_error(python_train(cfg), "dpo.reference_model", "n_layers 3 vs the policy's 2")
 
