@@ -1,6 +1,6 @@
 """`astrai-ds` / `python -m astrai_ds`: one subcommand per step of the pipeline.
 
-    corpus -> tokenizer -> prepare -> train -> export -> eval
+    corpus -> tokenizer -> prepare -> train -> export -> eval, generate, chat
 """
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from astrai_ds.cli import corpus, evaluate, export, prepare, report, tokenizer, train
+from astrai_ds.cli import chat, corpus, evaluate, export, generate, prepare, report, tokenizer, train
 from astrai_ds.errors import UserError
 
-COMMANDS = {m.NAME: m for m in (corpus, tokenizer, prepare, train, export, evaluate, report)}
+COMMANDS = {m.NAME: m for m in (corpus, tokenizer, prepare, train, export, evaluate, generate, chat, report)}
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="astrai-ds",
         description="Train bilingual decoder-only language models with DeepSpeed. The pipeline: "
-                    "corpus -> tokenizer -> prepare -> train -> export -> eval. "
+                    "corpus -> tokenizer -> prepare -> train -> export -> eval, generate, chat. "
                     "Run `astrai-ds COMMAND --help` for each step.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -41,8 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _drop_local_rank(argv: list[str]) -> list[str]:
+    """The `deepspeed` launcher (`deepspeed --module astrai_ds generate ...`) puts `--local_rank=R` before the
+    subcommand; the rank is in the environment (LOCAL_RANK) as well, so it is dropped here."""
+    while argv and (argv[0].startswith(("--local_rank=", "--local-rank=")) or argv[0] in ("--local_rank", "--local-rank")):
+        argv = argv[1:] if "=" in argv[0] else argv[2:]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = _drop_local_rank(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:  # train.py owns its arguments (and the launcher's --local_rank)
         return train.run_argv(argv[1:])
     try:
