@@ -70,13 +70,14 @@ class CacheBatch:
         rep = n_heads // n_kv
         out = torch.empty_like(q)
         for g in self.groups:
-            b, t = g.tokens.shape
-            qg = q[g.tokens]  # (b, t, n_heads, head_dim); query head h belongs to kv head h // rep
-            qg = qg.view(b, t, n_kv, rep, head_dim).permute(0, 2, 3, 1, 4).reshape(b, n_kv, rep * t, head_dim)
-            kg = k_pool[g.read_slots].transpose(1, 2)  # (b, n_kv, L, head_dim)
-            vg = v_pool[g.read_slots].transpose(1, 2)  # (b, n_kv, L, head_dim)
+            (b, t), L = g.tokens.shape, g.read_slots.shape[1]
+            # index_select on flat indices: about twice as fast as advanced indexing with a 2-D index on CPU
+            qg = q.index_select(0, g.tokens.view(-1)).view(b, t, n_kv, rep, head_dim)  # query head h: kv head h // rep
+            qg = qg.permute(0, 2, 3, 1, 4).reshape(b, n_kv, rep * t, head_dim)
+            kg = k_pool.index_select(0, g.read_slots.view(-1)).view(b, L, n_kv, head_dim).transpose(1, 2)  # (b, n_kv, L, hd)
+            vg = v_pool.index_select(0, g.read_slots.view(-1)).view(b, L, n_kv, head_dim).transpose(1, 2)  # (b, n_kv, L, hd)
             mask = g.mask if t == 1 else g.mask.repeat(1, 1, rep, 1)  # (b, 1, rep * t, L), rows ordered (rep, t)
             y = F.scaled_dot_product_attention(qg.to(kg.dtype), kg, vg, attn_mask=mask)  # (b, n_kv, rep * t, head_dim)
-            y = y.view(b, n_kv, rep, t, head_dim).permute(0, 3, 1, 2, 4).reshape(b, t, n_heads, head_dim)
-            out[g.tokens] = y.to(out.dtype)
+            y = y.view(b, n_kv, rep, t, head_dim).permute(0, 3, 1, 2, 4).reshape(b * t, n_heads, head_dim)
+            out.index_copy_(0, g.tokens.view(-1), y.to(out.dtype))
         return out
