@@ -223,3 +223,30 @@ def test_bad_requests_are_refused_alone(model, tokenizer):
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tokenizer):
     with pytest.raises(RequestError, match="tokenizer has 512 tokens but the model only 256"):
         LLMEngine(tiny_model(vocab_size=256), tokenizer)
+
+
+def test_logprobs_are_the_full_forwards_log_softmax(model, tokenizer):
+    engine = LLMEngine(model, tokenizer)
+    prompt = random_ids(13, 4)
+    out = engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=6, logprobs=3, ignore_eos=True))
+    logp = torch.log_softmax(full_logits(model, prompt, out.token_ids)[:-1], dim=-1)  # (6, vocab)
+    assert [e["token_id"] for e in out.logprobs] == out.token_ids
+    for row, entry in zip(logp, out.logprobs):
+        assert entry["logprob"] == pytest.approx(float(row[entry["token_id"]]), abs=1e-5)
+        top = row.topk(3)
+        assert [t for t, _ in entry["top_logprobs"]] == top.indices.tolist()
+        assert [lp for _, lp in entry["top_logprobs"]] == pytest.approx(top.values.tolist(), abs=1e-5)
+
+
+def test_ignore_eos_keeps_going_past_the_stop_tokens(model, tokenizer):
+    engine = LLMEngine(model, tokenizer)
+    prompt = random_ids(9, 5)
+    free = engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)).token_ids
+    engine.stop_ids = frozenset({free[5]})  # as if the sixth greedy token were <eos>
+    stopped = engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=12))
+    assert stopped.token_ids == free[:free.index(free[5])] and stopped.finish_reason == "stop"
+    kept = engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True))
+    assert kept.token_ids == free and len(free) == 12 and kept.finish_reason == "length"
+    extra = engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True,
+                                                   stop_token_ids=[free[3]]))
+    assert extra.token_ids == free[:free.index(free[3])]  # a request's own stop ids still count
