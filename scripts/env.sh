@@ -23,7 +23,7 @@ fi
 # Reinstall the project only when pyproject.toml changed or an extra is asked for that is not installed yet.
 STAMP=".venv/.astrai_ds_installed"
 HASH="$(sha256sum pyproject.toml | cut -d' ' -f1)"
-read -r OLD_HASH OLD_EXTRAS < "$STAMP" 2>/dev/null || true
+if [ -f "$STAMP" ]; then read -r OLD_HASH OLD_EXTRAS < "$STAMP" || true; fi
 if [ "${OLD_HASH:-}" = "$HASH" ]; then
   WANT_EXTRAS="${OLD_EXTRAS:-}"
   if [ -n "$EXTRAS" ]; then
