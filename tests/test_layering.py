@@ -49,3 +49,11 @@ def test_model_and_data_know_nothing_of_deepspeed():
         for path in (PACKAGE / part).rglob("*.py"):
             text = path.read_text(encoding="utf-8")
             assert "import deepspeed" not in text and "from deepspeed" not in text, path
+
+
+def test_only_ds_inference_imports_deepspeed_in_inference():
+    # The engine runs on a plain model; DeepSpeed-Inference (tensor parallelism) is an optional wrapper.
+    for path in (PACKAGE / "inference").rglob("*.py"):
+        if path.name != "ds_inference.py":
+            text = path.read_text(encoding="utf-8")
+            assert "import deepspeed" not in text and "from deepspeed" not in text, path
