@@ -64,7 +64,7 @@ def build_folder(work: Path, model_config: Path, dtype: torch.dtype) -> Path:
     tokenizer = Tokenizer.load(work / "tokenizer")
     torch.manual_seed(0)
     model = Transformer(ModelConfig.load(model_config).resolved(tokenizer.vocab_size)).to(dtype)
-    save_model_folder(model, tokenizer, folder, source="benchmarks/generate.py")
+    save_model_folder(model, tokenizer, folder)
     return folder
 
 

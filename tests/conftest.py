@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +14,11 @@ from pathlib import Path
 import pytest
 
 import torch
+
+# The tests that press Ctrl-C send SIGINT to the commands they start. A suite started in the background (nohup,
+# `&` without job control) inherits SIGINT ignored, and every child would keep ignoring it through exec; a
+# handler of our own is reset to the default in each child instead, as under a terminal.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # The tests' own forwards are tiny: one thread avoids oversubscribing 2 cores when launcher tests run too.
 torch.set_num_threads(1)

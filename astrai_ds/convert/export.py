@@ -65,5 +65,4 @@ def export_run(run_dir: str | Path, out_dir: str | Path, tag: str | None = None,
     # strict: every parameter of the model must come from the checkpoint, and nothing else may be there
     model.load_state_dict(consolidated_state_dict(run_dir, tag), strict=True)
     model.to(DTYPES[dtype])
-    return save_model_folder(model, Tokenizer.load(run_dir / "tokenizer.json"), out_dir,
-                             source=f"{run_dir.name}/{tag}")
+    return save_model_folder(model, Tokenizer.load(run_dir / "tokenizer.json"), out_dir)

@@ -136,17 +136,18 @@ def _umask_mode() -> int:
     return 0o666 & ~umask
 
 
-def save_model_folder(model: Transformer, tokenizer, out_dir: str | Path, source: str | None = None) -> Path:
+def save_model_folder(model: Transformer, tokenizer, out_dir: str | Path) -> Path:
     """Write `model` (weights in its current dtype) and `tokenizer` as the model folder `out_dir`, overwriting
-    the files of MODEL_FILES there. `source` is recorded in the safetensors metadata. Files follow the umask."""
+    the files of MODEL_FILES there. The same model gives the same bytes. Files follow the umask."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = next(model.parameters()).dtype
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"cannot save weights of dtype {dtype}; use one of {', '.join(map(str, DTYPE_NAMES))}")
     weights = out_dir / WEIGHTS
-    # "format": "pt" is what transformers checks before it trusts a safetensors file
-    save_file(to_hf_state_dict(model), str(weights), metadata={"format": "pt", **({"source": source} if source else {})})
+    # "format": "pt" is what transformers checks before it trusts a safetensors file. It is the only metadata key:
+    # safetensors writes several in a random order, and an export should be byte-identical when its weights are.
+    save_file(to_hf_state_dict(model), str(weights), metadata={"format": "pt"})
     weights.chmod(_umask_mode())  # safetensors creates it 0600 whatever the umask
     files = {
         "config.json": to_hf_config(model.cfg, tokenizer, dtype),
