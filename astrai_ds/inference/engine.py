@@ -177,6 +177,9 @@ class LLMEngine:
         """Run one forward for the scheduled requests and sample; returns what each request gained."""
         scheduled = self.scheduler.schedule()
         if not scheduled:
+            if self.has_unfinished():  # every request fits the pool alone (add_request checks), so never expected
+                raise RuntimeError(f"the scheduler could not run any of {len(self.scheduler.waiting)} waiting "
+                                   f"requests with {self.blocks.num_free_blocks} free KV blocks")
             return []
         logits = self.runner.run(scheduled)  # (S, vocab) for the requests that sample
         self.scheduler.advance(scheduled)
