@@ -25,20 +25,17 @@ Hugging Face Llama folder) and serve it with DeepSpeed-FastGen or vLLM.
 from __future__ import annotations
 
 import os
-import socket
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 from astrai_ds.errors import UserError
+from astrai_ds.launch_env import launched, local_world_size, set_world_of_one, unlink_shm_buffers
 from astrai_ds.model.block import Block
 
 # AutoTP makes every nn.Linear of a block column-parallel except these, which become row-parallel. The names
 # are relative to the block (`Block`) and must match exactly.
 ROW_PARALLEL = ("attention.wo", "feed_forward.w2")
-_MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
-_LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -87,16 +84,6 @@ def _require_transformers() -> None:
                         "pip install 'astrai_ds[hf]'") from None
 
 
-def _launched() -> bool:
-    return "RANK" in os.environ or any(v in os.environ for v in _MPI_VARS)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_inference_distributed() -> tuple[int, int]:
     """Initialise torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPUs) for tensor-parallel inference
     and return (rank, world_size). Without a launcher (plain `python`), a world of one. Idempotent.
@@ -113,13 +100,10 @@ def init_inference_distributed() -> tuple[int, int]:
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    if not _launched():
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
-    if "LOCAL_SIZE" not in os.environ:
-        local = next((os.environ[v] for v in _LOCAL_SIZE_VARS if os.environ.get(v, "").isdigit()), None)
-        if local is not None:
-            os.environ["LOCAL_SIZE"] = local
+    if not launched():
+        set_world_of_one()
+    if "LOCAL_SIZE" not in os.environ and local_world_size() is not None:
+        os.environ["LOCAL_SIZE"] = str(local_world_size())
     deepspeed.init_distributed(verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     cdb = ds_comm.cdb
@@ -127,20 +111,8 @@ def init_inference_distributed() -> tuple[int, int]:
         cdb.shm_vector_kernel_level = 0  # DeepSpeed's own gate: level 0 sends inference_all_reduce to gloo
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-    _unlink_shm_buffers(rank, world)
+    unlink_shm_buffers(rank, world)
     return rank, world
-
-
-def _unlink_shm_buffers(rank: int, world: int) -> None:
-    """Remove the /dev/shm names of DeepSpeed's shared-memory all-reduce buffers (about 70 MB per rank), which
-    DeepSpeed never unlinks. Once every rank has mapped every buffer (DeepSpeed's set-up waits for that; the
-    barrier makes sure every rank got there) the names can go: the mappings live until the processes exit.
-    The same as training/distributed.py does."""
-    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-    if world < 2 or os.environ.get("LOCAL_SIZE") != str(world) or not (addr and port):
-        return
-    torch.distributed.barrier()
-    Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}").unlink(missing_ok=True)
 
 
 def close_distributed() -> None:
@@ -167,7 +139,7 @@ def tensor_parallel(model: torch.nn.Module, tp_size: int, dtype: torch.dtype) ->
     if tp_size == 1:
         return model.to(dtype).eval()
     _require_transformers()
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) and not _launched():
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) and not launched():
         raise UserError(f"--tp {tp_size} runs on {tp_size} processes and this is a single one; {launch_hint(tp_size)}")
     _, world = init_inference_distributed()
     check_tensor_parallel(cfg, tp_size, dtype, world_size=world)

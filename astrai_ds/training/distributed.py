@@ -11,17 +11,12 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NoReturn
 
 import torch
 
 from astrai_ds.errors import UserError
-
-_MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
-_LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
-                    "SLURM_NTASKS_PER_NODE")
-
+from astrai_ds.launch_env import free_port, launched, local_world_size, set_world_of_one, unlink_shm_buffers
 
 @dataclass
 class DistInfo:
@@ -43,28 +38,12 @@ def env_rank() -> int:
     return 0
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _local_world_size() -> int:
-    for var in _LOCAL_SIZE_VARS:
-        value = os.environ.get(var, "")
-        if value.isdigit():
-            return int(value)
-    return 1
-
-
 def init_distributed() -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPUs) and pin threads."""
     import deepspeed
 
-    launched = "RANK" in os.environ or any(v in os.environ for v in _MPI_VARS)
-    if not launched:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+    if not launched():
+        set_world_of_one()
     try:
         deepspeed.init_distributed(verbose=False)
     except torch.distributed.DistError as e:
@@ -76,7 +55,7 @@ def init_distributed() -> DistInfo:
         rank=torch.distributed.get_rank(),
         world_size=torch.distributed.get_world_size(),
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-        local_world_size=_local_world_size(),
+        local_world_size=local_world_size() or 1,
     )
     # Ranks sharing a CPU must split its cores: two ranks of two threads on two cores fight and run
     # slower than two ranks of one thread each. An explicit OMP_NUM_THREADS always wins.
@@ -84,7 +63,7 @@ def init_distributed() -> DistInfo:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
-    _unlink_shm_buffers(info)
+    unlink_shm_buffers(info.rank, info.world_size)
     return info
 
 
@@ -95,7 +74,7 @@ def rendezvous_error(error: Exception) -> UserError | None:
     addr, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
     text = str(error)
     pick = (f"start the run on a free port: `deepspeed --master_port N ...` (torchrun: --master_port N; srun, "
-            f"mpirun: MASTER_PORT=N), e.g. N = {_free_port()}, free now")
+            f"mpirun: MASTER_PORT=N), e.g. N = {free_port()}, free now")
     if "EADDRINUSE" in text or "address already in use" in text.lower():
         return UserError(f"port {port} on {socket.gethostname()} (MASTER_PORT) is already in use, perhaps by "
                          f"another training run; {pick}")
@@ -105,27 +84,6 @@ def rendezvous_error(error: Exception) -> UserError | None:
                          f"that {addr} reaches rank 0's host from every node (deepspeed --master_addr), and that "
                          f"no other run uses the port; {pick}")
     return None
-
-
-def _unlink_shm_buffers(info: DistInfo) -> None:
-    """Remove the names of DeepSpeed's shared-memory all-reduce buffers (about 70 MB per rank in /dev/shm).
-
-    DeepSpeed creates one per rank when every rank is on this host and never unlinks it, so each run would
-    leave them behind. Once every rank has mapped every buffer (DeepSpeed's set-up waits for that before
-    init_distributed returns; the barrier makes sure all ranks got there), the names can go: the mappings
-    stay valid until the processes exit, and the memory is freed then, however they exit."""
-    if info.world_size < 2 or os.environ.get("LOCAL_SIZE") != str(info.world_size) or not (
-            os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
-        return
-    torch.distributed.barrier()
-    shm_buffer_path(info.rank).unlink(missing_ok=True)
-
-
-def shm_buffer_path(rank: int) -> Path:
-    """Where DeepSpeed's shared-memory all-reduce keeps `rank`'s buffer (its name: user id, MASTER_ADDR,
-    MASTER_PORT and rank; see DeepSpeed's csrc/cpu/comm/shm.cpp)."""
-    return (Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
-            f"{os.environ['MASTER_PORT']}_{rank}")
 
 
 def exit_process(code: int) -> NoReturn:

@@ -8,8 +8,9 @@ import torch
 import torch.distributed as tdist
 
 import deepspeed.comm as dist
+from astrai_ds.launch_env import shm_buffer_path
 from astrai_ds.training import cpu
-from astrai_ds.training.distributed import exit_process, init_distributed, shm_buffer_path
+from astrai_ds.training.distributed import exit_process, init_distributed
 
 p = argparse.ArgumentParser()
 p.add_argument("--local_rank", type=int, default=-1)
