@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import itertools
 import random
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -23,6 +21,7 @@ from astrai_ds.errors import RequestError
 from astrai_ds.inference.block_manager import BlockManager
 from astrai_ds.inference.detokenizer import IncrementalDetokenizer
 from astrai_ds.inference.model_runner import ModelRunner, local_kv_heads
+from astrai_ds.inference.progress import Progress
 from astrai_ds.inference.sampling import SamplingParams, make_generator, sample
 from astrai_ds.inference.scheduler import Scheduler
 from astrai_ds.inference.sequence import Sequence
@@ -242,7 +241,7 @@ class LLMEngine:
                 pending[self.add_request(prompt, p)] = (i, [], [], [])
             except RequestError as e:
                 results[i] = Completion(f"refused-{i}", "", [], None, 0, 0, error=str(e))
-        bar = _Progress(len(pending), desc, progress)
+        bar = Progress(len(pending), desc, "request", progress)
         while pending:
             for out in self.step():
                 if out.request_id not in pending:
@@ -260,28 +259,3 @@ class LLMEngine:
         bar.close()
         return results
 
-
-class _Progress:
-    """A tqdm bar on a terminal; elsewhere (a log, a pipe) a plain line at each tenth. Both on stderr."""
-
-    def __init__(self, total: int, desc: str, enabled: bool):
-        self.total, self.desc, self.done, self.tenths = total, desc, 0, 0
-        self.enabled, self.t0 = enabled and total > 0, time.perf_counter()
-        self.bar = None
-        if self.enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="req", dynamic_ncols=True)
-
-    def update(self) -> None:
-        self.done += 1
-        if self.bar is not None:
-            self.bar.update()
-        elif self.enabled and self.done * 10 // self.total > self.tenths:
-            self.tenths = self.done * 10 // self.total
-            print(f"{self.desc}: {self.done}/{self.total} requests, {time.perf_counter() - self.t0:.0f}s",
-                  file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import re
-import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 from astrai_ds.errors import DataError
+from astrai_ds.inference.progress import Progress
 from astrai_ds.model.losses import IGNORE_INDEX, token_loss_sum
 
 _ANSWER_END = re.compile(r"[.。!?！？\n]")
@@ -94,27 +93,12 @@ def read_eval_records(path: str | Path, kind: str) -> list[dict]:
 
 
 def _batches(n: int, batch_size: int, desc: str, unit: str, progress: bool):
-    """The start of each batch of `n` items. With `progress`, like training's Progress: a tqdm bar on a
-    terminal, else a plain line at each tenth of the items; both on stderr, as stdout carries the result."""
-    starts = range(0, n, batch_size)
-    if not progress:
-        yield from starts
-        return
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        with tqdm(total=n, desc=desc, unit=unit, dynamic_ncols=True) as bar:
-            for start in starts:
-                yield start
-                bar.update(min(batch_size, n - start))
-        return
-    t0, tenths = time.perf_counter(), 0
-    for start in starts:
+    """The start of each batch of `n` items, with `progress` shown on stderr (see inference.progress)."""
+    bar = Progress(n, desc, unit, progress)
+    for start in range(0, n, batch_size):
         yield start
-        done = min(start + batch_size, n)
-        if done * 10 // n > tenths:
-            tenths = done * 10 // n
-            print(f"{desc}: {done}/{n} {unit}s, {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+        bar.update(min(batch_size, n - start))
+    bar.close()
 
 
 def extract_answer(completion: str) -> str:
