@@ -26,6 +26,15 @@ def launched() -> bool:
     return "RANK" in os.environ or any(v in os.environ for v in MPI_VARS)
 
 
+def world_size() -> int | None:
+    """The number of ranks the launcher started (None when no launcher says)."""
+    for var in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return None
+
+
 def set_world_of_one() -> None:
     """The environment of a one-rank world on a free local port, for a process nobody launched."""
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))

@@ -44,6 +44,27 @@ def workspace(tmp_path_factory) -> Path:
     return ws
 
 
+def tiny_model(workspace: Path):
+    """A randomly initialised 2-layer model (GQA, 128-token context) on the workspace's tokenizer."""
+    from astrai_ds.data.tokenizer import Tokenizer
+    from astrai_ds.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    vocab = Tokenizer.load(workspace / "tokenizer").vocab_size
+    return Transformer(ModelConfig(vocab_size=vocab, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176,
+                                   max_seq_len=128))
+
+
+@pytest.fixture(scope="session")
+def model_dir(workspace, tmp_path_factory):
+    """`tiny_model` in a model folder, as `astrai-ds export` writes it: what eval, generate and serve read."""
+    from astrai_ds.data.tokenizer import Tokenizer
+    from astrai_ds.model.io import save_model_folder
+
+    out = tmp_path_factory.mktemp("model")
+    return save_model_folder(tiny_model(workspace), Tokenizer.load(workspace / "tokenizer"), out)
+
+
 def tiny_train_config(ws: Path, out: Path, **over) -> Path:
     """A train config for the 2-layer test model on the workspace data; keyword args override keys."""
     model = ws / "model_tiny.json"

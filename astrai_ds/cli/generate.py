@@ -97,9 +97,9 @@ def engine_seed(seed: int | None, tp: int) -> int:
     return seed
 
 
-def load_engine(args, tp: int = 1):
+def load_engine(args, tp: int = 1, **engine_options):
     """The engine over the model folder, on the GPU when there is one; with tp > 1, the model sharded over the
-    launcher's ranks. Builds its EngineConfig from --seed."""
+    launcher's ranks. Its EngineConfig: the seed from --seed, and `engine_options`."""
     import torch
 
     from astrai_ds.inference.engine import EngineConfig, LLMEngine
@@ -118,7 +118,7 @@ def load_engine(args, tp: int = 1):
     else:
         model, tokenizer = load_model_folder(args.model, dtype=dtype,
                                              device="cuda" if torch.cuda.is_available() else "cpu")
-    return LLMEngine(model, tokenizer, EngineConfig(seed=engine_seed(args.seed, tp)))
+    return LLMEngine(model, tokenizer, EngineConfig(seed=engine_seed(args.seed, tp), **engine_options))
 
 
 def user_prompt(text: str, system: str | None) -> list[dict]:
@@ -309,16 +309,22 @@ def _check_options(args) -> None:
         raise UserError("--input needs --output FILE.jsonl: where the results go")
     if args.system is not None and not args.chat:
         raise UserError("--system is the system message of a chat: give --chat too")
-    if args.tp < 1:
-        raise UserError(f"--tp must be at least 1, got {args.tp}")
-    # Before the model loads, what the environment already tells (tensor_parallel checks the rest): a single
-    # process, or a launcher's world of another size.
-    world = next((os.environ[v] for v in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE") if v in os.environ), None)
-    if args.tp > 1 and (world or "1") != str(args.tp):
+    check_tp_launch(args.tp, NAME)
+
+
+def check_tp_launch(tp: int, command: str) -> None:
+    """Before the model loads, what the environment already tells about --tp (tensor_parallel checks the rest):
+    a single process, or a launcher's world of another size."""
+    from astrai_ds.launch_env import world_size
+
+    if tp < 1:
+        raise UserError(f"--tp must be at least 1, got {tp}")
+    world = world_size()
+    if tp > 1 and (world or 1) != tp:
         from astrai_ds.inference.ds_inference import launch_hint
 
-        raise UserError(f"--tp {args.tp} needs {args.tp} processes, one per GPU, and this is "
-                        f"{'a single one' if world is None else f'one of {world}'}; {launch_hint(args.tp)}")
+        raise UserError(f"--tp {tp} needs {tp} processes, one per GPU, and this is "
+                        f"{'a single one' if world is None else f'one of {world}'}; {launch_hint(tp, command)}")
 
 
 def run(args) -> int:

@@ -73,6 +73,23 @@ def train_tokenizer(files: list, vocab_size: int, out_dir, progress: bool = True
     return path
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """The byte-level BPE alphabet (GPT-2's): each of the 256 bytes is written as one printable character;
+    this maps the characters back to the bytes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_LEVEL_DECODE = _byte_level_alphabet()
+
+
 class Tokenizer:
     """A trained tokenizer.json with the astrai_ds special tokens. Load with `Tokenizer.load(path)`."""
 
@@ -144,6 +161,16 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._hf.id_to_token(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for (a byte-level token may hold part of a UTF-8 character); a special token
+        gives its own text."""
+        token = self._hf.id_to_token(int(token_id))
+        if token is None:
+            raise ValueError(f"token id {token_id} is outside the vocabulary")
+        if token in SPECIAL_TOKENS:
+            return token.encode("utf-8")
+        return bytes(_BYTE_LEVEL_DECODE[c] for c in token)
 
     def _encoder(self, allow_special: bool):
         if not allow_special:

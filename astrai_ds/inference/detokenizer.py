@@ -24,6 +24,7 @@ class IncrementalDetokenizer:
         self._held = ""  # decoded text held back because it could be the start of a stop string
         self._pieces: list[str] = []
         self._stopped = False
+        self.matched_stop: str | None = None  # the stop string that ended the text, once `stopped`
 
     @property
     def stopped(self) -> bool:
@@ -62,8 +63,9 @@ class IncrementalDetokenizer:
         # any occurrence found here ends in the new text.
         hits = [(i + len(s), i) for s in self._stop if (i := buf.find(s)) >= 0]
         if hits:
-            _, cut = min(hits)  # ends first; of those, starts first (the longest)
+            end, cut = min(hits)  # ends first; of those, starts first (the longest)
             out, self._held, self._stopped = buf[:cut], "", True
+            self.matched_stop = buf[cut:end]
         else:
             keep = 0 if final else self._partial_stop_len(buf)
             out, self._held = buf[:len(buf) - keep], buf[len(buf) - keep:]

@@ -39,11 +39,11 @@ ROW_PARALLEL = ("attention.wo", "feed_forward.w2")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def launch_hint(tp_size: int) -> str:
-    """How to start `generate --tp N` (DeepSpeed's launcher takes `--module`, not `-m`)."""
+def launch_hint(tp_size: int, command: str = "generate") -> str:
+    """How to start `COMMAND --tp N` (DeepSpeed's launcher takes `--module`, not `-m`)."""
     return (f"start {tp_size} processes, one per tensor-parallel rank: `deepspeed --num_gpus {tp_size} --module "
-            f"astrai_ds generate --tp {tp_size} ...` (on a machine without GPUs the launcher starts {tp_size} CPU "
-            f"processes; `torchrun --nproc_per_node {tp_size} -m astrai_ds generate --tp {tp_size} ...` works too)")
+            f"astrai_ds {command} --tp {tp_size} ...` (on a machine without GPUs the launcher starts {tp_size} CPU "
+            f"processes; `torchrun --nproc_per_node {tp_size} -m astrai_ds {command} --tp {tp_size} ...` works too)")
 
 
 def check_tensor_parallel(cfg, tp_size: int, dtype: torch.dtype, world_size: int | None = None,

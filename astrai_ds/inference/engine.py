@@ -43,6 +43,7 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int  # prompt tokens served from the prefix cache
+    stop_string: str | None = None  # the stop string that ended the request (finish_reason "stop")
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Completion:
     completion_tokens: int
     cached_tokens: int = 0
     logprobs: list[dict] | None = None
+    stop_string: str | None = None  # the stop string that ended it (finish_reason "stop"); None for a stop token
     error: str | None = None  # set (and nothing generated) when the request was refused
 
 
@@ -167,6 +169,10 @@ class LLMEngine:
         if request is not None and not request.seq.finished:
             self.scheduler.finish(request.seq, "abort")
 
+    def unfinished_ids(self) -> list[str]:
+        """The ids of the requests added and not finished yet, oldest first."""
+        return list(self._requests)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -203,7 +209,8 @@ class LLMEngine:
                              "top_logprobs": result.top_logprobs or []}]
                 request.logprobs += logprobs
             outputs.append(RequestOutput(seq.request_id, text, new_ids, logprobs, reason is not None, reason,
-                                         len(seq.prompt_ids), len(seq.output_ids), seq.num_cached))
+                                         len(seq.prompt_ids), len(seq.output_ids), seq.num_cached,
+                                         request.detok.matched_stop))
         return outputs
 
     # ------------------------------------------------------------------ wrappers
@@ -254,7 +261,8 @@ class LLMEngine:
                     del pending[out.request_id]
                     results[i] = Completion(out.request_id, "".join(text), ids, out.finish_reason, out.prompt_tokens,
                                             out.completion_tokens, out.cached_tokens,
-                                            logprobs if params[i] and params[i].logprobs is not None else None)
+                                            logprobs if params[i] and params[i].logprobs is not None else None,
+                                            out.stop_string)
                     bar.update()
         bar.close()
         return results

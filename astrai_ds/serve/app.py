@@ -1,0 +1,190 @@
+"""The HTTP server: one FastAPI app over one AsyncEngine.
+
+Routes: the OpenAI API (`/v1/models`, `/v1/completions`, `/v1/chat/completions`), the Anthropic Messages API
+(`/v1/messages`), `GET /health`, `GET /metrics` (Prometheus) and `GET /` (a chat page). Every error has the
+shape of the protocol the route belongs to; FastAPI's own 422 and 404 bodies never reach a client.
+"""
+
+from __future__ import annotations
+
+import hmac
+import html
+import json
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException
+
+from astrai_ds.errors import RequestError
+from astrai_ds.serve import anthropic_api, openai_api
+from astrai_ds.serve.protocol import ApiError, now, validation_message
+
+OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+                405: "invalid_request_error", 413: "invalid_request_error", 503: "server_unavailable"}
+DEFAULT_MAX_BODY = 8 << 20
+
+
+class ServerState:
+    """What the routes share: the engine, the tokenizer, the served name, the draining flag."""
+
+    def __init__(self, engine, served_name: str, metrics=None, api_key: str | None = None,
+                 max_body_bytes: int = DEFAULT_MAX_BODY):
+        self.engine = engine  # serve.async_engine.AsyncEngine
+        self.tokenizer = engine.engine.tokenizer
+        self.max_context = engine.engine.max_context
+        self.served_name = served_name
+        self.metrics = metrics
+        self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+        self.created = now()
+        self.draining = False
+        self.active = 0  # HTTP requests in progress (responses still streaming included)
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.served_name:
+            raise ApiError(404, f"the model '{name}' does not exist; this server serves '{self.served_name}' "
+                                f"(GET /v1/models lists it)", param="model", code="model_not_found")
+
+    def check_ready(self) -> None:
+        if self.draining:
+            raise ApiError(503, "the server is shutting down and takes no new requests", code="draining")
+        if not self.engine.alive:
+            raise ApiError(500, f"the engine stopped: {self.engine.error!r}", code="engine_failed")
+
+    def encode(self, prompt, param: str) -> list[int]:
+        try:
+            return self.engine.engine.encode(prompt)
+        except RequestError as e:
+            raise ApiError(400, str(e), param=param) from None
+
+
+def _is_anthropic(path: str) -> bool:
+    return path.rstrip("/") == "/v1/messages"
+
+
+def error_response(path: str, status: int, message: str, param: str | None = None,
+                   code: str | None = None) -> JSONResponse:
+    """An error in the shape of the protocol `path` belongs to (Anthropic for /v1/messages, else OpenAI)."""
+    if _is_anthropic(path):
+        return JSONResponse(anthropic_api.error_body(status, message), status_code=status)
+    kind = OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class Guard:
+    """ASGI middleware: the API key on /v1 routes, the body size limit (413), and the count of requests in
+    progress that the drain waits for."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state, path = self.state, scope["path"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if state.api_key and path.startswith("/v1"):
+            given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(given.encode(), state.api_key.encode()):
+                what = "no API key" if not given else "a wrong API key"
+                return await error_response(path, 401, f"the request has {what}: send 'Authorization: Bearer KEY' "
+                                                       f"(or 'x-api-key: KEY')", code="invalid_api_key")(scope, receive, send)
+        limit = state.max_body_bytes
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            return await self._too_large(path, scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _TooLarge()
+            return message
+
+        started = False
+
+        async def tracked_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        state.active += 1
+        try:
+            await self.app(scope, limited_receive, tracked_send)
+        except _TooLarge:
+            if not started:
+                await self._too_large(path, scope, receive, send)
+        finally:
+            state.active -= 1
+
+    async def _too_large(self, path, scope, receive, send):
+        await error_response(path, 413, _too_large_message(self.state))(scope, receive, send)
+
+
+def _too_large_message(state: ServerState) -> str:
+    return f"the request body is larger than the server's limit of {state.max_body_bytes} bytes"
+
+
+
+def build_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="astrai_ds", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = state
+    app.include_router(openai_api.router)
+    app.include_router(anthropic_api.router)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return error_response(request.url.path, e.status, e.message, e.param, e.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        errors = e.errors()
+        param, message = validation_message(errors[0]) if errors else ("", "invalid request")
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more problem(s))"
+        return error_response(request.url.path, 400, message, param or None)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        if isinstance(e.__cause__, _TooLarge):  # FastAPI turns an error while reading the body into a 400
+            return error_response(request.url.path, 413, _too_large_message(state))
+        message = {404: f"no route {request.method} {request.url.path}",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
+        return error_response(request.url.path, e.status_code, message)
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, e: Exception):
+        return error_response(request.url.path, 500, f"internal error: {e!r}")
+
+    @app.get("/health")
+    async def health():
+        if not state.engine.alive:
+            return JSONResponse({"status": "failed", "error": repr(state.engine.error)}, status_code=500)
+        if state.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return {"status": "ok", "model": state.served_name}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render() if state.metrics else b"", media_type="text/plain; version=0.0.4")
+
+    page = resources.files("astrai_ds.serve").joinpath("static/chat.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page():
+        name = state.served_name
+        return page.replace("{{MODEL_JSON}}", json.dumps(name).replace("<", "\\u003c")).replace("{{MODEL}}",
+                                                                                             html.escape(name))
+
+    app.add_middleware(Guard, state=state)
+    return app

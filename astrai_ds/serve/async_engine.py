@@ -1,0 +1,236 @@
+"""The generation engine shared by many concurrent HTTP requests.
+
+`LLMEngine` is not thread-safe, so one thread owns it: it takes the commands the event loop queued (add a
+request, abort one), runs `step()` while any request is unfinished, and hands each request's outputs to the
+asyncio queue its caller reads. Requests from every client therefore batch together (continuous batching),
+and a client that goes away aborts its request, which frees its KV blocks before the next step.
+
+With tensor parallelism every rank owns a shard of the model and must run the same steps: rank 0 (the one
+serving HTTP) broadcasts the commands of each iteration, and the other ranks run `run_follower`, which applies
+the same commands to their own engine. Request ids and seeds come from rank 0, so all ranks draw the same tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from astrai_ds.errors import RequestError
+from astrai_ds.inference.engine import LLMEngine, RequestOutput
+from astrai_ds.inference.sampling import SamplingParams
+
+IDLE_WAIT_S = 1.0  # an idle loop wakes this often (under tensor parallelism: a heartbeat for the other ranks)
+
+
+class EngineDead(RuntimeError):
+    """The engine's thread stopped on an error: no request can be served any more."""
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class _Abort:
+    request_id: str
+    reason: str = ""  # set: the caller gets an RequestAborted with this message
+
+
+@dataclass
+class _Stop:
+    pass
+
+
+class RequestAborted(Exception):
+    """The server aborted a request (shutting down after the drain timeout)."""
+
+
+@dataclass
+class _Waiter:
+    """Where a request's outputs go: an asyncio queue read on the event loop."""
+
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue
+    added: concurrent.futures.Future
+    arrival: float = field(default_factory=time.perf_counter)
+    last: float | None = None  # time of the previous output with tokens
+
+
+class AsyncEngine:
+    """Runs `engine` on its own thread; `add` and `outputs` are called from the event loop."""
+
+    def __init__(self, engine: LLMEngine, metrics=None, broadcast: Callable[[list], list] | None = None):
+        self.engine = engine
+        self.metrics = metrics  # serve.metrics.ServeMetrics or None
+        self._broadcast = broadcast  # tensor parallelism: sends rank 0's commands to the other ranks
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._waiters: dict[str, _Waiter] = {}  # touched by the engine thread only
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._run, name="astrai-engine", daemon=True)
+        self.error: BaseException | None = None
+        self.num_unfinished = 0  # requests added and not finished (read by the drain loop)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """End the thread (after the current step); unfinished requests are dropped."""
+        if self._thread.is_alive():
+            self._commands.put(_Stop())
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def new_id(self, prefix: str) -> str:
+        return f"{prefix}-{next(self._ids)}"
+
+    # ------------------------------------------------------------------ the event loop's side
+
+    async def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                  outputs: asyncio.Queue) -> None:
+        """Queue a request whose outputs go to `outputs`; returns once the engine took it, or raises its
+        RequestError (nothing queued). Several requests may share one `outputs` queue (the choices of `n`)."""
+        if not self.alive:
+            raise EngineDead(f"the engine stopped: {self.error!r}")
+        waiter = _Waiter(asyncio.get_running_loop(), outputs, concurrent.futures.Future())
+        self._commands.put((_Add(request_id, prompt_ids, params), waiter))
+        await asyncio.wrap_future(waiter.added)
+
+    def abort(self, request_id: str, reason: str = "") -> None:
+        """Stop a request at the next step and free its blocks (thread-safe; a no-op once finished)."""
+        self._commands.put(_Abort(request_id, reason))
+
+    def abort_all(self, reason: str) -> None:
+        self._commands.put(_Abort("*", reason))
+
+    async def outputs(self, queue_: asyncio.Queue, request_ids: list[str]) -> AsyncIterator[RequestOutput]:
+        """The outputs of `request_ids` (all feeding `queue_`) as they come, until each has finished.
+        Leaving early (a client that disconnected) aborts the unfinished ones."""
+        open_ids = set(request_ids)
+        try:
+            while open_ids:
+                out = await queue_.get()
+                if isinstance(out, BaseException):
+                    raise out
+                if out.finished:
+                    open_ids.discard(out.request_id)
+                yield out
+        finally:
+            for request_id in open_ids:
+                self.abort(request_id)
+
+    # ------------------------------------------------------------------ the engine thread
+
+    def _take(self, block: bool) -> list:
+        commands = []
+        try:
+            commands.append(self._commands.get(timeout=IDLE_WAIT_S) if block else self._commands.get_nowait())
+            while True:
+                commands.append(self._commands.get_nowait())
+        except queue.Empty:
+            pass
+        return commands
+
+    def _run(self) -> None:
+        try:
+            while True:
+                taken = self._take(block=not self.engine.has_unfinished())
+                commands = [c[0] if isinstance(c, tuple) else c for c in taken]
+                if self._broadcast is not None:
+                    self._broadcast(commands)
+                waiters = {c[0].request_id: c[1] for c in taken if isinstance(c, tuple)}
+                if apply_commands(self.engine, commands, self._on_add(waiters), self._on_abort):
+                    return
+                if self.engine.has_unfinished():
+                    self._deliver(self.engine.step())
+                if self.metrics is not None:
+                    self.metrics.observe_engine(self.engine)
+        except BaseException as e:  # the engine is unusable: fail every caller rather than leave them waiting
+            self.error = e
+            for waiter in self._waiters.values():
+                waiter.loop.call_soon_threadsafe(waiter.outputs.put_nowait, EngineDead(f"the engine failed: {e!r}"))
+            self._waiters.clear()
+            raise
+        finally:
+            if self._broadcast is not None and self.error is None:
+                self._broadcast([_Stop()])
+
+    def _on_add(self, waiters: dict[str, _Waiter]):
+        def on_add(command: _Add, error: RequestError | None) -> None:
+            waiter = waiters[command.request_id]
+            if error is not None:
+                waiter.added.set_exception(error)
+                return
+            self._waiters[command.request_id] = waiter
+            self.num_unfinished += 1
+            waiter.added.set_result(None)
+        return on_add
+
+    def _on_abort(self, request_id: str, reason: str) -> None:
+        waiter = self._waiters.pop(request_id, None)
+        if waiter is None:
+            return
+        self.num_unfinished -= 1
+        if self.metrics is not None:
+            self.metrics.finished("abort", 0)
+        if reason:
+            waiter.loop.call_soon_threadsafe(waiter.outputs.put_nowait, RequestAborted(reason))
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        now = time.perf_counter()
+        for out in outputs:
+            waiter = self._waiters.get(out.request_id)
+            if waiter is None:  # aborted by its caller in the meantime
+                continue
+            if self.metrics is not None and out.token_ids:
+                self.metrics.token(now - (waiter.last if waiter.last is not None else waiter.arrival),
+                                   first=waiter.last is None, count=len(out.token_ids))
+                waiter.last = now
+            if out.finished:
+                del self._waiters[out.request_id]
+                self.num_unfinished -= 1
+                if self.metrics is not None:
+                    self.metrics.finished(out.finish_reason, out.prompt_tokens)
+            waiter.loop.call_soon_threadsafe(waiter.outputs.put_nowait, out)
+
+
+def apply_commands(engine: LLMEngine, commands: list, on_add=None, on_abort=None) -> bool:
+    """Apply one iteration's commands to `engine` (every rank applies the same); True when told to stop."""
+    for command in commands:
+        if isinstance(command, _Stop):
+            return True
+        if isinstance(command, _Add):
+            try:
+                engine.add_request(command.prompt_ids, command.params, command.request_id)
+                error = None
+            except RequestError as e:
+                error = e
+            if on_add is not None:
+                on_add(command, error)
+        elif isinstance(command, _Abort):
+            ids = engine.unfinished_ids() if command.request_id == "*" else [command.request_id]
+            for request_id in ids:
+                engine.abort(request_id)
+                if on_abort is not None:
+                    on_abort(request_id, command.reason)
+    return False
+
+
+def run_follower(engine: LLMEngine, receive: Callable[[], list]) -> None:
+    """A tensor-parallel rank other than 0: apply rank 0's commands and step with it until it stops."""
+    while True:
+        if apply_commands(engine, receive()):
+            return
+        if engine.has_unfinished():
+            engine.step()

@@ -1,0 +1,285 @@
+"""The OpenAI API: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`.
+
+Request fields are the ones OpenAI defines that this server implements (plus `top_k`, `min_p` and
+`repetition_penalty`, as vLLM accepts them); any other field is a 400 naming it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import Field
+
+from astrai_ds.inference.sampling import MAX_LOGPROBS
+from astrai_ds.serve.protocol import (ApiError, Choice, ClientGone, Job, Strict, engine_error, new_id, now,
+                                      sampling_params, sse, stop_list)
+
+router = APIRouter()
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class SamplingFields(Strict):
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    n: int = Field(1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class ChatRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+# ---------------------------------------------------------------- shared by both endpoints
+
+
+def _check_common(server, body: SamplingFields) -> None:
+    server.check_model(body.model)
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(400, "'stream_options' is only allowed with 'stream': true", param="stream_options")
+
+
+def _params(body: SamplingFields, max_tokens: int | None, logprobs: int | None, n_index: int):
+    seed = None if body.seed is None else body.seed + n_index  # the choices of `n` differ, reproducibly
+    return sampling_params(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                           top_k=body.top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+                           presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                           stop=stop_list(body.stop), seed=seed, logprobs=logprobs,
+                           _names={"max_new_tokens": "max_tokens"})
+
+
+def _usage(choices: list[Choice], prompt_tokens: int) -> dict:
+    completion = sum(c.completion_tokens for c in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def _finish(reason: str | None) -> str | None:
+    return None if reason is None else ("length" if reason == "length" else "stop")
+
+
+def _token_text(tokenizer, token_id: int) -> str:
+    return tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
+
+
+def _chat_logprobs(tokenizer, entries: list[dict]) -> dict:
+    def item(token_id, logprob):
+        raw = tokenizer.token_bytes(token_id)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+    return {"content": [{**item(e["token_id"], e["logprob"]),
+                         "top_logprobs": [item(t, lp) for t, lp in e["top_logprobs"]]} for e in entries]}
+
+
+def _completion_logprobs(tokenizer, entries: list[dict], offsets: list[int]) -> dict:
+    return {"tokens": [_token_text(tokenizer, e["token_id"]) for e in entries],
+            "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{_token_text(tokenizer, t): lp for t, lp in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets}
+
+
+async def _respond(request: Request, server, job: Job, body: SamplingFields, prompt_tokens: int, make_chunk,
+                   make_choice, first_chunks, object_name: str, response_id: str):
+    """The JSON response or the event stream of `job`; make_* build the protocol's choice objects."""
+    model = server.served_name
+    if not body.stream:
+        try:
+            choices = await job.collect(request)
+        except ClientGone:
+            return JSONResponse({}, status_code=499)
+        except Exception as e:
+            raise engine_error(e) from e
+        return {"id": response_id, "object": object_name, "created": now(), "model": model,
+                "choices": [make_choice(i, c) for i, c in enumerate(choices)],
+                "usage": _usage(choices, prompt_tokens)}
+
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    created = now()
+    index = {request_id: i for i, request_id in enumerate(job.request_ids)}
+
+    def chunk(choices: list[dict]) -> bytes:
+        data = {"id": response_id, "object": f"{object_name}.chunk", "created": created, "model": model,
+                "choices": choices}
+        if include_usage:
+            data["usage"] = None
+        return sse(data)
+
+    async def events():
+        states = [Choice() for _ in job.request_ids]
+        try:
+            for i in range(len(job.request_ids)):
+                for first in first_chunks(i):
+                    yield chunk([first])
+            async for out in job.outputs():
+                i = index[out.request_id]
+                offset = sum(map(len, states[i].text))
+                states[i].add(out)
+                if out.text or out.logprobs or out.finished:
+                    yield chunk([make_chunk(i, out, offset)])
+        except Exception as e:  # the engine failed or the server aborted: say so, end the stream
+            err = engine_error(e)
+            yield sse({"error": {"message": err.message, "type": "server_error", "param": None, "code": err.code}})
+            return
+        if include_usage:
+            data = {"id": response_id, "object": f"{object_name}.chunk", "created": created, "model": model,
+                    "choices": [], "usage": _usage(states, prompt_tokens)}
+            yield sse(data)
+        yield sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# ---------------------------------------------------------------- routes
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    server = request.app.state.server
+    return {"object": "list", "data": [{"id": server.served_name, "object": "model", "created": server.created,
+                                        "owned_by": "astrai_ds", "max_model_len": server.max_context}]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def model(model_id: str, request: Request):
+    server = request.app.state.server
+    server.check_model(model_id)
+    return {"id": server.served_name, "object": "model", "created": server.created, "owned_by": "astrai_ds",
+            "max_model_len": server.max_context}
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    server = request.app.state.server
+    server.check_ready()
+    _check_common(server, body)
+    prompt = body.prompt
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        prompts = [prompt]
+    else:
+        prompts = list(prompt)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ApiError(400, "'prompt' must not be empty", param="prompt")
+    if body.echo and body.logprobs is not None:
+        raise ApiError(400, "'echo' with 'logprobs' is not supported (prompt log-probs are not computed)",
+                       param="echo")
+    encoded = [server.encode(p, "prompt") for p in prompts]
+    max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default for completions
+    all_ids = [ids for ids in encoded for _ in range(body.n)]
+    params = [_params(body, max_tokens, body.logprobs, j) for _ in encoded for j in range(body.n)]
+    job = await Job.start(server, all_ids, params, "prompt")
+    echo_text = [(p if isinstance(p, str) else server.tokenizer.decode(p)) if body.echo else ""
+                 for p in prompts for _ in range(body.n)]
+    tok = server.tokenizer
+
+    def make_choice(i: int, c: Choice) -> dict:
+        text = "".join(c.text)
+        logprobs = None
+        if body.logprobs is not None:
+            offsets, pos = [], len(echo_text[i])
+            # each token's offset: where the text stood when it was generated (text arrives with the token
+            # that completes a character, so a token inside a character has the offset of the next text)
+            starts = _token_offsets(c)
+            offsets = [pos + s for s in starts]
+            logprobs = _completion_logprobs(tok, c.logprobs, offsets)
+        return {"index": i, "text": echo_text[i] + text, "logprobs": logprobs,
+                "finish_reason": _finish(c.finish_reason)}
+
+    def first_chunks(i: int):
+        if echo_text[i]:
+            yield {"index": i, "text": echo_text[i], "logprobs": None, "finish_reason": None}
+
+    def make_chunk(i: int, out, offset: int) -> dict:
+        logprobs = None
+        if body.logprobs is not None and out.logprobs:
+            base = len(echo_text[i]) + offset
+            logprobs = _completion_logprobs(tok, out.logprobs, [base] * len(out.logprobs))
+        return {"index": i, "text": out.text, "logprobs": logprobs,
+                "finish_reason": _finish(out.finish_reason) if out.finished else None}
+
+    prompt_tokens = sum(len(ids) for ids in encoded)
+    return await _respond(request, server, job, body, prompt_tokens, make_chunk, make_choice, first_chunks,
+                          "text_completion", new_id("cmpl-"))
+
+
+def _token_offsets(c: Choice) -> list[int]:
+    """Character offset of each generated token in the choice's text (see make_choice)."""
+    # The engine reports text per output, one token per output: the offset of token k is the length of the
+    # text before the output that carried it.
+    offsets, pos = [], 0
+    for piece in c.text[:len(c.logprobs)]:
+        offsets.append(pos)
+        pos += len(piece)
+    return offsets
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatRequest, request: Request):
+    server = request.app.state.server
+    server.check_ready()
+    _check_common(server, body)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    if body.max_tokens is not None and body.max_completion_tokens is not None:
+        raise ApiError(400, "give 'max_completion_tokens' or its older name 'max_tokens', not both",
+                       param="max_tokens")
+    messages = [{"role": "system" if m.role == "developer" else m.role,
+                 "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
+                for m in body.messages]
+    ids = server.encode(messages, "messages")
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if max_tokens is None:
+        max_tokens = max(server.max_context - len(ids), 1)  # as far as the context goes
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = [_params(body, max_tokens, logprobs, j) for j in range(body.n)]
+    job = await Job.start(server, [ids] * body.n, params, "messages")
+    tok = server.tokenizer
+
+    def make_choice(i: int, c: Choice) -> dict:
+        return {"index": i, "message": {"role": "assistant", "content": "".join(c.text)},
+                "logprobs": _chat_logprobs(tok, c.logprobs) if body.logprobs else None,
+                "finish_reason": _finish(c.finish_reason)}
+
+    def first_chunks(i: int):
+        yield {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+    def make_chunk(i: int, out, offset: int) -> dict:
+        return {"index": i, "delta": {"content": out.text} if out.text else {},
+                "logprobs": _chat_logprobs(tok, out.logprobs) if body.logprobs and out.logprobs else None,
+                "finish_reason": _finish(out.finish_reason) if out.finished else None}
+
+    return await _respond(request, server, job, body, len(ids), make_chunk, make_choice, first_chunks,
+                          "chat.completion", new_id("chatcmpl-"))

@@ -1,0 +1,164 @@
+"""What the OpenAI and Anthropic adapters share: errors, sampling parameters, starting the engine requests of
+one HTTP request and gathering their outputs, and the server-sent event framing (FastAPI's)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.sse import format_sse_event
+from pydantic import BaseModel, ConfigDict
+
+from astrai_ds.errors import RequestError
+from astrai_ds.inference.engine import RequestOutput
+from astrai_ds.inference.sampling import SamplingParams
+
+
+class ApiError(Exception):
+    """An HTTP error with a message for the client; each protocol renders it in its own shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+class Strict(BaseModel):
+    """A request object: a field the server does not implement is refused, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def validation_message(error: dict) -> tuple[str, str]:
+    """(param, message) of one pydantic error of a request body."""
+    loc = [str(x) for x in error.get("loc", ()) if x != "body"]
+    param = ".".join(loc)
+    kind = error.get("type", "")
+    if kind == "json_invalid":
+        return "", f"the request body is not valid JSON ({error.get('ctx', {}).get('error', 'parse error')})"
+    if kind == "extra_forbidden":
+        return param, f"unsupported field '{param}': this server does not implement it; remove it from the request"
+    if kind == "missing":
+        return param, f"'{param}' is required"
+    if kind == "model_attributes_type" and not param:
+        return "", "the request body must be a JSON object"
+    return param, f"'{param}': {error.get('msg', 'invalid value')}" if param else error.get("msg", "invalid request")
+
+
+def sampling_params(**fields) -> SamplingParams:
+    """SamplingParams from a request's values (None: the default); a bad value is a 400 naming the field.
+    `fields` keys are SamplingParams names; `_names` maps them to the request's own field names."""
+    names = fields.pop("_names", {})
+    given = {k: v for k, v in fields.items() if v is not None}
+    try:
+        return SamplingParams(**given)
+    except RequestError as e:
+        field_ = str(e).split(" ", 1)[0]
+        public = names.get(field_, field_)
+        raise ApiError(400, str(e).replace(field_, f"'{public}'", 1), param=public) from None
+
+
+def stop_list(stop) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if not all(stops):
+        raise ApiError(400, "'stop': stop strings must not be empty", param="stop")
+    return stops
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def sse(data, event: str | None = None) -> bytes:
+    """One server-sent event: `data` as JSON (a str is sent as it is, e.g. "[DONE]")."""
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return format_sse_event(data_str=text, event=event)
+
+
+@dataclass
+class Choice:
+    """What one engine request produced so far."""
+
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_string: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, out: RequestOutput) -> None:
+        self.text.append(out.text)
+        self.token_ids += out.token_ids
+        self.logprobs += out.logprobs or []
+        self.prompt_tokens, self.completion_tokens = out.prompt_tokens, out.completion_tokens
+        if out.finished:
+            self.finish_reason, self.stop_string = out.finish_reason, out.stop_string
+
+
+class ClientGone(Exception):
+    """The client closed its connection before the answer was complete."""
+
+
+@dataclass
+class Job:
+    """The engine requests of one HTTP request (`n` choices, or one per prompt), feeding one queue."""
+
+    server: object  # serve.app.ServerState
+    request_ids: list[str]
+    queue: asyncio.Queue
+
+    @classmethod
+    async def start(cls, server, prompts: list[list[int]], params: list[SamplingParams], param: str) -> "Job":
+        """Add every request; if the engine refuses one, abort the others and raise a 400 naming `param`."""
+        job = cls(server, [], asyncio.Queue())
+        for prompt_ids, p in zip(prompts, params):
+            request_id = server.engine.new_id("req")
+            try:
+                await server.engine.add(request_id, prompt_ids, p, job.queue)
+            except RequestError as e:
+                for added in job.request_ids:
+                    server.engine.abort(added)
+                raise ApiError(400, str(e), param=param) from None
+            job.request_ids.append(request_id)
+        return job
+
+    def outputs(self):
+        return self.server.engine.outputs(self.queue, self.request_ids)
+
+    async def collect(self, request: Request) -> list[Choice]:
+        """Every request's finished Choice, in order. A client that disconnects meanwhile aborts them."""
+        choices = {request_id: Choice() for request_id in self.request_ids}
+        watch = asyncio.ensure_future(_watch_disconnect(request, self.queue))
+        try:
+            async for out in self.outputs():
+                choices[out.request_id].add(out)
+        finally:
+            watch.cancel()
+        return list(choices.values())
+
+
+async def _watch_disconnect(request: Request, queue: asyncio.Queue) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.25)
+    queue.put_nowait(ClientGone())
+
+
+def engine_error(e: BaseException) -> ApiError:
+    """The ApiError for an exception raised while a request was running."""
+    from astrai_ds.serve.async_engine import EngineDead, RequestAborted
+
+    if isinstance(e, RequestAborted):
+        return ApiError(503, str(e), code="aborted")
+    if isinstance(e, EngineDead):
+        return ApiError(500, str(e), code="engine_failed")
+    return ApiError(500, f"internal error: {e!r}")

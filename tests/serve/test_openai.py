@@ -1,0 +1,138 @@
+"""The official `openai` client against a real server: what it sends is served, what the server sends it
+parses, and every answer equals what the engine gives the same request in this process (greedy, fp32)."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from astrai_ds.inference.sampling import SamplingParams
+
+CHAT = [{"role": "system", "content": "你是一个助手。"}, {"role": "user", "content": "请用中文介绍一下北京。"}]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_models_lists_the_served_model(client, model_dir):
+    models = client.models.list().data
+    assert [m.id for m in models] == [model_dir.name]
+    assert client.models.retrieve(model_dir.name).id == model_dir.name
+
+
+def test_chat_equals_the_engine(client, engine, model_dir):
+    r = client.chat.completions.create(model=model_dir.name, messages=CHAT, max_tokens=24, temperature=0)
+    expected = engine.generate(CHAT, SamplingParams(max_new_tokens=24, temperature=0))
+    assert r.choices[0].message.content == expected.text
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == {"length": "length", "stop": "stop"}[expected.finish_reason]
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (expected.prompt_tokens, expected.completion_tokens)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.id.startswith("chatcmpl-") and r.object == "chat.completion" and r.model == model_dir.name
+
+
+def test_a_chinese_stream_reassembles_exactly(client, model_dir):
+    kwargs = dict(model=model_dir.name, messages=CHAT, max_tokens=40, temperature=0)
+    whole = client.chat.completions.create(**kwargs).choices[0].message.content
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(deltas) == whole
+    assert len(deltas) > 5  # streamed piece by piece, not in one chunk
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert sum(c.choices[0].finish_reason is not None for c in chunks) == 1
+    assert chunks[-1].choices[0].finish_reason is not None
+    assert all(c.usage is None for c in chunks)  # no usage chunk without stream_options
+
+
+def test_stream_usage_comes_last_with_no_choices(client, model_dir):
+    chunks = list(client.chat.completions.create(model=model_dir.name, messages=CHAT, max_tokens=8, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    *body, last = chunks
+    assert last.choices == [] and last.usage.completion_tokens == 8
+    assert last.usage.total_tokens == last.usage.prompt_tokens + 8
+    assert all(c.usage is None and len(c.choices) == 1 for c in body)
+
+
+def test_completions_echo_and_list_prompts(client, engine, model_dir):
+    prompts = ["The capital of France is", "北京是"]
+    r = client.completions.create(model=model_dir.name, prompt=prompts, max_tokens=10, temperature=0, echo=True)
+    assert [c.index for c in r.choices] == [0, 1]
+    for prompt, choice in zip(prompts, r.choices):
+        expected = engine.generate(prompt, SamplingParams(max_new_tokens=10, temperature=0))
+        assert choice.text == prompt + expected.text
+    ids = engine.encode("Hello")  # token ids are a prompt too
+    r = client.completions.create(model=model_dir.name, prompt=ids, max_tokens=5, temperature=0)
+    assert r.choices[0].text == engine.generate(ids, SamplingParams(max_new_tokens=5, temperature=0)).text
+    assert r.usage.prompt_tokens == len(ids)
+
+
+def test_completion_default_max_tokens_is_16(client, engine, model_dir):
+    r = client.completions.create(model=model_dir.name, prompt="Once upon a time", temperature=0)
+    expected = engine.generate("Once upon a time", SamplingParams(max_new_tokens=16, temperature=0))
+    assert (r.choices[0].text, r.usage.completion_tokens) == (expected.text, expected.completion_tokens)
+
+
+def test_n_choices_have_their_index_and_a_seed_reproduces(client, model_dir):
+    kwargs = dict(model=model_dir.name, messages=CHAT, max_tokens=12, temperature=1.0, n=3, seed=1234)
+    a = client.chat.completions.create(**kwargs)
+    b = client.chat.completions.create(**kwargs)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert len({c.message.content for c in a.choices}) > 1  # the choices are different samples
+    assert 3 <= a.usage.completion_tokens <= 36  # the three choices' tokens
+    streamed = list(client.chat.completions.create(**kwargs, stream=True))
+    texts = ["", "", ""]
+    for chunk in streamed:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+    assert texts == [c.message.content for c in a.choices]
+    assert sum(c.finish_reason is not None for chunk in streamed for c in chunk.choices) == 3
+
+
+def test_stop_strings_cut_the_text_and_are_not_returned(client, engine, model_dir):
+    greedy = engine.generate(CHAT, SamplingParams(max_new_tokens=30, temperature=0)).text
+    stop = greedy[8:10]
+    assert stop.strip(), greedy
+    r = client.chat.completions.create(model=model_dir.name, messages=CHAT, max_tokens=30, temperature=0, stop=[stop])
+    assert r.choices[0].message.content == greedy[:greedy.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model=model_dir.name, messages=CHAT, max_tokens=30, temperature=0,
+                                                 stop=stop, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == greedy[:greedy.index(stop)]
+
+
+def test_logprobs(client, engine, model_dir):
+    r = client.chat.completions.create(model=model_dir.name, messages=CHAT, max_tokens=6, temperature=0,
+                                       logprobs=True, top_logprobs=3)
+    expected = engine.generate(CHAT, SamplingParams(max_new_tokens=6, temperature=0, logprobs=3))
+    content = r.choices[0].logprobs.content
+    assert [c.logprob for c in content] == pytest.approx([e["logprob"] for e in expected.logprobs], abs=1e-5)
+    assert all(len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob >= c.logprob - 1e-6 for c in content)
+    assert b"".join(bytes(c.bytes) for c in content).decode("utf-8", errors="replace") == \
+        r.choices[0].message.content
+    r = client.completions.create(model=model_dir.name, prompt="Hello", max_tokens=5, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
+    assert all(len(t) <= 2 for t in lp.top_logprobs)
+
+
+def test_errors_are_the_clients_exception_types(client, model_dir):
+    with pytest.raises(openai.BadRequestError, match="unsupported field 'tools'"):
+        client.chat.completions.create(model=model_dir.name, messages=CHAT,
+                                       tools=[{"type": "function", "function": {"name": "f"}}])
+    with pytest.raises(openai.BadRequestError, match=r"the prompt is \d+ tokens.*context is 128"):
+        client.chat.completions.create(model=model_dir.name, messages=[{"role": "user", "content": "hello " * 300}])
+    with pytest.raises(openai.BadRequestError, match="stream_options"):
+        client.chat.completions.create(model=model_dir.name, messages=CHAT, stream_options={"include_usage": True})
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model=model_dir.name, messages=CHAT, temperature=-1)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gpt-4o", messages=CHAT)
+    try:
+        client.chat.completions.create(model=model_dir.name, messages=CHAT, logit_bias={"1": 5})
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "logit_bias" and e.body["type"] == "invalid_request_error"
+    else:
+        raise AssertionError("logit_bias was accepted")
