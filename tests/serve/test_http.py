@@ -1,0 +1,109 @@
+"""The server at the HTTP level, as curl or any other client sees it: the event-stream framing, the error shapes
+and codes (400 for every invalid request, 401, 404, 413), /health, /metrics, an API key, and a client that
+disconnects freeing its KV blocks at once."""
+
+from __future__ import annotations
+
+import json
+
+import httpx2 as httpx
+import pytest
+
+from tests.serve.conftest import Server, wait_idle
+
+CHAT = {"messages": [{"role": "user", "content": "Tell me a long story about a dragon."}], "temperature": 0}
+
+
+def _events(text: str) -> list[str]:
+    """The data of each event of an event stream; every event must end with a blank line."""
+    assert text.endswith("\n\n"), text[-200:]
+    events = text.split("\n\n")[:-1]
+    assert all(e.startswith("data: ") and "\n" not in e for e in events), events
+    return [e[len("data: "):] for e in events]
+
+
+def test_an_event_stream_is_framed_for_every_client(server):
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={**CHAT, "max_tokens": 6, "stream": True}, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = _events(r.text)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert [c["choices"][0]["finish_reason"] for c in chunks].count("length") == 1
+    assert all("usage" not in c for c in chunks)
+
+
+@pytest.mark.parametrize("body,param,fragment", [
+    (b"{not json", None, "not valid JSON"),
+    (b"[1, 2]", None, "JSON object"),
+    (json.dumps({"temperature": 0}).encode(), "messages", "'messages' is required"),
+    (json.dumps({**CHAT, "n": 0}).encode(), "n", "'n'"),
+    (json.dumps({**CHAT, "max_tokens": 0}).encode(), "max_tokens", "max_tokens"),
+    (json.dumps({**CHAT, "top_logprobs": 2}).encode(), "top_logprobs", "needs 'logprobs'"),
+    (json.dumps({**CHAT, "messages": [{"role": "tool", "content": "x"}]}).encode(), "messages.0.role", "role"),
+    (json.dumps({**CHAT, "response_format": {"type": "json_object"}}).encode(), "response_format", "unsupported"),
+])
+def test_every_invalid_request_is_a_400_in_the_openai_shape(server, body, param, fragment):
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert error["param"] == param and fragment in error["message"], error
+
+
+def test_not_found_too_large_and_anthropic_shape(server):
+    r = httpx.get(f"{server.url}/v1/engines")
+    assert r.status_code == 404 and "no route GET /v1/engines" in r.json()["error"]["message"]
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=b"x" * (9 << 20),
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "limit of 8388608 bytes" in r.json()["error"]["message"]
+    r = httpx.post(f"{server.url}/v1/messages", json={"model": "x", "messages": [], "max_tokens": 5})
+    assert r.status_code == 400 and r.json()["type"] == "error"
+    assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_health_and_metrics(server):
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+    before = server.metrics()
+    httpx.post(f"{server.url}/v1/chat/completions", json={**CHAT, "max_tokens": 5}, timeout=60).raise_for_status()
+    after = wait_idle(server)
+    for name in ("astrai_requests_running", "astrai_requests_waiting", "astrai_kv_cache_blocks_used",
+                 "astrai_kv_cache_blocks_free", "astrai_prefix_cache_hit_rate", "astrai_time_to_first_token_seconds_count",
+                 "astrai_time_per_output_token_seconds_count"):
+        assert name in after, name
+    assert after["astrai_generated_tokens_total"] - before.get("astrai_generated_tokens_total", 0) == 5
+    assert after["astrai_time_to_first_token_seconds_count"] == before["astrai_time_to_first_token_seconds_count"] + 1
+    assert after["astrai_prompt_tokens_total"] > before["astrai_prompt_tokens_total"]
+
+
+def test_a_client_that_disconnects_frees_its_blocks(server):
+    before = server.metrics()
+    with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60,
+                      json={"prompt": "Once upon a time", "max_tokens": 100, "stream": True}) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i == 4:
+                break  # leaves the stream: the connection closes
+    after = wait_idle(server)
+    assert after["astrai_kv_cache_blocks_used"] == 0 and after["astrai_requests_running"] == 0
+    aborted = "astrai_requests_finished_total{finish_reason=abort}"
+    assert after.get(aborted, 0) == before.get(aborted, 0) + 1
+
+
+def test_an_api_key_guards_every_v1_route(model_dir, tmp_path):
+    s = Server(model_dir, tmp_path / "server.log", extra_env={"ASTRAI_API_KEY": "s3cret"})
+    try:
+        r = httpx.get(f"{s.url}/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        r = httpx.get(f"{s.url}/v1/models", headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and "a wrong API key" in r.json()["error"]["message"]
+        r = httpx.post(f"{s.url}/v1/messages", json={}, headers={"x-api-key": "nope"})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert httpx.get(f"{s.url}/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert httpx.get(f"{s.url}/health").status_code == 200  # outside /v1: no key
+        import openai
+
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{s.url}/v1", api_key="wrong", max_retries=0).models.list()
+        assert openai.OpenAI(base_url=f"{s.url}/v1", api_key="s3cret").models.list().data
+    finally:
+        assert s.stop() == 0, s.log()
