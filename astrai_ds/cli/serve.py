@@ -96,6 +96,9 @@ def run(args) -> int:
     if args.tp > 1 and rank != 0:
         from astrai_ds.serve.async_engine import run_follower
 
+        # Rank 0 drains on SIGTERM and then tells this rank to stop; a launcher that signals every rank must
+        # not end this one first (rank 0's steps need it).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         run_follower(engine, _receive)
         _close(args.tp)
         return 0

@@ -161,10 +161,12 @@ class AsyncEngine:
             for waiter in self._waiters.values():
                 waiter.loop.call_soon_threadsafe(waiter.outputs.put_nowait, EngineDead(f"the engine failed: {e!r}"))
             self._waiters.clear()
+            if self._broadcast is not None:  # the other ranks stop too (a normal stop was broadcast already)
+                try:
+                    self._broadcast([_Stop()])
+                except Exception:
+                    pass
             raise
-        finally:
-            if self._broadcast is not None and self.error is None:
-                self._broadcast([_Stop()])
 
     def _on_add(self, waiters: dict[str, _Waiter]):
         def on_add(command: _Add, error: RequestError | None) -> None:
