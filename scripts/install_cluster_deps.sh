@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Debian packages for the cluster-launcher tests (tests/cluster/): a one-node Slurm (munge, slurmctld,
-# slurmd, slurm-client), sshd and pdsh for the two-host deepspeed run, iproute2 for the network namespaces.
+# slurmd, slurm-client), sshd and pdsh for the two-host deepspeed run, iproute2 for the network namespaces;
+# and the headless browser for the chat-page test (tests/serve/test_chat_page.py): chromium, chromium-driver.
 # Does nothing when they are installed already, or when this is not root on a machine with apt-get
 # (the tests then skip and say why). Run by scripts/test.sh; safe to run again.
 set -euo pipefail
 
-PACKAGES=(munge slurmctld slurmd slurm-client openssh-server openssh-client pdsh iproute2 procps)
+PACKAGES=(munge slurmctld slurmd slurm-client openssh-server openssh-client pdsh iproute2 procps chromium
+          chromium-driver)
 COMMANDS=(munged mungekey slurmctld slurmd sbatch srun scontrol squeue sinfo scancel sshd ssh ssh-keygen pdsh ip
-          pkill)
+          pkill chromium chromedriver)
 
 missing=0
 for c in "${COMMANDS[@]}"; do
@@ -16,7 +18,7 @@ done
 [ "$missing" = 0 ] && exit 0
 
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-  echo "== cluster test packages missing; not root or no apt-get, so the cluster tests will skip" >&2
+  echo "== cluster test packages missing; not root or no apt-get, so the cluster and chat-page tests will skip" >&2
   exit 0
 fi
 

@@ -1,7 +1,7 @@
 """The OpenAI API: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`.
 
-Request fields are the ones OpenAI defines that this server implements (plus `top_k`, `min_p` and
-`repetition_penalty`, as vLLM accepts them); any other field is a 400 naming it."""
+Request fields are the ones OpenAI defines that this server implements (plus `top_k`, `min_p`,
+`repetition_penalty` and `ignore_eos`, as vLLM accepts them); any other field is a 400 naming it."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ class SamplingFields(Strict):
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
+    ignore_eos: bool | None = None  # generate max_tokens tokens whatever the model says (benchmarks)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     n: int = Field(1, ge=1, le=16)
@@ -78,7 +79,7 @@ def _params(body: SamplingFields, max_tokens: int | None, logprobs: int | None, 
     return sampling_params(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                            top_k=body.top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                           stop=stop_list(body.stop), seed=seed, logprobs=logprobs,
+                           stop=stop_list(body.stop), seed=seed, logprobs=logprobs, ignore_eos=body.ignore_eos,
                            _names={"max_new_tokens": "max_tokens"})
 
 

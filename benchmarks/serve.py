@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""Serving speed: `astrai-ds serve` on the `small` model under 1, 4, 8 and 16 concurrent streaming clients on
+loopback, against the same server with one stream at a time (the baseline every level is compared to).
+
+The model is benchmarks/generate.py's: the `small` preset with random weights from a fixed seed, bf16 by default,
+written once as a model folder. The server is a real `astrai-ds serve` process. Each client streams
+`/v1/completions` requests one after another, each with its own random --prompt-len-token prompt (so no prefix is
+reused) and exactly --new-tokens new tokens (`ignore_eos`, greedy). Per level:
+
+  tokens/s   generated tokens of all clients over the level's wall time (first request sent to last [DONE])
+  TTFT       median time from sending a request to its first event holding text or tokens
+
+Aim (the serving issue): at 8 streams at least 4x the tokens/s of one stream, with median TTFT under 2x.
+
+    .venv/bin/python benchmarks/serve.py                          # small, bf16
+    .venv/bin/python benchmarks/serve.py --model configs/model/tiny.json --new-tokens 16   # smoke test
+
+Run it on a quiet machine: the server uses all cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx2 as httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from generate import DTYPES, build_folder  # noqa: E402  (benchmarks/generate.py)
+
+
+async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], new_tokens: int) -> tuple[float, int]:
+    """(TTFT, generated tokens) of one streamed completion."""
+    t0 = time.perf_counter()
+    ttft, tokens = None, 0
+    body = {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: "):])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif ttft is None:
+                ttft = time.perf_counter() - t0
+    return ttft, tokens
+
+
+async def level(url: str, streams: int, requests_per_stream: int, prompt_len: int, new_tokens: int, vocab: int,
+                seed: int) -> dict:
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(16, vocab) for _ in range(prompt_len)] for _ in range(streams * requests_per_stream)]
+    results = []
+
+    async def client_loop(i: int):
+        async with httpx.AsyncClient(timeout=600) as client:
+            for k in range(requests_per_stream):
+                results.append(await one_request(client, url, prompts[i * requests_per_stream + k], new_tokens))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client_loop(i) for i in range(streams)))
+    seconds = time.perf_counter() - t0
+    tokens = sum(n for _, n in results)
+    assert tokens == len(prompts) * new_tokens, (tokens, len(prompts), new_tokens)
+    return {"streams": streams, "requests": len(prompts), "tokens": tokens, "seconds": seconds,
+            "tokens_per_s": tokens / seconds, "ttft_median_s": statistics.median(t for t, _ in results)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=ROOT / "configs/model/small.json", help="model config to build")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weights and activations")
+    p.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8, 16], help="concurrency levels")
+    p.add_argument("--requests-per-stream", type=int, default=3, help="requests each client sends in turn")
+    p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per request")
+    p.add_argument("--new-tokens", type=int, default=64, help="new tokens per request")
+    p.add_argument("--work-dir", type=Path, default=None, help="keep the corpus, tokenizer and model folder here")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = p.parse_args()
+
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    work.mkdir(parents=True, exist_ok=True)
+    folder = build_folder(work, args.model, DTYPES[args.dtype])
+    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    port = 18000 + os.getpid() % 1000
+    url = f"http://127.0.0.1:{port}"
+    log = open(work / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "astrai_ds", "serve", "--model", str(folder), "--dtype",
+                               args.dtype, "--port", str(port), "--max-running", str(max(args.streams))],
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        while True:
+            if server.poll() is not None:
+                raise SystemExit(f"the server exited {server.returncode}: see {work / 'server.log'}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        asyncio.run(level(url, 2, 1, args.prompt_len, 8, vocab, seed=999))  # warm-up
+        rows = [asyncio.run(level(url, n, args.requests_per_stream, args.prompt_len, args.new_tokens, vocab, seed=n))
+                for n in args.streams]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(120)
+        log.close()
+
+    base = rows[0]
+    print(f"astrai-ds serve, {args.model.stem} {args.dtype}, {args.prompt_len}-token prompts, {args.new_tokens} new "
+          f"tokens, {args.requests_per_stream} requests per stream; {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, torch threads = cores")
+    print(f"{'streams':>8} {'requests':>9} {'tokens/s':>9} {'x 1 stream':>11} {'TTFT median':>12} {'x 1 stream':>11}")
+    for r in rows:
+        r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
+        r["ttft_ratio"] = r["ttft_median_s"] / base["ttft_median_s"]
+        print(f"{r['streams']:>8} {r['requests']:>9} {r['tokens_per_s']:>9.1f} {r['speedup']:>10.2f}x "
+              f"{r['ttft_median_s'] * 1000:>10.0f}ms {r['ttft_ratio']:>10.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps({"config": vars(args) | {"model": str(args.model), "work_dir": str(work),
+                                                                  "json": str(args.json)}, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
