@@ -97,15 +97,23 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------ the event loop's side
 
-    async def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                  outputs: asyncio.Queue) -> None:
-        """Queue a request whose outputs go to `outputs`; returns once the engine took it, or raises its
-        RequestError (nothing queued). Several requests may share one `outputs` queue (the choices of `n`)."""
+    async def add(self, requests: list[tuple[str, list[int], SamplingParams]], outputs: asyncio.Queue) -> None:
+        """Queue (request_id, prompt_ids, params) requests whose outputs all go to `outputs` (the choices of `n`
+        share one queue); they reach the engine in the same iteration, so they start in the same step. Returns
+        once the engine took them all; if it refuses one, the others are aborted and its RequestError raised."""
         if not self.alive:
             raise EngineDead(f"the engine stopped: {self.error!r}")
-        waiter = _Waiter(asyncio.get_running_loop(), outputs, concurrent.futures.Future())
-        self._commands.put((_Add(request_id, prompt_ids, params), waiter))
-        await asyncio.wrap_future(waiter.added)
+        loop = asyncio.get_running_loop()
+        waiters = [_Waiter(loop, outputs, concurrent.futures.Future()) for _ in requests]
+        for (request_id, prompt_ids, params), waiter in zip(requests, waiters):
+            self._commands.put((_Add(request_id, prompt_ids, params), waiter))
+        results = await asyncio.gather(*(asyncio.wrap_future(w.added) for w in waiters), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            for (request_id, _, _), result in zip(requests, results):
+                if not isinstance(result, BaseException):
+                    self.abort(request_id)
+            raise errors[0]
 
     def abort(self, request_id: str, reason: str = "") -> None:
         """Stop a request at the next step and free its blocks (thread-safe; a no-op once finished)."""
@@ -151,6 +159,10 @@ class AsyncEngine:
                     self._broadcast(commands)
                 waiters = {c[0].request_id: c[1] for c in taken if isinstance(c, tuple)}
                 if apply_commands(self.engine, commands, self._on_add(waiters), self._on_abort):
+                    self._refuse_queued(EngineDead("the engine was stopped"))
+                    for waiter in waiters.values():  # taken with the stop, after it
+                        if not waiter.added.done():
+                            waiter.added.set_exception(EngineDead("the engine was stopped"))
                     return
                 if self.engine.has_unfinished():
                     self._deliver(self.engine.step())
@@ -161,12 +173,19 @@ class AsyncEngine:
             for waiter in self._waiters.values():
                 waiter.loop.call_soon_threadsafe(waiter.outputs.put_nowait, EngineDead(f"the engine failed: {e!r}"))
             self._waiters.clear()
+            self._refuse_queued(EngineDead(f"the engine failed: {e!r}"))
             if self._broadcast is not None:  # the other ranks stop too (a normal stop was broadcast already)
                 try:
                     self._broadcast([_Stop()])
                 except Exception:
                     pass
             raise
+
+    def _refuse_queued(self, error: BaseException) -> None:
+        """Fail the requests still queued when the loop ends (their callers would otherwise wait for ever)."""
+        for command in self._take(block=False):
+            if isinstance(command, tuple) and not command[1].added.done():
+                command[1].added.set_exception(error)
 
     def _on_add(self, waiters: dict[str, _Waiter]):
         def on_add(command: _Add, error: RequestError | None) -> None:

@@ -120,16 +120,11 @@ class Job:
     @classmethod
     async def start(cls, server, prompts: list[list[int]], params: list[SamplingParams], param: str) -> "Job":
         """Add every request; if the engine refuses one, abort the others and raise a 400 naming `param`."""
-        job = cls(server, [], asyncio.Queue())
-        for prompt_ids, p in zip(prompts, params):
-            request_id = server.engine.new_id("req")
-            try:
-                await server.engine.add(request_id, prompt_ids, p, job.queue)
-            except RequestError as e:
-                for added in job.request_ids:
-                    server.engine.abort(added)
-                raise ApiError(400, str(e), param=param) from None
-            job.request_ids.append(request_id)
+        job = cls(server, [server.engine.new_id("req") for _ in prompts], asyncio.Queue())
+        try:
+            await server.engine.add(list(zip(job.request_ids, prompts, params)), job.queue)
+        except RequestError as e:
+            raise ApiError(400, str(e), param=param) from None
         return job
 
     def outputs(self):

@@ -42,6 +42,8 @@ def test_an_event_stream_is_framed_for_every_client(server):
     (json.dumps({**CHAT, "top_logprobs": 2}).encode(), "top_logprobs", "needs 'logprobs'"),
     (json.dumps({**CHAT, "messages": [{"role": "tool", "content": "x"}]}).encode(), "messages.0.role", "role"),
     (json.dumps({**CHAT, "response_format": {"type": "json_object"}}).encode(), "response_format", "unsupported"),
+    (json.dumps({**CHAT, "messages": [{"role": "user", "content": "x", "name": "bob"}]}).encode(), "messages.0.name",
+     "unsupported"),
 ])
 def test_every_invalid_request_is_a_400_in_the_openai_shape(server, body, param, fragment):
     r = httpx.post(f"{server.url}/v1/chat/completions", content=body, headers={"content-type": "application/json"})

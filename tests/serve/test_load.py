@@ -114,3 +114,20 @@ def test_sigterm_finishes_running_requests_refuses_new_ones_and_exits_0(model_di
         assert "SIGTERM: draining" in s.log()
     finally:
         s.stop(signal.SIGKILL)
+
+
+def test_a_request_cut_by_the_drain_timeout_ends_its_stream_with_an_error_event(model_dir, tmp_path):
+    s = Server(model_dir, tmp_path / "server.log", "--drain-timeout", "0")
+    try:
+        with httpx.stream("POST", f"{s.url}/v1/completions", timeout=60,
+                          json={"prompt": "Once", "max_tokens": 120, "ignore_eos": True, "stream": True}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            s.proc.send_signal(signal.SIGTERM)  # no time to drain: the running request is aborted
+            events = [line[len("data: "):] for line in lines if line.startswith("data: ")]
+        error = json.loads(events[-1])["error"]
+        assert "shutting down" in error["message"] and error["code"] == "aborted", events[-3:]
+        assert "[DONE]" not in events
+        assert s.proc.wait(60) == 0, s.log()
+    finally:
+        s.stop(signal.SIGKILL)
