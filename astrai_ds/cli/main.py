@@ -1,6 +1,6 @@
 """`astrai-ds` / `python -m astrai_ds`: one subcommand per step of the pipeline.
 
-    corpus -> tokenizer -> prepare -> train -> export -> eval, generate, chat, serve
+    corpus -> tokenizer -> prepare -> train -> export -> eval, generate, chat, serve, rag
 """
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from astrai_ds.cli import chat, corpus, evaluate, export, generate, prepare, report, serve, tokenizer, train
+from astrai_ds.cli import chat, corpus, evaluate, export, generate, prepare, rag, report, serve, tokenizer, train
 from astrai_ds.errors import UserError
 
-COMMANDS = {m.NAME: m for m in (corpus, tokenizer, prepare, train, export, evaluate, generate, chat, serve, report)}
+COMMANDS = {m.NAME: m for m in (corpus, tokenizer, prepare, train, export, evaluate, generate, chat, serve, rag, report)}
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="astrai-ds",
         description="Train bilingual decoder-only language models with DeepSpeed. The pipeline: "
-                    "corpus -> tokenizer -> prepare -> train -> export -> eval, generate, chat, serve. "
+                    "corpus -> tokenizer -> prepare -> train -> export -> eval, generate, chat, serve, rag. "
                     "Run `astrai-ds COMMAND --help` for each step.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

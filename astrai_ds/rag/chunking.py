@@ -175,6 +175,12 @@ def _token_cut(text: str, span: Span, max_tokens: int, count: _Counter, source: 
         cut = lo
         while cut > first_visible and text[cut].isspace():
             cut -= 1
+        # Prefer a word boundary (after whitespace) in the piece's second half: English words stay whole.
+        word = cut
+        while word > max(first_visible, start + (lo - start) // 2) and not text[word - 1].isspace():
+            word -= 1
+        if word > max(first_visible, start + (lo - start) // 2):
+            cut = word
         if cut <= first_visible:  # no cut fits: the text up to the second visible character is over the limit
             rest = text[first_visible + 1:end]
             bad = text[start:first_visible + 1 + len(rest) - len(rest.lstrip())]

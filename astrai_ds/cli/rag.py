@@ -1,0 +1,140 @@
+"""Retrieval-augmented generation over your own documents, with the model's own embeddings.
+
+  rag index   chunk and embed documents (.md, .txt, .jsonl with a "text" field; files or folders) into an index
+              folder; run it again after editing the documents: only changed files are embedded again, and
+              chunks of deleted files go
+  rag query   the chunks closest to a question, with their source, heading path and score
+  rag ask     retrieve, put the chunks in the prompt (as many as the context holds, best first), stream the
+              answer, then list the sources it was given
+
+Retrieval modes: dense (faiss over the embeddings), bm25 (bm25s over the model's tokens) and hybrid (both, fused
+by reciprocal rank)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from astrai_ds.errors import UserError
+
+NAME = "rag"
+HELP = "retrieval-augmented generation: index documents, query the index, ask with retrieved context"
+
+
+def add_arguments(p) -> None:
+    from astrai_ds.cli.generate import add_model_arguments
+    from astrai_ds.cli.main import HelpFormatter
+    from astrai_ds.rag.embed import POOLINGS
+    from astrai_ds.rag.index import DENSE_KINDS, MODES
+
+    sub = p.add_subparsers(dest="rag_command", metavar="ACTION", required=True)
+    index = sub.add_parser("index", help="chunk and embed documents into an index folder",
+                           formatter_class=HelpFormatter)
+    index.add_argument("--docs", nargs="+", required=True, metavar="PATH", help="files or folders of documents")
+    add_model_arguments(index)
+    index.add_argument("--out", required=True, metavar="INDEX", help="the index folder (created or updated)")
+    index.add_argument("--max-tokens", type=int, default=256, metavar="N", help="no chunk is longer (tokens)")
+    index.add_argument("--semantic", action="store_true",
+                       help="also break sections where the meaning changes (embeds sentence groups: slower)")
+    index.add_argument("--no-semantic", dest="semantic", action="store_false", help="structure and length only")
+    index.add_argument("--pooling", choices=POOLINGS, default="mean", help="how token states become one vector")
+    index.add_argument("--dense", choices=DENSE_KINDS, default="auto",
+                       help="faiss index: flat (exact), hnsw (approximate), auto (hnsw from 50,000 chunks)")
+
+    def add_search(q) -> None:
+        q.add_argument("--index", required=True, metavar="INDEX", help="an index folder from `rag index`")
+        q.add_argument("--question", required=True, metavar="TEXT")
+        q.add_argument("-k", type=int, default=5, help="chunks to retrieve")
+        q.add_argument("--mode", choices=MODES, default="hybrid", help="dense, bm25, or both fused")
+
+    query = sub.add_parser("query", help="the chunks closest to a question", formatter_class=HelpFormatter)
+    add_search(query)
+    query.add_argument("--model", default=None, help="model folder (default: the one the index was built with)")
+    query.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="weights")
+    ask = sub.add_parser("ask", help="answer a question from retrieved chunks", formatter_class=HelpFormatter)
+    add_search(ask)
+    add_model_arguments(ask)
+    ask.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="answer length at most")
+    ask.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 is greedy")
+
+
+def _load(model_dir, dtype_name: str):
+    import torch
+
+    from astrai_ds.model.io import load_model_folder
+    from astrai_ds.training.distributed import bf16_supported
+
+    bf16 = dtype_name == "bf16" or (dtype_name == "auto" and bf16_supported())
+    return load_model_folder(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
+
+
+def run(args) -> int:
+    return {"index": _index, "query": _query, "ask": _ask}[args.rag_command](args)
+
+
+def _index(args) -> int:
+    from astrai_ds.rag.chunking import ChunkParams
+    from astrai_ds.rag.index import build_index, read_documents
+
+    params = ChunkParams(max_tokens=args.max_tokens, semantic=args.semantic)
+    docs, skipped = read_documents(args.docs)
+    for line in skipped:
+        print(f"skipped {line}", file=sys.stderr)
+    if not docs:
+        raise UserError(f"--docs {' '.join(args.docs)}: no documents to index (.md, .markdown, .txt, or .jsonl with "
+                        f"a 'text' field)")
+    model, tokenizer = _load(args.model, args.dtype)
+    meta = build_index(docs, args.model, args.out, model, tokenizer, params, args.pooling, args.dense)
+    counts = meta["counts"]
+    print(f"{counts['documents']} documents, {counts['chunks']} chunks ({counts['tokens']} tokens; "
+          f"{counts['embedded']} embedded, {counts['reused']} reused), {meta['dense']} dense index -> {args.out}",
+          file=sys.stderr)
+    return 0
+
+
+def _open(args, model_dir):
+    from astrai_ds.rag.embed import Embedder
+    from astrai_ds.rag.index import Index, model_fingerprint
+
+    if args.k < 1:
+        raise UserError(f"-k must be at least 1, got {args.k}")
+    index = Index.load(args.index)
+    model_dir = model_dir or index.meta.get("model_dir")
+    if not model_dir or not Path(model_dir).is_dir():
+        raise UserError(f"--index {args.index} was built with the model folder {model_dir}, which is not here: "
+                        f"give --model")
+    index.check_model(model_fingerprint(model_dir), model_dir)
+    model, tokenizer = _load(model_dir, args.dtype)
+    return index, Embedder(model, tokenizer, index.meta["pooling"]), model, tokenizer
+
+
+def _query(args) -> int:
+    from astrai_ds.rag.answer import chunk_label
+
+    index, embedder, _, tokenizer = _open(args, args.model)
+    for hit in index.search(args.question, embedder, tokenizer, args.k, args.mode):
+        c = hit.chunk
+        print(f"[{hit.rank}] {hit.score:.4f}  {chunk_label(c)}  (characters {c['start']}-{c['end']})")
+        print("    " + c["text"].strip().replace("\n", "\n    "))
+    return 0
+
+
+def _ask(args) -> int:
+    from astrai_ds.cli.generate import check_sampling, stream_to, summary
+    from astrai_ds.inference.engine import LLMEngine
+    from astrai_ds.rag.answer import chunk_label, fit_prompt
+
+    params = check_sampling({"max_new_tokens": args.max_new_tokens, "temperature": args.temperature})
+    index, embedder, model, tokenizer = _open(args, args.model)
+    hits = index.search(args.question, embedder, tokenizer, args.k, args.mode)
+    engine = LLMEngine(model, tokenizer)
+    messages, used = fit_prompt(engine, args.question, [h.chunk for h in hits], args.max_new_tokens)
+    result = stream_to(sys.stdout, engine, messages, params)
+    print(flush=True)
+    print("sources:" if used else "sources: none (no chunk fits the context with the question)")
+    for i, c in enumerate(used, 1):
+        print(f"  [{i}] {chunk_label(c)}  (characters {c['start']}-{c['end']})")
+    if len(used) < len(hits):
+        print(f"  ({len(hits) - len(used)} lower-ranked chunks left out: the context is full)")
+    print(summary(result), file=sys.stderr)
+    return 0

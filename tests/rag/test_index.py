@@ -1,0 +1,194 @@
+"""Embeddings, the index folder and retrieval: pooled embeddings do not depend on the batch; every search mode
+finds what it should; faiss agrees with a brute-force numpy search; re-indexing embeds only what changed; an
+index answers only to its own model; bad input is one clear message and never costs the previous index."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from astrai_ds.cli.main import main
+from astrai_ds.data.tokenizer import Tokenizer
+from astrai_ds.errors import UserError
+from astrai_ds.model import ModelConfig, Transformer
+from astrai_ds.model.io import load_model_folder, save_model_folder
+from astrai_ds.rag.chunking import ChunkParams
+from astrai_ds.rag.embed import Embedder
+from astrai_ds.rag.index import Index, build_index, model_fingerprint, read_documents
+
+DOCS = {
+    "countries/vela.md": "# Vela\n\nVela is a mountain country. Its capital is Orin.\n\n## Trade\n\n"
+                         "Vela exports glass and violins to every harbour of the north.\n",
+    "countries/star.md": "# 星河共和国\n\n星河共和国的首都是银湾市。\n\n## 货币\n\n它的货币叫流明，一流明等于二点七五克朗。\n",
+    "people.txt": "Ada Lin was the first president of Vela.\n\nShe founded the glass academy in 1821.\n",
+    "more.jsonl": json.dumps({"text": "# Kiro\n\nKiro is a river that floods every spring."}) + "\n",
+}
+
+
+@pytest.fixture(scope="module")
+def model_512(workspace, tmp_path_factory):
+    """A random 2-layer model with a 512-token context (room for a grounded prompt)."""
+    torch.manual_seed(1)
+    tokenizer = Tokenizer.load(workspace / "tokenizer")
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                    ffn_dim=176, max_seq_len=512))
+    return save_model_folder(model, tokenizer, tmp_path_factory.mktemp("rag_model"))
+
+
+@pytest.fixture
+def docs_dir(tmp_path):
+    root = tmp_path / "docs"
+    for name, text in DOCS.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text, encoding="utf-8")
+    return root
+
+
+def _build(docs_dir, model_dir, out, **kw):
+    model, tokenizer = load_model_folder(model_dir, dtype=torch.float32)
+    docs, skipped = read_documents([docs_dir])
+    meta = build_index(docs, model_dir, out, model, tokenizer, ChunkParams(max_tokens=kw.pop("max_tokens", 48)),
+                       progress=False, **kw)
+    return meta, model, tokenizer
+
+
+def test_embeddings_do_not_depend_on_the_batch(model_512):
+    model, tokenizer = load_model_folder(model_512, dtype=torch.float32)
+    texts = ["short", "a somewhat longer text about glass and violins", "中文的句子，长一点。", "x"]
+    for pooling in ("mean", "last"):
+        e = Embedder(model, tokenizer, pooling)
+        together = e(texts)
+        alone = np.concatenate([e([t]) for t in texts])
+        np.testing.assert_allclose(together, alone, atol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
+    ids = torch.tensor([[tokenizer.bos_id] + tokenizer.encode(texts[1])])
+    with torch.no_grad():
+        h = model.head.norm(model.hidden(ids))[0]  # (T, dim)
+    expected = {"mean": h.mean(0), "last": h[-1]}
+    for pooling, v in expected.items():
+        got = Embedder(model, tokenizer, pooling)([texts[1]])[0]
+        np.testing.assert_allclose(got, (v / v.norm()).numpy(), atol=1e-5)
+
+
+def test_every_mode_finds_the_right_chunk(docs_dir, model_512, tmp_path):
+    meta, model, tokenizer = _build(docs_dir, model_512, tmp_path / "index")
+    index = Index.load(tmp_path / "index")
+    embedder = Embedder(model, tokenizer, meta["pooling"])
+    assert meta["counts"]["documents"] == 4 and meta["counts"]["chunks"] == len(index.chunks)
+    target = next(c for c in index.chunks if "银湾市" in c["text"])
+    assert target["headings"] == ["星河共和国"] and target["source"].endswith("star.md")
+    # dense: a chunk's own text is its nearest neighbour (cosine 1)
+    assert index.search(target["text"], embedder, tokenizer, 3, "dense")[0].chunk["id"] == target["id"]
+    # bm25: the rare words of the question
+    assert index.search("银湾市", embedder, tokenizer, 3, "bm25")[0].chunk["id"] == target["id"]
+    hybrid = index.search(target["text"], embedder, tokenizer, 3, "hybrid")
+    assert hybrid[0].chunk["id"] == target["id"] and [h.rank for h in hybrid] == [1, 2, 3]
+    # faiss (exact) agrees with a brute-force numpy search over the same vectors
+    q = embedder(["Which country exports violins?"])
+    brute = np.argsort(-(index.vectors @ q[0]), kind="stable")[:5].tolist()
+    assert [h.chunk["id"] for h in index.search("Which country exports violins?", embedder, tokenizer, 5,
+                                                "dense")] == brute
+
+
+def test_hnsw_and_flat_agree_on_exact_queries(docs_dir, model_512, tmp_path):
+    meta, model, tokenizer = _build(docs_dir, model_512, tmp_path / "hnsw", dense="hnsw")
+    assert meta["dense"] == "hnsw"
+    index = Index.load(tmp_path / "hnsw")
+    embedder = Embedder(model, tokenizer)
+    for c in index.chunks:
+        assert index.search(c["text"], embedder, tokenizer, 1, "dense")[0].chunk["text"] == c["text"]
+
+
+def test_reindexing_embeds_only_what_changed(docs_dir, model_512, tmp_path):
+    out = tmp_path / "index"
+    first, _, _ = _build(docs_dir, model_512, out)
+    before = Index.load(out)
+    again, _, _ = _build(docs_dir, model_512, out)
+    assert again["counts"]["embedded"] == 0 and again["counts"]["reused"] == first["counts"]["chunks"]
+    np.testing.assert_array_equal(Index.load(out).vectors, before.vectors)
+
+    (docs_dir / "people.txt").write_text("Ada Lin was the first president of Vela. She loved rivers.\n")
+    (docs_dir / "more.jsonl").unlink()
+    changed, _, _ = _build(docs_dir, model_512, out)
+    after = Index.load(out)
+    assert changed["counts"]["embedded"] == sum(c["source"].endswith("people.txt") for c in after.chunks)
+    assert not any("Kiro" in c["text"] for c in after.chunks)
+    assert set(changed["files"]) == {str(docs_dir / n) for n in DOCS if n != "more.jsonl"}
+    assert [c["id"] for c in after.chunks] == list(range(len(after.chunks)))
+
+
+def test_an_index_answers_only_to_its_model(docs_dir, model_512, model_dir, tmp_path, capsys):
+    _build(docs_dir, model_512, tmp_path / "index")
+    code = main(["rag", "query", "--index", str(tmp_path / "index"), "--question", "capital", "--model",
+                 str(model_dir)])
+    assert code == 2 and "was built with another model" in capsys.readouterr().err
+
+
+def test_bad_input_is_a_clear_message(docs_dir, model_512, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["rag", "index", "--docs", str(empty), "--model", str(model_512), "--out", str(tmp_path / "i")]) == 2
+    assert "no documents to index" in capsys.readouterr().err
+    (docs_dir / "blob.txt").write_bytes(b"\x00\x01\x02")
+    (docs_dir / "latin1.md").write_bytes("caf\xe9".encode("latin-1"))
+    docs, skipped = read_documents([docs_dir])
+    assert len(docs) == 4
+    assert any("blob.txt: binary" in s for s in skipped) and any("latin1.md: not UTF-8" in s for s in skipped)
+    assert main(["rag", "query", "--index", str(tmp_path / "nowhere"), "--question", "x"]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "index.json").write_text("{}")
+    assert main(["rag", "query", "--index", str(half), "--question", "x"]) == 2
+    assert "not a complete index" in capsys.readouterr().err
+
+
+def test_an_interrupted_index_leaves_the_previous_one(docs_dir, model_512, tmp_path, monkeypatch):
+    out = tmp_path / "index"
+    _build(docs_dir, model_512, out)
+    before = (out / "chunks.jsonl").read_text()
+    (docs_dir / "people.txt").write_text("Something else entirely.\n")
+    import faiss
+
+    def broken(*args):
+        raise KeyboardInterrupt  # killed while writing the new index
+
+    monkeypatch.setattr(faiss, "write_index", broken)
+    with pytest.raises(KeyboardInterrupt):
+        _build(docs_dir, model_512, out)
+    assert (out / "chunks.jsonl").read_text() == before
+    assert Index.load(out).meta["counts"]["chunks"] > 0
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+
+
+def test_ask_streams_an_answer_and_lists_its_sources(docs_dir, model_512, tmp_path, capsys):
+    assert main(["rag", "index", "--docs", str(docs_dir), "--model", str(model_512), "--out", str(tmp_path / "i"),
+                 "--max-tokens", "48", "--dtype", "fp32"]) == 0
+    capsys.readouterr()
+    assert main(["rag", "ask", "--index", str(tmp_path / "i"), "--model", str(model_512), "--question",
+                 "What is the capital of 星河共和国?", "-k", "3", "--max-new-tokens", "8", "--dtype", "fp32"]) == 0
+    out = capsys.readouterr().out
+    sources = out[out.index("sources:"):].splitlines()[1:]
+    assert 1 <= len([s for s in sources if s.strip().startswith("[")]) <= 3
+    assert any("star.md" in s for s in sources)
+    # a question that leaves no room for the answer
+    assert main(["rag", "ask", "--index", str(tmp_path / "i"), "--model", str(model_512), "--question",
+                 "why " * 600, "--dtype", "fp32"]) == 2
+    assert "--question is too long" in capsys.readouterr().err
+
+
+def test_model_fingerprint_changes_with_the_weights(model_512, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(model_512, copy)
+    assert model_fingerprint(copy) == model_fingerprint(model_512)
+    model, tokenizer = load_model_folder(copy, dtype=torch.float32)
+    with torch.no_grad():
+        model.head.norm.weight.add_(0.01)
+    save_model_folder(model, tokenizer, copy)
+    assert model_fingerprint(copy) != model_fingerprint(model_512)
+    with pytest.raises(UserError):
+        Index.load(tmp_path / "missing")
