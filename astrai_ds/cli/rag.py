@@ -33,7 +33,9 @@ def add_arguments(p) -> None:
     index.add_argument("--docs", nargs="+", required=True, metavar="PATH", help="files or folders of documents")
     add_model_arguments(index)
     index.add_argument("--out", required=True, metavar="INDEX", help="the index folder (created or updated)")
-    index.add_argument("--max-tokens", type=int, default=256, metavar="N", help="no chunk is longer (tokens)")
+    index.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                       help="no chunk is longer, in tokens (default: 256, or a quarter of a shorter context, so that "
+                            "`rag ask` fits several chunks)")
     index.add_argument("--semantic", action="store_true",
                        help="also break sections where the meaning changes (embeds sentence groups: slower)")
     index.add_argument("--no-semantic", dest="semantic", action="store_false", help="structure and length only")
@@ -54,7 +56,8 @@ def add_arguments(p) -> None:
     ask = sub.add_parser("ask", help="answer a question from retrieved chunks", formatter_class=HelpFormatter)
     add_search(ask)
     add_model_arguments(ask)
-    ask.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="answer length at most")
+    ask.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                     help="answer length at most (default: 256, or a quarter of a shorter context)")
     ask.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 is greedy")
 
 
@@ -76,7 +79,10 @@ def _index(args) -> int:
     from astrai_ds.rag.chunking import ChunkParams
     from astrai_ds.rag.index import build_index, read_documents
 
-    params = ChunkParams(max_tokens=args.max_tokens, semantic=args.semantic)
+    from astrai_ds.model.io import read_model_config
+
+    context = read_model_config(args.model).max_seq_len
+    params = ChunkParams(max_tokens=args.max_tokens or min(256, context // 4), semantic=args.semantic)
     docs, skipped = read_documents(args.docs)
     for line in skipped:
         print(f"skipped {line}", file=sys.stderr)
@@ -124,8 +130,10 @@ def _ask(args) -> int:
     from astrai_ds.inference.engine import LLMEngine
     from astrai_ds.rag.answer import chunk_label, fit_prompt
 
-    params = check_sampling({"max_new_tokens": args.max_new_tokens, "temperature": args.temperature})
     index, embedder, model, tokenizer = _open(args, args.model)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = min(256, model.cfg.max_seq_len // 4)
+    params = check_sampling({"max_new_tokens": args.max_new_tokens, "temperature": args.temperature})
     hits = index.search(args.question, embedder, tokenizer, args.k, args.mode)
     engine = LLMEngine(model, tokenizer)
     messages, used = fit_prompt(engine, args.question, [h.chunk for h in hits], args.max_new_tokens)
