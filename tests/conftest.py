@@ -44,15 +44,15 @@ def workspace(tmp_path_factory) -> Path:
     return ws
 
 
-def tiny_model(workspace: Path):
-    """A randomly initialised 2-layer model (GQA, 128-token context) on the workspace's tokenizer."""
+def tiny_model(workspace: Path, max_seq_len: int = 128, seed: int = 0):
+    """A randomly initialised 2-layer model (GQA, a 128-token context) on the workspace's tokenizer."""
     from astrai_ds.data.tokenizer import Tokenizer
     from astrai_ds.model import ModelConfig, Transformer
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     vocab = Tokenizer.load(workspace / "tokenizer").vocab_size
     return Transformer(ModelConfig(vocab_size=vocab, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176,
-                                   max_seq_len=128))
+                                   max_seq_len=max_seq_len))
 
 
 @pytest.fixture(scope="session")
@@ -63,6 +63,16 @@ def model_dir(workspace, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("model")
     return save_model_folder(tiny_model(workspace), Tokenizer.load(workspace / "tokenizer"), out)
+
+
+@pytest.fixture(scope="session")
+def long_model_dir(workspace, tmp_path_factory):
+    """`tiny_model` with a 512-token context (room for retrieved chunks in a prompt), in a model folder."""
+    from astrai_ds.data.tokenizer import Tokenizer
+    from astrai_ds.model.io import save_model_folder
+
+    out = tmp_path_factory.mktemp("model512")
+    return save_model_folder(tiny_model(workspace, 512, seed=1), Tokenizer.load(workspace / "tokenizer"), out)
 
 
 def tiny_train_config(ws: Path, out: Path, **over) -> Path:

@@ -57,6 +57,9 @@ def add_arguments(p) -> None:
     p.add_argument("--max-body-mb", type=float, default=8.0, metavar="MB", help="largest request body accepted")
     p.add_argument("--seed", type=int, default=None, metavar="N",
                    help="seeds the requests that bring no seed (default: a new one each run)")
+    p.add_argument("--rag-index", default=None, metavar="INDEX",
+                   help="an index from `astrai-ds rag index` built with this model: adds the model id NAME-rag, whose "
+                        "chat completions answer from retrieved chunks and list them in 'sources'")
     p.add_argument("--tp", type=int, default=1, metavar="N",
                    help="tensor-parallel GPUs; N > 1 runs under the deepspeed launcher (see above)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
@@ -91,6 +94,12 @@ def run(args) -> int:
 
     options = _check_options(args)
     read_model_config(args.model)  # a wrong folder fails here, before anything loads
+    rag_index = None
+    if args.rag_index is not None:
+        from astrai_ds.rag.index import Index, model_fingerprint
+
+        rag_index = Index.load(args.rag_index)
+        rag_index.check_model(model_fingerprint(args.model), args.model)
     engine = load_engine(args, args.tp, **options)
     rank = _rank()
     if args.tp > 1 and rank != 0:
@@ -111,7 +120,7 @@ def run(args) -> int:
     async_engine = AsyncEngine(engine, metrics, broadcast=_send if args.tp > 1 else None)
     name = args.served_name or Path(args.model).resolve().name
     state = ServerState(async_engine, name, metrics, api_key=args.api_key or os.environ.get("ASTRAI_API_KEY") or None,
-                        max_body_bytes=int(args.max_body_mb * (1 << 20)))
+                        max_body_bytes=int(args.max_body_mb * (1 << 20)), rag_index=rag_index)
     async_engine.start()
     try:
         return _serve(build_app(state), state, args)

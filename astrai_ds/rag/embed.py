@@ -25,10 +25,14 @@ class Embedder:
     def encode(self, text: str) -> list[int]:
         return ([self.tokenizer.bos_id] + self.tokenizer.encode(text))[:self.model.cfg.max_seq_len]
 
-    @torch.inference_mode()
     def __call__(self, texts: list[str], progress=None) -> np.ndarray:
         """(len(texts), dim) float32, unit rows. `progress`: called with the number of texts done per batch."""
-        ids = [self.encode(t) for t in texts]
+        return self.embed_ids([self.encode(t) for t in texts], progress)
+
+    @torch.inference_mode()
+    def embed_ids(self, ids: list[list[int]], progress=None) -> np.ndarray:
+        """As `__call__`, for token sequences (cut to the model's context)."""
+        ids = [list(x)[:self.model.cfg.max_seq_len] for x in ids]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         out = np.zeros((len(ids), self.dim), dtype=np.float32)
         start = 0

@@ -30,7 +30,7 @@ class ServerState:
     """What the routes share: the engine, the tokenizer, the served name, the draining flag."""
 
     def __init__(self, engine, served_name: str, metrics=None, api_key: str | None = None,
-                 max_body_bytes: int = DEFAULT_MAX_BODY):
+                 max_body_bytes: int = DEFAULT_MAX_BODY, rag_index=None):
         self.engine = engine  # serve.async_engine.AsyncEngine
         self.tokenizer = engine.engine.tokenizer
         self.max_context = engine.engine.max_context
@@ -39,13 +39,21 @@ class ServerState:
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.created = now()
+        self.rag_index = rag_index  # rag.index.Index: chat completions of `rag_name` answer from it
+        self.rag_name = f"{served_name}-rag" if rag_index is not None else None
+        self.pooling = rag_index.meta["pooling"] if rag_index is not None else "mean"
         self.draining = False
         self.active = 0  # HTTP requests in progress (responses still streaming included)
 
+    @property
+    def model_names(self) -> list[str]:
+        return [self.served_name] + ([self.rag_name] if self.rag_name else [])
+
     def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.served_name:
-            raise ApiError(404, f"the model '{name}' does not exist; this server serves '{self.served_name}' "
-                                f"(GET /v1/models lists it)", param="model", code="model_not_found")
+        if name is not None and name not in self.model_names:
+            raise ApiError(404, f"the model '{name}' does not exist; this server serves "
+                                f"{' and '.join(map(repr, self.model_names))} (GET /v1/models lists them)",
+                           param="model", code="model_not_found")
 
     def check_ready(self) -> None:
         if self.draining:

@@ -50,6 +50,13 @@ class _Stop:
     pass
 
 
+@dataclass
+class _Embed:
+    request_id: str
+    token_ids: list[list[int]]
+    pooling: str
+
+
 class RequestAborted(Exception):
     """The server aborted a request (shutting down after the drain timeout)."""
 
@@ -115,6 +122,15 @@ class AsyncEngine:
                     self.abort(request_id)
             raise errors[0]
 
+    async def embed(self, token_ids: list[list[int]], pooling: str = "mean"):
+        """Embeddings (n, dim) of token sequences, computed by the engine thread between two steps (the model
+        is the engine's: no second copy, and every tensor-parallel rank runs it too)."""
+        if not self.alive:
+            raise EngineDead(f"the engine stopped: {self.error!r}")
+        done = concurrent.futures.Future()
+        self._commands.put((_Embed(self.new_id("emb"), token_ids, pooling), done))
+        return await asyncio.wrap_future(done)
+
     def abort(self, request_id: str, reason: str = "") -> None:
         """Stop a request at the next step and free its blocks (thread-safe; a no-op once finished)."""
         self._commands.put(_Abort(request_id, reason))
@@ -158,11 +174,13 @@ class AsyncEngine:
                 if self._broadcast is not None:
                     self._broadcast(commands)
                 waiters = {c[0].request_id: c[1] for c in taken if isinstance(c, tuple)}
-                if apply_commands(self.engine, commands, self._on_add(waiters), self._on_abort):
+                if apply_commands(self.engine, commands, self._on_add(waiters), self._on_abort,
+                                  self._on_embed(waiters)):
                     self._refuse_queued(EngineDead("the engine was stopped"))
                     for waiter in waiters.values():  # taken with the stop, after it
-                        if not waiter.added.done():
-                            waiter.added.set_exception(EngineDead("the engine was stopped"))
+                        future = waiter.added if isinstance(waiter, _Waiter) else waiter
+                        if not future.done():
+                            future.set_exception(EngineDead("the engine was stopped"))
                     return
                 if self.engine.has_unfinished():
                     self._deliver(self.engine.step())
@@ -184,8 +202,10 @@ class AsyncEngine:
     def _refuse_queued(self, error: BaseException) -> None:
         """Fail the requests still queued when the loop ends (their callers would otherwise wait for ever)."""
         for command in self._take(block=False):
-            if isinstance(command, tuple) and not command[1].added.done():
-                command[1].added.set_exception(error)
+            if isinstance(command, tuple):
+                future = command[1].added if isinstance(command[1], _Waiter) else command[1]
+                if not future.done():
+                    future.set_exception(error)
 
     def _on_add(self, waiters: dict[str, _Waiter]):
         def on_add(command: _Add, error: RequestError | None) -> None:
@@ -197,6 +217,16 @@ class AsyncEngine:
             self.num_unfinished += 1
             waiter.added.set_result(None)
         return on_add
+
+    @staticmethod
+    def _on_embed(waiters: dict):
+        def on_embed(command: _Embed, result) -> None:
+            future = waiters[command.request_id]
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+        return on_embed
 
     def _on_abort(self, request_id: str, reason: str) -> None:
         waiter = self._waiters.pop(request_id, None)
@@ -226,7 +256,7 @@ class AsyncEngine:
             waiter.loop.call_soon_threadsafe(waiter.outputs.put_nowait, out)
 
 
-def apply_commands(engine: LLMEngine, commands: list, on_add=None, on_abort=None) -> bool:
+def apply_commands(engine: LLMEngine, commands: list, on_add=None, on_abort=None, on_embed=None) -> bool:
     """Apply one iteration's commands to `engine` (every rank applies the same); True when told to stop."""
     for command in commands:
         if isinstance(command, _Stop):
@@ -239,6 +269,15 @@ def apply_commands(engine: LLMEngine, commands: list, on_add=None, on_abort=None
                 error = e
             if on_add is not None:
                 on_add(command, error)
+        elif isinstance(command, _Embed):
+            from astrai_ds.rag.embed import Embedder
+
+            try:
+                result = Embedder(engine.model, engine.tokenizer, command.pooling).embed_ids(command.token_ids)
+            except Exception as e:  # a bad input must not end the engine thread
+                result = e
+            if on_embed is not None:
+                on_embed(command, result)
         elif isinstance(command, _Abort):
             ids = engine.unfinished_ids() if command.request_id == "*" else [command.request_id]
             for request_id in ids:

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import Field
 
+from astrai_ds.errors import UserError
 from astrai_ds.inference.sampling import MAX_LOGPROBS
 from astrai_ds.serve.protocol import (ApiError, Choice, ClientGone, Job, Strict, engine_error, new_id, now,
                                       sampling_params, sse, stop_list)
@@ -112,9 +113,11 @@ def _completion_logprobs(tokenizer, entries: list[dict], offsets: list[int]) -> 
 
 
 async def _respond(request: Request, server, job: Job, body: SamplingFields, prompt_tokens: int, make_chunk,
-                   make_choice, first_chunks, object_name: str, response_id: str):
-    """The JSON response or the event stream of `job`; make_* build the protocol's choice objects."""
-    model = server.served_name
+                   make_choice, first_chunks, object_name: str, response_id: str, extra: dict | None = None):
+    """The JSON response or the event stream of `job`; make_* build the protocol's choice objects. `extra`
+    (top-level fields, such as a RAG answer's sources) goes into the response, or into the first chunk."""
+    model = body.model or server.served_name
+    extra = extra or {}
     if not body.stream:
         try:
             choices = await job.collect(request)
@@ -124,25 +127,25 @@ async def _respond(request: Request, server, job: Job, body: SamplingFields, pro
             raise engine_error(e) from e
         return {"id": response_id, "object": object_name, "created": now(), "model": model,
                 "choices": [make_choice(i, c) for i, c in enumerate(choices)],
-                "usage": _usage(choices, prompt_tokens)}
+                "usage": _usage(choices, prompt_tokens), **extra}
 
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     created = now()
     index = {request_id: i for i, request_id in enumerate(job.request_ids)}
 
-    def chunk(choices: list[dict]) -> bytes:
+    def chunk(choices: list[dict], first: bool = False) -> bytes:
         data = {"id": response_id, "object": f"{object_name}.chunk", "created": created, "model": model,
                 "choices": choices}
         if include_usage:
             data["usage"] = None
-        return sse(data)
+        return sse({**data, **extra} if first else data)
 
     async def events():
         states = [Choice() for _ in job.request_ids]
         try:
             for i in range(len(job.request_ids)):
                 for first in first_chunks(i):
-                    yield chunk([first])
+                    yield chunk([first], first=i == 0)
             async for out in job.outputs():
                 i = index[out.request_id]
                 offset = sum(map(len, states[i].text))
@@ -169,16 +172,19 @@ async def _respond(request: Request, server, job: Job, body: SamplingFields, pro
 @router.get("/v1/models")
 async def models(request: Request):
     server = request.app.state.server
-    return {"object": "list", "data": [{"id": server.served_name, "object": "model", "created": server.created,
-                                        "owned_by": "astrai_ds", "max_model_len": server.max_context}]}
+    return {"object": "list", "data": [_model_card(server, name) for name in server.model_names]}
+
+
+def _model_card(server, name: str) -> dict:
+    return {"id": name, "object": "model", "created": server.created, "owned_by": "astrai_ds",
+            "max_model_len": server.max_context}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def model(model_id: str, request: Request):
     server = request.app.state.server
     server.check_model(model_id)
-    return {"id": server.served_name, "object": "model", "created": server.created, "owned_by": "astrai_ds",
-            "max_model_len": server.max_context}
+    return _model_card(server, model_id)
 
 
 @router.post("/v1/completions")
@@ -259,8 +265,13 @@ async def chat_completions(body: ChatRequest, request: Request):
     messages = [{"role": "system" if m.role == "developer" else m.role,
                  "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
                 for m in body.messages]
-    ids = server.encode(messages, "messages")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    extra = None
+    if body.model is not None and body.model == server.rag_name:
+        if max_tokens is None:
+            max_tokens = min(256, server.max_context // 4)
+        messages, extra = await _with_context(server, messages, max_tokens)
+    ids = server.encode(messages, "messages")
     if max_tokens is None:
         max_tokens = max(server.max_context - len(ids), 1)  # as far as the context goes
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -282,4 +293,65 @@ async def chat_completions(body: ChatRequest, request: Request):
                 "finish_reason": _finish(out.finish_reason) if out.finished else None}
 
     return await _respond(request, server, job, body, len(ids), make_chunk, make_choice, first_chunks,
-                          "chat.completion", new_id("chatcmpl-"))
+                          "chat.completion", new_id("chatcmpl-"), extra)
+
+
+RAG_K = 5
+
+
+async def _with_context(server, messages: list[dict], max_tokens: int) -> tuple[list[dict], dict]:
+    """The chat with its last user message answered from retrieved chunks (rag.answer's prompt, as many chunks as
+    fit), and the `sources` field the response carries."""
+    from astrai_ds.rag.answer import fit_prompt
+
+    if messages[-1]["role"] != "user":
+        raise ApiError(400, f"the last message must be the user's question for '{server.rag_name}'", param="messages")
+    question = messages[-1]["content"]
+    query = await server.engine.embed([server.engine.engine.encode(question)], server.pooling)
+    hits = server.rag_index.search(question, lambda texts: query, server.tokenizer, RAG_K, "hybrid")
+    try:
+        grounded, used = fit_prompt(server.engine.engine, question, [h.chunk for h in hits], max_tokens)
+    except UserError as e:
+        raise ApiError(400, str(e).replace("--question", "the question").replace("--max-new-tokens", "max_tokens"),
+                       param="messages") from None
+    history = [m for m in messages[:-1] if m["role"] != "system"]
+    scores = {h.chunk["id"]: h.score for h in hits}
+    sources = [{"index": i, "source": c["source"], "headings": c["headings"], "start": c["start"], "end": c["end"],
+                "score": scores[c["id"]], "text": c["text"]} for i, c in enumerate(used, 1)]
+    return grounded[:1] + history + grounded[1:], {"sources": sources}
+
+
+class EmbeddingRequest(Strict):
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = None
+
+
+@router.post("/v1/embeddings")
+async def embeddings(body: EmbeddingRequest, request: Request):
+    """OpenAI's embeddings: the model's pooled final-norm hidden states (rag.embed), unit length."""
+    import base64
+
+    server = request.app.state.server
+    server.check_ready()
+    server.check_model(body.model)
+    given = body.input
+    items = [given] if isinstance(given, str) or (given and isinstance(given[0], int)) else list(given)
+    if not items or any(len(x) == 0 for x in items):
+        raise ApiError(400, "'input' must not be empty (nor hold an empty string or list)", param="input")
+    ids = [server.encode(x, "input") if isinstance(x, str) else list(x) for x in items]
+    vocab = server.engine.engine.model.cfg.vocab_size
+    for i, x in enumerate(ids):
+        if len(x) > server.max_context:
+            raise ApiError(400, f"input {i} is {len(x)} tokens, and the model's context is {server.max_context} "
+                                f"tokens: shorten it", param="input")
+        if any(not 0 <= t < vocab for t in x):
+            raise ApiError(400, f"input {i} holds a token id outside the vocabulary [0, {vocab})", param="input")
+    vectors = await server.engine.embed(ids, server.pooling)
+    data = [{"object": "embedding", "index": i,
+             "embedding": (base64.b64encode(v.astype("<f4").tobytes()).decode() if body.encoding_format == "base64"
+                           else v.tolist())} for i, v in enumerate(vectors)]
+    tokens = sum(len(x) for x in ids)
+    return {"object": "list", "data": data, "model": body.model or server.served_name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

@@ -12,9 +12,7 @@ import pytest
 import torch
 
 from astrai_ds.cli.main import main
-from astrai_ds.data.tokenizer import Tokenizer
 from astrai_ds.errors import UserError
-from astrai_ds.model import ModelConfig, Transformer
 from astrai_ds.model.io import load_model_folder, save_model_folder
 from astrai_ds.rag.chunking import ChunkParams
 from astrai_ds.rag.embed import Embedder
@@ -30,13 +28,8 @@ DOCS = {
 
 
 @pytest.fixture(scope="module")
-def model_512(workspace, tmp_path_factory):
-    """A random 2-layer model with a 512-token context (room for a grounded prompt)."""
-    torch.manual_seed(1)
-    tokenizer = Tokenizer.load(workspace / "tokenizer")
-    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                                    ffn_dim=176, max_seq_len=512))
-    return save_model_folder(model, tokenizer, tmp_path_factory.mktemp("rag_model"))
+def model_512(long_model_dir):
+    return long_model_dir
 
 
 @pytest.fixture

@@ -1,0 +1,108 @@
+"""`serve --rag-index`: `/v1/embeddings` gives the in-process embeddings, and the `<name>-rag` model answers
+from retrieved chunks (the same prompt and answer as `rag ask`'s code in this process) and returns them as
+`sources`."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import openai
+import pytest
+import torch
+
+from astrai_ds.cli.main import main
+from astrai_ds.inference.engine import LLMEngine
+from astrai_ds.inference.sampling import SamplingParams
+from astrai_ds.model.io import load_model_folder
+from astrai_ds.rag.answer import fit_prompt
+from astrai_ds.rag.embed import Embedder
+from astrai_ds.rag.index import Index
+from conftest import run_cmd
+from tests.serve.conftest import CLI, Server
+
+DOC = "# Vela\n\nVela's capital is Orin.\n\n## Trade\n\nVela exports glass.\n\n# Kiro\n\nKiro is a river.\n"
+QUESTION = "What is the capital of Vela?"
+
+
+@pytest.fixture(scope="module")
+def model_dir(long_model_dir):
+    """A 512-token context: room for the chunks in the prompt."""
+    return long_model_dir
+
+
+@pytest.fixture(scope="module")
+def engine(long_model_dir):
+    model, tokenizer = load_model_folder(long_model_dir, dtype=torch.float32)
+    return LLMEngine(model, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def rag_server(model_dir, tmp_path_factory):
+    work = tmp_path_factory.mktemp("rag_serve")
+    (work / "docs").mkdir()
+    (work / "docs" / "world.md").write_text(DOC, encoding="utf-8")
+    run_cmd([CLI, "rag", "index", "--docs", str(work / "docs"), "--model", str(model_dir), "--out",
+             str(work / "index"), "--max-tokens", "24", "--dtype", "fp32"])
+    s = Server(model_dir, work / "server.log", "--rag-index", str(work / "index"))
+    yield s, Index.load(work / "index")
+    assert s.stop() == 0, s.log()
+
+
+@pytest.fixture(scope="module")
+def client(rag_server):
+    return openai.OpenAI(base_url=f"{rag_server[0].url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_models_lists_the_rag_model(client, model_dir):
+    assert [m.id for m in client.models.list().data] == [model_dir.name, f"{model_dir.name}-rag"]
+
+
+def test_embeddings_equal_the_in_process_ones(client, model_dir):
+    model, tokenizer = load_model_folder(model_dir, dtype=torch.float32)
+    texts = ["Vela exports glass.", "银湾市"]
+    expected = Embedder(model, tokenizer)(texts)
+    r = client.embeddings.create(model=model_dir.name, input=texts)  # the client asks for base64
+    got = np.array([d.embedding for d in r.data])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert [d.index for d in r.data] == [0, 1] and r.usage.prompt_tokens == sum(
+        len(Embedder(model, tokenizer).encode(t)) for t in texts)
+    raw = client.embeddings.create(model=model_dir.name, input="Vela exports glass.", encoding_format="float")
+    np.testing.assert_allclose(raw.data[0].embedding, expected[0], atol=1e-5)
+    with pytest.raises(openai.BadRequestError, match="unsupported field 'dimensions'"):
+        client.embeddings.create(model=model_dir.name, input="x", dimensions=8)
+    assert base64  # the client decodes base64 itself; the server's encoding is checked by the equality above
+
+
+def test_the_rag_model_answers_from_retrieved_chunks(client, rag_server, engine, model_dir):
+    _, index = rag_server
+    r = client.chat.completions.create(model=f"{model_dir.name}-rag", temperature=0,
+                                       messages=[{"role": "user", "content": QUESTION}])
+    sources = r.model_extra["sources"]
+    assert sources and [s["index"] for s in sources] == list(range(1, len(sources) + 1))
+    model, tokenizer = load_model_folder(model_dir, dtype=torch.float32)
+    hits = index.search(QUESTION, Embedder(model, tokenizer), tokenizer, 5, "hybrid")
+    messages, used = fit_prompt(engine, QUESTION, [h.chunk for h in hits], 512 // 4)
+    assert [s["text"] for s in sources] == [c["text"] for c in used]
+    expected = engine.generate(messages, SamplingParams(max_new_tokens=128, temperature=0))
+    assert r.choices[0].message.content == expected.text and r.model == f"{model_dir.name}-rag"
+    chunks = list(client.chat.completions.create(model=f"{model_dir.name}-rag", temperature=0, stream=True,
+                                                 messages=[{"role": "user", "content": QUESTION}]))
+    assert chunks[0].model_extra["sources"] == sources
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.text
+
+
+def test_an_index_of_another_model_stops_serve(model_dir, tmp_path, capsys, workspace):
+    from astrai_ds.data.tokenizer import Tokenizer
+    from astrai_ds.model.io import save_model_folder
+    from conftest import tiny_model
+
+    other_dir = save_model_folder(tiny_model(workspace, 512, seed=7), Tokenizer.load(workspace / "tokenizer"),
+                                  tmp_path / "other")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("Kiro is a river.\n")
+    assert main(["rag", "index", "--docs", str(tmp_path / "d"), "--model", str(other_dir), "--out",
+                 str(tmp_path / "i"), "--dtype", "fp32"]) == 0
+    capsys.readouterr()
+    assert main(["serve", "--model", str(model_dir), "--rag-index", str(tmp_path / "i"), "--port", "8999"]) == 2
+    assert "was built with another model" in capsys.readouterr().err
