@@ -2,7 +2,8 @@
 
   rag index   chunk and embed documents (.md, .txt, .jsonl with a "text" field; files or folders) into an index
               folder; run it again after editing the documents: only changed files are embedded again, and
-              chunks of deleted files go
+              chunks of deleted files go. Under `deepspeed --num_gpus N --module astrai_ds rag index ...` the N
+              ranks share the embedding and rank 0 writes the index
   rag query   the chunks closest to a question, with their source, heading path and score
   rag ask     retrieve, put the chunks in the prompt (as many as the context holds, best first), stream the
               answer, then list the sources it was given
@@ -61,14 +62,43 @@ def add_arguments(p) -> None:
     ask.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 is greedy")
 
 
-def _load(model_dir, dtype_name: str):
+def _load(model_dir, dtype_name: str, device: str | None = None):
     import torch
 
     from astrai_ds.model.io import load_model_folder
     from astrai_ds.training.distributed import bf16_supported
 
     bf16 = dtype_name == "bf16" or (dtype_name == "auto" and bf16_supported())
-    return load_model_folder(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return load_model_folder(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32, device=device)
+
+
+def _data_parallel():
+    """(rank, world_size, all_gather_object) under a launcher with several ranks, else None."""
+    from astrai_ds.launch_env import launched, world_size
+
+    if not launched() or (world_size() or 1) < 2:
+        return None
+    import torch.distributed as dist
+
+    from astrai_ds.inference.ds_inference import init_inference_distributed
+
+    rank, world = init_inference_distributed()
+
+    def gather(obj):
+        out = [None] * world
+        dist.all_gather_object(out, obj)
+        return out
+
+    return rank, world, gather
+
+
+def _device() -> str:
+    import os
+
+    import torch
+
+    return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
 
 
 def run(args) -> int:
@@ -89,8 +119,15 @@ def _index(args) -> int:
     if not docs:
         raise UserError(f"--docs {' '.join(args.docs)}: no documents to index (.md, .markdown, .txt, or .jsonl with "
                         f"a 'text' field)")
-    model, tokenizer = _load(args.model, args.dtype)
-    meta = build_index(docs, args.model, args.out, model, tokenizer, params, args.pooling, args.dense)
+    shard = _data_parallel()
+    model, tokenizer = _load(args.model, args.dtype, device=_device() if shard else None)
+    meta = build_index(docs, args.model, args.out, model, tokenizer, params, args.pooling, args.dense, shard=shard)
+    if shard is not None:
+        from astrai_ds.inference.ds_inference import close_distributed
+
+        close_distributed()
+        if shard[0] != 0:
+            return 0
     counts = meta["counts"]
     print(f"{counts['documents']} documents, {counts['chunks']} chunks ({counts['tokens']} tokens; "
           f"{counts['embedded']} embedded, {counts['reused']} reused), {meta['dense']} dense index -> {args.out}",

@@ -226,9 +226,12 @@ def _bm25_index(chunks: list[dict], tokenizer):
 
 
 def build_index(docs: list[Document], model_dir, out: str | Path, model, tokenizer, params: ChunkParams,
-                pooling: str = "mean", dense: str = "auto", progress: bool = True) -> dict:
+                pooling: str = "mean", dense: str = "auto", progress: bool = True, shard=None) -> dict:
     """Chunk and embed `docs` into the index folder `out`; what an index already at `out` holds for an
-    unchanged document (same content, model, chunking and pooling) is reused. Returns the new index.json."""
+    unchanged document (same content, model, chunking and pooling) is reused. Returns the new index.json.
+
+    shard: (rank, world_size, all_gather_object) when several ranks index together: every rank chunks the same
+    documents, embeds every world_size-th new chunk, and rank 0 gathers the vectors and writes the folder."""
     from astrai_ds.inference.progress import Progress
     from astrai_ds.rag.embed import Embedder
 
@@ -259,12 +262,15 @@ def build_index(docs: list[Document], model_dir, out: str | Path, model, tokeniz
                 chunks.append(_chunk_record(len(chunks), c))
                 vectors.append(None)
         files[doc.source] = {"sha256": sha, "chunks": sum(1 for c in chunks if c["source"] == doc.source)}
-    bar = Progress(len(fresh), "embedding", "chunk", progress)
-    if fresh:
-        new = embedder([chunks[i]["text"] for i in fresh], progress=bar.update)
-        for i, v in zip(fresh, new):
-            vectors[i] = v
+    rank, world, gather = shard or (0, 1, None)
+    mine = fresh[rank::world]
+    bar = Progress(len(mine), "embedding" if world == 1 else f"embedding (rank {rank} of {world})", "chunk",
+                   progress and rank == 0)
+    new = embedder([chunks[i]["text"] for i in mine], progress=bar.update) if mine else []
     bar.close()
+    for part_ids, part_vectors in (gather((mine, new)) if world > 1 else [(mine, new)]):
+        for i, v in zip(part_ids, part_vectors):
+            vectors[i] = v
     matrix = np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, embedder.dim), np.float32)
     dense_index, dense_kind = _dense_index(matrix, dense)
     meta = {"format": FORMAT, "model": fingerprint, "model_dir": str(Path(model_dir).resolve()), **settings,
@@ -272,7 +278,8 @@ def build_index(docs: list[Document], model_dir, out: str | Path, model, tokeniz
             "counts": {"documents": len(docs), "chunks": len(chunks), "embedded": len(fresh), "reused": reused,
                        "tokens": sum(c["n_tokens"] for c in chunks)},
             "files": files}
-    _write(out, meta, chunks, matrix, dense_index, _bm25_index(chunks, tokenizer) if chunks else None)
+    if rank == 0:
+        _write(out, meta, chunks, matrix, dense_index, _bm25_index(chunks, tokenizer) if chunks else None)
     return meta
 
 
