@@ -9,6 +9,7 @@ import subprocess
 import time
 
 import httpx2 as httpx
+import numpy as np
 import openai
 import psutil
 import pytest
@@ -51,6 +52,13 @@ def test_tp2_serves_the_unsharded_answers_and_stops_on_sigterm(model_dir, engine
                 texts[c.index] += c.text
         assert texts == [engine.generate(p, SamplingParams(max_new_tokens=12, temperature=0)).text
                          for p in ("Hello", "北京")]
+
+        # embeddings run on every rank (the sharded model) and equal the unsharded ones
+        from astrai_ds.rag.embed import Embedder
+
+        got = client.embeddings.create(model=model_dir.name, input=["Hello", "北京"], encoding_format="float")
+        expected = Embedder(engine.model, engine.tokenizer)(["Hello", "北京"])
+        np.testing.assert_allclose([d.embedding for d in got.data], expected, atol=1e-5)
 
         # DeepSpeed's runner does not forward signals; its launch.py child sends SIGTERM to each rank in turn.
         launch = [p for p in psutil.Process(proc.pid).children() if "deepspeed.launcher.launch" in " ".join(p.cmdline())]
