@@ -239,7 +239,9 @@ class AsyncEngine:
             waiter.loop.call_soon_threadsafe(waiter.outputs.put_nowait, RequestAborted(reason))
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand a step's outputs to their callers: one wake-up of each event loop per step, not per output."""
         now = time.perf_counter()
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for out in outputs:
             waiter = self._waiters.get(out.request_id)
             if waiter is None:  # aborted by its caller in the meantime
@@ -253,7 +255,14 @@ class AsyncEngine:
                 self.num_unfinished -= 1
                 if self.metrics is not None:
                     self.metrics.finished(out.finish_reason, out.prompt_tokens)
-            waiter.loop.call_soon_threadsafe(waiter.outputs.put_nowait, out)
+            by_loop.setdefault(waiter.loop, []).append((waiter.outputs, out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list) -> None:
+    for queue_, out in items:
+        queue_.put_nowait(out)
 
 
 def apply_commands(engine: LLMEngine, commands: list, on_add=None, on_abort=None, on_embed=None) -> bool:
