@@ -64,6 +64,9 @@ async def messages(body: MessagesRequest, request: Request):
     server = request.app.state.server
     server.check_ready()
     server.check_model(body.model)
+    if body.model == server.rag_name:
+        raise ApiError(400, f"'{server.rag_name}' answers on /v1/chat/completions (with its sources); "
+                            f"/v1/messages serves '{server.served_name}'", param="model")
     if body.messages[-1].role != "user":
         raise ApiError(400, "the last message must have role 'user' (continuing an assistant message is not "
                             "supported)", param="messages")

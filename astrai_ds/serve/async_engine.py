@@ -114,7 +114,12 @@ class AsyncEngine:
         waiters = [_Waiter(loop, outputs, concurrent.futures.Future()) for _ in requests]
         for (request_id, prompt_ids, params), waiter in zip(requests, waiters):
             self._commands.put((_Add(request_id, prompt_ids, params), waiter))
-        results = await asyncio.gather(*(asyncio.wrap_future(w.added) for w in waiters), return_exceptions=True)
+        try:
+            results = await asyncio.gather(*(asyncio.wrap_future(w.added) for w in waiters), return_exceptions=True)
+        except asyncio.CancelledError:  # the client went away meanwhile: nobody will read these outputs
+            for request_id, _, _ in requests:
+                self.abort(request_id)
+            raise
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             for (request_id, _, _), result in zip(requests, results):

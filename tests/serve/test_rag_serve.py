@@ -90,6 +90,11 @@ def test_the_rag_model_answers_from_retrieved_chunks(client, rag_server, engine,
                                                  messages=[{"role": "user", "content": QUESTION}]))
     assert chunks[0].model_extra["sources"] == sources
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.text
+    import httpx2 as httpx
+
+    r = httpx.post(f"{rag_server[0].url}/v1/messages", json={"model": f"{model_dir.name}-rag", "max_tokens": 5,
+                                                              "messages": [{"role": "user", "content": QUESTION}]})
+    assert r.status_code == 400 and "answers on /v1/chat/completions" in r.json()["error"]["message"]
 
 
 def test_an_index_of_another_model_stops_serve(model_dir, tmp_path, capsys, workspace):
