@@ -188,3 +188,23 @@ def render_response(tokenizer: Tokenizer, prompt: list[dict], response: str) -> 
     ids, _ = render_chat(tokenizer, prompt, add_generation_prompt=True)
     response_ids = tokenizer.encode(response) + [tokenizer.im_end_id]
     return ids + response_ids, [0] * len(ids) + [1] * len(response_ids)
+
+
+# ---------------------------------------------------------------- grounded (retrieval-augmented) prompts
+
+RAG_SYSTEM = "Answer the question from the context. 根据资料回答问题。"
+
+
+def chunk_label(chunk: dict) -> str:
+    """Where a retrieved chunk comes from: its source and heading path."""
+    path = " › ".join(chunk.get("headings") or [])
+    return f"{chunk['source']}" + (f" › {path}" if path else "")
+
+
+def rag_messages(question: str, chunks: list[dict]) -> list[dict]:
+    """The chat of a grounded question: a system message, then the numbered chunks ({"source", "headings",
+    "text"}) and the question in one user message. `rag ask`, the server's RAG model and reading-comprehension
+    training data all use this one format."""
+    context = "\n\n".join(f"[{i}] {chunk_label(c)}\n{c['text'].strip()}" for i, c in enumerate(chunks, 1))
+    user = f"Context:\n{context}\n\nQuestion: {question}" if chunks else f"Question: {question}"
+    return [{"role": "system", "content": RAG_SYSTEM}, {"role": "user", "content": user}]
