@@ -192,6 +192,9 @@ async def completions(body: CompletionRequest, request: Request):
     server = request.app.state.server
     server.check_ready()
     _check_common(server, body)
+    if body.model is not None and body.model == server.rag_name:
+        raise ApiError(400, f"'{server.rag_name}' answers chat completions (a question, with its sources); "
+                            f"/v1/completions serves '{server.served_name}'", param="model")
     prompt = body.prompt
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
         prompts = [prompt]

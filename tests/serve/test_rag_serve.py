@@ -95,6 +95,8 @@ def test_the_rag_model_answers_from_retrieved_chunks(client, rag_server, engine,
     r = httpx.post(f"{rag_server[0].url}/v1/messages", json={"model": f"{model_dir.name}-rag", "max_tokens": 5,
                                                               "messages": [{"role": "user", "content": QUESTION}]})
     assert r.status_code == 400 and "answers on /v1/chat/completions" in r.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="answers chat completions"):
+        client.completions.create(model=f"{model_dir.name}-rag", prompt=QUESTION)
 
 
 def test_an_index_of_another_model_stops_serve(model_dir, tmp_path, capsys, workspace):
