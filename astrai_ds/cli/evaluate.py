@@ -59,12 +59,9 @@ def run(args) -> int:
     facts = read_eval_records(args.data, "facts") if args.data else None
     chat = read_eval_records(args.chat, "chat") if args.chat else None
     pairs = read_eval_records(args.pairs, "pairs") if args.pairs else None
-    import torch
+    from astrai_ds.cli.generate import model_dtype
 
-    from astrai_ds.training.distributed import bf16_supported
-
-    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and bf16_supported())
-    model, tokenizer = load_model_folder(args.model, dtype=torch.bfloat16 if bf16 else torch.float32)
+    model, tokenizer = load_model_folder(args.model, dtype=model_dtype(args.dtype))
     result = {}
     if facts:
         result.update(evaluate_model(model, tokenizer, facts, batch_size=args.batch_size, progress=True))

@@ -42,6 +42,16 @@ def add_model_arguments(p) -> None:
                    help="weights and activations; auto: bf16 where the device runs it natively")
 
 
+def model_dtype(name: str):
+    """The torch dtype of --dtype: bf16, fp32, or auto (bf16 where the device runs it natively)."""
+    import torch
+
+    from astrai_ds.training.distributed import bf16_supported
+
+    bf16 = name == "bf16" or (name == "auto" and bf16_supported())
+    return torch.bfloat16 if bf16 else torch.float32
+
+
 def add_sampling_arguments(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
                    help="tokens to generate at most per answer")
@@ -104,10 +114,8 @@ def load_engine(args, tp: int = 1, **engine_options):
 
     from astrai_ds.inference.engine import EngineConfig, LLMEngine
     from astrai_ds.model.io import load_model_folder
-    from astrai_ds.training.distributed import bf16_supported
 
-    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and bf16_supported())
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    dtype = model_dtype(args.dtype)
     if tp > 1:
         # Every rank loads the whole model on the CPU; tensor_parallel starts the process group and keeps this
         # rank's shard on its device.
@@ -338,7 +346,7 @@ def run(args) -> int:
     else:
         prompt = check_chat(user_prompt(args.prompt, args.system), "--prompt") if args.chat else args.prompt
     engine = load_engine(args, args.tp)
-    rank0 = _rank() == 0
+    rank0 = process_rank() == 0
     if args.input is not None:
         _run_batch(engine, requests, out_path, rank0)
     else:
@@ -350,7 +358,7 @@ def run(args) -> int:
     return 0
 
 
-def _rank() -> int:
+def process_rank() -> int:
     """This process's rank: rank 0 alone prints and writes."""
     import torch.distributed as dist
 

@@ -65,12 +65,11 @@ def add_arguments(p) -> None:
 def _load(model_dir, dtype_name: str, device: str | None = None):
     import torch
 
+    from astrai_ds.cli.generate import model_dtype
     from astrai_ds.model.io import load_model_folder
-    from astrai_ds.training.distributed import bf16_supported
 
-    bf16 = dtype_name == "bf16" or (dtype_name == "auto" and bf16_supported())
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_model_folder(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32, device=device)
+    return load_model_folder(model_dir, dtype=model_dtype(dtype_name), device=device)
 
 
 def _data_parallel():

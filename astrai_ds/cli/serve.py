@@ -67,7 +67,7 @@ def add_arguments(p) -> None:
 
 
 def _check_options(args) -> dict:
-    from astrai_ds.cli.generate import check_tp_launch
+    from astrai_ds.cli.generate import check_tp_launch, process_rank
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
@@ -80,7 +80,7 @@ def _check_options(args) -> dict:
     if args.max_body_mb <= 0:
         raise UserError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
     check_tp_launch(args.tp, NAME)
-    if _rank() == 0:
+    if process_rank() == 0:
         _check_bind(args.host, args.port)
     return {**parse_kv_budget(args.kv_budget), "max_num_seqs": args.max_running,
             "max_num_batched_tokens": args.max_batched_tokens}
@@ -89,7 +89,7 @@ def _check_options(args) -> dict:
 def run(args) -> int:
     from pathlib import Path
 
-    from astrai_ds.cli.generate import load_engine
+    from astrai_ds.cli.generate import load_engine, process_rank
     from astrai_ds.model.io import read_model_config
 
     options = _check_options(args)
@@ -101,7 +101,7 @@ def run(args) -> int:
         rag_index = Index.load(args.rag_index)
         rag_index.check_model(model_fingerprint(args.model), args.model)
     engine = load_engine(args, args.tp, **options)
-    rank = _rank()
+    rank = process_rank()
     if args.tp > 1 and rank != 0:
         from astrai_ds.serve.async_engine import run_follower
 
@@ -193,12 +193,6 @@ def _check_bind(host: str, port: int) -> None:
             s.bind(address)
         except OSError as e:
             raise UserError(_bind_error(host, port, e.strerror)) from None
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
 def _send(commands: list) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import Field
 
-from astrai_ds.serve.protocol import ApiError, Choice, ClientGone, Job, Strict, engine_error, new_id, sampling_params, sse
+from astrai_ds.serve.protocol import (ApiError, Choice, ClientGone, Job, Strict, engine_error, event_stream, new_id,
+                                      sampling_params, sse)
 
 router = APIRouter()
 
@@ -113,5 +114,4 @@ async def messages(body: MessagesRequest, request: Request):
                    "usage": {"output_tokens": c.completion_tokens}}, "message_delta")
         yield sse({"type": "message_stop"}, "message_stop")
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return event_stream(events())

@@ -8,13 +8,13 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import Field
 
 from astrai_ds.errors import UserError
 from astrai_ds.inference.sampling import MAX_LOGPROBS
-from astrai_ds.serve.protocol import (ApiError, Choice, ClientGone, Job, Strict, engine_error, new_id, now,
-                                      sampling_params, sse, stop_list)
+from astrai_ds.serve.protocol import (ApiError, Choice, ClientGone, Job, Strict, engine_error, event_stream, new_id,
+                                      now, sampling_params, sse, stop_list)
 
 router = APIRouter()
 
@@ -162,8 +162,7 @@ async def _respond(request: Request, server, job: Job, body: SamplingFields, pro
             yield sse(data)
         yield sse("[DONE]")
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return event_stream(events())
 
 
 # ---------------------------------------------------------------- routes
@@ -218,11 +217,9 @@ async def completions(body: CompletionRequest, request: Request):
         text = "".join(c.text)
         logprobs = None
         if body.logprobs is not None:
-            offsets, pos = [], len(echo_text[i])
             # each token's offset: where the text stood when it was generated (text arrives with the token
             # that completes a character, so a token inside a character has the offset of the next text)
-            starts = _token_offsets(c)
-            offsets = [pos + s for s in starts]
+            offsets = [len(echo_text[i]) + s for s in _token_offsets(c)]
             logprobs = _completion_logprobs(tok, c.logprobs, offsets)
         return {"index": i, "text": echo_text[i] + text, "logprobs": logprobs,
                 "finish_reason": _finish(c.finish_reason)}

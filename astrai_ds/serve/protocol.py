@@ -10,6 +10,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 from fastapi.sse import format_sse_event
 from pydantic import BaseModel, ConfigDict
 
@@ -76,6 +77,12 @@ def new_id(prefix: str) -> str:
 
 def now() -> int:
     return int(time.time())
+
+
+def event_stream(events) -> StreamingResponse:
+    """A server-sent event stream of `events` (an async iterator of `sse(...)` bytes), never buffered by a proxy."""
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def sse(data, event: str | None = None) -> bytes:
