@@ -4,6 +4,10 @@ Files: pretrain.jsonl (field `text`) and pretrain_eval.jsonl (fields `prompt`, `
 facts as chat data: sft.jsonl (field `messages`) and sft_eval.jsonl (`messages`, `answer`, `answers` in the
 "plain" and "full" styles, `preferred`), dpo.jsonl (`prompt`, `chosen`, `rejected`) and dpo_eval.jsonl.
 SFT answers take either style at random; DPO pairs prefer the full style with the correct value.
+documents.jsonl and documents_eval.jsonl hold Markdown articles about fictional entities (`text`, with `qa`:
+questions and exact answers), split by entity; sft.jsonl also holds reading-comprehension conversations on the
+training articles (retrieved-style chunks, then a question), and `astrai-ds rag eval` measures retrieval and
+grounded answers on the held-out ones.
 Deterministic: the same seed writes the same bytes. Nothing is downloaded."""
 
 from __future__ import annotations

@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from astrai_ds.cli import chat, corpus, evaluate, export, generate, prepare, rag, report, serve, tokenizer, train
+from astrai_ds.cli import (chat, corpus, evaluate, export, generate, plan, prepare, rag, report, serve, tokenizer,
+                           train)
 from astrai_ds.errors import UserError
 
-COMMANDS = {m.NAME: m for m in (corpus, tokenizer, prepare, train, export, evaluate, generate, chat, serve, rag, report)}
+COMMANDS = {m.NAME: m for m in (corpus, tokenizer, prepare, train, export, evaluate, generate, chat, serve, rag, report,
+                                 plan)}
 
 
 class HelpFormatter(argparse.HelpFormatter):

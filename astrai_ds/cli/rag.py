@@ -7,6 +7,9 @@
   rag query   the chunks closest to a question, with their source, heading path and score
   rag ask     retrieve, put the chunks in the prompt (as many as the context holds, best first), stream the
               answer, then list the sources it was given
+  rag eval    measure on documents with known questions (the corpus's documents_eval.jsonl, indexed first):
+              recall at k for each mode, and exact answers closed-book, with retrieved chunks and with the
+              chunk that states the answer (the oracle)
 
 Retrieval modes: dense (faiss over the embeddings), bm25 (bm25s over the model's tokens) and hybrid (both, fused
 by reciprocal rank)."""
@@ -60,6 +63,20 @@ def add_arguments(p) -> None:
     ask.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                      help="answer length at most (default: 256, or a quarter of a shorter context)")
     ask.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 is greedy")
+    ev = sub.add_parser("eval", help="recall and exact answers on documents with known questions",
+                        formatter_class=HelpFormatter)
+    ev.add_argument("--index", required=True, metavar="INDEX", help="an index built from --docs")
+    ev.add_argument("--docs", required=True, metavar="FILE",
+                    help=".jsonl of documents with 'text' and 'qa': [{question, answer}] (documents_eval.jsonl)")
+    add_model_arguments(ev)
+    ev.add_argument("-k", type=int, default=5, help="recall at k")
+    ev.add_argument("--answer-k", type=int, default=3, metavar="N",
+                    help="retrieved chunks in the prompt of the RAG answers (fewer when the context is full)")
+    ev.add_argument("--mode", choices=MODES, default="hybrid", help="retrieval mode of the RAG answers")
+    ev.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="answer length at most")
+    ev.add_argument("--out", default=None, metavar="FILE", help="write the metrics as JSON")
+    ev.add_argument("--responses", default=None, metavar="FILE",
+                    help="write every question with its three answers as JSON lines")
 
 
 def _load(model_dir, dtype_name: str, device: str | None = None):
@@ -101,7 +118,7 @@ def _device() -> str:
 
 
 def run(args) -> int:
-    return {"index": _index, "query": _query, "ask": _ask}[args.rag_command](args)
+    return {"index": _index, "query": _query, "ask": _ask, "eval": _eval}[args.rag_command](args)
 
 
 def _index(args) -> int:
@@ -156,7 +173,7 @@ def _query(args) -> int:
     index, embedder, _, tokenizer = _open(args, args.model)
     for hit in index.search(args.question, embedder, tokenizer, args.k, args.mode):
         c = hit.chunk
-        print(f"[{hit.rank}] {hit.score:.4f}  {chunk_label(c)}  (characters {c['start']}-{c['end']})")
+        print(f"[{hit.rank}] {hit.score:.4f}  {chunk_label(c, with_source=True)}  (characters {c['start']}-{c['end']})")
         print("    " + c["text"].strip().replace("\n", "\n    "))
     return 0
 
@@ -177,8 +194,33 @@ def _ask(args) -> int:
     print(flush=True)
     print("sources:" if used else "sources: none (no chunk fits the context with the question)")
     for i, c in enumerate(used, 1):
-        print(f"  [{i}] {chunk_label(c)}  (characters {c['start']}-{c['end']})")
+        print(f"  [{i}] {chunk_label(c, with_source=True)}  (characters {c['start']}-{c['end']})")
     if len(used) < len(hits):
         print(f"  ({len(hits) - len(used)} lower-ranked chunks left out: the context is full)")
     print(summary(result), file=sys.stderr)
+    return 0
+
+
+def _eval(args) -> int:
+    import json
+
+    from astrai_ds.inference.engine import LLMEngine
+    from astrai_ds.rag.evaluate import evaluate_rag, read_questions
+
+    if args.answer_k < 1 or args.max_new_tokens < 1:
+        raise UserError("--answer-k and --max-new-tokens must be at least 1")
+    questions = read_questions(args.docs)
+    index, embedder, model, tokenizer = _open(args, args.model)
+    metrics, records = evaluate_rag(index, embedder, LLMEngine(model, tokenizer), questions, args.k, args.answer_k,
+                                    args.mode, args.max_new_tokens, progress=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    if args.responses:
+        with open(args.responses, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    recall = metrics[f"recall_at_{args.k}"]
+    print(f"{metrics['questions']} questions; recall at {args.k}: " + ", ".join(f"{m} {v:.3f}" for m, v in recall.items()))
+    print(f"exact answers: closed-book {metrics['answer_em_closed_book']:.3f}, RAG ({args.mode}, top {args.answer_k}) "
+          f"{metrics['answer_em_rag']:.3f}, oracle {metrics['answer_em_oracle']:.3f}")
     return 0

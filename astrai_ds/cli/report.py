@@ -1,6 +1,7 @@
 """Summarise a stage's run and evaluation into report.json (merged per stage) and print the table:
 eval loss, exact match on held-out facts, chat exact match (answer; whole response), preference accuracy, preferred-style rate,
-training tokens/s and wall time."""
+training tokens/s and wall time. `--stage rag` takes the output of `astrai-ds rag eval` instead (recall at k per
+retrieval mode, exact answers closed-book, with retrieval and with the gold passage) and needs no --run."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ HELP = "summarise runs and evaluations into a table"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--stage", required=True, help="the stage's key in the report (pt, sft, dpo)")
-    p.add_argument("--run", required=True, help="the run folder (for tokens/s from metrics.jsonl)")
-    p.add_argument("--eval", required=True, help="JSON written by `astrai-ds eval --out`")
+    p.add_argument("--stage", required=True,
+                   help="the stage's key in the report (pt, sft, dpo), or rag for `astrai-ds rag eval --out`")
+    p.add_argument("--run", default=None, help="the run folder (for tokens/s from metrics.jsonl); not for rag")
+    p.add_argument("--eval", required=True, help="JSON written by `astrai-ds eval --out` (`rag eval --out` for rag)")
     p.add_argument("--out", required=True, help="report.json to create or update")
     p.add_argument("--wall-time", type=float, default=None, help="seconds the stage took")
 
@@ -60,30 +62,71 @@ COLUMNS = (("eval_loss", "eval_loss", "{:.4f}"), ("exact_match", "exact_match", 
            ("wall_time_s", "wall time", "{:.0f}s"))
 
 
+RAG = "rag"
+RAG_METRICS = ("answer_em_closed_book", "answer_em_rag", "answer_em_oracle")
+
+
 def format_table(report: dict) -> str:
     lines = [f"{'stage':<6}" + "".join(f"{title:>12}" for _, title, _ in COLUMNS)]
     for stage, entry in report.items():
+        if stage == RAG:
+            continue
         cells = [fmt.format(entry[key]) if entry.get(key) is not None else "-" for key, _, fmt in COLUMNS]
         lines.append(f"{stage:<6}" + "".join(f"{c:>12}" for c in cells))
+    if RAG in report:
+        rag = report[RAG]
+        recall = next((v for k, v in rag.items() if k.startswith("recall_at_")), {})
+        lines.append("\nrag: " + ", ".join(f"{key.removeprefix('answer_em_')} {rag[key]:.3f}" for key in RAG_METRICS
+                                           if key in rag)
+                     + "  (exact answers on held-out documents); recall at k: "
+                     + ", ".join(f"{mode} {value:.3f}" for mode, value in recall.items()))
     return "\n".join(lines)
+
+
+def _is_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
+def _stage_entry(evaluation: dict, eval_path: Path, fix: str) -> dict:
+    entry = {key: evaluation[key] for key in METRICS if key in evaluation}
+    if not entry:
+        raise DataError(f"--eval {eval_path} holds none of the metrics ({', '.join(METRICS)}); {fix}")
+    for key, value in entry.items():
+        if not _is_number(value):
+            raise DataError(f"--eval {eval_path}: {key} is {json.dumps(value)}, not a number; {fix}")
+    return entry
+
+
+def _rag_entry(evaluation: dict, eval_path: Path) -> dict:
+    fix = "for --stage rag give --eval the file written by `astrai-ds rag eval ... --out FILE`"
+    recall = [key for key in evaluation if key.startswith("recall_at_")]
+    missing = [key for key in RAG_METRICS if key not in evaluation] + ([] if recall else ["recall_at_k"])
+    if missing:
+        raise DataError(f"--eval {eval_path} lacks {', '.join(missing)}; {fix}")
+    values = [evaluation[key] for key in RAG_METRICS]
+    values += list(evaluation[recall[0]].values()) if isinstance(evaluation[recall[0]], dict) else [None]
+    if not all(map(_is_number, values)):
+        raise DataError(f"--eval {eval_path}: a RAG metric is not a number; {fix}")
+    return dict(evaluation)
 
 
 def run(args) -> int:
     out, eval_path = Path(args.out), Path(args.eval)
     fix = "give --eval the file written by `astrai-ds eval ... --out FILE`"
     evaluation = _read_json_object(eval_path, "--eval", fix)
-    entry = {key: evaluation[key] for key in METRICS if key in evaluation}
-    if not entry:
-        raise DataError(f"--eval {eval_path} holds none of the metrics ({', '.join(METRICS)}); {fix}")
-    for key, value in entry.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise DataError(f"--eval {eval_path}: {key} is {json.dumps(value)}, not a number; {fix}")
+    if args.stage == RAG:
+        entry = _rag_entry(evaluation, eval_path)
+    else:
+        entry = _stage_entry(evaluation, eval_path, fix)
+        if args.run is None:
+            raise DataError(f"--stage {args.stage} needs --run, the training run's output_dir (for its tokens/s)")
     report = (_read_json_object(out, "--out", "give --out another file, or move this one away")
               if out.exists() else {})
     if not all(isinstance(stage, dict) for stage in report.values()):
         raise DataError(f"--out {out} is not a report (an object of stages, each an object of metrics); give --out "
                         f"another file, or move this one away")
-    entry["tokens_per_sec"] = training_tokens_per_sec(Path(args.run))
+    if args.stage != RAG:
+        entry["tokens_per_sec"] = training_tokens_per_sec(Path(args.run))
     if args.wall_time is not None:
         entry["wall_time_s"] = args.wall_time
     report[args.stage] = entry

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import unicodedata
+from pathlib import Path
 
 from astrai_ds.data.tokenizer import Tokenizer
 
@@ -192,19 +193,23 @@ def render_response(tokenizer: Tokenizer, prompt: list[dict], response: str) -> 
 
 # ---------------------------------------------------------------- grounded (retrieval-augmented) prompts
 
-RAG_SYSTEM = "Answer the question from the context. 根据资料回答问题。"
+RAG_SYSTEM = "Answer from the context. 根据资料回答。"
 
 
-def chunk_label(chunk: dict) -> str:
-    """Where a retrieved chunk comes from: its source and heading path."""
-    path = " › ".join(chunk.get("headings") or [])
-    return f"{chunk['source']}" + (f" › {path}" if path else "")
+def chunk_label(chunk: dict, with_source: bool = False) -> str:
+    """What a retrieved chunk is: its heading path ("Title > Section"), or its file's name when it has no heading.
+    with_source: the source in full first, then the heading path (for listing sources to a person)."""
+    path = " > ".join(chunk.get("headings") or [])
+    if with_source:
+        return f"{chunk['source']}" + (f" > {path}" if path else "")
+    return path or Path(chunk["source"]).name
 
 
 def rag_messages(question: str, chunks: list[dict]) -> list[dict]:
-    """The chat of a grounded question: a system message, then the numbered chunks ({"source", "headings",
-    "text"}) and the question in one user message. `rag ask`, the server's RAG model and reading-comprehension
-    training data all use this one format."""
+    """The chat of a grounded question: a short system message, then the numbered chunks ({"source", "headings",
+    "text"}), each under its label, and the question in one user message; without chunks, the question alone (a
+    closed-book question). `rag ask`, `rag eval`, the server's RAG model and the corpus's reading-comprehension
+    conversations all use this one format."""
     context = "\n\n".join(f"[{i}] {chunk_label(c)}\n{c['text'].strip()}" for i, c in enumerate(chunks, 1))
     user = f"Context:\n{context}\n\nQuestion: {question}" if chunks else f"Question: {question}"
     return [{"role": "system", "content": RAG_SYSTEM}, {"role": "user", "content": user}]

@@ -68,7 +68,12 @@ def test_eval_format_and_balance(written):
 def test_pretrain_content(written):
     out, summary = written
     texts = [r["text"] for r in read_jsonl(out / corpus.PRETRAIN_FILE)]
-    assert len(texts) == summary["pretrain_records"] == sum(t["pretrain"] for t in summary["tasks"].values())
+    assert len(texts) == summary["pretrain_records"]
+    # reading texts: an article (training articles and drills), then its questions and answers
+    reading = [t for t in texts if t.startswith("# ")]
+    assert len(reading) == summary["reading_texts"] and all("\nQuestion: " in t and "\nAnswer: " in t for t in reading)
+    texts = [t for t in texts if not t.startswith("# ")]
+    assert len(texts) == sum(t["pretrain"] for t in summary["tasks"].values())
     assert any(t.endswith("。") for t in texts) and any(t.endswith(".") for t in texts)
     assert all(t.endswith((".", "。")) and "  " not in t for t in texts)
     facts = {f.text: f for name in TASKS for f in task_facts(name)}

@@ -5,6 +5,7 @@ import random
 import pytest
 
 from astrai_ds.data import corpus
+from astrai_ds.data.chat import RAG_SYSTEM
 from astrai_ds.data.corpus import (QUESTIONS, TASKS, chat_item, dpo_records, sft_records, split_facts, task_facts,
                                    write_corpus)
 from astrai_ds.data.corpus.chat_forms import CHAT_FORMS, is_question
@@ -16,11 +17,21 @@ SCALE = 0.1
 CHAT_FILES = (corpus.SFT_FILE, corpus.SFT_EVAL_FILE, corpus.DPO_FILE, corpus.DPO_EVAL_FILE)
 
 
+def _is_reading(record) -> bool:
+    return record["messages"][0]["content"] == RAG_SYSTEM
+
+
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
+    """(folder, summary, the chat files' records); the SFT records are the facts' conversations only: the
+    reading-comprehension ones are tested in test_documents.py."""
     out = tmp_path_factory.mktemp("chatcorpus")
     summary = write_corpus(out, seed=0, scale=SCALE)
-    return out, summary, {name: read_jsonl(out / name) for name in CHAT_FILES}
+    files = {name: read_jsonl(out / name) for name in CHAT_FILES}
+    reading = [r for r in files[corpus.SFT_FILE] if _is_reading(r)]
+    assert len(reading) == summary["reading_records"] > 0
+    files[corpus.SFT_FILE] = [r for r in files[corpus.SFT_FILE] if not _is_reading(r)]
+    return out, summary, files
 
 
 def _questions(records, key="messages"):
@@ -39,7 +50,7 @@ def test_deterministic_per_seed(written, tmp_path):
 def test_sizes_and_balance(written):
     out, summary, files = written
     sft, sft_eval, dpo, dpo_eval = (files[n] for n in CHAT_FILES)
-    assert summary["sft_records"] == len(sft) == 22 * round(8000 * SCALE / 22)
+    assert summary["sft_records"] - summary["reading_records"] == len(sft) == 22 * round(8000 * SCALE / 22)
     assert summary["dpo_records"] == len(dpo) == 22 * round(4000 * SCALE / 22)
     assert len(sft_eval) == len(dpo_eval) == len(split_facts(0).eval) == summary["sft_eval_items"]
     assert 250 <= len(sft_eval) <= 400
@@ -200,8 +211,9 @@ def test_every_phrasing_has_one_question_and_a_statement():
 
 def test_chat_files_prepare_without_skips(written, tokenizer_dir, tmp_path):
     out, _, files = written
-    s = prepare_sft([out / corpus.SFT_FILE], tokenizer_dir, tmp_path / "sft", seq_len=256, workers=1, progress=False)
-    assert s["skipped"] == {} and s["num_conversations"] == len(files[corpus.SFT_FILE])
+    # 1024: a reading-comprehension conversation is a few hundred tokens of this 512-token test vocabulary
+    s = prepare_sft([out / corpus.SFT_FILE], tokenizer_dir, tmp_path / "sft", seq_len=1024, workers=1, progress=False)
+    assert s["skipped"] == {} and s["num_conversations"] == len(read_jsonl(out / corpus.SFT_FILE))
     s = prepare_dpo([out / corpus.DPO_FILE, out / corpus.DPO_EVAL_FILE], tokenizer_dir, tmp_path / "dpo",
                     seq_len=256, workers=1, progress=False)
     assert s["skipped"] == {} and s["num_pairs"] == len(files[corpus.DPO_FILE]) + len(files[corpus.DPO_EVAL_FILE])

@@ -3,7 +3,9 @@ is written in its article; held-out entities appear in no training article; the 
 
 from __future__ import annotations
 
-from astrai_ds.data.corpus.documents import articles, split_articles
+import json
+
+from astrai_ds.data.corpus.documents import articles, drill_articles, split_articles
 from astrai_ds.data.tokenizer import Tokenizer
 from astrai_ds.rag.chunking import ChunkParams, chunk_document
 
@@ -42,3 +44,65 @@ def test_the_chunker_keeps_each_fact_under_its_headings(workspace):
         assert all(c.headings[0] == d.title for c in chunks)
         for qa in d.qa:  # each answer sits whole inside one chunk
             assert any(qa.answer in c.text for c in chunks), (d.id, qa.answer)
+
+
+def test_sections_are_the_chunks_retrieval_makes(workspace):
+    """Reading-comprehension training shows the model `Article.sections()`; retrieval gives it the chunker's
+    chunks: the two must be the same text under the same headings."""
+    tokenizer = Tokenizer.load(workspace / "tokenizer")
+    for d in articles(30):
+        chunks = chunk_document(d.text, f"{d.id}.md", tokenizer, ChunkParams(max_tokens=256))
+        assert [(c.text, list(c.headings)) for c in chunks] == [(s["text"], s["headings"]) for s in d.sections()]
+        for qa in d.qa:
+            assert qa.answer in d.answer_section(qa)["text"]
+
+
+def test_drills_repeat_names_with_other_facts_and_avoid_held_out_entities():
+    _, held = split_articles(articles(240))
+    drills = drill_articles(600, seed=0, avoid=held)
+    assert drills == drill_articles(600, seed=0, avoid=held)
+    assert {(d.kind, d.lang) for d in drills} == {(d.kind, d.lang) for d in held}
+    for d in drills:
+        assert not any(h.title in d.text for h in held), d.title
+        assert all(qa.answer in d.answer_section(qa)["text"] for qa in d.qa)
+    by_title = {}
+    for d in drills:
+        by_title.setdefault(d.title, set()).add(d.text)
+    assert any(len(texts) > 1 for texts in by_title.values())  # a name comes back with other facts
+
+
+def test_the_corpus_holds_documents_and_reading_conversations(workspace):
+    """write_corpus (scale 0.25 in the workspace): documents split by entity; the training articles are
+    pretraining text followed by their questions and answers, and reading-comprehension conversations use the
+    grounded-prompt format, every answer copied from a chunk in the prompt; no held-out entity is named in any
+    training file."""
+    from astrai_ds.data.chat import RAG_SYSTEM
+    from astrai_ds.data.corpus.reading import MAX_TURNS, READING_CONVERSATIONS
+
+    corpus = workspace / "corpus"
+    read = lambda name: [json.loads(line) for line in (corpus / name).read_text(encoding="utf-8").splitlines()]
+    train, held = read("documents.jsonl"), read("documents_eval.jsonl")
+    assert {d["split"] for d in train} == {"train"} and {d["split"] for d in held} == {"eval"}
+    assert len(held) >= 40 and all(d["qa"] for d in held)
+    training_files = {name: (corpus / name).read_text(encoding="utf-8")
+                      for name in ("pretrain.jsonl", "sft.jsonl", "dpo.jsonl", "documents.jsonl")}
+    for d in held:
+        for name, text in training_files.items():
+            assert d["title"] not in text, (d["title"], name)
+    pretrain = "\n".join(json.loads(line)["text"] for line in training_files["pretrain.jsonl"].splitlines())
+    for d in train:
+        assert d["text"] + "\nQuestion: " in pretrain and f"Answer: {d['qa'][0]['answer']}" in pretrain
+
+    reading = [r["messages"] for r in read("sft.jsonl") if r["messages"][0]["content"] == RAG_SYSTEM]
+    assert len(reading) == round(READING_CONVERSATIONS * 0.25)
+    sizes, turns = set(), set()
+    for messages in reading:
+        context, _, question = messages[1]["content"].partition("\n\nQuestion: ")
+        assert context.startswith("Context:\n[1] ") and question
+        sizes.add(len(context.split("\n\n[")))
+        turns.add(len(messages) // 2)
+        assert [m["role"] for m in messages[1:]] == ["user", "assistant"] * (len(messages) // 2)
+        for user, assistant in zip(messages[1::2], messages[2::2]):
+            assert user["content"].startswith(("Context:", "Question: "))
+            assert assistant["content"] in context, (assistant["content"], context)
+    assert sizes == {1, 2, 3, 4} and turns == set(range(1, MAX_TURNS + 1))

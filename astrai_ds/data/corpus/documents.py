@@ -19,6 +19,11 @@ SYLLABLES = [("va", "瓦"), ("lo", "洛"), ("ri", "里"), ("ta", "塔"), ("ren",
              ("sa", "萨"), ("del", "德尔"), ("no", "诺"), ("bi", "比"), ("ka", "卡"), ("lu", "鲁"), ("se", "塞"),
              ("ran", "兰"), ("tu", "图"), ("pe", "佩"), ("mo", "莫"), ("zan", "赞"), ("fi", "菲"), ("gor", "戈尔"),
              ("hel", "赫尔"), ("dra", "德拉"), ("ven", "文")]
+# Syllables of the generated reading drills: none of the articles' syllables, in either language, so a drill never
+# names an entity of the corpus.
+DRILL_SYLLABLES = [("ba", "巴"), ("ga", "加"), ("jo", "乔"), ("ki", "基"), ("ni", "尼"), ("ha", "哈"), ("ji", "吉"),
+                   ("so", "索"), ("wen", "温"), ("po", "波"), ("da", "达"), ("ya", "雅"), ("ku", "库"), ("be", "贝"),
+                   ("ma", "玛"), ("lin", "琳"), ("pu", "普"), ("xi", "希"), ("za", "扎"), ("qu", "曲")]
 PROFESSIONS = [("painter", "画家"), ("engineer", "工程师"), ("sailor", "水手"), ("baker", "面包师"),
                ("astronomer", "天文学家"), ("composer", "作曲家"), ("gardener", "园丁"), ("architect", "建筑师")]
 COLOURS = [("red", "红色"), ("blue", "蓝色"), ("green", "绿色"), ("yellow", "黄色"), ("white", "白色"),
@@ -47,6 +52,24 @@ class Article:
         return {"id": self.id, "kind": self.kind, "lang": self.lang, "title": self.title, "text": self.text,
                 "split": split, "qa": [{"question": q.question, "answer": q.answer} for q in self.qa]}
 
+    def sections(self) -> list[dict]:
+        """The article cut at its headings, as retrieval chunks ({"source", "headings", "text"}): each heading line
+        starts a section that runs to the next one. These are the chunks `astrai_ds.rag.chunking` makes of the
+        article when a section fits its token limit (tested), so reading-comprehension training sees what
+        retrieval will give."""
+        out, path = [], []
+        for line in self.text.splitlines(keepends=True):
+            if line.startswith("#"):
+                level = len(line) - len(line.lstrip("#"))
+                path = path[: level - 1] + [line.strip("# \n")]
+                out.append({"source": f"{self.id}.md", "headings": list(path), "text": ""})
+            out[-1]["text"] += line
+        return out
+
+    def answer_section(self, qa: QA) -> dict:
+        """The first section that states the answer."""
+        return next(s for s in self.sections() if qa.answer in s["text"])
+
 
 class _Names:
     """Made-up names, as (English, Chinese), none inside another (in either language, ignoring case): a name
@@ -64,6 +87,18 @@ class _Names:
                 self.used.append((en, zh))
                 return en.capitalize(), zh
         raise ValueError(f"no new name left after {len(self.used)} names: ask for fewer articles (up to about 500)")
+
+
+class _DrillNames:
+    """Random names of 2-3 drill syllables; they repeat across drills, so a drill's facts can only be read, not
+    remembered."""
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+
+    def __call__(self, parts: int) -> tuple[str, str]:
+        picked = [self.rng.choice(DRILL_SYLLABLES) for _ in range(parts + self.rng.randrange(2))]
+        return "".join(s for s, _ in picked).capitalize(), "".join(z for _, z in picked)
 
 
 def _country(i, rng, names, lang) -> Article:
@@ -97,8 +132,9 @@ def _person(i, rng, names, lang) -> Article:
     job = rng.choice(PROFESSIONS)
     if lang == "en":
         n = name[0]
-        text = (f"# {n}\n\n{n} was a {job[0]} born in {born}.\n\n## Life\n\n{n} grew up in {home[0]} and worked "
-                f"there as a {job[0]} for many years.\n\n## Work\n\n{n} is remembered for inventing the "
+        a = "an" if job[0][0] in "aeiou" else "a"
+        text = (f"# {n}\n\n{n} was {a} {job[0]} born in {born}.\n\n## Life\n\n{n} grew up in {home[0]} and worked "
+                f"there as {a} {job[0]} for many years.\n\n## Work\n\n{n} is remembered for inventing the "
                 f"{invention[0].lower()} lamp.\n")
         qa = (QA(f"In which year was {n} born?", str(born)), QA(f"What was {n}'s profession?", job[0]),
               QA(f"Where did {n} grow up?", home[0]), QA(f"What did {n} invent?", f"the {invention[0].lower()} lamp"))
@@ -137,6 +173,22 @@ def articles(n: int = 120, seed: int = 0) -> list[Article]:
     names = _Names(rng)
     makers = {"country": _country, "person": _person, "product": _product}
     return [makers[KINDS[i % 3]](i, rng, names, ("en", "zh")[(i // 3) % 2]) for i in range(n)]
+
+
+def drill_articles(n: int, seed: int = 0, avoid: list[Article] = ()) -> list[Article]:
+    """`n` reading-drill articles: the same kinds, templates and questions as `articles`, about entities with random
+    names of drill syllables, so the same name comes back with other facts. None of them contains the title of an
+    article in `avoid` (the held-out ones)."""
+    rng = random.Random(f"drills-{seed}")
+    names = _DrillNames(rng)
+    makers = {"country": _country, "person": _person, "product": _product}
+    out = []
+    while len(out) < n:
+        i = len(out)
+        drill = makers[KINDS[i % 3]](i, rng, names, ("en", "zh")[(i // 3) % 2])
+        if not any(a.title in drill.text for a in avoid):
+            out.append(Article(f"drill-{i:05d}", drill.kind, drill.lang, drill.title, drill.text, drill.qa))
+    return out
 
 
 def split_articles(docs: list[Article], heldout: float = 0.25, seed: int = 0) -> tuple[list[Article], list[Article]]:

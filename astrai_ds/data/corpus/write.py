@@ -1,5 +1,6 @@
 """`write_corpus`: the training facts as `pretrain.jsonl` and the held-out prompts as `pretrain_eval.jsonl`,
-and the same split as chat data (`sft.jsonl`, `dpo.jsonl` and their `_eval` sets)."""
+the same split as chat data (`sft.jsonl`, `dpo.jsonl` and their `_eval` sets), and articles about fictional
+entities for retrieval (`documents.jsonl` for training, `documents_eval.jsonl` held out)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from pathlib import Path
 
 from astrai_ds.data.corpus.chat_forms import (DPO_PAIRS, SFT_CONVERSATIONS, dpo_eval_records, dpo_records,
                                               sft_eval_records, sft_records)
+from astrai_ds.data.corpus.documents import articles, drill_articles, split_articles
 from astrai_ds.data.corpus.facts import LANGS, TASKS, Fact
+from astrai_ds.data.corpus.reading import READING_CONVERSATIONS, reading_records, reading_texts
 from astrai_ds.data.corpus.split import per_task_lang, sample_renderings, split_facts
 from astrai_ds.data.sources import check_out_dir
 from astrai_ds.errors import DataError
@@ -21,6 +24,9 @@ SFT_FILE = "sft.jsonl"
 SFT_EVAL_FILE = "sft_eval.jsonl"
 DPO_FILE = "dpo.jsonl"
 DPO_EVAL_FILE = "dpo_eval.jsonl"
+DOCUMENTS_FILE = "documents.jsonl"
+DOCUMENTS_EVAL_FILE = "documents_eval.jsonl"
+ARTICLES = 240  # articles about fictional entities, a quarter of them held out
 
 
 def _write_lines(path: Path, records) -> int:
@@ -39,7 +45,11 @@ def write_corpus(out_dir, seed: int = 0, scale: float = 1.0) -> dict:
       "lang", "task"});
     - `sft.jsonl` ({"messages"}), `sft_eval.jsonl` (see `sft_eval_records`);
     - `dpo.jsonl` ({"prompt": messages, "chosen", "rejected"}), `dpo_eval.jsonl` (plus "task", "lang",
-      "rejected_kind").
+      "rejected_kind");
+    - `documents.jsonl` and `documents_eval.jsonl`: articles ({"id", "kind", "lang", "title", "text", "split",
+      "qa": [{"question", "answer"}]}), split by entity. The training articles are also pretraining text (each
+      followed by its questions and answers); they and generated drills make the reading-comprehension
+      conversations in `sft.jsonl` (see `reading`); nothing in the other files mentions a held-out entity.
 
     The same seed gives byte-identical files; `scale` multiplies the number of training records but leaves
     the held-out split, and so the eval files, unchanged."""
@@ -60,19 +70,27 @@ def write_corpus(out_dir, seed: int = 0, scale: float = 1.0) -> dict:
         counts[name] = {"pretrain": n, "eval": sum(f.task == name for f in split.eval),
                         "sft": per_task_lang(SFT_CONVERSATIONS, scale) * len(LANGS),
                         "dpo": per_task_lang(DPO_PAIRS, scale) * len(LANGS)}
-    random.Random(f"shuffle:{seed}").shuffle(records)
+    doc_train, doc_eval = split_articles(articles(ARTICLES, seed), seed=seed)
+    n_conversations = max(1, round(READING_CONVERSATIONS * scale))
+    texts = [f.text for f in records] + reading_texts(doc_train, seed)
+    random.Random(f"shuffle:{seed}").shuffle(texts)
+    reading = reading_records(doc_train + drill_articles(n_conversations, seed, avoid=doc_eval), n_conversations, seed)
+    sft = sft_records(seed, scale) + reading
+    random.Random(f"sft-shuffle:{seed}").shuffle(sft)
 
     out.mkdir(parents=True, exist_ok=True)
-    pretrain_bytes = _write_lines(out / PRETRAIN_FILE, ({"text": f.text} for f in records))
+    pretrain_bytes = _write_lines(out / PRETRAIN_FILE, ({"text": t} for t in texts))
     eval_bytes = _write_lines(out / EVAL_FILE, (f.eval_record() for f in split.eval))
-    chat = {SFT_FILE: sft_records(seed, scale), SFT_EVAL_FILE: sft_eval_records(seed),
+    chat = {SFT_FILE: sft, SFT_EVAL_FILE: sft_eval_records(seed),
             DPO_FILE: dpo_records(seed, scale), DPO_EVAL_FILE: dpo_eval_records(seed)}
     for name, chat_records in chat.items():
         _write_lines(out / name, chat_records)
+    _write_lines(out / DOCUMENTS_FILE, (a.record("train") for a in doc_train))
+    _write_lines(out / DOCUMENTS_EVAL_FILE, (a.record("eval") for a in doc_eval))
     return {
         "pretrain": str(out / PRETRAIN_FILE),
         "eval": str(out / EVAL_FILE),
-        "pretrain_records": len(records),
+        "pretrain_records": len(texts),
         "eval_items": len(split.eval),
         "pretrain_bytes": pretrain_bytes,
         "eval_bytes": eval_bytes,
@@ -84,5 +102,11 @@ def write_corpus(out_dir, seed: int = 0, scale: float = 1.0) -> dict:
         "sft_eval_items": len(chat[SFT_EVAL_FILE]),
         "dpo_records": len(chat[DPO_FILE]),
         "dpo_eval_items": len(chat[DPO_EVAL_FILE]),
+        "documents": str(out / DOCUMENTS_FILE),
+        "documents_eval": str(out / DOCUMENTS_EVAL_FILE),
+        "documents_records": len(doc_train),
+        "documents_eval_items": len(doc_eval),
+        "reading_texts": len(doc_train),
+        "reading_records": len(reading),
         "tasks": counts,
     }

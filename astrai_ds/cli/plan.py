@@ -1,0 +1,135 @@
+"""Will it fit? Memory per GPU for a model on a cluster, before launching: parameters, model states (weights,
+gradients, optimizer) for ZeRO-0/1/2/3 with and without CPU offload, per GPU and per node's host memory, and
+activations per micro-batch with and without activation checkpointing; then which options fit the GPU.
+
+Model states follow DeepSpeed's own estimators (bf16 mixed precision with Adam); activations count what this
+model's blocks keep for the backward pass (see astrai_ds/training/memory.py). A tenth of the GPU memory is kept
+back for the CUDA context, communication buffers and fragmentation. The option the DeepSpeed config asks for
+is marked.
+
+  astrai-ds plan --model configs/model/1b.json --ds_config zero3.json --nodes 2 --gpus-per-node 8
+  astrai-ds plan --config configs/train/pt_1b.json --ds_config zero3_offload.json --nodes 1 --gpus-per-node 1 \\
+      --gpu-memory 24GiB
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from astrai_ds.errors import UserError
+
+NAME = "plan"
+HELP = "memory per GPU for a model, ZeRO stage, cluster and batch, before launching"
+
+UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4, "kb": 1000,
+         "mb": 1000 ** 2, "gb": 1000 ** 3, "tb": 1000 ** 4}
+
+
+def memory_size(text: str) -> int:
+    """'80GiB', '24 GB', '1024' (bytes) -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in UNITS or float(match.group(1)) <= 0:
+        raise UserError(f"--gpu-memory {text!r} is not a size: write it like 80GiB, 24GB or 40960MiB")
+    return int(float(match.group(1)) * UNITS[match.group(2).lower()])
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", default=None, help="model config (JSON); default: the train config's")
+    p.add_argument("--config", default=None,
+                   help="train config: its model, micro_batch_size, data.seq_len and activation_checkpointing "
+                        "are the defaults of the options below")
+    p.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", default=None,
+                   help="DeepSpeed config: the ZeRO stage and offload it asks for are marked")
+    p.add_argument("--nodes", type=int, default=1, help="nodes")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node")
+    p.add_argument("--micro-batch", type=int, default=None, help="sequences per GPU per forward (default: the "
+                                                                 "train config's micro_batch_size, else 1)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per sequence (default: the train config's data.seq_len, else the model's max_seq_len)")
+    ckpt = p.add_mutually_exclusive_group()
+    ckpt.add_argument("--activation-checkpointing", dest="checkpointing", action="store_true", default=None,
+                      help="recompute block activations in backward (default: the train config's setting, else off)")
+    ckpt.add_argument("--no-activation-checkpointing", dest="checkpointing", action="store_false")
+    p.add_argument("--gpu-memory", default="80GiB", help="memory of one GPU, e.g. 80GiB, 40GB")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help='the vocabulary size when the model config says "auto"')
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (bytes) instead of a table")
+
+
+def _inputs(args):
+    from astrai_ds.config.base import find_file
+    from astrai_ds.config.model import ModelConfig
+    from astrai_ds.config.train import TrainConfig
+
+    train = TrainConfig.load(find_file(args.config, "train config")) if args.config else None
+    model_path = args.model or (train.model if train else None)
+    if not model_path:
+        raise UserError("give --model (a model config) or --config (a train config that names one)")
+    model_path = find_file(model_path, "model config", key="--model")
+    cfg = ModelConfig.load(model_path)
+    if cfg.vocab_size == "auto":
+        if args.vocab_size is None:
+            raise UserError(f'{model_path}: vocab_size is "auto" (the tokenizer\'s size); give --vocab-size N')
+        cfg = cfg.resolved(args.vocab_size)
+    for key in ("nodes", "gpus_per_node", "micro_batch", "seq_len"):
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
+    micro = args.micro_batch or (train.micro_batch_size if train else 1)
+    seq_len = args.seq_len or (train.data.seq_len if train else cfg.max_seq_len)
+    if seq_len > cfg.max_seq_len:
+        raise UserError(f"--seq-len {seq_len} is above the model's max_seq_len {cfg.max_seq_len} ({model_path})")
+    checkpointing = args.checkpointing if args.checkpointing is not None else bool(
+        train and train.activation_checkpointing)
+    return cfg, model_path, micro, seq_len, checkpointing
+
+
+def _asked(args) -> tuple[int, bool, bool] | None:
+    """(stage, offload optimizer, offload params) of --ds_config."""
+    if not args.ds_config:
+        return None
+    from astrai_ds.config.deepspeed import load_ds_config, zero_stage
+
+    ds, _ = load_ds_config(args.ds_config)
+    zero = ds.get("zero_optimization", {})
+    device = lambda key: zero.get(key, {}).get("device", "none") in ("cpu", "nvme")
+    return zero_stage(ds), device("offload_optimizer"), device("offload_param")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024 ** 3:.1f}"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else str(n)
+
+
+def run(args) -> int:
+    from astrai_ds.training.memory import plan
+
+    cfg, model_path, micro, seq_len, checkpointing = _inputs(args)
+    result = plan(cfg, args.gpus_per_node, args.nodes, micro, seq_len, memory_size(args.gpu_memory), checkpointing)
+    asked = _asked(args)
+    for row in result["options"]:
+        row["asked"] = asked == (row["stage"], row["offload_optimizer"], row["offload_params"])
+    if args.json:
+        print(json.dumps({"model": str(model_path), **result}, indent=2))
+        return 0
+    p, act = result["params"], result["activations"]
+    print(f"model {model_path}: {_count(p['total'])} parameters ({_count(p['embedding'])} in embeddings), largest "
+          f"layer {_count(p['largest_layer'])}")
+    print(f"{args.nodes} node(s) x {args.gpus_per_node} GPU(s) = {result['gpus']} GPU(s) of {_gib(result['gpu_memory'])}"
+          f" GiB ({_gib(result['usable_gpu_memory'])} usable); micro-batch {micro} x {seq_len} tokens, bf16")
+    print(f"activations per GPU: {_gib(act['blocks'] + act['logits'])} GiB without activation checkpointing, "
+          f"{_gib(act['blocks_checkpointed'] + act['logits'])} GiB with (logits {_gib(act['logits'])} GiB in "
+          f"both); below: {'with' if checkpointing else 'without'}\n")
+    print(f"  {'option':<40}{'states':>8}{'activ.':>8}{'total':>8}  {'host/node':>10}  fits   (GiB)")
+    for row in result["options"]:
+        mark = "  <- --ds_config" if row["asked"] else ""
+        print(f"  {row['name']:<40}{_gib(row['gpu_bytes']):>8}{_gib(row['activations']):>8}{_gib(row['gpu_total']):>8}"
+              f"  {_gib(row['host_bytes']):>10}  {'yes' if row['fits'] else 'no ':<5}{mark}")
+    if asked is not None and not any(row["asked"] for row in result["options"]):
+        print(f"\n--ds_config asks for ZeRO-{asked[0]} with parameter offload but no optimizer offload, which "
+              f"DeepSpeed's estimators do not cover")
+    return 0

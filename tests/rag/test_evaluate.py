@@ -1,0 +1,93 @@
+"""`rag eval`: recall at k and exact answers on the corpus's held-out documents. BM25 over the model's tokens finds
+the chunk that states the answer whatever the weights; every answer is scored by its value; the index must hold the
+questions' documents; the CLI writes the metrics `report --stage rag` reads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from astrai_ds.cli.main import main
+from astrai_ds.errors import UserError
+from astrai_ds.inference.engine import LLMEngine
+from astrai_ds.model.io import load_model_folder
+from astrai_ds.rag.chunking import ChunkParams
+from astrai_ds.rag.embed import Embedder
+from astrai_ds.rag.evaluate import answer_value, evaluate_rag, read_questions
+from astrai_ds.rag.index import MODES, Index, build_index, read_documents
+
+
+@pytest.mark.parametrize("response, value", [
+    ("Venlu", "Venlu"), (" Venlu.", "Venlu"), ("Venlu. The capital of Senofi is Venlu.", "Venlu"),
+    ("the zanbi lamp", "the zanbi lamp"), ("鲁诺。比塞塔的首都是鲁诺。", "鲁诺"), ("3.5", "3.5"), ("", ""),
+])
+def test_the_value_of_an_answer(response, value):
+    assert answer_value(response) == value
+
+
+@pytest.fixture(scope="module")
+def corpus_index(workspace, long_model_dir, tmp_path_factory):
+    model, tokenizer = load_model_folder(long_model_dir, dtype=torch.float32)
+    docs, skipped = read_documents([workspace / "corpus" / "documents_eval.jsonl"])
+    assert not skipped
+    out = tmp_path_factory.mktemp("rag") / "index"
+    build_index(docs, long_model_dir, out, model, tokenizer, ChunkParams(max_tokens=128), progress=False)
+    return Index.load(out), model, tokenizer
+
+
+def test_recall_and_answers_on_the_held_out_documents(workspace, corpus_index):
+    index, model, tokenizer = corpus_index
+    questions = read_questions(workspace / "corpus" / "documents_eval.jsonl")
+    held = [json.loads(line) for line in (workspace / "corpus" / "documents_eval.jsonl").read_text().splitlines()]
+    assert len(questions) == sum(len(d["qa"]) for d in held)
+    metrics, records = evaluate_rag(index, Embedder(model, tokenizer), LLMEngine(model, tokenizer), questions,
+                                    k=5, answer_k=3, max_new_tokens=8)
+    recall = metrics["recall_at_5"]
+    assert set(recall) == set(MODES) and all(0.0 <= v <= 1.0 for v in recall.values())
+    # the names are rare tokens: lexical search finds the entity's chunk, trained weights or not
+    assert recall["bm25"] >= 0.9, recall
+    assert recall["bm25"] == sum(r["found_bm25"] for r in records) / len(records)
+    for name in ("closed_book", "rag", "oracle"):
+        for r in records:
+            assert r[f"{name}_correct"] == (answer_value(r[name]) == r["answer"])
+        assert metrics[f"answer_em_{name}"] == sum(r[f"{name}_correct"] for r in records) / len(records)
+    assert all(1 <= r["rag_chunks"] <= 3 for r in records)
+
+
+def test_the_index_must_hold_the_questions_documents(workspace, corpus_index, tmp_path):
+    index, model, tokenizer = corpus_index
+    other = read_questions(workspace / "corpus" / "documents.jsonl")[:3]  # training articles: not in the index
+    with pytest.raises(UserError, match="lacks the documents of 3 of the 3 questions"):
+        evaluate_rag(index, Embedder(model, tokenizer), LLMEngine(model, tokenizer), other)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "# A\n\nA is a place."}) + "\n")
+    with pytest.raises(UserError, match="a record needs 'text' and 'qa'"):
+        read_questions(bad)
+
+
+def test_rag_eval_writes_what_report_reads(workspace, long_model_dir, tmp_path, capsys):
+    docs = workspace / "corpus" / "documents_eval.jsonl"
+    held = [json.loads(line) for line in docs.read_text().splitlines()][:6]
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in held), encoding="utf-8")
+    common = ["--model", str(long_model_dir), "--dtype", "fp32"]
+    assert main(["rag", "index", "--docs", str(few), "--out", str(tmp_path / "i"), *common]) == 0
+    assert main(["rag", "eval", "--index", str(tmp_path / "i"), "--docs", str(few), "--out", str(tmp_path / "rag.json"),
+                 "--responses", str(tmp_path / "answers.jsonl"), "--max-new-tokens", "4", *common]) == 0
+    assert "recall at 5: dense" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "rag.json").read_text())
+    assert metrics["questions"] == sum(len(d["qa"]) for d in held) == len((tmp_path / "answers.jsonl").read_text()
+                                                                           .splitlines())
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"pt": {"eval_loss": 1.5}}))
+    assert main(["report", "--stage", "rag", "--eval", str(tmp_path / "rag.json"), "--out", str(report)]) == 0
+    merged = json.loads(report.read_text())
+    assert merged["pt"] == {"eval_loss": 1.5} and merged["rag"]["recall_at_5"] == metrics["recall_at_5"]
+    assert "rag: closed_book" in capsys.readouterr().out
+    # a stage file is not a RAG result
+    (tmp_path / "stage.json").write_text(json.dumps({"eval_loss": 2.0}))
+    assert main(["report", "--stage", "rag", "--eval", str(tmp_path / "stage.json"), "--out", str(report)]) == 2
+    assert "lacks answer_em_closed_book" in capsys.readouterr().err
+    assert json.loads(report.read_text()) == merged
