@@ -80,32 +80,41 @@ def _few(names: list[str]) -> str:
 
 def _load_exact(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """load_state_dict with every name and shape checked first, so a mismatch is one readable message."""
-    expected = model.state_dict()
+    check_state({k: tuple(v.shape) for k, v in model.state_dict().items()}, state, source)
+    model.load_state_dict(state, strict=True)
+
+
+def folder_state(cfg: ModelConfig, model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """A model folder's weights under our parameter names (from Hugging Face's when the folder has those); a tied
+    pair, saved under one of its two names, gets both."""
+    tensors = read_weights(model_dir)
+    if is_hf_state_dict(tensors):
+        return from_hf_state_dict(tensors, cfg, str(model_dir))
+    state = dict(tensors)
+    pair = ("embed.tok_embeddings.weight", "head.output.weight")
+    if cfg.tie_embeddings:
+        for a, b in (pair, pair[::-1]):
+            if a not in state and b in state:
+                state[a] = state[b]
+    return state
+
+
+def check_state(expected: dict[str, tuple], state: dict[str, torch.Tensor], source: str) -> None:
+    """Every name of `expected` ({name: shape}) in `state` with that shape, and nothing else: else one readable
+    UserError."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-              if k in state and state[k].shape != v.shape]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {shape}" for k, shape in expected.items()
+              if k in state and tuple(state[k].shape) != shape]
     problems = [f"{what} {_few(names)}" for what, names in
                 (("missing", missing), ("unexpected", unexpected), ("shapes differ:", shapes)) if names]
     if problems:
         raise UserError(f"{source}: the weights do not fit the model of its config.json ({'; '.join(problems)})")
-    model.load_state_dict(state, strict=True)
 
 
 def load_weights(model: Transformer, model_dir: str | Path) -> None:
     """Load a model folder's weights into `model` (same shape), e.g. to fine-tune from it."""
-    tensors = read_weights(model_dir)
-    source = str(model_dir)
-    if is_hf_state_dict(tensors):
-        state = from_hf_state_dict(tensors, model.cfg, source)
-    else:  # our own names; a tied pair was saved under one of its two names
-        state = dict(tensors)
-        pair = ("embed.tok_embeddings.weight", "head.output.weight")
-        if model.cfg.tie_embeddings:
-            for a, b in (pair, pair[::-1]):
-                if a not in state and b in state:
-                    state[a] = state[b]
-    _load_exact(model, state, source)
+    _load_exact(model, folder_state(model.cfg, model_dir), str(model_dir))
 
 
 def load_model_folder(model_dir: str | Path, dtype: torch.dtype | None = None, device: str = "cpu"):

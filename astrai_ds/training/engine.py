@@ -13,11 +13,12 @@ from astrai_ds.training.schedules import lr_multiplier
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (linear and embedding weights), none on norm gains."""
+    """Weight decay on matrices (linear and embedding weights), none on norm gains. A parameter partitioned by
+    `zero.Init` is a flat shard: its own shape is `ds_shape`."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -48,3 +49,53 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, ds_config: dict):
         config=ds_config,
     )
     return engine
+
+
+def build_model(model_cfg, ds_config: dict, seed: int, init_from=None, activation_checkpointing: bool = False):
+    """The model an engine will wrap. Under ZeRO-3 it is built inside `deepspeed.zero.Init`: each module's
+    parameters are partitioned over the ranks as soon as the module is constructed, so no rank ever holds the
+    whole model, and a model larger than one rank's memory starts. The weights are initialised from the torch RNG
+    in the same order either way, so the same seed gives the same weights as an unsharded build (the ZeRO parity
+    tests compare them). `init_from` (a model folder) is loaded one module at a time: gathered, filled on rank 0,
+    partitioned again."""
+    from astrai_ds.config.deepspeed import zero_stage
+    from astrai_ds.model import Transformer
+    from astrai_ds.model.io import load_weights
+
+    torch.manual_seed(seed)  # the same init on every rank and for every ZeRO stage
+    if zero_stage(ds_config) == 3:
+        import deepspeed
+
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = Transformer(model_cfg)
+        if init_from:
+            load_weights_sharded(model, init_from)
+    else:
+        model = Transformer(model_cfg)
+        if init_from:
+            load_weights(model, init_from)
+    model.activation_checkpointing = activation_checkpointing
+    return model
+
+
+def load_weights_sharded(model, model_dir) -> None:
+    """`model_io.load_weights` for a model built under `deepspeed.zero.Init`: names and shapes are checked first
+    (one clear error), then each module's own parameters are gathered, copied on rank 0 and partitioned again."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from astrai_ds.model.io import check_state, folder_state
+
+    state = folder_state(model.cfg, model_dir)
+    named = dict(model.named_parameters(remove_duplicate=False))
+    check_state({name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in named.items()}, state, str(model_dir))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    for prefix, module in model.named_modules():
+        own = dict(module.named_parameters(recurse=False))
+        if not own:
+            continue
+        with deepspeed.zero.GatheredParameters(list(own.values()), modifier_rank=0):
+            if rank == 0:
+                with torch.no_grad():
+                    for name, p in own.items():
+                        p.copy_(state[f"{prefix}.{name}" if prefix else name])

@@ -32,9 +32,9 @@ def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
-def load_reference_model(model_dir: str | Path, policy_cfg: ModelConfig, tokenizer: Tokenizer, key: str):
-    """The reference model from an exported folder, frozen; its shape and vocabulary must be the policy's."""
-    from astrai_ds.model.io import load_model_folder, read_model_config
+def check_reference_folder(model_dir: str | Path, policy_cfg: ModelConfig, tokenizer: Tokenizer, key: str) -> None:
+    """The reference model's folder must exist and hold the policy's shape and vocabulary."""
+    from astrai_ds.model.io import read_model_config
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
@@ -49,14 +49,24 @@ def load_reference_model(model_dir: str | Path, policy_cfg: ModelConfig, tokeniz
     if Tokenizer.load(model_dir / "tokenizer.json").hash != tokenizer.hash:
         raise ConfigError(f"{key} {model_dir}: the reference model uses another tokenizer (vocabulary) than this run "
                           f"({tokenizer.path}); DPO compares log-probs token by token, so both must be the same")
+
+
+def load_reference_model(model_dir: str | Path, policy_cfg: ModelConfig, tokenizer: Tokenizer, key: str):
+    """The reference model from an exported folder, whole on this rank and frozen (to precompute log-probs)."""
+    from astrai_ds.model.io import load_model_folder
+
+    check_reference_folder(model_dir, policy_cfg, tokenizer, key)
     model, _ = load_model_folder(model_dir)
     model.requires_grad_(False)
     return model.eval()
 
 
-def live_reference_engine(model: torch.nn.Module, policy_ds: dict, offload: bool):
-    """A DeepSpeed engine for inference only: no optimizer, no gradients, ZeRO-3 if the policy uses it."""
+def live_reference_engine(model_dir: str | Path, policy_cfg: ModelConfig, policy_ds: dict, offload: bool):
+    """A DeepSpeed engine for inference only: no optimizer, no gradients, ZeRO-3 if the policy uses it (the
+    reference is then built sharded, under `zero.Init`, as the policy is)."""
     import deepspeed
+
+    from astrai_ds.training.engine import build_model
 
     zero = {"stage": 3 if zero_stage(policy_ds) == 3 else 0}
     if offload and zero["stage"] == 3:
@@ -64,7 +74,9 @@ def live_reference_engine(model: torch.nn.Module, policy_ds: dict, offload: bool
     config = {key: policy_ds[key] for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                                               "train_batch_size", "bf16", "fp16")}
     config.update(zero_optimization=zero, steps_per_print=2**31 - 1)
-    engine, _, _, _ = deepspeed.initialize(model=model, config=config)
+    model = build_model(policy_cfg, config, seed=0, init_from=model_dir)
+    model.requires_grad_(False)
+    engine, _, _, _ = deepspeed.initialize(model=model.eval(), config=config)
     engine.eval()
     return engine
 

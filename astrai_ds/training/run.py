@@ -31,7 +31,8 @@ from astrai_ds.training.checkpoint import check_resumable, find_checkpoint, remo
 from astrai_ds.training.data_setup import batch_iterator, build_dataset, open_data
 from astrai_ds.training.distributed import (DistInfo, all_reduce_host, bf16_supported, env_rank, exit_process,
                                             init_distributed, on_accelerator)
-from astrai_ds.training.engine import build_engine
+from astrai_ds.training.engine import build_engine, build_model
+from astrai_ds.training.memory import param_counts
 from astrai_ds.training.guard import Launcher, find_launchers, lock_output_dir
 from astrai_ds.training.metrics import Throughput, measure_peak_flops
 from astrai_ds.training.strategies import STRATEGIES
@@ -118,31 +119,20 @@ def _write_run_files(output_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig,
     atomic_write(output_dir / "tokenizer.json", Path(tokenizer.path).read_bytes())
 
 
-def _build_model(cfg: TrainConfig, model_cfg: ModelConfig):
-    from astrai_ds.model import Transformer
-    from astrai_ds.model.io import load_weights
-
-    torch.manual_seed(cfg.seed)  # the same init on every rank and for every ZeRO stage
-    model = Transformer(model_cfg)
-    if cfg.stage.init_from:
-        load_weights(model, cfg.stage.init_from)
-    model.activation_checkpointing = cfg.activation_checkpointing
-    return model
-
-
 def _dpo_reference(cfg, model_cfg, tokenizer, ds_cfg, train_shards, dataset, collate, dist_info, device, dtype):
     """(reference callable for the strategy or None, collate) for a DPO run; see training/reference.py."""
-    from astrai_ds.training.reference import (WithReferenceLogps, live_reference_engine, load_or_precompute,
-                                              load_reference_model, precompute_reference_logps,
+    from astrai_ds.training.reference import (WithReferenceLogps, check_reference_folder, live_reference_engine,
+                                              load_or_precompute, load_reference_model, precompute_reference_logps,
                                               reference_cache_path)
 
     dpo = cfg.dpo
     if not dpo.needs_reference:  # simpo
         return None, collate
     key = "dpo.reference_model" if dpo.reference_model else "stage.init_from"
-    ref_model = load_reference_model(cfg.reference_path, model_cfg, tokenizer, key)
     if dpo.reference == "live":
-        return live_reference_engine(ref_model, ds_cfg, dpo.reference_offload), collate
+        check_reference_folder(cfg.reference_path, model_cfg, tokenizer, key)
+        return live_reference_engine(cfg.reference_path, model_cfg, ds_cfg, dpo.reference_offload), collate
+    ref_model = load_reference_model(cfg.reference_path, model_cfg, tokenizer, key)
     cache = reference_cache_path(train_shards.path, Path(cfg.reference_path), cfg.data.seq_len, dtype)
     ref_model.to(device=device, dtype=dtype)
     strategy = STRATEGIES["dpo"].from_config(dpo)
@@ -208,8 +198,8 @@ def _prepare_output_dir(cfg: TrainConfig, model_cfg: ModelConfig, ds_cfg: dict, 
 def _build_engine_and_strategy(cfg, model_cfg, tokenizer, ds_cfg, data: RunData, dist_info: DistInfo, dtype):
     """The DeepSpeed engine (and, for DPO, the reference) and the stage's strategy -> (engine, strategy, model,
     number of parameters)."""
-    model = _build_model(cfg, model_cfg)
-    n_params = model.num_params()  # before ZeRO-3 partitions the parameters
+    model = build_model(model_cfg, ds_cfg, cfg.seed, cfg.stage.init_from, cfg.activation_checkpointing)
+    n_params = param_counts(model_cfg).total  # counted from the shapes: under ZeRO-3 no rank holds them all
     engine = build_engine(model, cfg, ds_cfg)
     reference = None
     if cfg.stage.type == "dpo":

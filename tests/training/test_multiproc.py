@@ -130,3 +130,40 @@ def test_training_lowers_eval_loss(workspace, tmp_path):
     launch(cfg)
     evals = [r["eval/loss"] for r in read_metrics(tmp_path / "run") if "eval/loss" in r]
     assert evals[-1] < 0.5 * evals[0], evals
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_zero3_builds_sharded_with_the_unsharded_weights(workspace, tmp_path, tied):
+    """Under ZeRO-3 the model is built inside zero.Init: right after construction no rank holds a whole
+    parameter, the ranks' shards add up to the model, and the gathered weights equal an unsharded build from
+    the same seed; a model folder (stage.init_from) loads into it exactly."""
+    from astrai_ds.config.model import ModelConfig
+    from astrai_ds.data.tokenizer import Tokenizer
+    from astrai_ds.model import Transformer
+    from astrai_ds.model.io import save_model_folder
+    from astrai_ds.training.engine import param_groups
+
+    cfg_path = tmp_path / "model.json"
+    cfg_path.write_text(json.dumps({"vocab_size": 512, "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+                                    "ffn_dim": 176, "max_seq_len": 64, "tie_embeddings": tied}))
+    cfg = ModelConfig.load(cfg_path)
+    torch.manual_seed(1234)
+    reference = Transformer(cfg)
+    folder_model = Transformer(cfg)  # other weights (the RNG has moved on): what init_from must load
+    folder = save_model_folder(folder_model, Tokenizer.load(workspace / "tokenizer"), tmp_path / "folder")
+    for init_from, expected in ((None, reference), (folder, folder_model)):
+        out = tmp_path / f"built_{init_from is not None}.pt"
+        port = free_port()
+        cmd = deepspeed_cmd(str(ROOT / "tests" / "training" / "sharded_build.py"), 2, port)
+        cmd += ["--model-config", str(cfg_path), "--out", str(out)]
+        run_distributed(cmd + (["--init-from", str(init_from)] if init_from else []), port)
+        built = torch.load(out)
+        assert built["tied"] == tied
+        decay = {id(p) for p in param_groups(expected, 0.1)[0]["params"]}  # weight decay on the same matrices
+        assert built["decay"] == sorted(n for n, p in expected.named_parameters() if id(p) in decay)
+        names = dict(expected.named_parameters())
+        assert set(built["full"]) == set(names)
+        for name, p in names.items():
+            assert all(rank["held"][name] == 0 for rank in built["ranks"]), name  # partitioned, not whole
+            assert sum(rank["shard"][name] for rank in built["ranks"]) >= p.numel()  # padded to the ranks
+            torch.testing.assert_close(built["full"][name], p.detach(), rtol=0, atol=0, msg=name)
