@@ -5,11 +5,7 @@ activations per micro-batch with and without activation checkpointing; then whic
 Model states follow DeepSpeed's own estimators (bf16 mixed precision with Adam); activations count what this
 model's blocks keep for the backward pass (see astrai_ds/training/memory.py). A tenth of the GPU memory is kept
 back for the CUDA context, communication buffers and fragmentation. The option the DeepSpeed config asks for
-is marked.
-
-  astrai-ds plan --model configs/model/1b.json --ds_config zero3.json --nodes 2 --gpus-per-node 8
-  astrai-ds plan --config configs/train/pt_1b.json --ds_config zero3_offload.json --nodes 1 --gpus-per-node 1 \\
-      --gpu-memory 24GiB
+is marked (examples: the README's Scale section).
 """
 
 from __future__ import annotations
@@ -119,8 +115,9 @@ def run(args) -> int:
     p, act = result["params"], result["activations"]
     print(f"model {model_path}: {_count(p['total'])} parameters ({_count(p['embedding'])} in embeddings), largest "
           f"layer {_count(p['largest_layer'])}")
-    print(f"{args.nodes} node(s) x {args.gpus_per_node} GPU(s) = {result['gpus']} GPU(s) of {_gib(result['gpu_memory'])}"
-          f" GiB ({_gib(result['usable_gpu_memory'])} usable); micro-batch {micro} x {seq_len} tokens, bf16")
+    print(f"{args.nodes} node(s) x {args.gpus_per_node} GPU(s) = {result['gpus']} GPU(s) of "
+          f"{_gib(result['gpu_memory'])} GiB ({_gib(result['usable_gpu_memory'])} usable); micro-batch {micro} x "
+          f"{seq_len} tokens, bf16")
     print(f"activations per GPU: {_gib(act['blocks'] + act['logits'])} GiB without activation checkpointing, "
           f"{_gib(act['blocks_checkpointed'] + act['logits'])} GiB with (logits {_gib(act['logits'])} GiB in "
           f"both); below: {'with' if checkpointing else 'without'}\n")

@@ -173,7 +173,8 @@ def _query(args) -> int:
     index, embedder, _, tokenizer = _open(args, args.model)
     for hit in index.search(args.question, embedder, tokenizer, args.k, args.mode):
         c = hit.chunk
-        print(f"[{hit.rank}] {hit.score:.4f}  {chunk_label(c, with_source=True)}  (characters {c['start']}-{c['end']})")
+        label = chunk_label(c, with_source=True)
+        print(f"[{hit.rank}] {hit.score:.4f}  {label}  (characters {c['start']}-{c['end']})")
         print("    " + c["text"].strip().replace("\n", "\n    "))
     return 0
 
@@ -220,7 +221,8 @@ def _eval(args) -> int:
         with open(args.responses, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     recall = metrics[f"recall_at_{args.k}"]
-    print(f"{metrics['questions']} questions; recall at {args.k}: " + ", ".join(f"{m} {v:.3f}" for m, v in recall.items()))
+    print(f"{metrics['questions']} questions; recall at {args.k}: "
+          + ", ".join(f"{m} {v:.3f}" for m, v in recall.items()))
     print(f"exact answers: closed-book {metrics['answer_em_closed_book']:.3f}, RAG ({args.mode}, top {args.answer_k}) "
           f"{metrics['answer_em_rag']:.3f}, oracle {metrics['answer_em_oracle']:.3f}")
     return 0

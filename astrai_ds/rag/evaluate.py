@@ -39,9 +39,9 @@ def read_questions(path: str | Path) -> list[dict]:
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
         qa = record.get("qa") if isinstance(record, dict) else None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str) or not isinstance(qa, list) or not all(
-                isinstance(q, dict) and isinstance(q.get("question"), str) and isinstance(q.get("answer"), str)
-                for q in qa):
+        well_formed = isinstance(qa, list) and all(
+            isinstance(q, dict) and isinstance(q.get("question"), str) and isinstance(q.get("answer"), str) for q in qa)
+        if not well_formed or not isinstance(record.get("text"), str):
             raise UserError(f"{path}:{lineno}: a record needs 'text' and 'qa': [{{'question', 'answer'}}] (strings)")
         sha = hashlib.sha256(record["text"].encode("utf-8")).hexdigest()
         out += [{"sha256": sha, "question": q["question"], "answer": q["answer"], "lang": record.get("lang")}

@@ -79,8 +79,9 @@ def build_model(model_cfg, ds_config: dict, seed: int, init_from=None, activatio
 
 
 def load_weights_sharded(model, model_dir) -> None:
-    """`model_io.load_weights` for a model built under `deepspeed.zero.Init`: names and shapes are checked first
-    (one clear error), then each module's own parameters are gathered, copied on rank 0 and partitioned again."""
+    """`model.io.load_weights` for a model built under `deepspeed.zero.Init`: names and shapes are checked first
+    (one clear error), then each module's own parameters are gathered, copied on rank 0 and partitioned again.
+    Every rank reads the folder's tensors into host memory; only one module is whole on the device at a time."""
     import deepspeed
     import torch.distributed as dist
 
