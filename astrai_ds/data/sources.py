@@ -1,6 +1,7 @@
 """Raw text sources: `.txt` files (one document per line) and `.jsonl` files (one JSON object per line,
 the document in its `text` field), read lazily line by line and NFC-normalized; and the JSON records of
-chat `.jsonl` files (`iter_records`), which the chat module checks and normalizes. `check_out_dir` checks the
+chat `.jsonl` files (`iter_records`), which the chat module checks and normalizes; `iter_json_lines` reads a
+`.jsonl` file that must be whole (evaluation sets), stopping at the first line that is not JSON. `check_out_dir` checks the
 output folder of a data command before any work starts.
 
 The tokenizer has no normalizer (so that decode(encode(x)) == x for any string); text is NFC-normalized
@@ -150,3 +151,16 @@ def iter_records(path: Path, skipped: Counter, examples: dict | None = None) -> 
             count_skip(skipped, examples, "invalid_json", f"{path}:{lineno}")
             continue
         yield lineno, value
+
+
+def iter_json_lines(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON value) of every non-blank line of a file that must be valid throughout: the first
+    line that is not JSON is a DataError naming the file and the line."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None

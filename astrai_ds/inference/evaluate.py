@@ -8,13 +8,13 @@ Chat and pair records are described in `RECORD_KINDS`; every record is checked w
 
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
+from astrai_ds.data.sources import iter_json_lines
 from astrai_ds.errors import DataError
 from astrai_ds.inference.progress import Progress
 from astrai_ds.model.losses import IGNORE_INDEX, token_loss_sum
@@ -68,25 +68,18 @@ def read_eval_records(path: str | Path, kind: str) -> list[dict]:
     fields, example, option = RECORD_KINDS[kind]
     expected = f"{option} expects {fields} on every line, as in {example}"
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            seen = _record_kind(record) if isinstance(record, dict) else None
-            if seen is None:
-                raise DataError(f"{path}:{lineno}: not an eval record; {expected}")
-            if seen != kind:
-                raise DataError(f"{path}:{lineno}: a {seen} record (as in {RECORD_KINDS[seen][1]}), not a {kind} "
-                                f"record: give this file with {RECORD_KINDS[seen][2]} instead of {option}")
-            try:
-                _check_record(record, kind)
-            except ValueError as e:
-                raise DataError(f"{path}:{lineno}: {e}; {expected}") from None
-            records.append(record)
+    for lineno, record in iter_json_lines(path):
+        seen = _record_kind(record) if isinstance(record, dict) else None
+        if seen is None:
+            raise DataError(f"{path}:{lineno}: not an eval record; {expected}")
+        if seen != kind:
+            raise DataError(f"{path}:{lineno}: a {seen} record (as in {RECORD_KINDS[seen][1]}), not a {kind} "
+                            f"record: give this file with {RECORD_KINDS[seen][2]} instead of {option}")
+        try:
+            _check_record(record, kind)
+        except ValueError as e:
+            raise DataError(f"{path}:{lineno}: {e}; {expected}") from None
+        records.append(record)
     if not records:
         raise DataError(f"{path}: no records; {expected}")
     return records

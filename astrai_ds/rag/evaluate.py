@@ -15,10 +15,10 @@ the index may have been built from another path to the same file.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 from astrai_ds.data.chat import rag_messages
+from astrai_ds.data.sources import iter_json_lines
 from astrai_ds.errors import UserError
 from astrai_ds.rag.answer import fit_prompt
 from astrai_ds.rag.index import MODES
@@ -31,13 +31,7 @@ def read_questions(path: str | Path) -> list[dict]:
         raise UserError(f"--docs {path}: no such file; give the .jsonl of documents with questions (the corpus's "
                         f"documents_eval.jsonl)")
     out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+    for lineno, record in iter_json_lines(path):
         qa = record.get("qa") if isinstance(record, dict) else None
         well_formed = isinstance(qa, list) and all(
             isinstance(q, dict) and isinstance(q.get("question"), str) and isinstance(q.get("answer"), str) for q in qa)

@@ -23,7 +23,6 @@ import torch
 
 from astrai_ds.config.model import ModelConfig
 
-GIB = 1024 ** 3
 BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor for host memory
 
 
