@@ -52,10 +52,11 @@ def atomic_write(path: Path, content: str | bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_marker(folder: Path, step: int, world_size: int, zero_stage: int) -> None:
+def write_marker(folder: Path, step: int, world_size: int, zero_stage: int, pipeline_stages: int = 1) -> None:
     """Mark `folder` complete, recording what wrote it and the size of each of its files."""
     files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
-    marker = {"step": step, "world_size": world_size, "zero_stage": zero_stage, "files": files}
+    marker = {"step": step, "world_size": world_size, "zero_stage": zero_stage, "pipeline_stages": pipeline_stages,
+              "files": files}
     atomic_write(folder / COMPLETE, json.dumps(marker, indent=1) + "\n")
 
 

@@ -231,17 +231,37 @@ def resolve_ds_config(ds: dict, train: TrainConfig, world_size: int, *, bf16_sup
     and off on a CPU. Returns a new dict ready for `deepspeed.initialize`.
     """
     ds = copy.deepcopy(ds)
-    dp = world_size  # data-parallel size: no tensor or pipeline parallelism yet
+    dp = data_parallel_size(train, world_size)
     _fill_batch_sizes(ds, train, dp, source)
     _fill(ds, "gradient_clipping", train.optimizer.grad_clip)
     _fill_precision(ds, train, bf16_supported, source)
     _fill_zero(ds, accelerator, source)
+    _check_pipeline(ds, train, source)
     _check_pure_bf16(ds, train, source)
     reject_sections_we_build(ds, source)
     ds.setdefault("steps_per_print", 2**31 - 1)  # our own logger prints; keep DeepSpeed's step log quiet
     ds.setdefault("wall_clock_breakdown", False)
     check_no_auto_left(ds, source)
     return ds
+
+
+def data_parallel_size(train: TrainConfig, world_size: int) -> int:
+    """The number of model replicas: the ranks divided by the pipeline stages (each replica spans all stages)."""
+    stages = train.parallel.pipeline_stages
+    if world_size % stages:
+        raise ConfigError(f"parallel.pipeline_stages {stages} does not divide the {world_size} ranks of this launch; "
+                          f"launch a multiple of {stages} ranks or change pipeline_stages")
+    return world_size // stages
+
+
+def _check_pipeline(ds: dict, train: TrainConfig, source: str) -> None:
+    """DeepSpeed's pipeline engine runs with ZeRO stage 0 or 1 only (it asserts); say so in our terms."""
+    stage = ds["zero_optimization"].get("stage", 0)
+    if train.parallel.pipeline_stages > 1 and stage >= 2:
+        raise ConfigError(f"{source}: ZeRO stage {stage} does not combine with pipeline stages "
+                          f"(parallel.pipeline_stages {train.parallel.pipeline_stages}): DeepSpeed's pipeline engine "
+                          f"shards the optimizer states at most (ZeRO-1). Use --ds_config pipeline.json (ZeRO-1), or "
+                          f"set parallel.pipeline_stages to 1 to shard with ZeRO-{stage}")
 
 
 def _fill(section: dict, key: str, value) -> None:

@@ -121,6 +121,25 @@ class CpuConfig:
     keep_freed_memory: bool = True
 
 
+PARTITION_METHODS = ("parameters", "uniform")  # DeepSpeed's; also "type:REGEX" (layers whose class matches)
+
+
+@dataclass
+class ParallelConfig:
+    """How the ranks split the model beyond data parallelism."""
+
+    pipeline_stages: int = 1  # pipeline stages (DeepSpeed's PipelineModule); the ranks are stages x data-parallel
+    # how the layers are split over the stages: "parameters" (balanced parameter counts), "uniform" (the same
+    # number of layers), or "type:REGEX" (the same number of layers whose class matches, e.g. "type:BlockPipe")
+    partition_method: str = "parameters"
+
+    def __post_init__(self):
+        check(self.pipeline_stages >= 1, "pipeline_stages", f"must be >= 1, got {self.pipeline_stages}")
+        method = self.partition_method
+        check(method in PARTITION_METHODS or (method.startswith("type:") and len(method) > 5), "partition_method",
+              f"must be \"parameters\", \"uniform\" or \"type:REGEX\" (e.g. \"type:BlockPipe\"), got {method!r}")
+
+
 @dataclass
 class TrainConfig:
     model: str | None  # path to a model config (configs/model/*.json); null when stage.init_from gives the shape
@@ -139,6 +158,7 @@ class TrainConfig:
     precision: Literal["bf16", "fp32", "auto"] = "auto"  # "auto": bf16 where the device supports it
     activation_checkpointing: bool = False  # recompute block activations in backward to save memory
     cpu: CpuConfig = field(default_factory=CpuConfig)  # settings that apply on DeepSpeed's CPU accelerator only
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # pipeline stages
     stage: StageConfig = field(default_factory=StageConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)  # stage.type "dpo" only
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -154,6 +174,10 @@ class TrainConfig:
         check(self.stage.type != "dpo" or not self.dpo.needs_reference or self.reference_path is not None,
               "dpo.reference_model", "is needed for DPO: set stage.init_from (the SFT model folder) or "
               "dpo.reference_model")
+        check(self.stage.type != "dpo" or self.parallel.pipeline_stages == 1, "parallel.pipeline_stages",
+              f"is {self.parallel.pipeline_stages}, but DPO does not run on pipeline stages (its frozen reference "
+              f"would need stages of its own); train DPO with pipeline_stages 1 and ZeRO-3 (ds_configs/zero3.json) "
+              f"to shard a large model")
 
     @property
     def reference_path(self) -> str | None:

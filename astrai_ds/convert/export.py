@@ -22,8 +22,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def consolidated_state_dict(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    """The full fp32 state dict of checkpoint `tag`, whatever ZeRO stage wrote it."""
-    stage = (read_marker(run_dir / tag) or {}).get("zero_stage")
+    """The full fp32 state dict of checkpoint `tag`, whatever ZeRO stage or pipeline stages wrote it."""
+    marker = read_marker(run_dir / tag) or {}
+    if marker.get("pipeline_stages", 1) > 1:
+        return _pipeline_state_dict(run_dir, tag)
+    stage = marker.get("zero_stage")
     if stage is None:  # a checkpoint from before markers recorded it: the run's config tells
         stage = json.loads((run_dir / "ds_config.json").read_text()).get("zero_optimization", {}).get("stage", 0)
     if int(stage) > 0:
@@ -33,6 +36,20 @@ def consolidated_state_dict(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     # No ZeRO: rank 0's model file holds the whole module (in the training dtype).
     states = torch.load(run_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     return {k: v.float() for k, v in states["module"].items()}
+
+
+def _pipeline_state_dict(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """A pipeline run saves each layer's module weights (in the training dtype) in a file of its own,
+    layer_NN-model_states.pt; their keys, behind the layer's prefix, are the plain model's names."""
+    from astrai_ds.model.pipeline import plain_state
+
+    cfg = ModelConfig.load(run_dir / "model_config.json")
+    layers = {}
+    for idx in range(cfg.n_layers + 3):
+        files = sorted((run_dir / tag).glob(f"layer_{idx:02d}-*model_states.pt"))
+        if files:  # a tied output layer has no file: it is the embedding
+            layers[idx] = {k: v.float() for k, v in torch.load(files[0], map_location="cpu", weights_only=True).items()}
+    return plain_state(layers, cfg)
 
 
 def _check_model_out_dir(out_dir: Path) -> None:

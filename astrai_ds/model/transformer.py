@@ -91,6 +91,16 @@ class Head(nn.Module):
         return self.output(self.norm(h))  # (B, T, vocab)
 
 
+def build_parts(cfg: ModelConfig):
+    """Yield (name, module) for the embedding, each block and the head, built in the order the model's weights
+    are drawn from the torch RNG. `Transformer` is made of them; a pipeline stage builds them all in the same order
+    and keeps its own, so one seed gives one set of initial weights however the model is split."""
+    yield "embed", Embedding(cfg)
+    for i in range(cfg.n_layers):
+        yield f"layers.{i}", Block(cfg, i)
+    yield "head", Head(cfg)
+
+
 class Transformer(nn.Module):
     """Llama-style decoder: RMSNorm pre-norm, RoPE, grouped-query attention, SwiGLU.
 
@@ -102,9 +112,11 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed = Embedding(cfg)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.head = Head(cfg)
+        parts = dict(build_parts(cfg))
+        self.embed = parts.pop("embed")
+        head = parts.pop("head")
+        self.layers = nn.ModuleList(parts.values())
+        self.head = head
         if cfg.tie_embeddings:
             # One Parameter under two names; the head's own init above is simply discarded.
             self.head.output.weight = self.embed.tok_embeddings.weight

@@ -47,7 +47,8 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dic
                            save_latest=False)
     dist.barrier()  # every rank's shard is on disk before anything points at it
     if dist.get_rank() == 0:
-        write_marker(output_dir / tag, step, dist.get_world_size(), engine.zero_optimization_stage())
+        write_marker(output_dir / tag, step, dist.get_world_size(), engine.zero_optimization_stage(),
+                     getattr(engine, "num_stages", 1))
         atomic_write(output_dir / LATEST, tag)
         if keep > 0:
             prune_checkpoints(output_dir, keep)
@@ -105,9 +106,10 @@ def _read_json(path: Path):
         return None
 
 
-def check_resumable(load_dir: Path, tag: str, world_size: int, zero_stage: int, model_cfg: dict) -> None:
+def check_resumable(load_dir: Path, tag: str, world_size: int, zero_stage: int, model_cfg: dict,
+                    pipeline_stages: int = 1) -> None:
     """Stop before anything is written when the checkpoint cannot resume in this run: another model shape,
-    ZeRO stage or number of ranks."""
+    ZeRO stage, number of pipeline stages or number of ranks."""
     where = load_dir / tag
     saved_model = load_dir / "model_config.json"
     if _read_json(saved_model) not in (None, model_cfg):
@@ -118,13 +120,16 @@ def check_resumable(load_dir: Path, tag: str, world_size: int, zero_stage: int, 
     differs = []
     if saved_stage is not None and saved_stage != zero_stage:
         differs.append(f"ZeRO stage {saved_stage}, this run {zero_stage}")
+    saved_stages = marker.get("pipeline_stages", 1)
+    if saved_stages != pipeline_stages:  # a pipeline checkpoint holds its weights per layer, a plain one whole
+        differs.append(f"{saved_stages} pipeline stage{'s' * (saved_stages > 1)}, this run {pipeline_stages}")
     # Even ZeRO-0 partitions its bf16 optimizer's master weights over the ranks, so every stage needs the same
     # number of ranks to resume (the sampler alone could continue on another).
     if saved_world is not None and saved_world != world_size:
         differs.append(f"{saved_world} ranks, this run {world_size}")
     if differs:
         raise UserError(
-            f"cannot resume from {where}: it was written with {'; '.join(differs)}. Resume with the same ZeRO stage "
-            f"and number of ranks (the run's ds_config.json has the ones it used), or export it (`astrai-ds export "
-            f"--run {load_dir} --out MODEL_DIR`) and start a new run from it with stage.init_from (a fresh "
-            f"optimizer), or set resume to \"none\" with another output_dir")
+            f"cannot resume from {where}: it was written with {'; '.join(differs)}. Resume with the same ZeRO stage, "
+            f"pipeline stages and number of ranks (the run's ds_config.json and train_config.json have the ones it "
+            f"used), or export it (`astrai-ds export --run {load_dir} --out MODEL_DIR`) and start a new run from it "
+            f"with stage.init_from (a fresh optimizer), or set resume to \"none\" with another output_dir")

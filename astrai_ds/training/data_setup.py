@@ -13,7 +13,6 @@ from astrai_ds.data.shards import TokenShards
 from astrai_ds.data.tokenizer import Tokenizer
 from astrai_ds.errors import DataError
 from astrai_ds.training.batches import BatchIterator
-from astrai_ds.training.distributed import DistInfo
 
 _INPUT_HINT = {"pt": "YOUR_TEXT.jsonl", "sft": "YOUR_CHATS.jsonl", "dpo": "YOUR_PAIRS.jsonl"}
 
@@ -53,10 +52,12 @@ def build_dataset(shards: TokenShards, cfg: TrainConfig):
     return datasets.DPODataset(shards, seq_len), datasets.collate_dpo
 
 
-def batch_iterator(dataset, collate, micro: int, dist_info: DistInfo, seed: int, shuffle: bool,
+def batch_iterator(dataset, collate, micro: int, replica: tuple[int, int], seed: int, shuffle: bool,
                    device: torch.device) -> BatchIterator:
+    """Micro-batches for data-parallel replica `replica` = (index, count): the ranks, or with pipeline stages the
+    replicas, each of which spans the stages."""
+    index, count = replica
     if not shuffle:  # evaluation: a small held-out set may not fill a training-sized micro-batch on every rank
-        micro = max(1, min(micro, len(dataset) // dist_info.world_size))
-    sampler = DistributedBatchSampler(len(dataset), micro, dist_info.rank, dist_info.world_size, seed,
-                                      shuffle=shuffle)
+        micro = max(1, min(micro, len(dataset) // count))
+    sampler = DistributedBatchSampler(len(dataset), micro, index, count, seed, shuffle=shuffle)
     return BatchIterator(dataset, sampler, collate, device)

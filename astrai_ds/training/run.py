@@ -183,7 +183,8 @@ def _prepare_output_dir(cfg: TrainConfig, model_cfg: ModelConfig, ds_cfg: dict, 
     resume = find_checkpoint(cfg.resume, output_dir)
     if resume:
         load_dir, tag, notes = resume
-        check_resumable(load_dir, tag, dist_info.world_size, zero_stage(ds_cfg), model_cfg.to_dict())
+        check_resumable(load_dir, tag, dist_info.world_size, zero_stage(ds_cfg), model_cfg.to_dict(),
+                        cfg.parallel.pipeline_stages)
     torch.distributed.barrier()
     if dist_info.is_main:
         for note in resume[2] if resume else []:
@@ -196,9 +197,15 @@ def _prepare_output_dir(cfg: TrainConfig, model_cfg: ModelConfig, ds_cfg: dict, 
 
 
 def _build_engine_and_strategy(cfg, model_cfg, tokenizer, ds_cfg, data: RunData, dist_info: DistInfo, dtype):
-    """The DeepSpeed engine (and, for DPO, the reference) and the stage's strategy -> (engine, strategy, model,
-    number of parameters)."""
-    model = build_model(model_cfg, ds_cfg, cfg.seed, cfg.stage.init_from, cfg.activation_checkpointing)
+    """The DeepSpeed engine (and, for DPO, the reference) and the stage's strategy -> (engine, strategy, number of
+    parameters)."""
+    if cfg.parallel.pipeline_stages > 1:
+        from astrai_ds.training.pipeline import build_pipeline_model
+
+        model = build_pipeline_model(model_cfg, cfg.parallel, cfg.seed, cfg.stage.init_from,
+                                     cfg.activation_checkpointing)
+    else:
+        model = build_model(model_cfg, ds_cfg, cfg.seed, cfg.stage.init_from, cfg.activation_checkpointing)
     n_params = param_counts(model_cfg).total  # counted from the shapes: under ZeRO-3 no rank holds them all
     engine = build_engine(model, cfg, ds_cfg)
     reference = None
@@ -209,7 +216,15 @@ def _build_engine_and_strategy(cfg, model_cfg, tokenizer, ds_cfg, data: RunData,
             _, data.eval_collate = _dpo_reference(cfg, model_cfg, tokenizer, ds_cfg, data.eval_shards, data.eval_set,
                                                   data.eval_collate, dist_info, engine.device, dtype)
     strategy = STRATEGIES[cfg.stage.type].from_config(cfg.dpo, reference=reference)
-    return engine, strategy, model, n_params
+    return engine, strategy, n_params
+
+
+def _shape_model(model_cfg: ModelConfig):
+    """The plain model on the meta device: its shapes, for FLOP counts, whatever shards or stages the run uses."""
+    from astrai_ds.model import Transformer
+
+    with torch.device("meta"):
+        return Transformer(model_cfg)
 
 
 def _measure_peak(engine, dtype) -> float:
@@ -250,15 +265,18 @@ def build_trainer(args) -> Trainer:
     dtype = torch.bfloat16 if ds_cfg["bf16"]["enabled"] else torch.float32
     resume = _prepare_output_dir(cfg, model_cfg, ds_cfg, tokenizer, dist_info)
 
-    engine, strategy, model, n_params = _build_engine_and_strategy(cfg, model_cfg, tokenizer, ds_cfg, data, dist_info, dtype)
+    engine, strategy, n_params = _build_engine_and_strategy(cfg, model_cfg, tokenizer, ds_cfg, data, dist_info, dtype)
     micro = ds_cfg["train_micro_batch_size_per_gpu"]
+    # The data is split over the data-parallel replicas; every pipeline stage of a replica reads the same batches.
+    replica = (engine.grid.data_parallel_id, engine.dp_world_size) if cfg.parallel.pipeline_stages > 1 else \
+        (dist_info.rank, dist_info.world_size)
     trainer = Trainer(engine, strategy,
-                      batch_iterator(data.train_set, data.collate, micro, dist_info, cfg.seed, cfg.data.shuffle,
+                      batch_iterator(data.train_set, data.collate, micro, replica, cfg.seed, cfg.data.shuffle,
                                      engine.device),
-                      batch_iterator(data.eval_set, data.eval_collate, micro, dist_info, cfg.seed, False, engine.device)
+                      batch_iterator(data.eval_set, data.eval_collate, micro, replica, cfg.seed, False, engine.device)
                       if data.eval_set is not None else None,
                       cfg, dist_info)
-    trainer.flops_per_token = model.flops_per_token
+    trainer.flops_per_token = _shape_model(model_cfg).flops_per_token
     peak = _measure_peak(engine, dtype)
     _add_callbacks(trainer, cfg, data, tag_step(resume[1]) if resume else None, peak, launchers)
     trainer.run_lock = run_lock  # held as long as the trainer lives (the process, for train.py)
@@ -267,11 +285,11 @@ def build_trainer(args) -> Trainer:
         _, client_state = engine.load_checkpoint(str(resume[0]), tag=resume[1])
         trainer.load_state_dict(client_state)
         trainer.log(f"resumed from {resume[0] / resume[1]} at step {trainer.state.step}")
-    _log_start(trainer, cfg, ds_cfg, data, model, n_params, peak, dtype, cpu_notes)
+    _log_start(trainer, cfg, ds_cfg, data, n_params, peak, dtype, cpu_notes)
     return trainer
 
 
-def _log_start(trainer, cfg, ds_cfg, data: RunData, model, n_params, peak, dtype, cpu_notes) -> None:
+def _log_start(trainer, cfg, ds_cfg, data: RunData, n_params, peak, dtype, cpu_notes) -> None:
     if cfg.stage.type == "sft":
         train_set = data.train_set
         trainer.log(f"sft data: {train_set.num_conversations} conversations in {len(train_set)} "
@@ -282,10 +300,11 @@ def _log_start(trainer, cfg, ds_cfg, data: RunData, model, n_params, peak, dtype
         f"stage {cfg.stage.type} | model {n_params / 1e6:.2f}M params | world {world} | "
         f"ZeRO-{zero_stage(ds_cfg)} | {'bf16' if dtype == torch.bfloat16 else 'fp32'} | "
         + "".join(f"{note} | " for note in cpu_notes)
+        + (f"{trainer.stages} pipeline stages | " if trainer.stages > 1 else "")
         + f"micro {ds_cfg['train_micro_batch_size_per_gpu']} x accum {ds_cfg['gradient_accumulation_steps']} x dp "
-        f"{world} = {ds_cfg['train_batch_size']} samples of up to {cfg.data.seq_len} tokens | {len(data.train_set)} "
-        f"train samples | peak {peak / 1e9:.0f} GFLOP/s (measured: {dtype} matmul on {trainer.engine.device.type}, "
-        f"all ranks) | {model.flops_per_token(cfg.data.seq_len) / 1e6:.1f} MFLOP/token at full length (6N + 12LdT)")
+        f"{trainer.engine.dp_world_size} = {ds_cfg['train_batch_size']} samples of up to {cfg.data.seq_len} tokens | "
+        f"{len(data.train_set)} train samples | peak {peak / 1e9:.0f} GFLOP/s (measured: {dtype} matmul on {trainer.engine.device.type}, "
+        f"all ranks) | {trainer.flops_per_token(cfg.data.seq_len) / 1e6:.1f} MFLOP/token at full length (6N + 12LdT)")
 
 
 def main_and_exit(argv: list[str] | None = None, prog: str = "train.py") -> NoReturn:
@@ -299,6 +318,10 @@ def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
     # DeepSpeed calls torch.distributed's old collective names on every step; torch warns each time.
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.",
                             category=FutureWarning)
+    # DeepSpeed's pipeline engine sends activations between stages with broadcasts, which gloo's autograd fallback
+    # warns about on every backward; the gradients are sent explicitly and are exact (tests/training/test_pipeline.py).
+    warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel was not registered",
+                            category=UserWarning)
     try:
         trainer = build_trainer(args)
         state = trainer.fit()

@@ -60,9 +60,21 @@ class TokenStrategy:
         return model(batch["input_ids"])  # (B, T, V)
 
     def compute_loss(self, model, batch: dict, totals: dict | None = None) -> tuple[torch.Tensor, dict]:
-        totals = totals or self.counts(batch)
-        loss = token_loss_sum(self.forward(model, batch), batch["labels"]) / totals["tokens"].clamp(min=1).float()
+        return self.loss(self.forward(model, batch), batch["labels"], totals or self.counts(batch))
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, totals: dict) -> tuple[torch.Tensor, dict]:
+        """The loss from the model's outputs: logits (B, T, V) and labels (B, T) -> (this micro-batch's share of
+        the global batch's loss, metrics). The pipeline engine calls it on its last stage."""
+        loss = token_loss_sum(logits, labels) / totals["tokens"].clamp(min=1).float()
         return loss, {"loss": loss.detach()}
+
+    def pipeline_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The inputs for the model as pipeline stages pass them (model/pipeline.py): input_ids (B, T), position_ids
+        (B, T) and doc_ids, (B, 1) for plain causal attention."""
+        input_ids = batch["input_ids"]
+        B, T = input_ids.shape
+        positions = torch.arange(T, device=input_ids.device).expand(B, T).contiguous()
+        return input_ids, positions, torch.zeros(B, 1, dtype=torch.long, device=input_ids.device)
 
 
 class PretrainStrategy(TokenStrategy):
@@ -92,6 +104,14 @@ class SFTStrategy(TokenStrategy):
 
             attn_mask = block_causal_mask(batch["doc_ids"])  # (B, 1, T, T) bool
         return model(batch["input_ids"], position_ids=batch.get("position_ids"), attn_mask=attn_mask)  # (B, T, V)
+
+    def pipeline_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        input_ids, positions, doc_ids = super().pipeline_inputs(batch)
+        if batch.get("position_ids") is not None:
+            positions = batch["position_ids"]
+        if batch.get("doc_ids") is not None:
+            doc_ids = batch["doc_ids"]  # (B, T): attention stays inside each packed segment
+        return input_ids, positions, doc_ids
 
 
 def _pad_right(x: torch.Tensor, length: int, value: int) -> torch.Tensor:

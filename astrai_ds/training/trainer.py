@@ -35,6 +35,14 @@ class Trainer:
         self.state = TrainState()
         self.start_step = 0
         self.accum = engine.gradient_accumulation_steps()
+        # Pipeline stages: the engine runs the micro-batch loop. Every stage of a replica draws the same batches,
+        # so the counts summed over all ranks hold each batch once per stage.
+        self.pipeline = None
+        self.stages = getattr(engine, "num_stages", 1)
+        if self.stages > 1:
+            from astrai_ds.training.pipeline import PipelineDriver
+
+            self.pipeline = PipelineDriver(engine, strategy)
         # Training FLOPs per token for a context of T (forward + backward); set by the builder for MFU.
         self.flops_per_token: Callable[[int], float] | None = None
         self.run_lock = None  # the output folder's lock (training/guard.py), held as long as the trainer lives
@@ -71,13 +79,16 @@ class Trainer:
         lr = self.engine.get_lr()[0]  # the lr this step uses (the scheduler moves it inside engine.step)
         batches = [self.train_batches.next() for _ in range(self.accum)]
         totals = self.global_counts(batches)
-        sums: dict[str, torch.Tensor] = {}
-        for batch in batches:
-            loss, metrics = self.strategy.compute_loss(self.engine, batch, totals)
-            self.engine.backward(loss * self.engine.dp_world_size, scale_wrt_gas=False)
-            self.engine.step()  # steps the optimizer only at the accumulation boundary
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + value
+        if self.pipeline is not None:
+            sums = self.pipeline.train(batches, totals)
+        else:
+            sums: dict[str, torch.Tensor] = {}
+            for batch in batches:
+                loss, metrics = self.strategy.compute_loss(self.engine, batch, totals)
+                self.engine.backward(loss * self.engine.dp_world_size, scale_wrt_gas=False)
+                self.engine.step()  # steps the optimizer only at the accumulation boundary
+                for key, value in metrics.items():
+                    sums[key] = sums.get(key, 0.0) + value
         grad_norm = self.engine.get_global_grad_norm()
         return {"metrics": {k: float(v) for k, v in sums.items()}, "lr": lr, "tokens": totals["inputs"].item(),
                 "flops": totals["flops"].item(),
@@ -90,7 +101,7 @@ class Trainer:
                      for b in batches]
         keys = sorted(per_batch[0])  # the same order on every rank
         local = torch.stack([torch.stack([c[k].to("cpu", torch.float64) for k in keys]) for c in per_batch]).sum(0)
-        return dict(zip(keys, all_reduce_host(local)))
+        return dict(zip(keys, all_reduce_host(local) / self.stages))
 
     def _flops(self, batch: dict) -> float:
         """FLOPs this micro-batch executes: the policy's forward and backward over its padded shape, plus the
@@ -111,8 +122,11 @@ class Trainer:
         batches = [self.eval_batches.next() for _ in range(self.cfg.data.eval_batches)]
         totals = self.global_counts(batches)
         total = torch.zeros(1, dtype=torch.float64)
-        for batch in batches:
-            total += self.strategy.compute_loss(self.engine, batch, totals)[0].item()
+        if self.pipeline is not None:
+            total += self.pipeline.evaluate(batches, totals).item()
+        else:
+            for batch in batches:
+                total += self.strategy.compute_loss(self.engine, batch, totals)[0].item()
         all_reduce_host(total)
         self.engine.train()
         return total.item()

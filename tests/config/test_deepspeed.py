@@ -166,3 +166,30 @@ def test_ds_batch_check_shows_all_four_numbers():
                                           r"size \(2\) = 16"):
         check_batch_size({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
                           "train_batch_size": 24}, 2, "ds.json")
+
+
+def _pipeline_train(**parallel):
+    return from_dict(TrainConfig, {**TRAIN, "parallel": {"pipeline_stages": 2, **parallel}})
+
+
+def test_ds_pipeline_batch_counts_replicas_and_refuses_zero2_and_3():
+    ds, _ = load_ds_config("pipeline.json")
+    out = resolve_ds_config(ds, _pipeline_train(), world_size=4, bf16_supported=False)
+    assert out["train_batch_size"] == 4 * 2 * 2  # 2 stages x 2 replicas: data-parallel size 2
+    assert out["zero_optimization"]["stage"] == 1
+    for name in ("zero2.json", "zero3.json"):
+        with pytest.raises(ConfigError, match=r"ZeRO stage [23] does not combine with pipeline stages.*pipeline.json"):
+            resolve_ds_config(load_ds_config(name)[0], _pipeline_train(), 2, bf16_supported=False)
+    with pytest.raises(ConfigError, match="pipeline_stages 2 does not divide the 3 ranks"):
+        resolve_ds_config(ds, _pipeline_train(), 3, bf16_supported=False)
+
+
+def test_pipeline_config_checks():
+    assert _pipeline_train(partition_method="type:BlockPipe").parallel.partition_method == "type:BlockPipe"
+    with pytest.raises(ConfigError, match="'parallel.partition_method' must be .*got 'balanced'"):
+        _pipeline_train(partition_method="balanced")
+    with pytest.raises(ConfigError, match="'parallel.pipeline_stages' must be >= 1"):
+        _pipeline_train(pipeline_stages=0)
+    dpo = {**TRAIN, "stage": {"type": "dpo", "init_from": "sft_model"}, "parallel": {"pipeline_stages": 2}}
+    with pytest.raises(ConfigError, match="'parallel.pipeline_stages' is 2, but DPO does not run on pipeline stages"):
+        from_dict(TrainConfig, dpo)
