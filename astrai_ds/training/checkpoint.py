@@ -20,6 +20,8 @@ from astrai_ds.errors import UserError
 from astrai_ds.run_dir import (LATEST, atomic_write, checkpoint_tag, incomplete_checkpoints, list_checkpoints,
                                read_marker, resolve_checkpoint, write_marker)
 
+UNIVERSAL = "universal"  # the run folder's subfolder for checkpoints converted to DeepSpeed's universal format
+
 
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -52,6 +54,8 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dic
         atomic_write(output_dir / LATEST, tag)
         if keep > 0:
             prune_checkpoints(output_dir, keep)
+        # A run resumed through a universal checkpoint now has one of its own: the converted copy is not needed.
+        shutil.rmtree(output_dir / UNIVERSAL, ignore_errors=True)
     dist.barrier()
     return output_dir / tag
 
@@ -107,9 +111,10 @@ def _read_json(path: Path):
 
 
 def check_resumable(load_dir: Path, tag: str, world_size: int, zero_stage: int, model_cfg: dict,
-                    pipeline_stages: int = 1) -> None:
+                    pipeline_stages: int = 1) -> bool:
     """Stop before anything is written when the checkpoint cannot resume in this run: another model shape,
-    ZeRO stage, number of pipeline stages or number of ranks."""
+    ZeRO stage, number of pipeline stages, or number of ranks without ZeRO. Returns True when it resumes only
+    through a universal checkpoint (`to_universal`): ZeRO-1/2/3 written by another number of ranks."""
     where = load_dir / tag
     saved_model = load_dir / "model_config.json"
     if _read_json(saved_model) not in (None, model_cfg):
@@ -123,9 +128,10 @@ def check_resumable(load_dir: Path, tag: str, world_size: int, zero_stage: int, 
     saved_stages = marker.get("pipeline_stages", 1)
     if saved_stages != pipeline_stages:  # a pipeline checkpoint holds its weights per layer, a plain one whole
         differs.append(f"{saved_stages} pipeline stage{'s' * (saved_stages > 1)}, this run {pipeline_stages}")
-    # Even ZeRO-0 partitions its bf16 optimizer's master weights over the ranks, so every stage needs the same
-    # number of ranks to resume (the sampler alone could continue on another).
-    if saved_world is not None and saved_world != world_size:
+    other_world = saved_world is not None and saved_world != world_size
+    # ZeRO's optimizer files convert to DeepSpeed's universal checkpoint, which loads on any number of ranks.
+    # Without ZeRO there are none, and even ZeRO-0's bf16 optimizer keeps its master weights per rank.
+    if other_world and (not 1 <= zero_stage <= 3 or pipeline_stages > 1):
         differs.append(f"{saved_world} ranks, this run {world_size}")
     if differs:
         raise UserError(
@@ -133,3 +139,63 @@ def check_resumable(load_dir: Path, tag: str, world_size: int, zero_stage: int, 
             f"pipeline stages and number of ranks (the run's ds_config.json and train_config.json have the ones it "
             f"used), or export it (`astrai-ds export --run {load_dir} --out MODEL_DIR`) and start a new run from it "
             f"with stage.init_from (a fresh optimizer), or set resume to \"none\" with another output_dir")
+    return other_world
+
+
+def to_universal(load_dir: Path, tag: str, output_dir: Path) -> tuple[Path, list[str]]:
+    """Convert checkpoint `load_dir/tag` to DeepSpeed's universal format in `output_dir/universal/tag`, once (a
+    conversion already there is used again), and return (the folder to load `tag` from, notes). Rank 0 only.
+
+    DeepSpeed's `ds_to_universal` writes each parameter's fp32 weights and Adam moments whole, so any number of
+    ranks can load them (`"checkpoint": {"load_universal": true}`); `--inject_missing_state` adds the version
+    record that non-Megatron models do not save. The conversion goes to a temporary folder, renamed when done."""
+    import subprocess
+    import sys
+
+    universal = Path(output_dir) / UNIVERSAL
+    target = universal / tag
+    marker = read_marker(target)
+    if marker is not None:
+        return universal, [f"using {target}, converted before"]
+    source = read_marker(load_dir / tag) or {}
+    tmp = universal / f".{tag}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(target, ignore_errors=True)
+    universal.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(load_dir / tag),
+           "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
+           "--num_merge_workers", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
+        raise UserError(f"cannot convert {load_dir / tag} to a universal checkpoint for this number of ranks "
+                        f"(`{' '.join(cmd[1:])}` exited {proc.returncode}):\n{tail}\nResume on the "
+                        f"{source.get('world_size', 'same number of')} ranks that wrote it instead")
+    write_marker(tmp, source.get("step", 0), source.get("world_size", 0), source.get("zero_stage", 0))
+    tmp.rename(target)
+    return universal, [f"converted {load_dir / tag} (written by {source.get('world_size')} ranks) to a universal "
+                       f"checkpoint in {target}, which loads on any number of ranks"]
+
+
+def repair_zero3_universal_load(engine, universal_dir: Path, tag: str) -> None:
+    """Undo two slips of DeepSpeed's ZeRO-3 universal loader (`load_hp_checkpoint_state_from_checkpoint_dir_stage3`,
+    DeepSpeed 0.19), which the resumed run would otherwise carry as a drift from the run it continues:
+
+    - it gives every param group the first group's settings, so the norms' group would get the matrices' weight
+      decay: each group's own settings, kept in the converted folder, are copied back by position (the groups are
+      built in the same order in every run);
+    - it puts one `step` tensor into every group's Adam state, and a fused Adam step adds 1 to it once per group,
+      so later groups would use a later step's bias correction: each group gets its own copy.
+    """
+    path = Path(universal_dir) / tag / "zero" / "optimizer_state.pt"
+    saved = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]["param_groups"]
+    optimizer = engine.optimizer.optimizer
+    if len(saved) != len(optimizer.param_groups):
+        raise UserError(f"{path} has {len(saved)} optimizer groups and this run {len(optimizer.param_groups)}; "
+                        f"resume on the number of ranks that wrote the checkpoint")
+    for group, settings in zip(optimizer.param_groups, saved):
+        group.update({k: v for k, v in settings.items() if k != "params"})
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()

@@ -27,7 +27,9 @@ from astrai_ds.run_dir import atomic_write, tag_step
 from astrai_ds.training import cpu
 from astrai_ds.training.callbacks import (Checkpointer, EarlyStop, Evaluator, FrozenReferenceCheck, Logger,
                                           MetricsWriter, Progress, StopOnSignal)
-from astrai_ds.training.checkpoint import check_resumable, find_checkpoint, remove_incomplete_checkpoints
+from astrai_ds.training.checkpoint import (UNIVERSAL, check_resumable, find_checkpoint,
+                                           remove_incomplete_checkpoints, repair_zero3_universal_load,
+                                           to_universal)
 from astrai_ds.training.data_setup import batch_iterator, build_dataset, open_data
 from astrai_ds.training.distributed import (DistInfo, all_reduce_host, bf16_supported, env_rank, exit_process,
                                             init_distributed, on_accelerator)
@@ -177,14 +179,17 @@ def _setup_cpu(cfg: TrainConfig) -> list[str]:
 def _prepare_output_dir(cfg: TrainConfig, model_cfg: ModelConfig, ds_cfg: dict, tokenizer: Tokenizer,
                         dist_info: DistInfo):
     """Find the checkpoint to resume from and check that it can resume here, before anything is written;
-    then (rank 0) clear what a killed run left half-written and write the run files. -> (load_dir, tag) or None."""
+    then (rank 0) clear what a killed run left half-written and write the run files. -> (load_dir, tag, universal)
+    or None; universal: the checkpoint was converted to DeepSpeed's universal format, to load on this number of
+    ranks."""
     output_dir = Path(cfg.output_dir)
     # Every rank reads the folder before rank 0 changes anything in it.
     resume = find_checkpoint(cfg.resume, output_dir)
+    universal = False
     if resume:
         load_dir, tag, notes = resume
-        check_resumable(load_dir, tag, dist_info.world_size, zero_stage(ds_cfg), model_cfg.to_dict(),
-                        cfg.parallel.pipeline_stages)
+        universal = check_resumable(load_dir, tag, dist_info.world_size, zero_stage(ds_cfg), model_cfg.to_dict(),
+                                    cfg.parallel.pipeline_stages)
     torch.distributed.barrier()
     if dist_info.is_main:
         for note in resume[2] if resume else []:
@@ -192,8 +197,14 @@ def _prepare_output_dir(cfg: TrainConfig, model_cfg: ModelConfig, ds_cfg: dict, 
         for name in remove_incomplete_checkpoints(output_dir) if output_dir.exists() else []:
             print(f"removed {output_dir / name}: an incomplete checkpoint left by an interrupted run", flush=True)
         _write_run_files(output_dir, cfg, model_cfg, ds_cfg, tokenizer)
+    if universal:  # written by another number of ranks: rank 0 converts it, every rank loads the conversion
+        if dist_info.is_main:
+            for note in to_universal(load_dir, tag, output_dir)[1]:
+                print(f"resume: {note}", flush=True)
+        torch.distributed.barrier()
+        return output_dir / UNIVERSAL, tag, True
     torch.distributed.barrier()
-    return resume[:2] if resume else None
+    return (load_dir, tag, False) if resume else None
 
 
 def _build_engine_and_strategy(cfg, model_cfg, tokenizer, ds_cfg, data: RunData, dist_info: DistInfo, dtype):
@@ -264,6 +275,8 @@ def build_trainer(args) -> Trainer:
                                accelerator=on_accelerator(), source=str(ds_path))
     dtype = torch.bfloat16 if ds_cfg["bf16"]["enabled"] else torch.float32
     resume = _prepare_output_dir(cfg, model_cfg, ds_cfg, tokenizer, dist_info)
+    if resume and resume[2]:  # for this engine only: the run's ds_config.json stays as the user wrote it
+        ds_cfg = {**ds_cfg, "checkpoint": {**ds_cfg.get("checkpoint", {}), "load_universal": True}}
 
     engine, strategy, n_params = _build_engine_and_strategy(cfg, model_cfg, tokenizer, ds_cfg, data, dist_info, dtype)
     micro = ds_cfg["train_micro_batch_size_per_gpu"]
@@ -283,6 +296,8 @@ def build_trainer(args) -> Trainer:
 
     if resume:
         _, client_state = engine.load_checkpoint(str(resume[0]), tag=resume[1])
+        if resume[2] and zero_stage(ds_cfg) == 3:
+            repair_zero3_universal_load(engine, resume[0], resume[1])
         trainer.load_state_dict(client_state)
         trainer.log(f"resumed from {resume[0] / resume[1]} at step {trainer.state.step}")
     _log_start(trainer, cfg, ds_cfg, data, n_params, peak, dtype, cpu_notes)
