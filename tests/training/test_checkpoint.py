@@ -19,13 +19,13 @@ from conftest import (ROOT, VENV_BIN, deepspeed_cmd, env, free_port, launch, rea
                       run_cmd, tiny_train_config, train_losses)
 
 
-def fake_checkpoint(run, step, complete=True, world_size=2, zero_stage=2):
+def fake_checkpoint(run, step, complete=True, world_size=2, zero_stage=2, pipeline_stages=1):
     path = run / f"global_step{step}"
     path.mkdir(parents=True)
     (path / "mp_rank_00_model_states.pt").write_bytes(b"x" * 100)
     (path / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"y" * 300)
     if complete:
-        write_marker(path, step, world_size, zero_stage)
+        write_marker(path, step, world_size, zero_stage, pipeline_stages)
     return path
 
 
@@ -83,13 +83,22 @@ def test_resume_with_another_zero_stage_or_world_size_is_refused(tmp_path):
     fake_checkpoint(tmp_path, 2, world_size=2, zero_stage=3)
     model = {"dim": 64}
     (tmp_path / "model_config.json").write_text('{"dim": 64}')
-    check_resumable(tmp_path, "global_step2", 2, 3, model)  # the same: fine
+    assert check_resumable(tmp_path, "global_step2", 2, 3, model) is False  # the same: a plain resume
     with pytest.raises(UserError, match="ZeRO stage 3, this run 2.*stage.init_from"):
         check_resumable(tmp_path, "global_step2", 2, 2, model)
-    with pytest.raises(UserError, match="2 ranks, this run 1"):
-        check_resumable(tmp_path, "global_step2", 1, 3, model)
+    # ZeRO's optimizer files convert to a universal checkpoint for another number of ranks
+    assert check_resumable(tmp_path, "global_step2", 1, 3, model) is True
     with pytest.raises(UserError, match="model config"):
         check_resumable(tmp_path, "global_step2", 2, 3, {"dim": 128})
+    # without ZeRO, or on pipeline stages, the ranks must match
+    fake_checkpoint(tmp_path, 4, world_size=2, zero_stage=0)
+    with pytest.raises(UserError, match="2 ranks, this run 1"):
+        check_resumable(tmp_path, "global_step4", 1, 0, model)
+    fake_checkpoint(tmp_path, 6, world_size=2, zero_stage=1, pipeline_stages=2)
+    with pytest.raises(UserError, match="2 pipeline stages, this run 1"):
+        check_resumable(tmp_path, "global_step6", 2, 1, model)
+    with pytest.raises(UserError, match="2 ranks, this run 4"):
+        check_resumable(tmp_path, "global_step6", 4, 1, model, pipeline_stages=2)
 
 
 def test_prune_keeps_newest_and_latest(tmp_path):
