@@ -318,8 +318,8 @@ def _log_start(trainer, cfg, ds_cfg, data: RunData, n_params, peak, dtype, cpu_n
         + (f"{trainer.stages} pipeline stages | " if trainer.stages > 1 else "")
         + f"micro {ds_cfg['train_micro_batch_size_per_gpu']} x accum {ds_cfg['gradient_accumulation_steps']} x dp "
         f"{trainer.engine.dp_world_size} = {ds_cfg['train_batch_size']} samples of up to {cfg.data.seq_len} tokens | "
-        f"{len(data.train_set)} train samples | peak {peak / 1e9:.0f} GFLOP/s (measured: {dtype} matmul on {trainer.engine.device.type}, "
-        f"all ranks) | {trainer.flops_per_token(cfg.data.seq_len) / 1e6:.1f} MFLOP/token at full length (6N + 12LdT)")
+        f"{len(data.train_set)} train samples | peak {peak / 1e9:.0f} GFLOP/s (measured: {dtype} matmul on "
+        f"{trainer.engine.device.type}, all ranks) | {trainer.flops_per_token(cfg.data.seq_len) / 1e6:.1f} MFLOP/token at full length (6N + 12LdT)")
 
 
 def main_and_exit(argv: list[str] | None = None, prog: str = "train.py") -> NoReturn:
