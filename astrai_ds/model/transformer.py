@@ -174,3 +174,10 @@ class Transformer(nn.Module):
         """
         n = sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear))
         return 6.0 * n + 12.0 * self.cfg.n_layers * self.cfg.dim * seq_len
+
+
+def shape_model(cfg: ModelConfig) -> Transformer:
+    """The model on the meta device: its parameter names, shapes and FLOP counts without any memory, for any size,
+    whatever shards or stages a run splits it into."""
+    with torch.device("meta"):
+        return Transformer(cfg)

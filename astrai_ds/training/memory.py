@@ -19,8 +19,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import torch
-
 from astrai_ds.config.model import ModelConfig
 
 BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor for host memory
@@ -35,10 +33,9 @@ class ParamCounts:
 
 def param_counts(cfg: ModelConfig) -> ParamCounts:
     """Counted on the meta device: no memory, so any size works."""
-    from astrai_ds.model import Transformer
+    from astrai_ds.model.transformer import shape_model
 
-    with torch.device("meta"):
-        model = Transformer(cfg)
+    model = shape_model(cfg)
     unique = {id(p): p for p in model.parameters()}
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     embedding = model.embed.tok_embeddings.weight.numel()

@@ -21,7 +21,7 @@ from astrai_ds.config.model import ModelConfig
 from astrai_ds.config.train import ParallelConfig
 from astrai_ds.model.pipeline import (BlockPipe, EmbeddingPipe, FinalNormPipe, OutputPipe, layer_prefixes, layer_state,
                                       tied_output)
-from astrai_ds.model.transformer import build_parts
+from astrai_ds.model.transformer import build_parts, shape_model
 
 TIED_KEY = "embed"  # the TiedLayerSpec key of the shared embedding / output matrix
 TIED_WEIGHT = "tok_embeddings.weight"
@@ -88,13 +88,11 @@ def _seeded_init(local: list[tuple[str, nn.Module]], cfg: ModelConfig, seed: int
 
 @torch.no_grad()
 def _load_folder(local: list[tuple[str, nn.Module]], cfg: ModelConfig, model_dir) -> None:
-    from astrai_ds.model import Transformer
     from astrai_ds.model.io import check_state, folder_state
 
     state = folder_state(cfg, model_dir)
-    with torch.device("meta"):
-        names = {n: tuple(p.shape) for n, p in Transformer(cfg).named_parameters(remove_duplicate=False)}
-    check_state(names, state, str(model_dir))
+    shapes = {n: tuple(p.shape) for n, p in shape_model(cfg).named_parameters(remove_duplicate=False)}
+    check_state(shapes, state, str(model_dir))
     for prefix, module in local:
         module.load_state_dict(layer_state(state, prefix, module))
 

@@ -23,6 +23,7 @@ from astrai_ds.config.train import TrainConfig
 from astrai_ds.data.shards import TokenShards
 from astrai_ds.data.tokenizer import Tokenizer
 from astrai_ds.errors import ConfigError, DataError, UserError
+from astrai_ds.model.transformer import shape_model
 from astrai_ds.run_dir import atomic_write, tag_step
 from astrai_ds.training import cpu
 from astrai_ds.training.callbacks import (Checkpointer, EarlyStop, Evaluator, FrozenReferenceCheck, Logger,
@@ -230,14 +231,6 @@ def _build_engine_and_strategy(cfg, model_cfg, tokenizer, ds_cfg, data: RunData,
     return engine, strategy, n_params
 
 
-def _shape_model(model_cfg: ModelConfig):
-    """The plain model on the meta device: its shapes, for FLOP counts, whatever shards or stages the run uses."""
-    from astrai_ds.model import Transformer
-
-    with torch.device("meta"):
-        return Transformer(model_cfg)
-
-
 def _measure_peak(engine, dtype) -> float:
     """The summed matmul peak of all ranks; all measure at once, as they share the machine while training."""
     torch.distributed.barrier()
@@ -289,7 +282,7 @@ def build_trainer(args) -> Trainer:
                       batch_iterator(data.eval_set, data.eval_collate, micro, replica, cfg.seed, False, engine.device)
                       if data.eval_set is not None else None,
                       cfg, dist_info)
-    trainer.flops_per_token = _shape_model(model_cfg).flops_per_token
+    trainer.flops_per_token = shape_model(model_cfg).flops_per_token
     peak = _measure_peak(engine, dtype)
     _add_callbacks(trainer, cfg, data, tag_step(resume[1]) if resume else None, peak, launchers)
     trainer.run_lock = run_lock  # held as long as the trainer lives (the process, for train.py)
