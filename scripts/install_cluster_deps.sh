@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Debian packages for the cluster-launcher tests (tests/cluster/): a one-node Slurm (munge, slurmctld,
 # slurmd, slurm-client), sshd and pdsh for the two-host deepspeed run, iproute2 for the network namespaces;
-# and the headless browser for the chat-page test (tests/serve/test_chat_page.py): chromium, chromium-driver.
+# the headless browser for the chat-page test (tests/serve/test_chat_page.py): chromium, chromium-driver; and
+# libaio-dev, which DeepSpeed's async_io op (NVMe offload, ds_configs/zero3_nvme.json) is compiled against.
 # Does nothing when they are installed already, or when this is not root on a machine with apt-get
 # (the tests then skip and say why). Run by scripts/test.sh; safe to run again.
 set -euo pipefail
 
 PACKAGES=(munge slurmctld slurmd slurm-client openssh-server openssh-client pdsh iproute2 procps chromium
-          chromium-driver)
+          chromium-driver libaio-dev)
 COMMANDS=(munged mungekey slurmctld slurmd sbatch srun scontrol squeue sinfo scancel sshd ssh ssh-keygen pdsh ip
           pkill chromium chromedriver)
 
@@ -15,6 +16,7 @@ missing=0
 for c in "${COMMANDS[@]}"; do
   command -v "$c" >/dev/null 2>&1 || [ -x "/usr/sbin/$c" ] || missing=1
 done
+[ -e /usr/include/libaio.h ] || missing=1
 [ "$missing" = 0 ] && exit 0
 
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then

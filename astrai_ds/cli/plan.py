@@ -1,5 +1,6 @@
 """Will it fit? Memory per GPU for a model on a cluster, before launching: parameters, model states (weights,
-gradients, optimizer) for ZeRO-0/1/2/3 with and without CPU offload, per GPU and per node's host memory, and
+gradients, optimizer) for ZeRO-0/1/2/3 with and without CPU or NVMe offload, per GPU, per node's host memory
+and per node's NVMe drives, and
 activations per micro-batch with and without activation checkpointing; then which options fit the GPU.
 
 Model states follow DeepSpeed's own estimators (bf16 mixed precision with Adam); activations count what this
@@ -81,16 +82,16 @@ def _inputs(args):
     return cfg, model_path, micro, seq_len, checkpointing
 
 
-def _asked(args) -> tuple[int, bool, bool] | None:
-    """(stage, offload optimizer, offload params) of --ds_config."""
+def _asked(args) -> tuple[int, bool, bool, bool] | None:
+    """(stage, offload optimizer, offload params, to NVMe) of --ds_config."""
     if not args.ds_config:
         return None
     from astrai_ds.config.deepspeed import load_ds_config, zero_stage
 
     ds, _ = load_ds_config(args.ds_config)
     zero = ds.get("zero_optimization", {})
-    device = lambda key: zero.get(key, {}).get("device", "none") in ("cpu", "nvme")
-    return zero_stage(ds), device("offload_optimizer"), device("offload_param")
+    offloads = [zero.get(key, {}).get("device", "none") for key in ("offload_optimizer", "offload_param")]
+    return zero_stage(ds), offloads[0] != "none", offloads[1] != "none", "nvme" in offloads
 
 
 def _gib(n: int) -> str:
@@ -108,7 +109,7 @@ def run(args) -> int:
     result = plan(cfg, args.gpus_per_node, args.nodes, micro, seq_len, memory_size(args.gpu_memory), checkpointing)
     asked = _asked(args)
     for row in result["options"]:
-        row["asked"] = asked == (row["stage"], row["offload_optimizer"], row["offload_params"])
+        row["asked"] = asked == (row["stage"], row["offload_optimizer"], row["offload_params"], row["nvme"])
     if args.json:
         print(json.dumps({"model": str(model_path), **result}, indent=2))
         return 0
@@ -121,11 +122,13 @@ def run(args) -> int:
     print(f"activations per GPU: {_gib(act['blocks'] + act['logits'])} GiB without activation checkpointing, "
           f"{_gib(act['blocks_checkpointed'] + act['logits'])} GiB with (logits {_gib(act['logits'])} GiB in "
           f"both); below: {'with' if checkpointing else 'without'}\n")
-    print(f"  {'option':<40}{'states':>8}{'activ.':>8}{'total':>8}  {'host/node':>10}  fits   (GiB)")
+    print(f"  {'option':<42}{'states':>8}{'activ.':>8}{'total':>8}  {'host/node':>10}  {'nvme/node':>10}  fits"
+          f"   (GiB)")
     for row in result["options"]:
         mark = "  <- --ds_config" if row["asked"] else ""
-        print(f"  {row['name']:<40}{_gib(row['gpu_bytes']):>8}{_gib(row['activations']):>8}{_gib(row['gpu_total']):>8}"
-              f"  {_gib(row['host_bytes']):>10}  {'yes' if row['fits'] else 'no ':<5}{mark}")
+        nvme = _gib(row["nvme_bytes"]) if row["nvme"] else "-"
+        print(f"  {row['name']:<42}{_gib(row['gpu_bytes']):>8}{_gib(row['activations']):>8}{_gib(row['gpu_total']):>8}"
+              f"  {_gib(row['host_bytes']):>10}  {nvme:>10}  {'yes' if row['fits'] else 'no ':<5}{mark}")
     if asked is not None and not any(row["asked"] for row in result["options"]):
         print(f"\n--ds_config asks for ZeRO-{asked[0]} with parameter offload but no optimizer offload, which "
               f"DeepSpeed's estimators do not cover")

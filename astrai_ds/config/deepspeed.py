@@ -31,8 +31,12 @@ MICRO_BATCH, GRAD_ACCUM = "train_micro_batch_size_per_gpu", "gradient_accumulati
 TRAIN_BATCH = "train_batch_size"
 BATCH_KEYS = (MICRO_BATCH, GRAD_ACCUM, TRAIN_BATCH)
 # The keys that may be written "auto": resolve_ds_config fills each from the train config or the device.
+# ZeRO-Infinity's swap folders: "auto" is a folder in the run's output_dir (NVME_DIR), removed when training ends.
+OFFLOAD_SECTIONS = ("offload_optimizer", "offload_param")
+NVME_DIR = "nvme_offload"
 AUTO_KEYS = (*BATCH_KEYS, "gradient_clipping", "bf16.enabled", "fp16.enabled",
-             *(f"zero_optimization.{key}" for key in ACCELERATOR_ONLY))
+             *(f"zero_optimization.{key}" for key in ACCELERATOR_ONLY),
+             *(f"zero_optimization.{section}.nvme_path" for section in OFFLOAD_SECTIONS))
 # The batch sizes DeepSpeed's parser is given in place of a file's while checking it: the real ones depend on the
 # world size, which is known only once the process group exists, and resolve_ds_config checks them then.
 _BATCH_PROBE = {MICRO_BATCH: 1, GRAD_ACCUM: 1}
@@ -235,7 +239,7 @@ def resolve_ds_config(ds: dict, train: TrainConfig, world_size: int, *, bf16_sup
     _fill_batch_sizes(ds, train, dp, source)
     _fill(ds, "gradient_clipping", train.optimizer.grad_clip)
     _fill_precision(ds, train, bf16_supported, source)
-    _fill_zero(ds, accelerator, source)
+    _fill_zero(ds, accelerator, train.output_dir, source)
     _check_pipeline(ds, train, source)
     _check_pure_bf16(ds, train, source)
     reject_sections_we_build(ds, source)
@@ -307,14 +311,24 @@ def _fill_precision(ds: dict, train: TrainConfig, bf16_supported: bool, source: 
                           "enables bf16/fp16; set them to \"auto\" or false")
 
 
-def _fill_zero(ds: dict, accelerator: bool, source: str) -> None:
-    """ZeRO stage 0 where the section is missing; the accelerator-only settings written "auto" follow the device."""
+def _fill_zero(ds: dict, accelerator: bool, output_dir: str | Path, source: str) -> None:
+    """ZeRO stage 0 where the section is missing; the accelerator-only settings written "auto" follow the device;
+    an NVMe offload's nvme_path "auto" is `output_dir`/nvme_offload."""
     zero = ds.setdefault("zero_optimization", {"stage": 0})
     if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2, 3):
         raise ConfigError(f"{source}: zero_optimization.stage must be 0, 1, 2 or 3")
     for key in ACCELERATOR_ONLY:
         if zero.get(key) == "auto":
             zero[key] = accelerator
+    for section in OFFLOAD_SECTIONS:
+        offload = zero.get(section)
+        if not isinstance(offload, dict) or offload.get("device") != "nvme":
+            continue
+        if offload.get("nvme_path") is None:
+            raise ConfigError(f"{source}: zero_optimization.{section}.device \"nvme\" needs nvme_path: a folder "
+                              "on a fast local drive, or \"auto\" for a folder in the run's output_dir")
+        if offload["nvme_path"] == "auto":
+            offload["nvme_path"] = str(Path(output_dir) / NVME_DIR)
 
 
 def _check_pure_bf16(ds: dict, train: TrainConfig, source: str) -> None:
@@ -357,6 +371,32 @@ def _autos(node, prefix=""):
 
 def zero_stage(ds: dict) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def nvme_paths(ds: dict) -> list[Path]:
+    """The swap folders of ZeRO-Infinity's NVMe offload (optimizer states, parameters), if the config has any."""
+    zero = ds.get("zero_optimization", {})
+    return sorted({Path(zero[s]["nvme_path"]) for s in OFFLOAD_SECTIONS
+                   if isinstance(zero.get(s), dict) and zero[s].get("device") == "nvme" and zero[s].get("nvme_path")})
+
+
+def check_nvme_offload(ds: dict, source: str) -> None:
+    """NVMe offload swaps through DeepSpeed's async_io op, which is compiled on first use against libaio: without
+    the library DeepSpeed fails deep in the engine's set-up, so say what to install first."""
+    if not nvme_paths(ds):
+        return
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
+
+    builder = get_accelerator().create_op_builder("AsyncIOBuilder")
+    if not installed_ops.get("async_io") and not (builder and builder.is_compatible(verbose=False)):
+        raise ConfigError(f"{source}: offloading to \"nvme\" needs DeepSpeed's async_io op, which needs libaio and "
+                          "its headers: install them (Debian/Ubuntu: apt-get install libaio-dev) and run again, or "
+                          "offload to \"cpu\"")
+
+
+def nvme_offloads_optimizer(ds: dict) -> bool:
+    return ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") == "nvme"
 
 
 def offloads_optimizer(ds: dict) -> bool:

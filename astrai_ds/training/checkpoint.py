@@ -111,10 +111,11 @@ def _read_json(path: Path):
 
 
 def check_resumable(load_dir: Path, tag: str, world_size: int, zero_stage: int, model_cfg: dict,
-                    pipeline_stages: int = 1) -> bool:
+                    pipeline_stages: int = 1, nvme: bool = False) -> bool:
     """Stop before anything is written when the checkpoint cannot resume in this run: another model shape,
-    ZeRO stage, number of pipeline stages, or number of ranks without ZeRO. Returns True when it resumes only
-    through a universal checkpoint (`to_universal`): ZeRO-1/2/3 written by another number of ranks."""
+    ZeRO stage, number of pipeline stages, optimizer offloaded to NVMe or not (`nvme`: this run's), or number of
+    ranks without ZeRO or with NVMe offload. Returns True when it resumes only through a universal checkpoint
+    (`to_universal`): ZeRO-1/2/3 written by another number of ranks."""
     where = load_dir / tag
     saved_model = load_dir / "model_config.json"
     if _read_json(saved_model) not in (None, model_cfg):
@@ -128,10 +129,16 @@ def check_resumable(load_dir: Path, tag: str, world_size: int, zero_stage: int, 
     saved_stages = marker.get("pipeline_stages", 1)
     if saved_stages != pipeline_stages:  # a pipeline checkpoint holds its weights per layer, a plain one whole
         differs.append(f"{saved_stages} pipeline stage{'s' * (saved_stages > 1)}, this run {pipeline_stages}")
+    # DeepSpeed copies an NVMe-offloaded optimizer's swap files into the checkpoint, one folder per rank, and
+    # loads them back only into the same offload on the same ranks.
+    saved_nvme = (where / "offloaded_tensors").is_dir()
+    if saved_nvme != nvme:
+        differs.append(f"the optimizer {'' if saved_nvme else 'not '}offloaded to NVMe, this run "
+                       f"{'' if nvme else 'not '}offloading it there")
     other_world = saved_world is not None and saved_world != world_size
     # ZeRO's optimizer files convert to DeepSpeed's universal checkpoint, which loads on any number of ranks.
     # Without ZeRO there are none, and even ZeRO-0's bf16 optimizer keeps its master weights per rank.
-    if other_world and (not 1 <= zero_stage <= 3 or pipeline_stages > 1):
+    if other_world and (not 1 <= zero_stage <= 3 or pipeline_stages > 1 or saved_nvme or nvme):
         differs.append(f"{saved_world} ranks, this run {world_size}")
     if differs:
         raise UserError(
@@ -199,3 +206,46 @@ def repair_zero3_universal_load(engine, universal_dir: Path, tag: str) -> None:
     for state in optimizer.state.values():
         if torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()
+
+
+def repair_nvme_optimizer_load(engine, load_dir: Path, tag: str) -> None:
+    """Complete DeepSpeed's resume of a ZeRO-3 optimizer offloaded to NVMe (DeepSpeed 0.19). For such an optimizer
+    `load_checkpoint` skips the ZeRO checkpoint files and only copies the swap files back, and the optimizer's state
+    is made lazily, at its first step. So the run would go on with fresh Adam moments and step counts, the first
+    step's learning rate of the fresh schedule, and the initial weights for every sub-group smaller than one aio
+    block (1 MiB), which DeepSpeed keeps in host memory rather than swapping. All but the swapped tensors are in
+    this rank's `*_optim_states.pt`; the param groups' settings (the learning rate) are copied back, and:
+
+    - a swapped sub-group gets its step count and moment tensors registered, so that the swapper reads the moments
+      back from the swap files that came with the checkpoint (one sub-group at a time, as a step does);
+    - an in-memory sub-group gets its fp32 weights, moments and step count from the file, and its model weights
+      from those fp32 weights."""
+    optimizer = engine.optimizer
+    path = engine._get_zero_ckpt_name(str(load_dir), tag)
+    saved = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    state, fp32_saved = saved["optimizer_state_dict"]["state"], saved["fp32_flat_groups"]
+    # The saved state's indices run over the param groups in order, each group's sub-groups in order.
+    order = [i for g in range(len(optimizer.optimizer.param_groups)) for i in range(len(optimizer.fp16_groups))
+             if optimizer.sub_group_to_group_id[i] == g]
+    # The groups' settings: the learning rate of the step that follows is the one the schedule set last.
+    for group, settings in zip(optimizer.optimizer.param_groups, saved["optimizer_state_dict"]["param_groups"]):
+        group.update({key: value for key, value in settings.items() if key != "params"})
+    optimizer.checkpoint_event_prologue()
+    timers = set()
+    for index, sub_group in enumerate(order):
+        fp32 = optimizer.fp32_partitioned_groups_flat[sub_group]
+        if optimizer._swappable_optimizer_subgroup(sub_group):
+            numel = int(optimizer.fp16_partitioned_groups_flat_numel[sub_group])
+            optimizer.optimizer.state[fp32] = {
+                key: torch.zeros(numel, dtype=fp32.dtype) if torch.is_tensor(value) else value
+                for key, value in state[index].items()}
+            optimizer._prepare_sub_group(sub_group, timers)  # reads the weights and moments from the swap files
+            optimizer._release_sub_group(sub_group, timers)
+            continue
+        with torch.no_grad():
+            fp32.copy_(fp32_saved[sub_group])
+            optimizer.optimizer.state[fp32] = {key: value.clone() if torch.is_tensor(value) else value
+                                               for key, value in state[index].items()}
+            optimizer.fp16_partitioned_groups_flat[sub_group].copy_(fp32)
+        optimizer._unflatten_partitioned_parameters(sub_group)
+    optimizer.checkpoint_event_epilogue()

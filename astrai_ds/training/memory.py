@@ -6,6 +6,11 @@ gradients 2, fp32 gradients 4, fp32 master weights 4 and Adam's two moments 8, p
 ZeRO-2 and ZeRO-3 call `estimate_zero2_model_states_mem_needs` and `estimate_zero3_model_states_mem_needs`;
 ZeRO-0 and ZeRO-1 partition nothing or only the fp32 states. Host memory is per node.
 
+ZeRO-Infinity (offload to NVMe, e.g. ds_configs/zero3_nvme.json) has no DeepSpeed estimator; its rows count what
+its swap files hold, measured on the 1B run (docs/benchmarks.md): the fp32 master weights, Adam's two moments and
+the fp32 gradients, 16 bytes per parameter on the nodes' drives, plus the 16-bit weights when they are swapped
+too. Host memory then keeps each rank's fp32 gradient partition while the backward pass fills it.
+
 Activations are what a block keeps for its backward pass: 10 x dim + 4 x ffn_dim + n_heads values per token
 (inputs and outputs of the norms, queries, keys and values at the query width, the attention output before and
 after its projection, the residual stream, the SwiGLU tensors, one log-sum-exp per head; QK-norm adds its
@@ -53,6 +58,8 @@ class StatesOption:
     zero_init: bool
     gpu_bytes: int  # per GPU
     host_bytes: int  # per node
+    nvme: bool = False  # the offloaded states go to NVMe swap files, not host memory
+    nvme_bytes: int = 0  # per node
 
 
 def model_states(counts: ParamCounts, gpus_per_node: int, nodes: int) -> list[StatesOption]:
@@ -76,6 +83,12 @@ def model_states(counts: ParamCounts, gpus_per_node: int, nodes: int) -> list[St
         name = "ZeRO-3" + (" + offload optimizer and params" if offload_params else
                            " + offload optimizer" if offload else "")
         options.append(StatesOption(name, 3, offload, offload_params, True, gpu, host))
+    grads_host = int(4 * p * gpus_per_node / n * BUFFER_FACTOR)  # fp32 gradient partitions of a node's ranks
+    for offload_params in (False, True):
+        name = "ZeRO-3 + optimizer" + (" and params" if offload_params else "") + " on NVMe"
+        gpu = 4 * counts.largest_layer + (0 if offload_params else 2 * p // n)
+        options.append(StatesOption(name, 3, True, offload_params, True, gpu, grads_host, True,
+                                    (18 if offload_params else 16) * p // nodes))
     return options
 
 

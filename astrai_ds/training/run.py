@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import warnings
 from dataclasses import dataclass
@@ -17,7 +19,8 @@ from typing import NoReturn
 import torch
 
 from astrai_ds.config.base import find_file
-from astrai_ds.config.deepspeed import load_ds_config, resolve_ds_config, zero_stage
+from astrai_ds.config.deepspeed import (NVME_DIR, check_nvme_offload, load_ds_config, nvme_offloads_optimizer,
+                                       nvme_paths, resolve_ds_config, zero_stage)
 from astrai_ds.config.model import ModelConfig
 from astrai_ds.config.train import TrainConfig
 from astrai_ds.data.shards import TokenShards
@@ -29,8 +32,8 @@ from astrai_ds.training import cpu
 from astrai_ds.training.callbacks import (Checkpointer, EarlyStop, Evaluator, FrozenReferenceCheck, Logger,
                                           MetricsWriter, Progress, StopOnSignal)
 from astrai_ds.training.checkpoint import (UNIVERSAL, check_resumable, find_checkpoint,
-                                           remove_incomplete_checkpoints, repair_zero3_universal_load,
-                                           to_universal)
+                                           remove_incomplete_checkpoints, repair_nvme_optimizer_load,
+                                           repair_zero3_universal_load, to_universal)
 from astrai_ds.training.data_setup import batch_iterator, build_dataset, open_data
 from astrai_ds.training.distributed import (DistInfo, all_reduce_host, bf16_supported, env_rank, exit_process,
                                             init_distributed, on_accelerator)
@@ -190,7 +193,7 @@ def _prepare_output_dir(cfg: TrainConfig, model_cfg: ModelConfig, ds_cfg: dict, 
     if resume:
         load_dir, tag, notes = resume
         universal = check_resumable(load_dir, tag, dist_info.world_size, zero_stage(ds_cfg), model_cfg.to_dict(),
-                                    cfg.parallel.pipeline_stages)
+                                    cfg.parallel.pipeline_stages, nvme=nvme_offloads_optimizer(ds_cfg))
     torch.distributed.barrier()
     if dist_info.is_main:
         for note in resume[2] if resume else []:
@@ -266,6 +269,7 @@ def build_trainer(args) -> Trainer:
     cpu_notes = _setup_cpu(cfg)
     ds_cfg = resolve_ds_config(ds_raw, cfg, dist_info.world_size, bf16_supported=bf16_supported(),
                                accelerator=on_accelerator(), source=str(ds_path))
+    check_nvme_offload(ds_cfg, str(ds_path))
     dtype = torch.bfloat16 if ds_cfg["bf16"]["enabled"] else torch.float32
     resume = _prepare_output_dir(cfg, model_cfg, ds_cfg, tokenizer, dist_info)
     if resume and resume[2]:  # for this engine only: the run's ds_config.json stays as the user wrote it
@@ -286,11 +290,15 @@ def build_trainer(args) -> Trainer:
     peak = _measure_peak(engine, dtype)
     _add_callbacks(trainer, cfg, data, tag_step(resume[1]) if resume else None, peak, launchers)
     trainer.run_lock = run_lock  # held as long as the trainer lives (the process, for train.py)
+    # NVMe offload's swap files in the run folder: only the running engine reads them (checkpoints hold the states).
+    trainer.swap_dirs = [p for p in nvme_paths(ds_cfg) if p == Path(cfg.output_dir) / NVME_DIR]
 
     if resume:
         _, client_state = engine.load_checkpoint(str(resume[0]), tag=resume[1])
         if resume[2] and zero_stage(ds_cfg) == 3:
             repair_zero3_universal_load(engine, resume[0], resume[1])
+        if nvme_offloads_optimizer(ds_cfg):
+            repair_nvme_optimizer_load(engine, resume[0], resume[1])
         trainer.load_state_dict(client_state)
         trainer.log(f"resumed from {resume[0] / resume[1]} at step {trainer.state.step}")
     _log_start(trainer, cfg, ds_cfg, data, n_params, peak, dtype, cpu_notes)
@@ -312,7 +320,8 @@ def _log_start(trainer, cfg, ds_cfg, data: RunData, n_params, peak, dtype, cpu_n
         + f"micro {ds_cfg['train_micro_batch_size_per_gpu']} x accum {ds_cfg['gradient_accumulation_steps']} x dp "
         f"{trainer.engine.dp_world_size} = {ds_cfg['train_batch_size']} samples of up to {cfg.data.seq_len} tokens | "
         f"{len(data.train_set)} train samples | peak {peak / 1e9:.0f} GFLOP/s (measured: {dtype} matmul on "
-        f"{trainer.engine.device.type}, all ranks) | {trainer.flops_per_token(cfg.data.seq_len) / 1e6:.1f} MFLOP/token at full length (6N + 12LdT)")
+        f"{trainer.engine.device.type}, all ranks) | {trainer.flops_per_token(cfg.data.seq_len) / 1e6:.1f} "
+        "MFLOP/token at full length (6N + 12LdT)")
 
 
 def main_and_exit(argv: list[str] | None = None, prog: str = "train.py") -> NoReturn:
@@ -337,6 +346,9 @@ def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
         # No rank tears its process group down while another still has collectives in flight: the peer's
         # gloo threads then fail on the closed socket and abort the process after a successful run.
         torch.distributed.barrier()
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # the swap folder may be on each node's own disk
+            for swap in trainer.swap_dirs:
+                shutil.rmtree(swap, ignore_errors=True)
         stop = next(cb for cb in trainer.callbacks if cb.name == "StopOnSignal")
         if stop.exit_code == 130 and env_rank() == 0:
             print("interrupted: run the same command again to resume from the last complete checkpoint",

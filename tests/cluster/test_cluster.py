@@ -18,19 +18,13 @@ from pathlib import Path
 import pytest
 
 from conftest import (ROOT, VENV_BIN, env, free_port, remove_shm_buffers, run_cmd, run_distributed,
-                      tiny_train_config, train_losses)
+                      tiny_train_config, train_losses, unavailable)
 
 import local_slurm
 import two_hosts
 
 pytestmark = pytest.mark.multiproc
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
-
-
-def unavailable(reason: str) -> None:
-    if os.environ.get("ASTRAI_REQUIRE_CLUSTER_TESTS") == "1":
-        pytest.fail(f"{reason} (ASTRAI_REQUIRE_CLUSTER_TESTS=1: this machine should run it)")
-    pytest.skip(reason)
 
 
 def require_root_and(missing: list[str]) -> None:

@@ -1,10 +1,11 @@
 import json
+from pathlib import Path
 
 import pytest
 
 from astrai_ds.config.base import from_dict
-from astrai_ds.config.deepspeed import (DS_CONFIG_DIR, check_batch_size, find_ds_config, load_ds_config,
-                                        resolve_ds_config)
+from astrai_ds.config.deepspeed import (DS_CONFIG_DIR, check_batch_size, check_nvme_offload, find_ds_config,
+                                        load_ds_config, nvme_paths, resolve_ds_config)
 from astrai_ds.config.train import TrainConfig
 from astrai_ds.errors import ConfigError
 
@@ -36,6 +37,35 @@ def test_ds_accelerator_only_settings_follow_the_device():
     explicit = {"zero_optimization": {"stage": 2, "overlap_comm": True}}
     assert resolve_ds_config(explicit, _train(), 1, bf16_supported=True,
                              accelerator=False)["zero_optimization"]["overlap_comm"] is True
+
+
+def test_ds_nvme_path_auto_is_in_the_run_folder(tmp_path):
+    ds, _ = load_ds_config("zero3_nvme.json")
+    assert ds["zero_optimization"]["offload_optimizer"] == {**ds["zero_optimization"]["offload_optimizer"],
+                                                            "device": "nvme", "nvme_path": "auto"}
+    out = resolve_ds_config(ds, _train(), 2, bf16_supported=False, accelerator=False)
+    assert out["zero_optimization"]["offload_optimizer"]["nvme_path"] == str(Path("o") / "nvme_offload")
+    assert nvme_paths(out) == [Path("o") / "nvme_offload"]
+    assert nvme_paths(resolve_ds_config(load_ds_config("zero3_offload.json")[0], _train(), 2,
+                                        bf16_supported=False)) == []
+    own = {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": str(tmp_path)}}}
+    assert nvme_paths(resolve_ds_config(own, _train(), 1, bf16_supported=False)) == [tmp_path]
+    missing = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}}
+    with pytest.raises(ConfigError, match=r"zero_optimization.offload_optimizer.device \"nvme\" needs nvme_path"):
+        resolve_ds_config(missing, _train(), 1, bf16_supported=False, source="mine.json")
+
+
+def test_nvme_offload_without_libaio_says_what_to_install(monkeypatch):
+    """DeepSpeed would fail deep inside the engine's set-up; the check names the package first."""
+    from deepspeed.accelerator import get_accelerator
+
+    out = resolve_ds_config(load_ds_config("zero3_nvme.json")[0], _train(), 2, bf16_supported=False)
+    builder = type(get_accelerator().create_op_builder("AsyncIOBuilder"))
+    monkeypatch.setattr(builder, "is_compatible", lambda self, verbose=False: False)
+    monkeypatch.setattr("deepspeed.git_version_info.installed_ops", {"async_io": False})
+    with pytest.raises(ConfigError, match=r"^zero3_nvme.json: offloading to \"nvme\" needs .*install libaio-dev"):
+        check_nvme_offload(out, "zero3_nvme.json")
+    check_nvme_offload(resolve_ds_config(load_ds_config("zero3.json")[0], _train(), 2, bf16_supported=False), "x")
 
 
 def test_ds_pure_bf16_needs_bf16_and_zero():

@@ -18,6 +18,8 @@ from pathlib import Path
 import httpx2 as httpx
 import pytest
 
+from conftest import unavailable
+
 WAIT_S = 60
 # What the page records from the moment it is installed: every text the assistant bubbles were given, in order,
 # with the bubble's data-done then. `answer.textContent = text` replaces the bubble's text node, so each partial
@@ -35,12 +37,6 @@ new MutationObserver(records => {
 BUBBLES = """return Array.from(document.querySelectorAll("#log .msg")).map(
   b => ({role: b.classList.contains("user") ? "user" : "assistant", text: b.textContent,
          error: b.classList.contains("error"), done: b.dataset.done || null}));"""
-
-
-def unavailable(reason: str) -> None:
-    if os.environ.get("ASTRAI_REQUIRE_CLUSTER_TESTS") == "1":
-        pytest.fail(f"{reason} (ASTRAI_REQUIRE_CLUSTER_TESTS=1: this machine should run it)")
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")

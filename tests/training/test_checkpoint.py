@@ -99,6 +99,15 @@ def test_resume_with_another_zero_stage_or_world_size_is_refused(tmp_path):
         check_resumable(tmp_path, "global_step6", 2, 1, model)
     with pytest.raises(UserError, match="2 ranks, this run 4"):
         check_resumable(tmp_path, "global_step6", 4, 1, model, pipeline_stages=2)
+    # DeepSpeed's swap files of an optimizer offloaded to NVMe load only into the same offload on the same ranks
+    (fake_checkpoint(tmp_path, 8, world_size=2, zero_stage=3) / "offloaded_tensors" / "rank00").mkdir(parents=True)
+    assert check_resumable(tmp_path, "global_step8", 2, 3, model, nvme=True) is False
+    with pytest.raises(UserError, match="the optimizer offloaded to NVMe, this run not offloading it there"):
+        check_resumable(tmp_path, "global_step8", 2, 3, model)
+    with pytest.raises(UserError, match="the optimizer not offloaded to NVMe, this run offloading it there"):
+        check_resumable(tmp_path, "global_step2", 2, 3, model, nvme=True)
+    with pytest.raises(UserError, match="2 ranks, this run 1"):
+        check_resumable(tmp_path, "global_step8", 1, 3, model, nvme=True)
 
 
 def test_prune_keeps_newest_and_latest(tmp_path):

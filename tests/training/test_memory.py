@@ -84,6 +84,21 @@ def test_model_states_are_deepspeeds_estimates():
     assert gpu == sorted(gpu, reverse=True) and gpu[0] == 20 * counts.total
 
 
+def test_nvme_rows_count_the_swap_files(capsys):
+    """ZeRO-Infinity's rows: the optimizer's fp32 states and gradients (16 B/param) on the nodes' drives, the
+    GPU keeping what ZeRO-3 with the optimizer offloaded keeps; zero3_nvme.json is marked as that row."""
+    counts = param_counts(ModelConfig.load(ONE_B))
+    rows = {r.name: r for r in model_states(counts, gpus_per_node=8, nodes=2)}
+    nvme, params_too = rows["ZeRO-3 + optimizer on NVMe"], rows["ZeRO-3 + optimizer and params on NVMe"]
+    assert nvme.nvme and nvme.nvme_bytes == 16 * counts.total // 2 and params_too.nvme_bytes > nvme.nvme_bytes
+    assert nvme.gpu_bytes == rows["ZeRO-3 + offload optimizer"].gpu_bytes
+    assert nvme.host_bytes < rows["ZeRO-3 + offload optimizer"].host_bytes
+    assert not any(r.nvme for name, r in rows.items() if "NVMe" not in name)
+    assert main(["plan", "--model", ONE_B, "--gpus-per-node", "2", "--ds_config", "zero3_nvme.json", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in plan["options"] if r["asked"]] == ["ZeRO-3 + optimizer on NVMe"]
+
+
 def test_plan_marks_the_asked_option_and_says_what_fits(capsys):
     args = ["plan", "--model", ONE_B, "--nodes", "1", "--gpus-per-node", "2", "--micro-batch", "8",
             "--seq-len", "2048", "--gpu-memory", "24GiB"]
