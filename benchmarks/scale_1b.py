@@ -12,6 +12,7 @@ keeps 20 (fp32 weights, their fp32 optimizer copy, gradients, two Adam moments).
 
     .venv/bin/python benchmarks/scale_1b.py --work-dir /tmp/scale                     # ZeRO-3, 3 steps
     .venv/bin/python benchmarks/scale_1b.py --ds-config zero3_offload.json --steps 2 --json out.json
+    .venv/bin/python benchmarks/scale_1b.py --ds-config zero3_nvme.json --steps 5 --resume-at 3   # stop, resume
 
 It needs most of a 24 GiB machine: run it with nothing else running. The run's final checkpoint (about 16
 bytes per parameter on disk) is deleted afterwards unless --keep-run.
@@ -50,6 +51,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--nproc", type=int, default=2, help="ranks")
     p.add_argument("--precision", default="auto", help="the train config's precision (auto: bf16 where native)")
     p.add_argument("--work-dir", default=None, help="corpus, tokenizer and data, reused on the next run")
+    p.add_argument("--resume-at", type=int, default=None,
+                   help="stop the run after this step (its final checkpoint), then resume it to --steps with the "
+                        "same command: the losses after the restart are those of an uninterrupted run")
     p.add_argument("--keep-run", action="store_true", help="keep the run folder and its checkpoint")
     p.add_argument("--json", default=None, help="write the results here")
     return p.parse_args()
@@ -126,15 +130,16 @@ def main() -> None:
     model_cfg = ModelConfig.load(ROOT / cfg.model).resolved(Tokenizer.load(tok).vocab_size)
     predicted = plan(model_cfg, args.nproc, 1, args.micro_batch, args.seq_len, 24 * GIB, True)
     stage = json.loads((ROOT / "ds_configs" / args.ds_config).read_text())["zero_optimization"]
+    devices = [stage.get(key, {}).get("device", "none") for key in ("offload_optimizer", "offload_param")]
     asked = next(o for o in predicted["options"] if o["stage"] == stage["stage"]
-                 and o["offload_optimizer"] == ("offload_optimizer" in stage)
-                 and o["offload_params"] == ("offload_param" in stage))
+                 and o["offload_optimizer"] == (devices[0] != "none") and o["offload_params"] == (devices[1] != "none")
+                 and o["nvme"] == ("nvme" in devices))
     run = work / "run"
     shutil.rmtree(run, ignore_errors=True)
     sets = {"tokenizer": tok, "data.path": data, "data.eval_path": "null", "data.seq_len": args.seq_len,
             "micro_batch_size": args.micro_batch, "grad_accum_steps": 1, "max_steps": args.steps,
             "log_interval": 1, "save_interval": 10**9, "output_dir": run, "precision": args.precision,
-            "schedule.warmup_steps": 1,
+            "schedule.warmup_steps": 1, "schedule.total_steps": args.steps,
             # glibc's default: freed blocks go back to the OS. Keeping them (faster for small models) lets the
             # heap grow by the gathered layers' and gradients' churn, which a 1B model on 24 GiB cannot spare.
             "cpu.keep_freed_memory": "false"}
@@ -148,15 +153,20 @@ def main() -> None:
           f"{asked['gpu_bytes'] / GIB:.1f} GiB model states + {asked['activations'] / GIB:.2f} GiB activations "
           f"per rank at 16 bytes per parameter", flush=True)
     start = time.time()
-    launcher = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    sampler = MemorySampler(psutil.Process(launcher.pid))
+    sampler = MemorySampler(psutil.Process())
     sampler.start()
     log = []
-    for line in launcher.stdout:
-        log.append(line)
-        if not line.startswith("[20"):
-            print(line, end="", flush=True)
-    code = launcher.wait()
+    launches = [["--set", f"max_steps={args.resume_at}"], []] if args.resume_at else [[]]
+    for extra in launches:  # with --resume-at, the second launch resumes from the first one's last checkpoint
+        launcher = subprocess.Popen(cmd + extra, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True)
+        for line in launcher.stdout:
+            log.append(line)
+            if not line.startswith("[20"):
+                print(line, end="", flush=True)
+        code = launcher.wait()
+        if code:
+            break
     sampler.done.set()
     sampler.join()
     wall = time.time() - start
@@ -168,12 +178,15 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                    f"{psutil.virtual_memory().total / GIB:.1f} GiB",
         "config": args.config, "ds_config": args.ds_config, "ranks": args.nproc, "micro_batch": args.micro_batch,
-        "seq_len": args.seq_len, "exit_code": code, "wall_s": round(wall, 1), "params": params,
+        "seq_len": args.seq_len, "resume_at": args.resume_at, "exit_code": code, "wall_s": round(wall, 1),
+        "params": params,
         "peak_rss_gib": {r: round(v / GIB, 2) for r, v in sorted(sampler.peak.items())},
         "vm_hwm_gib": {r: round(v / GIB, 2) for r, v in sorted(sampler.hwm.items())},
         "peak_rss_all_ranks_gib": round(sampler.total_peak / GIB, 2),
         "plan_states_gib_per_rank": round(asked["gpu_bytes"] / GIB, 2),
         "plan_activations_gib_per_rank": round(asked["activations"] / GIB, 3),
+        "plan_host_gib_per_node": round(asked["host_bytes"] / GIB, 2),
+        "plan_nvme_gib_per_node": round(asked["nvme_bytes"] / GIB, 2),
         "fp32_states_gib_per_rank": round(20 * params / args.nproc / GIB, 2),
         "steps": [{"step": m["step"], "loss": m["train/loss"], "tokens_per_sec": m["train/tokens_per_sec"],
                    "mfu": m["train/mfu"]} for m in steps],
