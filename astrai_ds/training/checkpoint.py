@@ -244,8 +244,7 @@ def repair_nvme_optimizer_load(engine, load_dir: Path, tag: str) -> None:
             continue
         with torch.no_grad():
             fp32.copy_(fp32_saved[sub_group])
-            optimizer.optimizer.state[fp32] = {key: value.clone() if torch.is_tensor(value) else value
-                                               for key, value in state[index].items()}
-            optimizer.fp16_partitioned_groups_flat[sub_group].copy_(fp32)
-        optimizer._unflatten_partitioned_parameters(sub_group)
+        optimizer.optimizer.state[fp32] = {key: value.clone() if torch.is_tensor(value) else value
+                                           for key, value in state[index].items()}
+        optimizer._reassign_or_swap_out_partitioned_parameters(sub_group)  # the model's weights, as a step does
     optimizer.checkpoint_event_epilogue()
