@@ -142,10 +142,10 @@ def check_resumable(load_dir: Path, tag: str, world_size: int, zero_stage: int, 
         differs.append(f"{saved_world} ranks, this run {world_size}")
     if differs:
         raise UserError(
-            f"cannot resume from {where}: it was written with {'; '.join(differs)}. Resume with the same ZeRO stage, "
-            f"pipeline stages and number of ranks (the run's ds_config.json and train_config.json have the ones it "
-            f"used), or export it (`astrai-ds export --run {load_dir} --out MODEL_DIR`) and start a new run from it "
-            f"with stage.init_from (a fresh optimizer), or set resume to \"none\" with another output_dir")
+            f"cannot resume from {where}: it was written with {'; '.join(differs)}. Resume with the same ZeRO stage "
+            f"and offload, pipeline stages and number of ranks (the run's ds_config.json and train_config.json have "
+            f"the ones it used), or export it (`astrai-ds export --run {load_dir} --out MODEL_DIR`) and start a new "
+            f"run from it with stage.init_from (a fresh optimizer), or set resume to \"none\" with another output_dir")
     return other_world
 
 
