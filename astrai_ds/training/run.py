@@ -13,6 +13,7 @@ import shutil
 import sys
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import NoReturn
 
@@ -144,7 +145,7 @@ def _dpo_reference(cfg, model_cfg, tokenizer, ds_cfg, train_shards, dataset, col
     strategy = STRATEGIES["dpo"].from_config(dpo)
     micro = ds_cfg["train_micro_batch_size_per_gpu"]
     table = load_or_precompute(
-        cache, lambda: precompute_reference_logps(ref_model, dataset, collate, strategy, micro, dist_info, device),
+        cache, partial(precompute_reference_logps, ref_model, dataset, collate, strategy, micro, dist_info, device),
         dist_info)
     del ref_model  # nothing of the reference stays in memory while training
     return None, WithReferenceLogps(collate, table)
