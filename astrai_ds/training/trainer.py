@@ -79,17 +79,23 @@ class Trainer:
         lr = self.engine.get_lr()[0]  # the lr this step uses (the scheduler moves it inside engine.step)
         batches = [self.train_batches.next() for _ in range(self.accum)]
         totals = self.global_counts(batches)
+        own_norm = None
         if self.pipeline is not None:
             sums = self.pipeline.train(batches, totals)
         else:
             sums: dict[str, torch.Tensor] = {}
-            for batch in batches:
+            for i, batch in enumerate(batches):
                 loss, metrics = self.strategy.compute_loss(self.engine, batch, totals)
                 self.engine.backward(loss * self.engine.dp_world_size, scale_wrt_gas=False)
+                if i == len(batches) - 1 and not hasattr(self.engine.optimizer, "_global_grad_norm"):
+                    # Without ZeRO or a 16-bit wrapper the optimizer is ours: DeepSpeed clips the (all-reduced)
+                    # gradients but keeps no norm, so take it here, before the step clears them.
+                    own_norm = torch.nn.utils.get_total_norm(
+                        [p.grad for p in self.engine.module.parameters() if p.grad is not None])
                 self.engine.step()  # steps the optimizer only at the accumulation boundary
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + value
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.engine.get_global_grad_norm() if own_norm is None else own_norm
         return {"metrics": {k: float(v) for k, v in sums.items()}, "lr": lr, "tokens": totals["inputs"].item(),
                 "flops": totals["flops"].item(),
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}

@@ -38,6 +38,12 @@ def test_zero_stages_agree(zero_runs):
             assert losses[name][step] == pytest.approx(loss, rel=PARITY_RTOL), (name, step)
     # the runs did train: the loss moved
     assert losses["zero0"][6] < losses["zero0"][1]
+    # and report the same gradient norm (ZeRO-0 in fp32 has no DeepSpeed norm: the trainer takes its own)
+    norms = {name: {r["step"]: r["train/grad_norm"] for r in read_metrics(run) if "train/grad_norm" in r}
+             for name, run in zero_runs.items()}
+    for name in ("zero2", "zero3", "zero3_offload"):
+        for step, norm in norms["zero0"].items():
+            assert math.isfinite(norm) and norms[name][step] == pytest.approx(norm, rel=1e-3), (name, step)
 
 
 def test_zero3_nvme_offload_agrees_and_resumes(workspace, tmp_path):
