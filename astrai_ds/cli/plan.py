@@ -11,8 +11,10 @@ is marked (examples: the README's Scale section).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import sys
 
 from astrai_ds.errors import UserError
 
@@ -23,11 +25,12 @@ UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 
          "mb": 1000 ** 2, "gb": 1000 ** 3, "tb": 1000 ** 4}
 
 
-def memory_size(text: str) -> int:
-    """'80GiB', '24 GB', '1024' (bytes) -> bytes."""
+def memory_size(text: str, flag: str = "--gpu-memory", examples: str = "80GiB, 24GB or 40960MiB") -> int:
+    """'80GiB', '24 GB', '1024' (bytes) -> bytes: KiB/MiB/GiB/TiB are powers of 1024, kB/MB/GB/TB of 1000. `serve
+    --kv-budget` reads its sizes with it too."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     if not match or match.group(2).lower() not in UNITS or float(match.group(1)) <= 0:
-        raise UserError(f"--gpu-memory {text!r} is not a size: write it like 80GiB, 24GB or 40960MiB")
+        raise UserError(f"{flag} {text!r} is not a size: write it like {examples}")
     return int(float(match.group(1)) * UNITS[match.group(2).lower()])
 
 
@@ -102,7 +105,16 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else str(n)
 
 
+def _deepspeed_logs_to_stderr() -> None:
+    """DeepSpeed's logger writes to the stdout of its first import, and that import logs its accelerator warning:
+    imported here with stdout pointing at stderr, it leaves stdout to the JSON (`plan --json | jq`)."""
+    with contextlib.redirect_stdout(sys.stderr):
+        import deepspeed.utils.logging  # noqa: F401
+
+
 def run(args) -> int:
+    if args.json:
+        _deepspeed_logs_to_stderr()
     from astrai_ds.training.memory import plan
 
     cfg, model_path, micro, seq_len, checkpointing = _inputs(args)

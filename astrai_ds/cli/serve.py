@@ -12,7 +12,6 @@ all ranks step the engine together."""
 from __future__ import annotations
 
 import os
-import re
 import signal
 import sys
 import threading
@@ -23,18 +22,15 @@ from astrai_ds.errors import UserError
 NAME = "serve"
 HELP = "serve a model folder over HTTP (OpenAI and Anthropic APIs, metrics, a chat page)"
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)\s*$", re.IGNORECASE)
-_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-
-
 def parse_kv_budget(text: str) -> dict:
-    """--kv-budget: a number of tokens ("65536") or a memory size ("2GiB", "512MiB"); EngineConfig fields."""
+    """--kv-budget: a number of tokens ("65536") or a memory size ("2GiB", "512MiB", read as `plan` reads sizes);
+    EngineConfig fields."""
+    from astrai_ds.cli.plan import memory_size
+
     if text.strip().isdigit():
         return {"kv_cache_tokens": int(text)}
-    m = _SIZE.match(text)
-    if not m:
-        raise UserError(f"--kv-budget {text!r}: give a number of tokens (65536) or a memory size (2GiB, 512MiB)")
-    return {"kv_cache_memory": int(float(m.group(1)) * _UNITS[m.group(2)[0].lower()])}
+    examples = "a number of tokens (65536) or a memory size (2GiB, 512MiB)"
+    return {"kv_cache_memory": memory_size(text, "--kv-budget", examples)}
 
 
 def add_arguments(p) -> None:

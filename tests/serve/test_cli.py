@@ -22,6 +22,7 @@ def test_kv_budget_takes_tokens_or_a_memory_size():
     assert parse_kv_budget("65536") == {"kv_cache_tokens": 65536}
     assert parse_kv_budget("2GiB") == {"kv_cache_memory": 2 << 30}
     assert parse_kv_budget("512 MiB") == {"kv_cache_memory": 512 << 20}
+    assert parse_kv_budget("2GB") == {"kv_cache_memory": 2 * 10**9}  # as `plan --gpu-memory` reads it
 
 
 @pytest.mark.parametrize("args,fragments", [

@@ -14,6 +14,7 @@ from astrai_ds.cli.main import main
 from astrai_ds.config.model import ModelConfig
 from astrai_ds.model import Transformer
 from astrai_ds.training.memory import activations, block_values_per_token, model_states, param_counts
+from conftest import VENV_BIN, run_cmd
 
 ONE_B = str(Path(__file__).resolve().parents[2] / "configs" / "model" / "1b.json")
 SHAPES = [dict(dim=128, n_heads=8, n_kv_heads=2, ffn_dim=344, n_layers=2, tie_embeddings=True),
@@ -97,6 +98,12 @@ def test_nvme_rows_count_the_swap_files(capsys):
     assert main(["plan", "--model", ONE_B, "--gpus-per-node", "2", "--ds_config", "zero3_nvme.json", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert [r["name"] for r in plan["options"] if r["asked"]] == ["ZeRO-3 + optimizer on NVMe"]
+
+
+def test_plan_json_is_the_whole_of_stdout():
+    """`astrai-ds plan --json | jq`: DeepSpeed's own log lines (its accelerator warning) go to stderr."""
+    proc = run_cmd([str(VENV_BIN / "astrai-ds"), "plan", "--model", ONE_B, "--gpus-per-node", "2", "--json"])
+    assert json.loads(proc.stdout)["params"]["total"] == param_counts(ModelConfig.load(ONE_B)).total
 
 
 def test_plan_marks_the_asked_option_and_says_what_fits(capsys):
