@@ -301,7 +301,8 @@ RAG_K = 5
 
 async def _with_context(server, messages: list[dict], max_tokens: int) -> tuple[list[dict], dict]:
     """The chat with its last user message answered from retrieved chunks (rag.answer's prompt, as many chunks as
-    fit), and the `sources` field the response carries."""
+    fit; a client's system message is kept after its instructions), and the `sources` field the response
+    carries."""
     from astrai_ds.rag.answer import fit_prompt
 
     if messages[-1]["role"] != "user":
@@ -315,10 +316,12 @@ async def _with_context(server, messages: list[dict], max_tokens: int) -> tuple[
         raise ApiError(400, str(e).replace("--question", "the question").replace("--max-new-tokens", "max_tokens"),
                        param="messages") from None
     history = [m for m in messages[:-1] if m["role"] != "system"]
+    # The client's own system messages follow the grounding instructions in the one system message.
+    system = "\n\n".join([grounded[0]["content"], *(m["content"] for m in messages[:-1] if m["role"] == "system")])
     scores = {h.chunk["id"]: h.score for h in hits}
     sources = [{"index": i, "source": c["source"], "headings": c["headings"], "start": c["start"], "end": c["end"],
                 "score": scores[c["id"]], "text": c["text"]} for i, c in enumerate(used, 1)]
-    return grounded[:1] + history + grounded[1:], {"sources": sources}
+    return [{"role": "system", "content": system}] + history + grounded[1:], {"sources": sources}
 
 
 class EmbeddingRequest(Strict):

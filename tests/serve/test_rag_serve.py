@@ -86,6 +86,15 @@ def test_the_rag_model_answers_from_retrieved_chunks(client, rag_server, engine,
     assert [s["text"] for s in sources] == [c["text"] for c in used]
     expected = engine.generate(messages, SamplingParams(max_new_tokens=128, temperature=0))
     assert r.choices[0].message.content == expected.text and r.model == f"{model_dir.name}-rag"
+    # a client's system message is kept, after the grounding instructions
+    system = "Answer in one short sentence."
+    r = client.chat.completions.create(model=f"{model_dir.name}-rag", temperature=0,
+                                       messages=[{"role": "system", "content": system},
+                                                 {"role": "user", "content": QUESTION}])
+    merged = [{"role": "system", "content": f"{messages[0]['content']}\n\n{system}"}, *messages[1:]]
+    assert r.usage.prompt_tokens == len(engine.encode(merged))
+    assert r.choices[0].message.content == engine.generate(merged, SamplingParams(max_new_tokens=128,
+                                                                                  temperature=0)).text
     chunks = list(client.chat.completions.create(model=f"{model_dir.name}-rag", temperature=0, stream=True,
                                                  messages=[{"role": "user", "content": QUESTION}]))
     assert chunks[0].model_extra["sources"] == sources
