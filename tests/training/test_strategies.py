@@ -3,7 +3,6 @@
 import math
 import sys
 import types
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -257,7 +256,6 @@ def test_from_config_and_registry():
 
 def test_dpo_sft_weight_adds_chosen_token_nll():
     """RPO: loss = DPO loss + sft_weight x the mean token NLL over all chosen responses' tokens."""
-    import types
 
     import torch
 
