@@ -117,9 +117,10 @@ def main() -> None:
     args = parse_args()
     import tempfile
 
+    from astrai_ds.config.deepspeed import load_ds_config
     from astrai_ds.config.model import ModelConfig
     from astrai_ds.config.train import TrainConfig
-    from astrai_ds.training.memory import plan
+    from astrai_ds.training.memory import asked_option, plan
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="scale_1b_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -129,11 +130,9 @@ def main() -> None:
 
     model_cfg = ModelConfig.load(ROOT / cfg.model).resolved(Tokenizer.load(tok).vocab_size)
     predicted = plan(model_cfg, args.nproc, 1, args.micro_batch, args.seq_len, 24 * GIB, True)
-    stage = json.loads((ROOT / "ds_configs" / args.ds_config).read_text())["zero_optimization"]
-    devices = [stage.get(key, {}).get("device", "none") for key in ("offload_optimizer", "offload_param")]
-    asked = next(o for o in predicted["options"] if o["stage"] == stage["stage"]
-                 and o["offload_optimizer"] == (devices[0] != "none") and o["offload_params"] == (devices[1] != "none")
-                 and o["nvme"] == ("nvme" in devices))
+    asked = asked_option(predicted["options"], load_ds_config(args.ds_config)[0])
+    if asked is None:
+        sys.exit(f"plan has no row for {args.ds_config}: offloading parameters needs the optimizer offloaded too")
     run = work / "run"
     shutil.rmtree(run, ignore_errors=True)
     sets = {"tokenizer": tok, "data.path": data, "data.eval_path": "null", "data.seq_len": args.seq_len,

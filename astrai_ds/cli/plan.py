@@ -85,18 +85,6 @@ def _inputs(args):
     return cfg, model_path, micro, seq_len, checkpointing
 
 
-def _asked(args) -> tuple[int, bool, bool, bool] | None:
-    """(stage, offload optimizer, offload params, to NVMe) of --ds_config."""
-    if not args.ds_config:
-        return None
-    from astrai_ds.config.deepspeed import load_ds_config, zero_stage
-
-    ds, _ = load_ds_config(args.ds_config)
-    zero = ds.get("zero_optimization", {})
-    offloads = [zero.get(key, {}).get("device", "none") for key in ("offload_optimizer", "offload_param")]
-    return zero_stage(ds), offloads[0] != "none", offloads[1] != "none", "nvme" in offloads
-
-
 def _gib(n: int) -> str:
     return f"{n / 1024 ** 3:.1f}"
 
@@ -115,13 +103,15 @@ def _deepspeed_logs_to_stderr() -> None:
 def run(args) -> int:
     if args.json:
         _deepspeed_logs_to_stderr()
-    from astrai_ds.training.memory import plan
+    from astrai_ds.config.deepspeed import load_ds_config, zero_stage
+    from astrai_ds.training.memory import asked_option, plan
 
     cfg, model_path, micro, seq_len, checkpointing = _inputs(args)
     result = plan(cfg, args.gpus_per_node, args.nodes, micro, seq_len, memory_size(args.gpu_memory), checkpointing)
-    asked = _asked(args)
+    ds = load_ds_config(args.ds_config)[0] if args.ds_config else None
+    asked = asked_option(result["options"], ds) if ds is not None else None
     for row in result["options"]:
-        row["asked"] = asked == (row["stage"], row["offload_optimizer"], row["offload_params"], row["nvme"])
+        row["asked"] = row is asked
     if args.json:
         print(json.dumps({"model": str(model_path), **result}, indent=2))
         return 0
@@ -141,7 +131,7 @@ def run(args) -> int:
         nvme = _gib(row["nvme_bytes"]) if row["nvme"] else "-"
         print(f"  {row['name']:<42}{_gib(row['gpu_bytes']):>8}{_gib(row['activations']):>8}{_gib(row['gpu_total']):>8}"
               f"  {_gib(row['host_bytes']):>10}  {nvme:>10}  {'yes' if row['fits'] else 'no ':<5}{mark}")
-    if asked is not None and not any(row["asked"] for row in result["options"]):
-        print(f"\n--ds_config asks for ZeRO-{asked[0]} with parameter offload but no optimizer offload, which "
+    if ds is not None and asked is None:
+        print(f"\n--ds_config asks for ZeRO-{zero_stage(ds)} with parameter offload but no optimizer offload, which "
               f"DeepSpeed's estimators do not cover")
     return 0

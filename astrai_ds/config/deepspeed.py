@@ -321,9 +321,9 @@ def _fill_zero(ds: dict, accelerator: bool, output_dir: str | Path, source: str)
         if zero.get(key) == "auto":
             zero[key] = accelerator
     for section in OFFLOAD_SECTIONS:
-        offload = zero.get(section)
-        if not isinstance(offload, dict) or offload.get("device") != "nvme":
+        if offload_device(ds, section) != "nvme":
             continue
+        offload = zero[section]
         if offload.get("nvme_path") is None:
             raise ConfigError(f"{source}: zero_optimization.{section}.device \"nvme\" needs nvme_path: a folder "
                               "on a fast local drive, or \"auto\" for a folder in the run's output_dir")
@@ -373,11 +373,17 @@ def zero_stage(ds: dict) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
+def offload_device(ds: dict, section: str) -> str:
+    """"none", "cpu" or "nvme": where `zero_optimization.<section>` (offload_optimizer, offload_param) puts it."""
+    offload = ds.get("zero_optimization", {}).get(section)
+    return offload.get("device", "none") if isinstance(offload, dict) else "none"
+
+
 def nvme_paths(ds: dict) -> list[Path]:
     """The swap folders of ZeRO-Infinity's NVMe offload (optimizer states, parameters), if the config has any."""
     zero = ds.get("zero_optimization", {})
     return sorted({Path(zero[s]["nvme_path"]) for s in OFFLOAD_SECTIONS
-                   if isinstance(zero.get(s), dict) and zero[s].get("device") == "nvme" and zero[s].get("nvme_path")})
+                   if offload_device(ds, s) == "nvme" and zero[s].get("nvme_path")})
 
 
 def check_nvme_offload(ds: dict, source: str) -> None:
@@ -396,9 +402,8 @@ def check_nvme_offload(ds: dict, source: str) -> None:
 
 
 def nvme_offloads_optimizer(ds: dict) -> bool:
-    return ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") == "nvme"
+    return offload_device(ds, "offload_optimizer") == "nvme"
 
 
 def offloads_optimizer(ds: dict) -> bool:
-    device = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
-    return device in ("cpu", "nvme")
+    return offload_device(ds, "offload_optimizer") in ("cpu", "nvme")

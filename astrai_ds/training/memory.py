@@ -92,6 +92,17 @@ def model_states(counts: ParamCounts, gpus_per_node: int, nodes: int) -> list[St
     return options
 
 
+def asked_option(options: list[dict], ds: dict) -> dict | None:
+    """The row of `plan`'s options (dicts of StatesOption) that a DeepSpeed config asks for: its ZeRO stage, what it
+    offloads and whether to NVMe; None for one the estimators do not cover (parameter offload alone)."""
+    from astrai_ds.config.deepspeed import offload_device, zero_stage
+
+    devices = [offload_device(ds, section) for section in ("offload_optimizer", "offload_param")]
+    key = (zero_stage(ds), devices[0] != "none", devices[1] != "none", "nvme" in devices)
+    return next((o for o in options if (o["stage"], o["offload_optimizer"], o["offload_params"], o["nvme"]) == key),
+                None)
+
+
 def block_values_per_token(cfg: ModelConfig) -> int:
     """Values one block keeps for backward per token (see the module docstring)."""
     qk_norm = 2 * (cfg.dim + cfg.n_kv_heads * cfg.head_dim) if cfg.qk_norm else 0  # the norms' inputs and outputs
