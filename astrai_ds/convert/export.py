@@ -29,6 +29,11 @@ def consolidated_state_dict(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     stage = marker.get("zero_stage")
     if stage is None:  # a checkpoint from before markers recorded it: the run's config tells
         stage = json.loads((run_dir / "ds_config.json").read_text()).get("zero_optimization", {}).get("stage", 0)
+    if (run_dir / tag / "offloaded_tensors").is_dir():
+        # DeepSpeed keeps such a run's fp32 weights in the swap files it copies there, and its ZeRO files hold
+        # empty placeholders for them, which zero_to_fp32 cannot consolidate.
+        raise UserError(f"{run_dir / tag}: this run offloaded its optimizer to NVMe, and export does not read the "
+                        f"fp32 weights from its swap files yet; such a checkpoint can only be resumed")
     if int(stage) > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
