@@ -36,6 +36,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from astrai_ds.extensions import use_extensions_cache  # noqa: E402
 
 GIB = 2**30
 
@@ -146,8 +147,7 @@ def main() -> None:
            str(free_port()), "train.py", "--config", args.config, "--ds_config", args.ds_config]
     for key, value in sets.items():
         cmd += ["--set", f"{key}={value}"]
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                                 str(ROOT / ".venv" / "torch_extensions"))}
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(use_extensions_cache())}
     print(f"plan ({asked['name']}, {args.nproc} ranks, micro {args.micro_batch} x {args.seq_len}, checkpointing): "
           f"{asked['gpu_bytes'] / GIB:.1f} GiB model states + {asked['activations'] / GIB:.2f} GiB activations "
           f"per rank at 16 bytes per parameter", flush=True)

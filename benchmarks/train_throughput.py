@@ -370,7 +370,9 @@ def tag(variant: str) -> str:
 def child_env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
+    from astrai_ds.extensions import use_extensions_cache
+
+    env["TORCH_EXTENSIONS_DIR"] = str(use_extensions_cache())
     env["PYTHONUNBUFFERED"] = "1"
     # train.py splits the cores between the ranks of a machine unless OMP_NUM_THREADS says otherwise.
     env.pop("OMP_NUM_THREADS", None)

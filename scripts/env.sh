@@ -39,6 +39,9 @@ if [ "${OLD_HASH:-}" != "$HASH" ] || [ "$WANT_EXTRAS" != "${OLD_EXTRAS:-}" ]; th
 fi
 
 export PATH="$ROOT/.venv/bin:$PATH"
-# DeepSpeed compiles its CPU communication op on first use (20-30 s); build it once, inside .venv.
-export TORCH_EXTENSIONS_DIR="$ROOT/.venv/torch_extensions"
+# DeepSpeed compiles its ops on first use (CPU communication 20-30 s, CPU Adam, async_io about 7 minutes on 2 cores):
+# once per machine, in ~/.cache/astrai_ds/torch_extensions/<python, torch, DeepSpeed, CPU>, which every clone shares
+# (train.py and astrai-ds pick the same folder themselves; a TORCH_EXTENSIONS_DIR set by the caller wins).
+TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$("$VPY" -m astrai_ds.extensions)}"
+export TORCH_EXTENSIONS_DIR
 export PYTHONUNBUFFERED=1

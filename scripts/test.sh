@@ -8,4 +8,5 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   export ASTRAI_REQUIRE_CLUSTER_TESTS="${ASTRAI_REQUIRE_CLUSTER_TESTS:-1}"
   scripts/install_cluster_deps.sh || echo "warning: installing the cluster test packages failed (see above)" >&2
 fi
-exec python -m pytest tests "$@"
+# Every run ends with its 25 slowest tests, and leaves the time of each test in test-results/junit.xml (ignored by git).
+exec python -m pytest tests --durations=25 --junitxml=test-results/junit.xml "$@"

@@ -12,10 +12,9 @@ set -euo pipefail
 
 cd "$SLURM_SUBMIT_DIR"
 # The project's own environment where there is one, else whatever python is on PATH.
-if [ -f .venv/bin/activate ]; then
-  source .venv/bin/activate
-  export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}"
-fi
+# DeepSpeed's compiled ops go to ~/.cache/astrai_ds/torch_extensions/<versions and CPU> (train.py sets
+# TORCH_EXTENSIONS_DIR unless it is set): built once per machine, or once per CPU model on a shared home folder.
+[ -f .venv/bin/activate ] && source .venv/bin/activate
 
 MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"
 MASTER_PORT="${MASTER_PORT:-$((10000 + SLURM_JOB_ID % 50000))}"

@@ -9,11 +9,14 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 import torch
+
+from astrai_ds.extensions import use_extensions_cache
 
 # The tests that press Ctrl-C send SIGINT to the commands they start. A suite started in the background (nohup,
 # `&` without job control) inherits SIGINT ignored, and every child would keep ignoring it through exec; a
@@ -101,7 +104,7 @@ def tiny_train_config(ws: Path, out: Path, **over) -> Path:
 def env() -> dict:
     e = dict(os.environ)
     e["PATH"] = f"{VENV_BIN}{os.pathsep}{e.get('PATH', '')}"
-    e.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
+    e["TORCH_EXTENSIONS_DIR"] = str(use_extensions_cache())  # built once per machine, shared by every clone
     e["PYTHONUNBUFFERED"] = "1"
     return e
 
@@ -114,6 +117,37 @@ def run_cmd(cmd: list[str], timeout: int = 600, check: bool = True, extra_env: d
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
                              f"--- stderr\n{proc.stderr[-12000:]}")
     return proc
+
+
+# DeepSpeed's ops that the multi-process tests load, by builder name and folder: the CPU communication op (every
+# launch), CPU Adam (offload) and async_io (NVMe offload; needs libaio).
+OPS = {"ShareMemCommBuilder": "deepspeed_shm_comm", "CPUAdamBuilder": "cpu_adam", "AsyncIOBuilder": "async_io"}
+PREBUILD = """
+import sys
+from deepspeed.accelerator import get_accelerator
+for name in sys.argv[1:]:
+    builder = get_accelerator().create_op_builder(name)
+    if builder is not None and builder.is_compatible(verbose=False):
+        builder.load(verbose=False)
+"""
+
+
+def pytest_collection_finish(session):
+    """On a machine that has not built DeepSpeed's ops yet (a new CI machine: about 8 minutes on 2 cores, most of
+    it async_io), start building them when the multi-process tests are selected: in a background process on one
+    core at low priority, which works while the single-process tests leave a core idle. A test that loads an op
+    meanwhile waits for it (torch's lock on the op's folder) instead of building it again. The build is left to
+    finish even if the session ends first: a build killed halfway leaves its lock behind for the next one."""
+    if not any(item.get_closest_marker("multiproc") for item in session.items):
+        return
+    folder = use_extensions_cache()
+    missing = [name for name, op in OPS.items() if not list((folder / op).glob("*.so"))]
+    if missing:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "prebuild.log", "w") as log:
+            subprocess.Popen(["nice", "-n", "10", sys.executable, "-c", PREBUILD, *missing], cwd=ROOT,
+                             env={**env(), "MAX_JOBS": "1"}, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
 
 
 def unavailable(reason: str) -> None:
@@ -155,13 +189,129 @@ def deepspeed_cmd(script: str, nproc: int, port: int) -> list[str]:
     return [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port), script]
 
 
-def launch(config: Path, ds_config: str = "zero2.json", nproc: int = 2, sets: list[str] = (), check: bool = True):
-    """Train through the real `deepspeed` launcher with `nproc` CPU ranks."""
+def launcher_env(rank: int, nproc: int, port: int) -> dict[str, str]:
+    """What DeepSpeed's launch.py gives rank `rank` of `nproc` on one host (deepspeed/launcher/launch.py)."""
+    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_SIZE": str(nproc),
+            "CROSS_RANK": "0", "CROSS_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
+def run_ranks(script: str, args: list[str], nproc: int, port: int, check: bool = True, timeout: int = 600,
+              extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """Start `nproc` ranks of `script` directly, as DeepSpeed's launch.py starts them (`python -u script
+    --local_rank=N args`, with `launcher_env`), without the `deepspeed` runner and launch.py in front: two
+    interpreters fewer per run, for the tests that are not about launching. Like launch.py, once a rank fails
+    the others are stopped (after a short grace, so that their own messages are complete); the result has the
+    first failing rank's exit code, the ranks' outputs one after the other, and `shm_left` (`run_distributed`)."""
+    import tempfile
+
+    procs, outputs = [], []
+    cmd = [sys.executable, "-u", script]
+    try:
+        for rank in range(nproc):
+            out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+            outputs.append((out, err))
+            procs.append(subprocess.Popen(cmd + [f"--local_rank={rank}", *args], cwd=ROOT, stdout=out, stderr=err,
+                                          env={**env(), **(extra_env or {}), **launcher_env(rank, nproc, port)}))
+        deadline, failed, stop_at = time.monotonic() + timeout, None, None
+        while any(p.poll() is None for p in procs):
+            now = time.monotonic()
+            if failed is None:
+                failed = next((p for p in procs if p.poll() not in (None, 0)), None)
+                stop_at = now + 10 if failed is not None else None
+            if now > deadline:
+                raise subprocess.TimeoutExpired(cmd, timeout)
+            if stop_at is not None and now > stop_at:
+                break
+            time.sleep(0.02)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        left = remove_shm_buffers(port)
+    texts = []
+    for out, err in outputs:
+        out.seek(0)
+        err.seek(0)
+        texts.append((out.read(), err.read()))
+        out.close()
+        err.close()
+    code = failed.returncode if failed is not None else next((p.returncode for p in procs if p.returncode), 0)
+    proc = subprocess.CompletedProcess(cmd + args, code, "".join(o for o, _ in texts), "".join(e for _, e in texts))
+    proc.shm_left = left
+    if check and code != 0:
+        raise AssertionError(f"{' '.join(cmd + args)} on {nproc} ranks exited {code}\n--- stdout\n"
+                             f"{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-12000:]}")
+    return proc
+
+
+def launch(config: Path, ds_config: str = "zero2.json", nproc: int = 2, sets: list[str] = (), check: bool = True,
+           launcher: str = "direct"):
+    """Train the config on `nproc` CPU ranks: started directly (`run_ranks`), or with launcher="deepspeed" through
+    the real `deepspeed` launcher, for the tests about launching, signals and one run per training stage."""
     port = free_port()
-    cmd = deepspeed_cmd("train.py", nproc, port) + ["--config", str(config), "--ds_config", ds_config]
+    args = ["--config", str(config), "--ds_config", ds_config]
     for s in sets:
-        cmd += ["--set", s]
-    return run_distributed(cmd, port, check=check)
+        args += ["--set", s]
+    if launcher == "deepspeed":
+        return run_distributed(deepspeed_cmd("train.py", nproc, port) + args, port, check=check)
+    assert launcher == "direct", launcher
+    return run_ranks("train.py", args, nproc, port, check=check)
+
+
+@pytest.fixture(scope="session")
+def trained(workspace, tmp_path_factory):
+    """Runs that several tests read, each trained once per session: `trained(ds_config, nproc, **over)` is the
+    run folder of `tiny_train_config(workspace, ..., **over)` trained on `nproc` ranks (started directly). The
+    folder is shared: read it, or `copy_run` it to continue from one of its checkpoints."""
+    runs: dict[str, Path] = {}
+
+    def get(ds_config: str = "zero2.json", nproc: int = 2, **over) -> Path:
+        key = json.dumps([ds_config, nproc, sorted(over.items())], default=str)
+        if key not in runs:
+            out = tmp_path_factory.mktemp(f"trained_{Path(ds_config).stem}_{nproc}")
+            launch(tiny_train_config(workspace, out, **over), ds_config=ds_config, nproc=nproc)
+            runs[key] = out / "run"
+        return runs[key]
+
+    return get
+
+
+def copy_run(run: Path, out: Path, step: int) -> Path:
+    """`run` as it was when its checkpoint of `step` was the latest: a copy at out/run (the output_dir of
+    `tiny_train_config(workspace, out, ...)`) with the later checkpoints removed. Resuming it continues from
+    `step` as a run stopped there would; the lines it logged after `step` are dropped by the resume itself."""
+    import shutil
+
+    from astrai_ds.run_dir import LATEST
+
+    dest = out / "run"
+    shutil.copytree(run, dest)
+    assert (dest / f"global_step{step}" / "COMPLETE").exists(), f"{run} kept no checkpoint of step {step}"
+    for checkpoint in dest.glob("global_step*"):
+        if int(checkpoint.name[len("global_step"):]) > step:
+            shutil.rmtree(checkpoint)
+    (dest / LATEST).write_text(f"global_step{step}")
+    return dest
+
+
+def train_in_process(capsys, *argv: str) -> subprocess.CompletedProcess:
+    """`python train.py ARGV` in this process, for a mistake found before any rank is set up (arguments, config,
+    data, tokenizer): the same exit code and messages without starting an interpreter. A run that gets as far as
+    setting up its ranks fails the test: that check needs `python train.py` in a process of its own."""
+    from astrai_ds.training.run import main
+
+    before = dict(os.environ)
+    try:
+        code = main(list(argv))
+    finally:
+        reached_ranks = "RANK" in os.environ and "RANK" not in before
+        os.environ.clear()
+        os.environ.update(before)
+    out, err = capsys.readouterr()
+    assert not reached_ranks and not torch.distributed.is_initialized(), (
+        f"train.py {' '.join(argv)} set up its ranks: run it as a process of its own\n{out}\n{err}")
+    return subprocess.CompletedProcess(["train.py", *argv], code, out, err)
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -1,6 +1,6 @@
-"""Imports run one way: cli -> training | inference | convert -> run_dir | launch_env | model | data -> config. A module may
-import its own package and anything in a lower layer, never a higher layer or a sibling of its own layer
-(except model and data, which the model folder's loader joins: a folder holds a tokenizer)."""
+"""Imports run one way: cli -> training | inference | convert -> run_dir | launch_env | model | data -> config ->
+errors | extensions. A module may import its own package and anything in a lower layer, never a higher layer or a
+sibling of its own layer (except model and data, which the model folder's loader joins: a folder holds a tokenizer)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "astrai_ds"
-LAYER = {"errors": 0, "config": 1, "data": 2, "model": 2, "run_dir": 2, "launch_env": 2, "training": 3, "inference": 3,
+LAYER = {"errors": 0, "extensions": 0, "config": 1, "data": 2, "model": 2, "run_dir": 2, "launch_env": 2, "training": 3, "inference": 3,
          "convert": 3, "rag": 4, "serve": 5, "cli": 6, "__main__": 7, "__init__": 0}
 SIBLINGS_ALLOWED = {("model", "data"), ("data", "model")}
 

@@ -11,6 +11,7 @@ import sys
 from astrai_ds.cli import (chat, corpus, evaluate, export, generate, plan, prepare, rag, report, serve, tokenizer,
                            train)
 from astrai_ds.errors import UserError
+from astrai_ds.extensions import use_extensions_cache
 
 COMMANDS = {m.NAME: m for m in (corpus, tokenizer, prepare, train, export, evaluate, generate, chat, serve, rag, report,
                                  plan)}
@@ -53,6 +54,7 @@ def _drop_local_rank(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = _drop_local_rank(sys.argv[1:] if argv is None else argv)
+    use_extensions_cache()  # DeepSpeed's compiled ops: built once per machine, whatever the checkout
     if argv[:1] == ["train"]:  # train.py owns its arguments (and the launcher's --local_rank)
         return train.run_argv(argv[1:])
     try:

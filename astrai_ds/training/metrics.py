@@ -7,17 +7,30 @@ import time
 import torch
 
 
-def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int | None = None, iters: int = 8) -> float:
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int | None = None, iters: int = 8,
+                       budget_s: float = 1.0) -> float:
     """Measure this process's dense matmul peak in FLOP/s with a square `dtype` matmul on `device`.
 
     There is no trustworthy datasheet peak for a CPU (it depends on the cores, threads and ISA), so
     MFU is reported against what this device actually reaches on a large matmul, measured at start-up.
+    Where one product takes longer than the budget allows (bf16 on a CPU without native bf16 runs at
+    under 1 GFLOP/s a core: seconds for one 1024^3 product), the matrices shrink until it fits, so that
+    start-up never waits on the measurement.
     """
     size = size or (8192 if device.type == "cuda" else 1024)
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(2):  # warm-up: kernel selection, page faults
-        a @ b
+    per_product = budget_s / (iters + 2)
+    while True:
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        t0 = time.perf_counter()
+        a @ b  # warm-up: kernel selection, page faults
+        _sync(device)
+        took = time.perf_counter() - t0
+        if took <= per_product or size <= 128:
+            break
+        # the work grows with size^3: aim at half the time allowed a product
+        size = max(128, int(size * (per_product / 2 / took) ** (1 / 3)) // 64 * 64)
+    a @ b
     _sync(device)
     best = float("inf")
     for _ in range(iters):

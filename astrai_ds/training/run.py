@@ -27,6 +27,7 @@ from astrai_ds.config.train import TrainConfig
 from astrai_ds.data.shards import TokenShards
 from astrai_ds.data.tokenizer import Tokenizer
 from astrai_ds.errors import ConfigError, DataError, UserError
+from astrai_ds.extensions import use_extensions_cache
 from astrai_ds.model.transformer import shape_model
 from astrai_ds.run_dir import atomic_write, tag_step
 from astrai_ds.training import cpu
@@ -333,6 +334,7 @@ def main_and_exit(argv: list[str] | None = None, prog: str = "train.py") -> NoRe
 
 def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
     args = build_parser(prog).parse_args(argv)
+    use_extensions_cache()  # DeepSpeed's compiled ops: built once per machine, whatever the checkout
     # DeepSpeed calls torch.distributed's old collective names on every step; torch warns each time.
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.",
                             category=FutureWarning)

@@ -45,8 +45,9 @@ def assert_trained(run_dir: Path, steps: int, log: str) -> None:
 
 # --- Slurm -----------------------------------------------------------------------------------------
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def slurm():
+    """One Slurm for the module's jobs (its daemons take a while to start and to stop)."""
     require_root_and(local_slurm.missing_commands())
     cluster = local_slurm.LocalSlurm()
     try:
@@ -136,8 +137,9 @@ def test_slurm_time_limit_signal_checkpoints_and_requeues(workspace, tmp_path, s
 
 # --- two hosts through the deepspeed launcher's pdsh runner ------------------------------------------
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def hosts():
+    """node1 and node2 for the module's tests (network namespaces with an sshd each)."""
     require_root_and(two_hosts.missing_commands())
     machines = two_hosts.TwoHosts()
     try:

@@ -1,5 +1,5 @@
-"""Tensor-parallel inference (DeepSpeed AutoTP): a model sharded over 2 CPU ranks by the real `deepspeed` launcher
-gives the unsharded model's logits and greedy tokens; bad set-ups are refused with a message saying what to do."""
+"""Tensor-parallel inference (DeepSpeed AutoTP): a model sharded over 2 CPU ranks gives the unsharded model's logits
+and greedy tokens; bad set-ups are refused with a message saying what to do."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, deepspeed_cmd, free_port, run_distributed
+from conftest import ROOT, free_port, run_ranks
 from tp_generate import run_cases
 
 from astrai_ds.data.tokenizer import Tokenizer
@@ -42,12 +42,12 @@ def reference(model_dir) -> dict:
 
 @pytest.fixture(scope="module")
 def tp_ranks(model_dir, tmp_path_factory) -> list[dict]:
-    """One launch of 2 CPU ranks with tp 2: what each rank wrote."""
+    """2 CPU ranks with tp 2 (started directly; `generate --tp` and `serve --tp` go through the launcher): what
+    each rank wrote."""
     out = tmp_path_factory.mktemp("tp_out")
-    port = free_port()
     t0 = time.perf_counter()
-    proc = run_distributed(deepspeed_cmd(str(SCRIPT), 2, port) + ["--model", str(model_dir), "--out", str(out)],
-                           port, extra_env={"OMP_NUM_THREADS": "1"})
+    proc = run_ranks(str(SCRIPT), ["--model", str(model_dir), "--out", str(out)], 2, free_port(),
+                     extra_env={"OMP_NUM_THREADS": "1"})
     print(f"tp=2 launch: {time.perf_counter() - t0:.1f}s")
     assert not proc.shm_left, f"shared-memory buffers left in /dev/shm: {proc.shm_left}"
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]

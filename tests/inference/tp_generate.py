@@ -1,4 +1,4 @@
-"""Launched by tests/inference/test_tp.py with the deepspeed launcher: load a model folder, shard it with
+"""Started by tests/inference/test_tp.py on 2 ranks: load a model folder, shard it with
 `tensor_parallel`, and write (every rank) OUT/rank{R}.json with the full-forward logits of a fixed batch and the
 greedy tokens the generation engine gives for fixed prompts (`CASES`, shared with the test's unsharded run)."""
 

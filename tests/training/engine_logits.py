@@ -1,4 +1,4 @@
-"""Launched by the tests with the deepspeed launcher: load a run's latest checkpoint into a DeepSpeed
+"""Started by the tests on 2 ranks: load a run's latest checkpoint into a DeepSpeed
 engine built from the run's own resolved configs, and save its logits on fixed inputs (rank 0)."""
 
 import argparse

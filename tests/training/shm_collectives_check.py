@@ -1,6 +1,6 @@
-"""Launched by the tests with the deepspeed launcher on 2 CPU ranks: the collectives that
-`astrai_ds.training.cpu` routes through DeepSpeed's shared-memory all-reduce give gloo's results
-bit for bit, and the calls it must leave alone still reach gloo. Each rank prints one `OK` line."""
+"""Started by the tests on 2 CPU ranks: the collectives that `astrai_ds.training.cpu` routes through DeepSpeed's
+shared-memory all-reduce give gloo's results bit for bit, and the calls it must leave alone still reach gloo. Each
+rank prints one `OK` line."""
 
 import argparse
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, deepspeed_cmd, free_port, launch, run_distributed, tiny_train_config, train_losses
+from conftest import ROOT, free_port, launch, run_ranks, tiny_train_config, train_losses
 
 # Where glibc put a 64 MiB tensor (bytes in mmapped blocks) and how large its heap stays once the tensor is
 # freed, from mallinfo2(), with and without `keep_freed_memory()`.
@@ -43,9 +43,7 @@ def test_keep_freed_memory_keeps_large_blocks_in_the_heap():
 
 @pytest.mark.multiproc
 def test_shm_collectives_match_gloo_bit_for_bit():
-    port = free_port()
-    proc = run_distributed(deepspeed_cmd(str(ROOT / "tests" / "training" / "shm_collectives_check.py"), 2, port),
-                           port)
+    proc = run_ranks(str(ROOT / "tests" / "training" / "shm_collectives_check.py"), [], 2, free_port())
     out = proc.stdout + proc.stderr
     for rank in (0, 1):
         # 9 calls per dtype (3 sizes x all_reduce and two all-gathers); bf16 only where the CPU has avx512bw
@@ -68,3 +66,28 @@ def test_shared_memory_and_gloo_train_identically(workspace, tmp_path):
         runs[mode] = train_losses(tmp_path / mode / "run")
     assert sorted(runs["auto"]) == list(range(1, 7))
     assert runs["auto"] == runs["gloo"]
+
+
+def test_the_peak_measurement_shrinks_its_matmul_to_fit_its_time_budget(monkeypatch):
+    """Start-up measures the matmul peak for MFU. A product too slow for the budget (bf16 where the CPU has no native
+    bf16: seconds for one 1024^3 product) shrinks the matrices instead of holding up the run; a fast one keeps the
+    size asked for."""
+    import math
+
+    import torch
+
+    from astrai_ds.training.metrics import measure_peak_flops
+
+    sizes, randn = [], torch.randn
+
+    def recording(*shape, **kw):
+        sizes.append(shape[0])
+        return randn(*shape, **kw)
+
+    monkeypatch.setattr(torch, "randn", recording)
+    peak = measure_peak_flops(torch.device("cpu"), torch.float32, size=512, iters=2, budget_s=1e6)
+    assert sizes == [512, 512] and math.isfinite(peak) and peak > 0
+    sizes.clear()
+    peak = measure_peak_flops(torch.device("cpu"), torch.float32, size=512, iters=2, budget_s=1e-9)
+    assert sizes[:2] == [512, 512] and sizes[-1] == 128 and sizes == sorted(sizes, reverse=True)
+    assert math.isfinite(peak) and peak > 0

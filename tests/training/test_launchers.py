@@ -8,7 +8,8 @@ import shutil
 
 import pytest
 
-from conftest import VENV_BIN, expect_user_error, free_port, run_cmd, run_distributed, tiny_train_config, train_losses
+from conftest import (ROOT, VENV_BIN, expect_user_error, free_port, run_cmd, run_distributed, tiny_train_config,
+                      train_in_process, train_losses)
 
 
 def python_train(config, *sets, check=True):
@@ -16,6 +17,14 @@ def python_train(config, *sets, check=True):
     for s in sets:
         cmd += ["--set", s]
     return run_cmd(cmd, check=check)
+
+
+def config_error(capsys, config, *sets):
+    """train.py's answer to a mistake it finds before setting up ranks (in this process: `train_in_process`)."""
+    args = ["--config", str(config), "--ds_config", "zero2.json"]
+    for s in sets:
+        args += ["--set", s]
+    return train_in_process(capsys, *args)
 
 
 def test_plain_python_is_one_rank(workspace, tmp_path):
@@ -34,41 +43,41 @@ def test_torchrun(workspace, tmp_path):
     assert sorted(train_losses(tmp_path / "run")) == [1, 2]
 
 
-def test_error_unknown_key(workspace, tmp_path):
+def test_error_unknown_key(workspace, tmp_path, capsys):
     cfg = tiny_train_config(workspace, tmp_path)
-    expect_user_error(python_train(cfg, "data.seqlen=3", check=False), "unknown key 'data.seqlen'",
+    expect_user_error(config_error(capsys, cfg, "data.seqlen=3"), "unknown key 'data.seqlen'",
                       "did you mean 'data.seq_len'")
 
 
-def test_error_missing_data(workspace, tmp_path):
+def test_error_missing_data(workspace, tmp_path, capsys):
     cfg = tiny_train_config(workspace, tmp_path, data__path=str(tmp_path / "nodata"))
-    expect_user_error(python_train(cfg, check=False), "nodata holds no prepared data", "astrai-ds prepare --stage pt")
+    expect_user_error(config_error(capsys, cfg), "nodata holds no prepared data", "astrai-ds prepare --stage pt")
 
 
-def test_error_default_1b_config_without_data(tmp_path):
-    proc = run_cmd([str(VENV_BIN / "python"), "train.py"], check=False)
-    expect_user_error(proc, "configs/train/pt_1b.json")
+def test_error_default_1b_config_without_data(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)  # where a user starts train.py
+    expect_user_error(train_in_process(capsys), "configs/train/pt_1b.json")
 
 
-def test_error_seq_len_above_max(workspace, tmp_path):
+def test_error_seq_len_above_max(workspace, tmp_path, capsys):
     cfg = tiny_train_config(workspace, tmp_path, data__seq_len=1000)
-    expect_user_error(python_train(cfg, check=False), "data.seq_len 1000 is above the model's max_seq_len 128")
+    expect_user_error(config_error(capsys, cfg), "data.seq_len 1000 is above the model's max_seq_len 128")
 
 
-def test_error_vocab_too_small(workspace, tmp_path):
+def test_error_vocab_too_small(workspace, tmp_path, capsys):
     model = tmp_path / "small_vocab.json"
     model.write_text(json.dumps({"vocab_size": 100, "dim": 64, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2,
                                  "ffn_dim": 128, "max_seq_len": 128}))
     cfg = tiny_train_config(workspace, tmp_path, model=str(model))
-    expect_user_error(python_train(cfg, check=False), "vocab_size 100 is smaller than the tokenizer's")
+    expect_user_error(config_error(capsys, cfg), "vocab_size 100 is smaller than the tokenizer's")
 
 
-def test_error_other_tokenizer(workspace, tmp_path):
+def test_error_other_tokenizer(workspace, tmp_path, capsys):
     from astrai_ds.data.tokenizer import train_tokenizer
 
     train_tokenizer([workspace / "corpus" / "pretrain.jsonl"], 400, tmp_path / "other_tok")
     cfg = tiny_train_config(workspace, tmp_path, tokenizer=str(tmp_path / "other_tok"))
-    expect_user_error(python_train(cfg, check=False), "prepared with a different tokenizer")
+    expect_user_error(config_error(capsys, cfg), "prepared with a different tokenizer")
 
 
 def test_error_ds_batch_mismatch(workspace, tmp_path):
@@ -80,20 +89,19 @@ def test_error_ds_batch_mismatch(workspace, tmp_path):
     expect_user_error(proc, "train_batch_size (10)", "(4)", "(2)", "data-parallel size (1)")
 
 
-def test_error_truncated_shard(workspace, tmp_path):
+def test_error_truncated_shard(workspace, tmp_path, capsys):
     data = tmp_path / "pt"
     shutil.copytree(workspace / "data" / "pt", data)
     shard = sorted(data.glob("*.bin"))[0]
     shard.write_bytes(shard.read_bytes()[:-10])
     cfg = tiny_train_config(workspace, tmp_path, data__path=str(data))
-    expect_user_error(python_train(cfg, check=False), shard.name)
+    expect_user_error(config_error(capsys, cfg), shard.name)
 
 
-
-def test_error_empty_output_dir(workspace, tmp_path):
+def test_error_empty_output_dir(workspace, tmp_path, capsys):
     """`--set output_dir=` would train into the working directory."""
     cfg = tiny_train_config(workspace, tmp_path)
-    expect_user_error(python_train(cfg, "output_dir=", check=False), "output_dir", "is empty")
+    expect_user_error(config_error(capsys, cfg, "output_dir="), "output_dir", "is empty")
 
 
 def test_resume_with_another_zero_stage_is_refused_and_keeps_the_run_files(workspace, tmp_path):

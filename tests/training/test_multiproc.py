@@ -1,4 +1,6 @@
-"""Real multi-process training through the `deepspeed` launcher on 2 CPU ranks (gloo)."""
+"""Real multi-process training on 2 CPU ranks (gloo): ZeRO parity, exact resume, export, sharded construction and
+resume on another number of ranks. The ranks are started directly (conftest `launch`), as the `deepspeed` launcher
+starts them; `test_training_lowers_eval_loss` goes through the launcher itself."""
 
 from __future__ import annotations
 
@@ -8,8 +10,8 @@ import math
 import pytest
 import torch
 
-from conftest import (ROOT, VENV_BIN, deepspeed_cmd, expect_user_error, free_port, launch, read_metrics, run_cmd,
-                      run_distributed, tiny_train_config, train_losses, unavailable)
+from conftest import (ROOT, VENV_BIN, copy_run, expect_user_error, free_port, launch, read_metrics, run_cmd,
+                      run_ranks, tiny_train_config, train_losses, unavailable)
 
 pytestmark = pytest.mark.multiproc
 
@@ -19,13 +21,9 @@ PARITY_RTOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def zero_runs(workspace, tmp_path_factory):
-    runs = {}
-    for name in ("zero0", "zero2", "zero3", "zero3_offload"):
-        out = tmp_path_factory.mktemp(name)
-        launch(tiny_train_config(workspace, out), ds_config=f"{name}.json")
-        runs[name] = out / "run"
-    return runs
+def zero_runs(trained):
+    """The test config trained on 2 ranks under each ZeRO config (shared with the tests that continue them)."""
+    return {name: trained(f"{name}.json") for name in ("zero0", "zero2", "zero3", "zero3_offload")}
 
 
 def test_zero_stages_agree(zero_runs):
@@ -110,20 +108,24 @@ def test_run_folder_layout(zero_runs):
 @pytest.mark.parametrize("name", ["zero0", "zero2", "zero3"])
 def test_export_reproduces_trained_logits(zero_runs, name, tmp_path):
     """The exported safetensors folder gives the same logits as the DeepSpeed engine that trained it."""
-    run = zero_runs[name]
-    model_dir = tmp_path / "model"
-    run_cmd([str(VENV_BIN / "astrai-ds"), "export", "--run", str(run), "--out", str(model_dir)])
-    logits_file = tmp_path / "engine_logits.pt"
-    port = free_port()
-    run_distributed(deepspeed_cmd(str(ROOT / "tests" / "training" / "engine_logits.py"), 2, port)
-                    + ["--run", str(run), "--out", str(logits_file)], port)
+    from astrai_ds.convert.export import export_run
     from astrai_ds.model.io import load_model_folder
 
+    run = zero_runs[name]
+    model_dir = export_run(run, tmp_path / "model")  # the command itself: tests/cli/test_export.py
     model, _ = load_model_folder(model_dir)
-    saved = torch.load(logits_file)
+    saved = engine_logits(run, tmp_path)
     with torch.no_grad():
         logits = model(saved["input_ids"])
     torch.testing.assert_close(logits, saved["logits"], rtol=1e-4, atol=1e-4)
+
+
+def engine_logits(run, tmp_path) -> dict:
+    """The logits of `run`'s latest checkpoint loaded into a DeepSpeed engine on 2 ranks (engine_logits.py)."""
+    out = tmp_path / "engine_logits.pt"
+    run_ranks(str(ROOT / "tests" / "training" / "engine_logits.py"), ["--run", str(run), "--out", str(out)], 2,
+              free_port())
+    return torch.load(out)
 
 
 def test_resume_continues_exactly(workspace, tmp_path):
@@ -146,29 +148,24 @@ def test_resume_continues_exactly(workspace, tmp_path):
 def test_pure_bf16_resumes_exactly_and_exports(workspace, tmp_path):
     """zero2_pure_bf16.json (bf16 weights, gradients and Adam state, no fp32 master copy) trains, resumes
     exactly like the mixed-precision configs, and exports weights that reproduce the engine's logits."""
-    common = dict(max_steps=6, save_interval=3, schedule__total_steps=6, precision="bf16")
-    full = tiny_train_config(workspace, tmp_path / "full", **common)
+    from astrai_ds.convert.export import export_run
+    from astrai_ds.model.io import load_model_folder
+
+    # the run continued from its checkpoint of step 3 (the stop itself: test_resume_continues_exactly)
+    full = tiny_train_config(workspace, tmp_path / "full", precision="bf16")
     launch(full, ds_config="zero2_pure_bf16.json")
-    split = tiny_train_config(workspace, tmp_path / "split", **common)
-    launch(split, ds_config="zero2_pure_bf16.json", sets=["max_steps=3"])
-    launch(split, ds_config="zero2_pure_bf16.json")
-    expected, resumed = train_losses(tmp_path / "full" / "run"), train_losses(tmp_path / "split" / "run")
+    run = tmp_path / "full" / "run"
+    split = tiny_train_config(workspace, tmp_path / "split", precision="bf16")
+    copy_run(run, tmp_path / "split", 3)
+    assert "at step 3" in launch(split, ds_config="zero2_pure_bf16.json").stdout
+    expected, resumed = train_losses(run), train_losses(tmp_path / "split" / "run")
     assert [resumed[s] for s in range(1, 7)] == [expected[s] for s in range(1, 7)]
     assert expected[6] < expected[1]
-    run = tmp_path / "full" / "run"
     ds = json.loads((run / "ds_config.json").read_text())
     assert ds["bf16"]["bf16_master_weights_and_grads"] and ds["zero_optimization"]["overlap_comm"] is False
 
-    model_dir = tmp_path / "model"
-    run_cmd([str(VENV_BIN / "astrai-ds"), "export", "--run", str(run), "--out", str(model_dir), "--dtype", "bf16"])
-    logits_file = tmp_path / "engine_logits.pt"
-    port = free_port()
-    run_distributed(deepspeed_cmd(str(ROOT / "tests" / "training" / "engine_logits.py"), 2, port)
-                    + ["--run", str(run), "--out", str(logits_file)], port)
-    from astrai_ds.model.io import load_model_folder
-
-    model, _ = load_model_folder(model_dir, dtype=torch.bfloat16)
-    saved = torch.load(logits_file)
+    model, _ = load_model_folder(export_run(run, tmp_path / "model", dtype="bf16"), dtype=torch.bfloat16)
+    saved = engine_logits(run, tmp_path)
     with torch.no_grad():
         logits = model(saved["input_ids"]).float()
     torch.testing.assert_close(logits, saved["logits"], rtol=1e-2, atol=1e-2)  # bf16 round-off
@@ -178,7 +175,7 @@ def test_training_lowers_eval_loss(workspace, tmp_path):
     cfg = tiny_train_config(workspace, tmp_path, max_steps=60, eval_interval=30, save_interval=60, log_interval=10,
                             grad_accum_steps=1, micro_batch_size=8, precision="auto",
                             schedule__warmup_steps=6, optimizer__lr=0.005)
-    launch(cfg)
+    launch(cfg, launcher="deepspeed")  # PT through the real launcher
     evals = [r["eval/loss"] for r in read_metrics(tmp_path / "run") if "eval/loss" in r]
     assert evals[-1] < 0.5 * evals[0], evals
 
@@ -202,13 +199,11 @@ def test_zero3_builds_sharded_with_the_unsharded_weights(workspace, tmp_path, ti
     reference = Transformer(cfg)
     folder_model = Transformer(cfg)  # other weights (the RNG has moved on): what init_from must load
     folder = save_model_folder(folder_model, Tokenizer.load(workspace / "tokenizer"), tmp_path / "folder")
+    outs = {None: tmp_path / "built_seed.pt", folder: tmp_path / "built_folder.pt"}
+    run_ranks(str(ROOT / "tests" / "training" / "sharded_build.py"), ["--model-config", str(cfg_path), "--out",
+              str(outs[None]), "--init-from", str(folder), "--init-out", str(outs[folder])], 2, free_port())
     for init_from, expected in ((None, reference), (folder, folder_model)):
-        out = tmp_path / f"built_{init_from is not None}.pt"
-        port = free_port()
-        cmd = deepspeed_cmd(str(ROOT / "tests" / "training" / "sharded_build.py"), 2, port)
-        cmd += ["--model-config", str(cfg_path), "--out", str(out)]
-        run_distributed(cmd + (["--init-from", str(init_from)] if init_from else []), port)
-        built = torch.load(out)
+        built = torch.load(outs[init_from])
         assert built["tied"] == tied
         decay = {id(p) for p in param_groups(expected, 0.1)[0]["params"]}  # weight decay on the same matrices
         assert built["decay"] == sorted(n for n, p in expected.named_parameters() if id(p) in decay)
@@ -221,23 +216,25 @@ def test_zero3_builds_sharded_with_the_unsharded_weights(workspace, tmp_path, ti
 
 
 @pytest.mark.parametrize("ds_config, before, after", [("zero2.json", 2, 1), ("zero3.json", 2, 1), ("zero3.json", 1, 2)])
-def test_resume_on_another_number_of_ranks(workspace, tmp_path, ds_config, before, after):
+def test_resume_on_another_number_of_ranks(workspace, trained, tmp_path, ds_config, before, after):
     """ZeRO-2 and ZeRO-3 checkpoints written by 2 ranks resume on 1, and a ZeRO-3 one written by 1 resumes on 2:
     resume "auto" converts the checkpoint to DeepSpeed's universal format once, says so, and the run continues
     with the uninterrupted run's losses (the same global batch of 16 and the same samples in the same order). The
     converted copy is removed once the resumed run has saved a checkpoint of its own. (Under ZeRO-3 this needs
     `repair_zero3_universal_load`: without it the losses drift apart from step 5.)"""
-    common = dict(max_steps=6, save_interval=3, schedule__total_steps=6, grad_accum_steps=2)
-    micro = {1: 8, 2: 4}  # micro x accumulation x ranks = 16 either way
-    full = tiny_train_config(workspace, tmp_path / "full", micro_batch_size=micro[2], **common)
-    launch(full, ds_config=ds_config)
-    split = tiny_train_config(workspace, tmp_path / "split", **common)
-    launch(split, ds_config=ds_config, nproc=before, sets=["max_steps=3", f"micro_batch_size={micro[before]}"])
+    micro = {1: 8, 2: 4}  # micro x accumulation (2) x ranks = 16 either way
+    full = trained(ds_config)  # the test config on 2 ranks, micro-batch 4, checkpoints at steps 3 and 6
+    split = tiny_train_config(workspace, tmp_path / "split")
+    if before == 2:
+        copy_run(full, tmp_path / "split", 3)
+    else:
+        launch(split, ds_config=ds_config, nproc=before, sets=["max_steps=3", f"micro_batch_size={micro[before]}",
+                                                               "schedule.total_steps=6"])
     proc = launch(split, ds_config=ds_config, nproc=after, sets=[f"micro_batch_size={micro[after]}"])
     run = tmp_path / "split" / "run"
     assert f"(written by {before} ranks) to a universal checkpoint" in proc.stdout
     assert f"resumed from {run / 'universal' / 'global_step3'} at step 3" in proc.stdout
-    expected, resumed = train_losses(tmp_path / "full" / "run"), train_losses(run)
+    expected, resumed = train_losses(full), train_losses(run)
     assert sorted(resumed) == list(range(1, 7))
     for step in range(1, 7):
         # another number of ranks sums the same gradients in another order: float32 round-off

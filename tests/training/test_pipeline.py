@@ -1,5 +1,5 @@
-"""Pipeline stages through the real `deepspeed` launcher: a 2-stage pipeline trains exactly like the plain model
-on the same data and seed (PT and SFT, tied and untied, with activation checkpointing, with data parallelism), its
+"""Pipeline stages on 2 and 4 CPU ranks (started directly, as the `deepspeed` launcher starts them): a 2-stage
+pipeline trains exactly like the plain model on the same data and seed (PT and SFT, tied and untied, with activation checkpointing, with data parallelism), its
 checkpoints resume and export to the same model folder, and a wrong combination stops with our message."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import VENV_BIN, expect_user_error, launch, read_metrics, run_cmd, tiny_train_config, train_losses
+from conftest import expect_user_error, launch, read_metrics, tiny_train_config, train_losses
 
 pytestmark = pytest.mark.multiproc
 
@@ -23,10 +23,12 @@ def eval_losses(run) -> dict[int, float]:
 
 
 def export(run, out):
-    run_cmd([str(VENV_BIN / "astrai-ds"), "export", "--run", str(run), "--out", str(out)])
+    """The weights `astrai-ds export` writes for the run (export_run, in this process)."""
     from safetensors.torch import load_file
 
-    return load_file(out / "model.safetensors")
+    from astrai_ds.convert.export import export_run
+
+    return load_file(export_run(run, out) / "model.safetensors")
 
 
 def plain(config, **kw):
@@ -61,34 +63,32 @@ def untied_model(workspace):
     return path
 
 
+PIPE = {"parallel": {"pipeline_stages": 2}}
+
+
 @pytest.mark.parametrize("tied", [True, False])
-def test_pipeline_pt_equals_plain_and_exports_the_same_model(workspace, untied_model, tmp_path, tied):
+def test_pipeline_pt_equals_plain_and_exports_the_same_model(trained, untied_model, tmp_path, tied):
     """PT on 2 stages gives the plain model's losses and eval losses step for step, from the same seed (each stage
     keeps its layers of the plain model's initialisation), and its checkpoint exports to the same weights."""
     over = {} if tied else {"model": str(untied_model)}
-    base = tiny_train_config(workspace, tmp_path / "plain", **over)
-    plain(base)
-    piped = tiny_train_config(workspace, tmp_path / "pipe", parallel={"pipeline_stages": 2}, **over)
-    proc = pipelined(piped)
-    assert "2 pipeline stages" in proc.stdout and "x dp 1 = 8 samples" in proc.stdout
-    assert_same_losses(tmp_path / "plain" / "run", tmp_path / "pipe" / "run", 6)
-    weights = export(tmp_path / "pipe" / "run", tmp_path / "pipe_model")
-    assert_same_weights(export(tmp_path / "plain" / "run", tmp_path / "plain_model"), weights)
-    marker = json.loads((tmp_path / "pipe" / "run" / "global_step6" / "COMPLETE").read_text())
+    plain_run = trained("zero0.json", nproc=1, **over)  # the same global batch as 2 stages x 1 replica
+    pipe_run = trained("pipeline.json", **PIPE, **over)
+    assert_same_losses(plain_run, pipe_run, 6)
+    weights = export(pipe_run, tmp_path / "pipe_model")
+    assert_same_weights(export(plain_run, tmp_path / "plain_model"), weights)
+    marker = json.loads((pipe_run / "global_step6" / "COMPLETE").read_text())
     assert marker["pipeline_stages"] == 2 and marker["zero_stage"] == 1
 
 
-def test_pipeline_resumes_exactly(workspace, tmp_path):
+def test_pipeline_resumes_exactly(workspace, trained, tmp_path):
     """Stopped at step 3 of 6 and resumed, a pipeline run's losses equal the uninterrupted plain run's; a plain run
     cannot resume from its checkpoint and says why."""
-    schedule = {"warmup_steps": 2, "total_steps": 6}  # the same learning rates in the stopped run
-    base = tiny_train_config(workspace, tmp_path / "plain", schedule=schedule)
-    plain(base)
-    piped = tiny_train_config(workspace, tmp_path / "pipe", parallel={"pipeline_stages": 2}, schedule=schedule)
-    pipelined(piped, sets=["max_steps=3"])
+    piped = tiny_train_config(workspace, tmp_path / "pipe", **PIPE)
+    proc = pipelined(piped, sets=["max_steps=3", "schedule.total_steps=6"])  # the stopped run's learning rates
+    assert "2 pipeline stages" in proc.stdout and "x dp 1 = 8 samples" in proc.stdout
     proc = pipelined(piped)
     assert "resumed from" in proc.stdout and "at step 3" in proc.stdout
-    assert_same_losses(tmp_path / "plain" / "run", tmp_path / "pipe" / "run", 6)
+    assert_same_losses(trained("zero0.json", nproc=1), tmp_path / "pipe" / "run", 6)
     proc = plain(piped, check=False, sets=["parallel.pipeline_stages=1"])
     expect_user_error(proc, "2 pipeline stages, this run 1", "astrai-ds export")
 
@@ -108,12 +108,10 @@ def sft_data(workspace, tmp_path_factory):
     return root
 
 
-def test_pipeline_sft_with_activation_checkpointing_from_a_pipeline_export(workspace, sft_data, tmp_path):
+def test_pipeline_sft_with_activation_checkpointing_from_a_pipeline_export(workspace, trained, sft_data, tmp_path):
     """A PT pipeline run is exported; SFT (packed rows, attention kept inside each conversation) starts from that
     folder on the plain model and on 2 stages that recompute each block in backward: the same losses."""
-    pt = tiny_train_config(workspace, tmp_path / "pt", parallel={"pipeline_stages": 2}, max_steps=3)
-    pipelined(pt)
-    export(tmp_path / "pt" / "run", tmp_path / "pt_model")
+    export(trained("pipeline.json", **PIPE), tmp_path / "pt_model")
     over = dict(model=None, stage={"type": "sft", "init_from": str(tmp_path / "pt_model")},
                 data={"path": str(sft_data / "sft"), "eval_path": str(sft_data / "sft_eval"), "seq_len": 64,
                       "packing": True, "eval_batches": 1})
@@ -125,18 +123,15 @@ def test_pipeline_sft_with_activation_checkpointing_from_a_pipeline_export(works
     assert_same_losses(tmp_path / "plain" / "run", tmp_path / "pipe" / "run", 6)
 
 
-def test_pipeline_with_data_parallel_replicas(workspace, tmp_path):
+def test_pipeline_with_data_parallel_replicas(workspace, trained, tmp_path):
     """4 ranks = 2 stages x 2 replicas, layers split evenly by count: the same losses as the plain model on 2
     data-parallel ranks (the sampler, batch sizes and token counts follow the replicas, not the ranks)."""
-    base = tiny_train_config(workspace, tmp_path / "plain", max_steps=4)
-    launch(base, ds_config="zero0.json", nproc=2)
-    piped = tiny_train_config(workspace, tmp_path / "pipe", max_steps=4,
-                              parallel={"pipeline_stages": 2, "partition_method": "uniform"})
+    piped = tiny_train_config(workspace, tmp_path / "pipe", parallel={"pipeline_stages": 2, "partition_method": "uniform"})
     proc = pipelined(piped, nproc=4)
     assert "x dp 2 = 16 samples" in proc.stdout
-    assert_same_losses(tmp_path / "plain" / "run", tmp_path / "pipe" / "run", 4)
+    assert_same_losses(trained("zero0.json"), tmp_path / "pipe" / "run", 6)  # ZeRO-0 on 2 ranks
     tokens = [r["train/tokens_seen"] for r in read_metrics(tmp_path / "pipe" / "run") if "train/tokens_seen" in r]
-    assert tokens[-1] == 4 * 16 * 64  # every sample counted once, not once per stage
+    assert tokens[-1] == 6 * 16 * 64  # every sample counted once, not once per stage
 
 
 def test_pipeline_with_zero2_stops_with_our_message(workspace, tmp_path):

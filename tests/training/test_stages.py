@@ -1,4 +1,5 @@
-"""SFT and DPO through the real `deepspeed` launcher on 2 CPU ranks, initialised from an exported PT model."""
+"""SFT and DPO on 2 CPU ranks, initialised from an exported PT model: the uninterrupted SFT and DPO runs go through
+the real `deepspeed` launcher, the others start their ranks directly."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import shutil
 
 import pytest
 
-from conftest import VENV_BIN, expect_user_error, launch, read_metrics, run_cmd, tiny_train_config, train_losses
+from conftest import (VENV_BIN, copy_run, expect_user_error, launch, read_metrics, run_cmd, tiny_train_config,
+                      train_in_process, train_losses)
 
 pytestmark = pytest.mark.multiproc
 
@@ -15,12 +17,13 @@ pytestmark = pytest.mark.multiproc
 @pytest.fixture(scope="module")
 def stages(workspace, tmp_path_factory):
     """A PT model trained for a few steps and exported, plus SFT and DPO shards of the built-in corpus."""
+    from astrai_ds.convert.export import export_run
     from astrai_ds.data.prepare import prepare_dpo, prepare_sft
 
     root = tmp_path_factory.mktemp("stages")
     pt = tiny_train_config(workspace, root / "pt", max_steps=4, save_interval=4)
     run_cmd([str(VENV_BIN / "python"), "train.py", "--config", str(pt)])
-    run_cmd([str(VENV_BIN / "astrai-ds"), "export", "--run", str(root / "pt" / "run"), "--out", str(root / "pt_model")])
+    export_run(root / "pt" / "run", root / "pt_model")
     corpus, tok = workspace / "corpus", workspace / "tokenizer"
     prepare_sft([corpus / "sft.jsonl"], tok, root / "sft_data", 64, workers=1, progress=False)
     prepare_dpo([corpus / "dpo.jsonl"], tok, root / "dpo_data", 64, workers=1, progress=False)
@@ -36,11 +39,16 @@ def stage_config(workspace, stages, out, kind: str, **over):
     return tiny_train_config(workspace, out, **settings)
 
 
-def resume_matches(workspace, stages, tmp_path, kind, ds_config, **over):
+def resume_matches(workspace, stages, tmp_path, kind, ds_config, stop: bool, **over):
+    """The run through the `deepspeed` launcher, and again stopped at step 2 (or, stop=False, continued from a copy
+    of the first run's checkpoint of step 2) and resumed: the same losses."""
     full = stage_config(workspace, stages, tmp_path / "full", kind, **over)
-    launch(full, ds_config=ds_config)
+    launch(full, ds_config=ds_config, launcher="deepspeed")
     split = stage_config(workspace, stages, tmp_path / "split", kind, **over)
-    launch(split, ds_config=ds_config, sets=["max_steps=2"])
+    if stop:
+        launch(split, ds_config=ds_config, sets=["max_steps=2"])
+    else:
+        copy_run(tmp_path / "full" / "run", tmp_path / "split", 2)
     proc = launch(split, ds_config=ds_config)
     assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
     expected, resumed = train_losses(tmp_path / "full" / "run"), train_losses(tmp_path / "split" / "run")
@@ -51,11 +59,11 @@ def resume_matches(workspace, stages, tmp_path, kind, ds_config, **over):
 
 
 def test_sft_zero2_trains_and_resumes(workspace, stages, tmp_path):
-    resume_matches(workspace, stages, tmp_path, "sft", "zero2.json")
+    resume_matches(workspace, stages, tmp_path, "sft", "zero2.json", stop=True)
 
 
 def test_dpo_zero3_live_reference_trains_and_resumes(workspace, stages, tmp_path):
-    proc, run = resume_matches(workspace, stages, tmp_path, "dpo", "zero3.json",
+    proc, run = resume_matches(workspace, stages, tmp_path, "dpo", "zero3.json", stop=False,
                                dpo={"reference": "live", "beta": 0.1})
     assert "reference model unchanged" in proc.stdout
     records = read_metrics(run)
@@ -87,14 +95,16 @@ def python_train(config):
     return run_cmd([str(VENV_BIN / "python"), "train.py", "--config", str(config)], check=False)
 
 
-def test_sft_config_on_pt_shards_is_an_error(workspace, stages, tmp_path):
+def test_sft_config_on_pt_shards_is_an_error(workspace, stages, tmp_path, capsys):
     cfg = stage_config(workspace, stages, tmp_path, "sft", data__path=str(workspace / "data" / "pt"))
-    expect_user_error(python_train(cfg), "was prepared for stage 'pt'", "astrai-ds prepare --stage sft")
+    expect_user_error(train_in_process(capsys, "--config", str(cfg)), "was prepared for stage 'pt'",
+                      "astrai-ds prepare --stage sft")
 
 
-def test_pt_config_on_sft_shards_is_an_error(workspace, stages, tmp_path):
+def test_pt_config_on_sft_shards_is_an_error(workspace, stages, tmp_path, capsys):
     cfg = tiny_train_config(workspace, tmp_path, data__path=str(stages / "sft_data"), data__eval_path=None)
-    expect_user_error(python_train(cfg), "was prepared for stage 'sft'", "astrai-ds prepare --stage pt")
+    expect_user_error(train_in_process(capsys, "--config", str(cfg)), "was prepared for stage 'sft'",
+                      "astrai-ds prepare --stage pt")
 
 
 def test_reference_with_other_shape_or_vocabulary_is_an_error(workspace, stages, tmp_path):
@@ -115,7 +125,7 @@ def test_reference_with_other_shape_or_vocabulary_is_an_error(workspace, stages,
     expect_user_error(python_train(cfg), "another tokenizer")
 
 
-def test_simpo_gamma_is_set_from_the_config_and_old_keys_say_where_they_went(workspace, stages, tmp_path):
+def test_simpo_gamma_is_set_from_the_config_and_old_keys_say_where_they_went(workspace, stages, tmp_path, capsys):
     """dpo.gamma reaches SimPO's loss (it was stuck at 0.5); a config with DPO keys under `stage` is told where
     they moved."""
     losses = {}
@@ -128,6 +138,5 @@ def test_simpo_gamma_is_set_from_the_config_and_old_keys_say_where_they_went(wor
     # At the first step policy = the SFT start for both; a larger target margin gives a larger loss.
     assert losses[3.0] > losses[0.5] + 0.5, losses
     cfg = stage_config(workspace, stages, tmp_path / "old", "dpo")
-    proc = run_cmd([str(VENV_BIN / "python"), "train.py", "--config", str(cfg), "--set", "stage.beta=0.2"],
-                   check=False)
-    expect_user_error(proc, "'stage.beta' has moved to 'dpo.beta'")
+    expect_user_error(train_in_process(capsys, "--config", str(cfg), "--set", "stage.beta=0.2"),
+                      "'stage.beta' has moved to 'dpo.beta'")

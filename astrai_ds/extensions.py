@@ -1,0 +1,57 @@
+"""Where DeepSpeed keeps the ops it compiles on first use (its CPU communication op, CPU Adam, async_io for NVMe
+offload): one folder per machine and version set under ~/.cache/astrai_ds, outside any checkout, so that a second
+clone, a fresh `.venv` or another run on the same machine loads them instead of compiling them again (async_io takes
+about 7 minutes on 2 cores). The folder's name holds what a compiled op depends on: the Python, torch and DeepSpeed
+versions, and the CPU (DeepSpeed compiles its CPU ops for the host's instruction set, so a home folder shared by
+machines with other CPUs gets one folder each). No torch or DeepSpeed import."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+ENV_VAR = "TORCH_EXTENSIONS_DIR"  # read by torch.utils.cpp_extension whenever DeepSpeed builds or loads an op
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "none"
+
+
+def cpu_key() -> str:
+    """The machine and a short hash of the CPU's model and instruction-set flags (Linux's /proc/cpuinfo)."""
+    text = ""
+    try:
+        lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
+        text = "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in ("model name", "flags",
+                                                                                          "Features")}))
+    except OSError:
+        text = platform.processor()
+    return f"{platform.machine()}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+def extensions_dir() -> Path:
+    """The compiled-ops folder for this machine and versions: $XDG_CACHE_HOME (or ~/.cache)/astrai_ds/
+    torch_extensions/py3.11-torch2.13.0-deepspeed0.19.8-x86_64-1a2b3c4d."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    key = (f"py{sys.version_info.major}.{sys.version_info.minor}-torch{_version('torch')}-"
+           f"deepspeed{_version('deepspeed')}-{cpu_key()}")
+    return cache / "astrai_ds" / "torch_extensions" / key
+
+
+def use_extensions_cache() -> Path:
+    """Point TORCH_EXTENSIONS_DIR at `extensions_dir()` unless it is set already (a user's own choice wins), and
+    return the folder in use. Called first thing by train.py and astrai-ds; every rank computes the same name."""
+    if not os.environ.get(ENV_VAR):
+        os.environ[ENV_VAR] = str(extensions_dir())
+    return Path(os.environ[ENV_VAR])
+
+
+if __name__ == "__main__":  # scripts/env.sh: print the folder
+    print(extensions_dir())
