@@ -134,9 +134,10 @@ for name in sys.argv[1:]:
 
 def pytest_collection_finish(session):
     """On a machine that has not built DeepSpeed's ops yet (a new CI machine: about 8 minutes on 2 cores, most of
-    it async_io), start building them when the multi-process tests are selected: in a background process on one
-    core at low priority, which works while the single-process tests leave a core idle. A test that loads an op
-    meanwhile waits for it (torch's lock on the op's folder) instead of building it again. The build is left to
+    it async_io), start building them when the multi-process tests are selected: in a background process under
+    Linux's idle scheduling class, which runs only on a core nothing else wants (the single-process tests leave
+    one idle) and gives way at once to any test process, so that it never slows a test down. A test that loads an
+    op meanwhile waits for it (torch's lock on the op's folder) instead of building it again. The build is left to
     finish even if the session ends first: a build killed halfway leaves its lock behind for the next one."""
     if not any(item.get_closest_marker("multiproc") for item in session.items):
         return
@@ -145,9 +146,14 @@ def pytest_collection_finish(session):
     if missing:
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / "prebuild.log", "w") as log:
-            subprocess.Popen(["nice", "-n", "10", sys.executable, "-c", PREBUILD, *missing], cwd=ROOT,
-                             env={**env(), "MAX_JOBS": "1"}, stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+            subprocess.Popen([sys.executable, "-c", PREBUILD, *missing], cwd=ROOT, env={**env(), "MAX_JOBS": "2"},
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_idle_class)
+
+
+def _idle_class() -> None:
+    """SCHED_IDLE for this process and the compilers it starts (where the platform has it)."""
+    if hasattr(os, "SCHED_IDLE"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 def unavailable(reason: str) -> None:
@@ -196,16 +202,16 @@ def launcher_env(rank: int, nproc: int, port: int) -> dict[str, str]:
 
 
 def run_ranks(script: str, args: list[str], nproc: int, port: int, check: bool = True, timeout: int = 600,
-              extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    """Start `nproc` ranks of `script` directly, as DeepSpeed's launch.py starts them (`python -u script
-    --local_rank=N args`, with `launcher_env`), without the `deepspeed` runner and launch.py in front: two
-    interpreters fewer per run, for the tests that are not about launching. Like launch.py, once a rank fails
-    the others are stopped (after a short grace, so that their own messages are complete); the result has the
-    first failing rank's exit code, the ranks' outputs one after the other, and `shm_left` (`run_distributed`)."""
+              extra_env: dict | None = None, module: bool = False) -> subprocess.CompletedProcess:
+    """Start `nproc` ranks of `script` (a module with module=True) directly, as DeepSpeed's launch.py starts them
+    (`python -u script --local_rank=N args`, with `launcher_env`), without the `deepspeed` runner and launch.py in
+    front: two interpreters fewer per run, for the tests that are not about launching. Like launch.py, once a rank
+    fails the others are stopped (after a short grace, so that their own messages are complete); the result has
+    the first failing rank's exit code, the ranks' outputs one after the other, and `shm_left` (`run_distributed`)."""
     import tempfile
 
     procs, outputs = [], []
-    cmd = [sys.executable, "-u", script]
+    cmd = [sys.executable, "-u"] + (["-m", script] if module else [script])
     try:
         for rank in range(nproc):
             out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
@@ -312,6 +318,19 @@ def train_in_process(capsys, *argv: str) -> subprocess.CompletedProcess:
     assert not reached_ranks and not torch.distributed.is_initialized(), (
         f"train.py {' '.join(argv)} set up its ranks: run it as a process of its own\n{out}\n{err}")
     return subprocess.CompletedProcess(["train.py", *argv], code, out, err)
+
+
+def cli_in_process(capsys, *argv: str) -> subprocess.CompletedProcess:
+    """`astrai-ds ARGV` in this process (the same `main`): its exit code and output without starting an interpreter,
+    for the tests of a command's answers rather than of its process."""
+    from astrai_ds.cli.main import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse: --help, a wrong option
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["astrai-ds", *argv], code, out, err)
 
 
 def read_jsonl(path: Path) -> list[dict]:

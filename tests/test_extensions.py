@@ -25,15 +25,15 @@ def test_the_folder_is_outside_the_checkout_and_named_after_what_the_ops_depend_
     assert ROOT not in folder.parents and folder.parent == cache / "astrai_ds" / "torch_extensions"
     assert folder.name.startswith(f"py{sys.version_info.major}.{sys.version_info.minor}-torch{version('torch')}-"
                                   f"deepspeed{version('deepspeed')}-")
+    # what scripts/env.sh exports
+    out = subprocess.run([sys.executable, "-m", "astrai_ds.extensions"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(folder)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert extensions_dir() == tmp_path / "astrai_ds" / "torch_extensions" / folder.name
     monkeypatch.delenv(ENV_VAR, raising=False)
     assert use_extensions_cache() == extensions_dir() and os.environ[ENV_VAR] == str(extensions_dir())
     monkeypatch.setenv(ENV_VAR, str(tmp_path / "mine"))  # a user's own choice wins
     assert use_extensions_cache() == tmp_path / "mine" and extensions_dir() != tmp_path / "mine"
-    # what scripts/env.sh exports
-    out = subprocess.run([sys.executable, "-m", "astrai_ds.extensions"], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == str(folder)
 
 
 def test_a_second_clone_loads_the_compiled_ops_without_building_them(tmp_path):

@@ -8,8 +8,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "astrai_ds"
-LAYER = {"errors": 0, "extensions": 0, "config": 1, "data": 2, "model": 2, "run_dir": 2, "launch_env": 2, "training": 3, "inference": 3,
-         "convert": 3, "rag": 4, "serve": 5, "cli": 6, "__main__": 7, "__init__": 0}
+LAYER = {"errors": 0, "extensions": 0, "config": 1, "data": 2, "model": 2, "run_dir": 2, "launch_env": 2, "training": 3,
+         "inference": 3, "convert": 3, "rag": 4, "serve": 5, "cli": 6, "__main__": 7, "__init__": 0}
 SIBLINGS_ALLOWED = {("model", "data"), ("data", "model")}
 
 

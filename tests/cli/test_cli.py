@@ -8,15 +8,15 @@ import re
 import pytest
 
 from astrai_ds.cli.main import COMMANDS, build_parser
-from conftest import VENV_BIN, expect_user_error, run_cmd
+from conftest import VENV_BIN, cli_in_process, expect_user_error, run_cmd
 
 CLI = str(VENV_BIN / "astrai-ds")
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_every_subcommand_has_help(command):
-    out = run_cmd([CLI, command, "--help"]).stdout
-    assert "usage:" in out and len(out.splitlines()) > 3
+def test_every_subcommand_has_help(command, capsys):
+    proc = cli_in_process(capsys, command, "--help")  # the `astrai-ds` command itself: test_train_help_is_train_py_help
+    assert proc.returncode == 0 and "usage:" in proc.stdout and len(proc.stdout.splitlines()) > 3
 
 
 @pytest.mark.parametrize("command", sorted(set(COMMANDS) - {"train"}))  # train.py's help is train.py's
@@ -34,39 +34,39 @@ def test_train_help_is_train_py_help():
     assert "--ds_config" in out and "--set" in out
 
 
-def test_prepare_empty_corpus(workspace, tmp_path):
+def test_prepare_empty_corpus(workspace, tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"text": ""}\n{"title": "no text"}\n')
-    proc = run_cmd([CLI, "prepare", "--stage", "pt", "--input", str(empty), "--tokenizer",
-                    str(workspace / "tokenizer"), "--out", str(tmp_path / "out")], check=False)
+    proc = cli_in_process(capsys, "prepare", "--stage", "pt", "--input", str(empty), "--tokenizer",
+                          str(workspace / "tokenizer"), "--out", str(tmp_path / "out"))
     expect_user_error(proc, "empty corpus", "empty.jsonl")
 
 
-def test_prepare_missing_tokenizer(tmp_path):
+def test_prepare_missing_tokenizer(tmp_path, capsys):
     text = tmp_path / "a.txt"
     text.write_text("hello\n")
-    proc = run_cmd([CLI, "prepare", "--input", str(text), "--tokenizer", str(tmp_path / "nope"), "--out",
-                    str(tmp_path / "out")], check=False)
+    proc = cli_in_process(capsys, "prepare", "--input", str(text), "--tokenizer", str(tmp_path / "nope"), "--out",
+                          str(tmp_path / "out"))
     expect_user_error(proc, "nope", "astrai-ds tokenizer")
 
 
-def test_export_of_a_folder_without_checkpoints(tmp_path):
-    expect_user_error(run_cmd([CLI, "export", "--run", str(tmp_path), "--out", str(tmp_path / "m")], check=False),
-                 "not a run folder")
+def test_export_of_a_folder_without_checkpoints(tmp_path, capsys):
+    expect_user_error(cli_in_process(capsys, "export", "--run", str(tmp_path), "--out", str(tmp_path / "m")),
+                      "not a run folder")
 
 
-def test_eval_of_a_missing_model(tmp_path):
+def test_eval_of_a_missing_model(tmp_path, capsys):
     data = tmp_path / "e.jsonl"
     data.write_text(json.dumps({"prompt": "1 + 1 =", "answer": "2"}) + "\n")
-    expect_user_error(run_cmd([CLI, "eval", "--model", str(tmp_path), "--data", str(data)], check=False),
-                 "not a model folder", "astrai-ds export")
+    expect_user_error(cli_in_process(capsys, "eval", "--model", str(tmp_path), "--data", str(data)),
+                      "not a model folder", "astrai-ds export")
 
 
-def test_eval_responses_need_chat_questions(tmp_path):
+def test_eval_responses_need_chat_questions(tmp_path, capsys):
     data = tmp_path / "e.jsonl"
     data.write_text(json.dumps({"prompt": "1 + 1 =", "answer": "2"}) + "\n")
-    proc = run_cmd([CLI, "eval", "--model", str(tmp_path), "--data", str(data), "--responses",
-                    str(tmp_path / "r.jsonl")], check=False)
+    proc = cli_in_process(capsys, "eval", "--model", str(tmp_path), "--data", str(data), "--responses",
+                          str(tmp_path / "r.jsonl"))
     expect_user_error(proc, "--responses", "give --chat too")
 
 
@@ -80,7 +80,7 @@ def test_corpus_tokenizer_prepare_round(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["corpus", "tokenizer", "prepare"])
-def test_out_naming_a_file(command, workspace, tmp_path):
+def test_out_naming_a_file(command, workspace, tmp_path, capsys):
     taken = tmp_path / "taken"
     taken.write_text("not a folder\n")
     args = {"corpus": ["--scale", "0.01"],
@@ -88,20 +88,21 @@ def test_out_naming_a_file(command, workspace, tmp_path):
             "prepare": ["--input", str(workspace / "corpus" / "pretrain_eval.jsonl"), "--tokenizer",
                         str(workspace / "tokenizer")]}[command]
     for out in (taken, taken / "sub"):  # the folder itself, or a folder above it
-        proc = run_cmd([CLI, command, *args, "--out", str(out)], check=False)
+        proc = cli_in_process(capsys, command, *args, "--out", str(out))
         expect_user_error(proc, str(taken), "is a file, not a folder", "--out")
     assert taken.read_text() == "not a folder\n"
 
 
-def test_prepare_keeps_prepared_data_unless_overwrite(workspace, tmp_path):
+def test_prepare_keeps_prepared_data_unless_overwrite(workspace, tmp_path, capsys):
     pairs, pretrain = workspace / "corpus" / "dpo_eval.jsonl", workspace / "corpus" / "pretrain_eval.jsonl"
     common = ["--tokenizer", str(workspace / "tokenizer"), "--out", str(tmp_path / "data"), "--seq-len", "64"]
-    run_cmd([CLI, "prepare", "--stage", "dpo", "--input", str(pairs), *common])
+    assert cli_in_process(capsys, "prepare", "--stage", "dpo", "--input", str(pairs), *common).returncode == 0
     index = (tmp_path / "data" / "index.json").read_bytes()
-    proc = run_cmd([CLI, "prepare", "--stage", "pt", "--input", str(pretrain), *common], check=False)
+    proc = cli_in_process(capsys, "prepare", "--stage", "pt", "--input", str(pretrain), *common)
     expect_user_error(proc, str(tmp_path / "data"), "stage dpo", "new folder", "--overwrite")
     assert (tmp_path / "data" / "index.json").read_bytes() == index
-    run_cmd([CLI, "prepare", "--stage", "pt", "--input", str(pretrain), *common, "--overwrite"])
+    assert cli_in_process(capsys, "prepare", "--stage", "pt", "--input", str(pretrain), *common,
+                          "--overwrite").returncode == 0
     assert json.loads((tmp_path / "data" / "index.json").read_text())["stage"] == "pt"
 
 

@@ -10,11 +10,11 @@ import subprocess
 import pytest
 import torch
 
-from astrai_ds.cli.main import main
 from astrai_ds.inference.engine import LLMEngine
 from astrai_ds.inference.sampling import SamplingParams
 from astrai_ds.model.io import load_model_folder
-from conftest import VENV_BIN, expect_user_error, free_port, read_jsonl, run_cmd, run_distributed
+from conftest import (VENV_BIN, cli_in_process, expect_user_error, free_port, read_jsonl, run_cmd, run_distributed,
+                      run_ranks)
 
 CLI = str(VENV_BIN / "astrai-ds")
 PROMPT = "The capital of France is"
@@ -32,10 +32,8 @@ def _generate(model_dir, *args: str, check: bool = True):
 
 
 def _generate_here(model_dir, *args: str, capsys) -> subprocess.CompletedProcess:
-    """`_generate` in this process (the same `main`, without a torch import per case), as a CompletedProcess."""
-    code = main(["generate", "--model", str(model_dir), "--dtype", "fp32", *args])
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, out, err)
+    """`_generate` in this process (the same `main`, without a torch import per case)."""
+    return cli_in_process(capsys, "generate", "--model", str(model_dir), "--dtype", "fp32", *args)
 
 
 def _write_jsonl(path, records: list) -> str:
@@ -161,18 +159,21 @@ def test_a_missing_model_folder_is_one_message(tmp_path, capsys):
 def test_tp2_under_the_launcher_gives_what_one_process_gives(model_dir, engine, tmp_path):
     """Every rank of a tensor-parallel run steps the same requests; rank 0 alone prints and writes."""
 
-    def launch(*args: str):
+    def launch(*args: str, launcher: bool = False):
         port = free_port()
-        cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--module",
-               "astrai_ds", "generate", "--tp", "2", "--model", str(model_dir), "--dtype", "fp32",
-               "--temperature", "0", "--max-new-tokens", "12", *args]
-        proc = run_distributed(cmd, port, extra_env={"OMP_NUM_THREADS": "1"})
+        generate = ["generate", "--tp", "2", "--model", str(model_dir), "--dtype", "fp32", "--temperature", "0",
+                    "--max-new-tokens", "12", *args]
+        if launcher:  # as the README runs it
+            proc = run_distributed([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
+                                    "--module", "astrai_ds", *generate], port, extra_env={"OMP_NUM_THREADS": "1"})
+        else:  # the ranks started directly, as the launcher starts them
+            proc = run_ranks("astrai_ds", generate, 2, port, extra_env={"OMP_NUM_THREADS": "1"}, module=True)
         assert not proc.shm_left, proc.shm_left
         return proc
 
     greedy = SamplingParams(max_new_tokens=12, temperature=0)
     expected = engine.generate(PROMPT, greedy)
-    proc = launch("--prompt", PROMPT)
+    proc = launch("--prompt", PROMPT, launcher=True)
     assert proc.stdout.count(expected.text) == 1, proc.stdout
     assert proc.stderr.count(f"{expected.completion_tokens} tokens ({expected.prompt_tokens} in the prompt)") == 1
 

@@ -7,9 +7,7 @@ import json
 
 import pytest
 
-from conftest import VENV_BIN, expect_user_error, run_cmd
-
-CLI = str(VENV_BIN / "astrai-ds")
+from conftest import cli_in_process, expect_user_error
 EVAL = {"eval_loss": 2.5, "exact_match": 0.25, "n": 4}
 
 
@@ -22,9 +20,9 @@ def run_dir(tmp_path):
     return run
 
 
-def _report(run_dir, eval_path, out):
-    return run_cmd([CLI, "report", "--stage", "pt", "--run", str(run_dir), "--eval", str(eval_path), "--out",
-                    str(out)], check=False)
+def _report(capsys, run_dir, eval_path, out):
+    return cli_in_process(capsys, "report", "--stage", "pt", "--run", str(run_dir), "--eval", str(eval_path), "--out",
+                          str(out))
 
 
 @pytest.mark.parametrize("content, fragments", [
@@ -34,37 +32,37 @@ def _report(run_dir, eval_path, out):
     (json.dumps({"pt": EVAL}), ["holds none of the metrics", "eval_loss"]),  # a report.json, not an eval result
     (json.dumps({"eval_loss": "low"}), ["eval_loss is \"low\", not a number"]),
 ])
-def test_report_refuses_a_bad_eval_file(run_dir, tmp_path, content, fragments):
+def test_report_refuses_a_bad_eval_file(run_dir, tmp_path, capsys, content, fragments):
     eval_path = tmp_path / "eval.json"
     if content is not None:
         eval_path.write_text(content)
     out = tmp_path / "report.json"
     out.write_text(json.dumps({"sft": {"eval_loss": 1.0}}))
-    expect_user_error(_report(run_dir, eval_path, out), "--eval", str(eval_path), *fragments)
+    expect_user_error(_report(capsys, run_dir, eval_path, out), "--eval", str(eval_path), *fragments)
     assert json.loads(out.read_text()) == {"sft": {"eval_loss": 1.0}}
 
 
 @pytest.mark.parametrize("content, fragment", [("{", "is not valid JSON"), ('{"pt": 3}', "is not a report")])
-def test_report_refuses_a_bad_report_to_update(run_dir, tmp_path, content, fragment):
+def test_report_refuses_a_bad_report_to_update(run_dir, tmp_path, capsys, content, fragment):
     (tmp_path / "eval.json").write_text(json.dumps(EVAL))
     out = tmp_path / "report.json"
     out.write_text(content)
-    expect_user_error(_report(run_dir, tmp_path / "eval.json", out), "--out", str(out), fragment)
+    expect_user_error(_report(capsys, run_dir, tmp_path / "eval.json", out), "--out", str(out), fragment)
     assert out.read_text() == content
 
 
-def test_report_needs_the_run_folder(tmp_path):
+def test_report_needs_the_run_folder(tmp_path, capsys):
     (tmp_path / "eval.json").write_text(json.dumps(EVAL))
-    proc = _report(tmp_path / "nope", tmp_path / "eval.json", tmp_path / "report.json")
+    proc = _report(capsys, tmp_path / "nope", tmp_path / "eval.json", tmp_path / "report.json")
     expect_user_error(proc, "--run", "metrics.jsonl not found", "output_dir")
     assert not (tmp_path / "report.json").exists()
 
 
-def test_report_adds_the_stage(run_dir, tmp_path):
+def test_report_adds_the_stage(run_dir, tmp_path, capsys):
     (tmp_path / "eval.json").write_text(json.dumps(EVAL))
     out = tmp_path / "report.json"
     out.write_text(json.dumps({"sft": {"eval_loss": 1.0}}))
-    proc = _report(run_dir, tmp_path / "eval.json", out)
+    proc = _report(capsys, run_dir, tmp_path / "eval.json", out)
     assert proc.returncode == 0, proc.stderr
     # tokens/s: the median of the logs after the first (warm-up) one
     assert json.loads(out.read_text()) == {"sft": {"eval_loss": 1.0},

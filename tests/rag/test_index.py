@@ -189,13 +189,12 @@ def test_model_fingerprint_changes_with_the_weights(model_512, tmp_path):
 
 @pytest.mark.multiproc
 def test_two_ranks_build_the_index_one_builds(docs_dir, model_512, tmp_path, capsys):
-    from conftest import VENV_BIN, free_port, run_distributed
+    from conftest import free_port, run_ranks
 
     args = ["--docs", str(docs_dir), "--model", str(model_512), "--max-tokens", "24", "--dtype", "fp32"]
-    port = free_port()
-    proc = run_distributed([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--module",
-                            "astrai_ds", "rag", "index", *args, "--out", str(tmp_path / "two")], port,
-                           extra_env={"OMP_NUM_THREADS": "1"})
+    # `deepspeed --num_gpus 2 --module astrai_ds rag index ...`, its ranks started directly
+    proc = run_ranks("astrai_ds", ["rag", "index", *args, "--out", str(tmp_path / "two")], 2, free_port(),
+                     extra_env={"OMP_NUM_THREADS": "1"}, module=True)
     assert "embedding (rank 0 of 2)" in proc.stderr and proc.stderr.count(" chunks (") == 1, proc.stderr
     assert main(["rag", "index", *args, "--out", str(tmp_path / "one")]) == 0
     one, two = Index.load(tmp_path / "one"), Index.load(tmp_path / "two")

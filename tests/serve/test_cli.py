@@ -7,15 +7,12 @@ import subprocess
 
 import pytest
 
-from astrai_ds.cli.main import main
 from astrai_ds.cli.serve import parse_kv_budget
-from conftest import expect_user_error
+from conftest import cli_in_process, expect_user_error
 
 
 def _serve(capsys, *args: str) -> subprocess.CompletedProcess:
-    code = main(["serve", *args])
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, out, err)
+    return cli_in_process(capsys, "serve", *args)
 
 
 def test_kv_budget_takes_tokens_or_a_memory_size():

@@ -1,6 +1,7 @@
 """Pipeline stages on 2 and 4 CPU ranks (started directly, as the `deepspeed` launcher starts them): a 2-stage
-pipeline trains exactly like the plain model on the same data and seed (PT and SFT, tied and untied, with activation checkpointing, with data parallelism), its
-checkpoints resume and export to the same model folder, and a wrong combination stops with our message."""
+pipeline trains exactly like the plain model on the same data and seed (PT and SFT, tied and untied, with activation
+checkpointing, with data parallelism), its checkpoints resume and export to the same model folder, and a wrong
+combination stops with our message."""
 
 from __future__ import annotations
 
@@ -126,7 +127,8 @@ def test_pipeline_sft_with_activation_checkpointing_from_a_pipeline_export(works
 def test_pipeline_with_data_parallel_replicas(workspace, trained, tmp_path):
     """4 ranks = 2 stages x 2 replicas, layers split evenly by count: the same losses as the plain model on 2
     data-parallel ranks (the sampler, batch sizes and token counts follow the replicas, not the ranks)."""
-    piped = tiny_train_config(workspace, tmp_path / "pipe", parallel={"pipeline_stages": 2, "partition_method": "uniform"})
+    piped = tiny_train_config(workspace, tmp_path / "pipe",
+                              parallel={"pipeline_stages": 2, "partition_method": "uniform"})
     proc = pipelined(piped, nproc=4)
     assert "x dp 2 = 16 samples" in proc.stdout
     assert_same_losses(trained("zero0.json"), tmp_path / "pipe" / "run", 6)  # ZeRO-0 on 2 ranks
