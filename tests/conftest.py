@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -201,23 +203,112 @@ def launcher_env(rank: int, nproc: int, port: int) -> dict[str, str]:
             "CROSS_RANK": "0", "CROSS_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
 
 
+class ForkServer:
+    """The client of tests/forkserver.py, started on first use and kept for the session: `start` forks a rank from
+    a process that has done the imports already, and returns a handle with Popen's pid, poll, wait and kill."""
+
+    def __init__(self):
+        import threading
+
+        self.log = Path(tempfile.mkdtemp(prefix="forkserver_")) / "stderr.log"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen([sys.executable, "-u", str(ROOT / "tests" / "forkserver.py")], cwd=ROOT,
+                                         env=env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                         text=True)
+        self.lock = threading.Condition()
+        self.started: list[int] = []
+        self.exits: dict[int, int] = {}
+        if json.loads(self.proc.stdout.readline() or "{}") != {"ready": True}:
+            raise RuntimeError(f"tests/forkserver.py did not start (exit {self.proc.wait()}):\n{self.log.read_text()}")
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            message = json.loads(line)
+            with self.lock:
+                if "exit" in message:
+                    self.exits[message["pid"]] = message["exit"]
+                else:
+                    self.started.append(message["pid"])
+                self.lock.notify_all()
+
+    def start(self, argv: list[str], module: bool, child_env: dict, stdout: Path, stderr: Path) -> "ForkedRank":
+        request = {"argv": argv, "module": module, "env": child_env, "cwd": str(ROOT), "stdout": str(stdout),
+                   "stderr": str(stderr)}
+        with self.lock:
+            count = len(self.started)
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+            if not self.lock.wait_for(lambda: len(self.started) > count, timeout=60):
+                raise RuntimeError("tests/forkserver.py did not answer")
+            return ForkedRank(self, self.started[count])
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+class ForkedRank:
+    def __init__(self, server: ForkServer, pid: int):
+        self.server, self.pid, self.returncode = server, pid, None
+
+    def poll(self) -> int | None:
+        with self.server.lock:
+            self.returncode = self.server.exits.get(self.pid)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        with self.server.lock:
+            self.server.lock.wait_for(lambda: self.pid in self.server.exits, timeout=timeout)
+        if self.poll() is None:
+            raise subprocess.TimeoutExpired(str(self.pid), timeout)
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+
+_FORK_SERVER: list[ForkServer] = []
+
+
+def fork_server() -> ForkServer | None:
+    """The session's fork server (None where there is no fork, or with ASTRAI_TEST_FORK=0: plain processes)."""
+    if os.environ.get("ASTRAI_TEST_FORK", "1") == "0" or not hasattr(os, "fork"):
+        return None
+    if not _FORK_SERVER:
+        _FORK_SERVER.append(ForkServer())
+    return _FORK_SERVER[0]
+
+
+def pytest_sessionfinish(session):
+    for server in _FORK_SERVER:
+        server.close()
+
+
 def run_ranks(script: str, args: list[str], nproc: int, port: int, check: bool = True, timeout: int = 600,
               extra_env: dict | None = None, module: bool = False) -> subprocess.CompletedProcess:
     """Start `nproc` ranks of `script` (a module with module=True) directly, as DeepSpeed's launch.py starts them
     (`python -u script --local_rank=N args`, with `launcher_env`), without the `deepspeed` runner and launch.py in
-    front: two interpreters fewer per run, for the tests that are not about launching. Like launch.py, once a rank
-    fails the others are stopped (after a short grace, so that their own messages are complete); the result has
-    the first failing rank's exit code, the ranks' outputs one after the other, and `shm_left` (`run_distributed`)."""
-    import tempfile
-
+    front, for the tests that are not about launching: each rank is forked from the session's fork server (tests/
+    forkserver.py), which has imported torch, DeepSpeed and astrai_ds already. Like launch.py, once a rank fails the
+    others are stopped (after a short grace, so that their own messages are complete); the result has the first
+    failing rank's exit code, the ranks' outputs one after the other, and `shm_left` (`run_distributed`)."""
     procs, outputs = [], []
     cmd = [sys.executable, "-u"] + (["-m", script] if module else [script])
+    server = fork_server()
+    folder = Path(tempfile.mkdtemp(prefix="ranks_"))
     try:
         for rank in range(nproc):
-            out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+            out, err = folder / f"rank{rank}.out", folder / f"rank{rank}.err"
             outputs.append((out, err))
-            procs.append(subprocess.Popen(cmd + [f"--local_rank={rank}", *args], cwd=ROOT, stdout=out, stderr=err,
-                                          env={**env(), **(extra_env or {}), **launcher_env(rank, nproc, port)}))
+            rank_env = {**env(), **(extra_env or {}), **launcher_env(rank, nproc, port)}
+            argv = [script, f"--local_rank={rank}", *args]
+            if server is not None:
+                procs.append(server.start(argv, module, rank_env, out, err))
+            else:
+                with open(out, "w") as o, open(err, "w") as e:
+                    procs.append(subprocess.Popen(cmd + argv[1:], cwd=ROOT, stdout=o, stderr=e, env=rank_env))
         deadline, failed, stop_at = time.monotonic() + timeout, None, None
         while any(p.poll() is None for p in procs):
             now = time.monotonic()
@@ -235,13 +326,8 @@ def run_ranks(script: str, args: list[str], nproc: int, port: int, check: bool =
                 p.kill()
             p.wait()
         left = remove_shm_buffers(port)
-    texts = []
-    for out, err in outputs:
-        out.seek(0)
-        err.seek(0)
-        texts.append((out.read(), err.read()))
-        out.close()
-        err.close()
+    texts = [(out.read_text(errors="replace"), err.read_text(errors="replace")) for out, err in outputs]
+    shutil.rmtree(folder, ignore_errors=True)
     code = failed.returncode if failed is not None else next((p.returncode for p in procs if p.returncode), 0)
     proc = subprocess.CompletedProcess(cmd + args, code, "".join(o for o, _ in texts), "".join(e for _, e in texts))
     proc.shm_left = left
@@ -287,8 +373,6 @@ def copy_run(run: Path, out: Path, step: int) -> Path:
     """`run` as it was when its checkpoint of `step` was the latest: a copy at out/run (the output_dir of
     `tiny_train_config(workspace, out, ...)`) with the later checkpoints removed. Resuming it continues from
     `step` as a run stopped there would; the lines it logged after `step` are dropped by the resume itself."""
-    import shutil
-
     from astrai_ds.run_dir import LATEST
 
     dest = out / "run"

@@ -2,7 +2,10 @@ import json
 
 import pytest
 
+from astrai_ds.data.corpus import write_corpus
 from astrai_ds.data.tokenizer import Tokenizer, train_tokenizer
+
+CORPUS_SCALE = 0.1  # 4,500 sentences: enough to see every task, fast to write
 
 # A small bilingual corpus: enough pairs to fill a 512-token vocabulary in well under a second.
 SAMPLE_TEXTS = [
@@ -36,3 +39,25 @@ def tokenizer_dir(corpus_files, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_dir):
     return Tokenizer.load(tokenizer_dir)
+
+
+def _write_corpus(tmp_path_factory, name: str, seed: int):
+    out = tmp_path_factory.mktemp(name)
+    return out, write_corpus(out, seed=seed, scale=CORPUS_SCALE)
+
+
+@pytest.fixture(scope="session")
+def corpus_seed0(tmp_path_factory):
+    """(folder, summary) of the built-in corpus at CORPUS_SCALE with seed 0, read by the corpus tests."""
+    return _write_corpus(tmp_path_factory, "corpus_seed0", 0)
+
+
+@pytest.fixture(scope="session")
+def corpus_seed0_again(tmp_path_factory):
+    """The same corpus written a second time, on its own: what the determinism tests compare."""
+    return _write_corpus(tmp_path_factory, "corpus_seed0_again", 0)
+
+
+@pytest.fixture(scope="session")
+def corpus_seed1(tmp_path_factory):
+    return _write_corpus(tmp_path_factory, "corpus_seed1", 1)

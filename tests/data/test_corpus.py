@@ -10,28 +10,21 @@ from astrai_ds.data.corpus.words import (ANTONYMS, MONTH_DAYS, MONTHS_EN, MONTHS
 from astrai_ds.errors import DataError
 from conftest import read_jsonl
 
-SCALE = 0.1  # 4,500 sentences: enough to see every task, fast to write
-
-
 @pytest.fixture(scope="module")
-def written(tmp_path_factory):
-    out = tmp_path_factory.mktemp("corpus")
-    summary = write_corpus(out, seed=0, scale=SCALE)
-    return out, summary
+def written(corpus_seed0):
+    return corpus_seed0  # tests/data/conftest.py: (folder, summary) at CORPUS_SCALE, seed 0
 
 
-def test_same_seed_gives_identical_bytes(written, tmp_path):
-    out, _ = written
-    write_corpus(tmp_path, seed=0, scale=SCALE)
+def test_same_seed_gives_identical_bytes(written, corpus_seed0_again):
+    out, again = written[0], corpus_seed0_again[0]
     for name in (corpus.PRETRAIN_FILE, corpus.EVAL_FILE):
-        assert (tmp_path / name).read_bytes() == (out / name).read_bytes()
+        assert (again / name).read_bytes() == (out / name).read_bytes()
 
 
-def test_other_seed_differs(written, tmp_path):
-    out, _ = written
-    write_corpus(tmp_path, seed=1, scale=SCALE)
-    assert (tmp_path / corpus.EVAL_FILE).read_bytes() != (out / corpus.EVAL_FILE).read_bytes()
-    assert (tmp_path / corpus.PRETRAIN_FILE).read_bytes() != (out / corpus.PRETRAIN_FILE).read_bytes()
+def test_other_seed_differs(written, corpus_seed1):
+    out, other = written[0], corpus_seed1[0]
+    assert (other / corpus.EVAL_FILE).read_bytes() != (out / corpus.EVAL_FILE).read_bytes()
+    assert (other / corpus.PRETRAIN_FILE).read_bytes() != (out / corpus.PRETRAIN_FILE).read_bytes()
 
 
 def test_heldout_facts_never_in_pretrain(written):

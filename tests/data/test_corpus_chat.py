@@ -6,14 +6,13 @@ import pytest
 
 from astrai_ds.data import corpus
 from astrai_ds.data.chat import RAG_SYSTEM
-from astrai_ds.data.corpus import (QUESTIONS, TASKS, chat_item, dpo_records, sft_records, split_facts, task_facts,
-                                   write_corpus)
+from astrai_ds.data.corpus import QUESTIONS, TASKS, chat_item, dpo_records, sft_records, split_facts, task_facts
 from astrai_ds.data.corpus.chat_forms import CHAT_FORMS, is_question
 from astrai_ds.data.prepare import prepare_dpo, prepare_sft
 from astrai_ds.inference.scoring import answer_style, chat_answer_correct
 from conftest import read_jsonl
 
-SCALE = 0.1
+from .conftest import CORPUS_SCALE as SCALE
 CHAT_FILES = (corpus.SFT_FILE, corpus.SFT_EVAL_FILE, corpus.DPO_FILE, corpus.DPO_EVAL_FILE)
 
 
@@ -22,11 +21,10 @@ def _is_reading(record) -> bool:
 
 
 @pytest.fixture(scope="module")
-def written(tmp_path_factory):
-    """(folder, summary, the chat files' records); the SFT records are the facts' conversations only: the
-    reading-comprehension ones are tested in test_documents.py."""
-    out = tmp_path_factory.mktemp("chatcorpus")
-    summary = write_corpus(out, seed=0, scale=SCALE)
+def written(corpus_seed0):
+    """(folder, summary, the chat files' records) of tests/data/conftest.py's corpus; the SFT records are the
+    facts' conversations only: the reading-comprehension ones are tested in test_documents.py."""
+    out, summary = corpus_seed0
     files = {name: read_jsonl(out / name) for name in CHAT_FILES}
     reading = [r for r in files[corpus.SFT_FILE] if _is_reading(r)]
     assert len(reading) == summary["reading_records"] > 0
@@ -38,13 +36,11 @@ def _questions(records, key="messages"):
     return {m["content"] for r in records for m in r[key] if m["role"] == "user"}
 
 
-def test_deterministic_per_seed(written, tmp_path):
-    out, _, _ = written
-    write_corpus(tmp_path / "same", seed=0, scale=SCALE)
-    write_corpus(tmp_path / "other", seed=1, scale=SCALE)
+def test_deterministic_per_seed(written, corpus_seed0_again, corpus_seed1):
+    out, same, other = written[0], corpus_seed0_again[0], corpus_seed1[0]
     for name in CHAT_FILES:
-        assert (tmp_path / "same" / name).read_bytes() == (out / name).read_bytes(), name
-        assert (tmp_path / "other" / name).read_bytes() != (out / name).read_bytes(), name
+        assert (same / name).read_bytes() == (out / name).read_bytes(), name
+        assert (other / name).read_bytes() != (out / name).read_bytes(), name
 
 
 def test_sizes_and_balance(written):
