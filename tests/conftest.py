@@ -134,6 +134,11 @@ for name in sys.argv[1:]:
 """
 
 
+def pytest_collection_modifyitems(items):
+    """The tests that need async_io run last, giving its background build (below) the whole session."""
+    items.sort(key=lambda item: item.get_closest_marker("async_io") is not None)
+
+
 def pytest_collection_finish(session):
     """On a machine that has not built DeepSpeed's ops yet (a new CI machine: about 8 minutes on 2 cores, most of
     it async_io), start building them when the multi-process tests are selected: in a background process under
@@ -294,22 +299,47 @@ def run_ranks(script: str, args: list[str], nproc: int, port: int, check: bool =
     forkserver.py), which has imported torch, DeepSpeed and astrai_ds already. Like launch.py, once a rank fails the
     others are stopped (after a short grace, so that their own messages are complete); the result has the first
     failing rank's exit code, the ranks' outputs one after the other, and `shm_left` (`run_distributed`)."""
-    procs, outputs = [], []
-    cmd = [sys.executable, "-u"] + (["-m", script] if module else [script])
-    server = fork_server()
-    folder = Path(tempfile.mkdtemp(prefix="ranks_"))
+    ranks = [([script, f"--local_rank={rank}", *args],
+              {**env(), **(extra_env or {}), **launcher_env(rank, nproc, port)}) for rank in range(nproc)]
     try:
-        for rank in range(nproc):
-            out, err = folder / f"rank{rank}.out", folder / f"rank{rank}.err"
+        proc = _run_group(ranks, module, timeout)
+    finally:
+        left = remove_shm_buffers(port)
+    proc.shm_left = left
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(proc.args)} on {nproc} ranks exited {proc.returncode}\n--- stdout\n"
+                             f"{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-12000:]}")
+    return proc
+
+
+def run_python(script: str, args: list[str], check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python script args` with no launcher (train.py: a world of one), forked from the fork server: for the runs
+    whose process start is not what a test is about (the kill, signal and plain-python tests start their own)."""
+    proc = _run_group([([script, *args], env())], False, timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(proc.args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
+                             f"--- stderr\n{proc.stderr[-12000:]}")
+    return proc
+
+
+def _run_group(processes: list[tuple[list[str], dict]], module: bool, timeout: int) -> subprocess.CompletedProcess:
+    """Run `python -u [-m] ARGV` with each (argv, environment) together, forked from the fork server (plain
+    processes where there is none), until all end; once one fails the others get a short grace, then are killed."""
+    server = fork_server()
+    cmd = [sys.executable, "-u"] + (["-m"] if module else []) + processes[0][0]
+    folder = Path(tempfile.mkdtemp(prefix="ranks_"))
+    procs, outputs, failed = [], [], None
+    try:
+        for i, (argv, child_env) in enumerate(processes):
+            out, err = folder / f"{i}.out", folder / f"{i}.err"
             outputs.append((out, err))
-            rank_env = {**env(), **(extra_env or {}), **launcher_env(rank, nproc, port)}
-            argv = [script, f"--local_rank={rank}", *args]
             if server is not None:
-                procs.append(server.start(argv, module, rank_env, out, err))
+                procs.append(server.start(argv, module, child_env, out, err))
             else:
                 with open(out, "w") as o, open(err, "w") as e:
-                    procs.append(subprocess.Popen(cmd + argv[1:], cwd=ROOT, stdout=o, stderr=e, env=rank_env))
-        deadline, failed, stop_at = time.monotonic() + timeout, None, None
+                    procs.append(subprocess.Popen([sys.executable, "-u"] + (["-m"] if module else []) + argv, cwd=ROOT,
+                                                  stdout=o, stderr=e, env=child_env))
+        deadline, stop_at = time.monotonic() + timeout, None
         while any(p.poll() is None for p in procs):
             now = time.monotonic()
             if failed is None:
@@ -325,16 +355,11 @@ def run_ranks(script: str, args: list[str], nproc: int, port: int, check: bool =
             if p.poll() is None:
                 p.kill()
             p.wait()
-        left = remove_shm_buffers(port)
-    texts = [(out.read_text(errors="replace"), err.read_text(errors="replace")) for out, err in outputs]
-    shutil.rmtree(folder, ignore_errors=True)
+        texts = [(out.read_text(errors="replace") if out.exists() else "",
+                  err.read_text(errors="replace") if err.exists() else "") for out, err in outputs]
+        shutil.rmtree(folder, ignore_errors=True)
     code = failed.returncode if failed is not None else next((p.returncode for p in procs if p.returncode), 0)
-    proc = subprocess.CompletedProcess(cmd + args, code, "".join(o for o, _ in texts), "".join(e for _, e in texts))
-    proc.shm_left = left
-    if check and code != 0:
-        raise AssertionError(f"{' '.join(cmd + args)} on {nproc} ranks exited {code}\n--- stdout\n"
-                             f"{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-12000:]}")
-    return proc
+    return subprocess.CompletedProcess(cmd, code, "".join(o for o, _ in texts), "".join(e for _, e in texts))
 
 
 def launch(config: Path, ds_config: str = "zero2.json", nproc: int = 2, sets: list[str] = (), check: bool = True,

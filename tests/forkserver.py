@@ -66,7 +66,7 @@ def run_child(request: dict) -> None:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if not isinstance(e.code, (int, type(None))):
             print(e.code, file=sys.stderr)
-    except BaseException:  # noqa: BLE001: what the interpreter itself would print
+    except BaseException:  # noqa: BLE001 (what the interpreter itself would print)
         traceback.print_exc()
         code = 130 if isinstance(sys.exc_info()[1], KeyboardInterrupt) else 1
     finally:

@@ -16,7 +16,7 @@ from astrai_ds.run_dir import COMPLETE, LATEST, atomic_write, list_checkpoints, 
 from astrai_ds.training.checkpoint import (check_resumable, find_checkpoint, prune_checkpoints,
                                            remove_incomplete_checkpoints)
 from conftest import (ROOT, VENV_BIN, deepspeed_cmd, env, free_port, launch, read_metrics, remove_shm_buffers,
-                      run_cmd, tiny_train_config, train_losses)
+                      run_python, tiny_train_config, train_losses)
 
 
 def fake_checkpoint(run, step, complete=True, world_size=2, zero_stage=2, pipeline_stages=1):
@@ -124,7 +124,7 @@ def test_killed_run_resumes_from_last_complete_checkpoint(workspace, tmp_path):
     common = dict(max_steps=30, save_interval=1, keep_checkpoints=3, eval_interval=1000, precision="auto",
                   schedule__total_steps=30)
     ref = tiny_train_config(workspace, tmp_path / "ref", **common)
-    run_cmd([str(VENV_BIN / "python"), "train.py", "--config", str(ref)])
+    run_python("train.py", ["--config", str(ref)])
 
     cfg = tiny_train_config(workspace, tmp_path / "killed", **common)
     run = tmp_path / "killed" / "run"
@@ -141,7 +141,7 @@ def test_killed_run_resumes_from_last_complete_checkpoint(workspace, tmp_path):
     assert killed_at < 30, "the run finished before it could be killed"
     assert (run / f"global_step{killed_at}" / COMPLETE).exists()
 
-    out = run_cmd([str(VENV_BIN / "python"), "train.py", "--config", str(cfg)])
+    out = run_python("train.py", ["--config", str(cfg)])
     assert f"at step {killed_at}" in out.stdout
     expected, resumed = train_losses(tmp_path / "ref" / "run"), train_losses(run)
     assert sorted(resumed) == list(range(1, 31))
@@ -226,14 +226,14 @@ def test_killed_at_each_checkpoint_logs_what_an_uninterrupted_run_logs(workspace
     common = dict(max_steps=10, save_interval=2, eval_interval=2, log_interval=3, keep_checkpoints=0,
                   schedule__total_steps=10, early_stop={"patience": 3, "min_delta": 10.0})
     ref = tiny_train_config(workspace, tmp_path / "ref", **common)
-    full = run_cmd([str(VENV_BIN / "python"), "train.py", "--config", str(ref)])
+    full = run_python("train.py", ["--config", str(ref)])
     assert "early stop at step 6" in full.stdout
 
     cfg = tiny_train_config(workspace, tmp_path / "killed", **common)
     run = tmp_path / "killed" / "run"
     for step in (2, 4):
         _kill_after_checkpoint(cfg, run, step)
-    resumed = run_cmd([str(VENV_BIN / "python"), "train.py", "--config", str(cfg)])
+    resumed = run_python("train.py", ["--config", str(cfg)])
     assert "at step 4" in resumed.stdout and "early stop at step 6" in resumed.stdout
 
     def lines(run_dir):

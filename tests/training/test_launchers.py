@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from conftest import (ROOT, VENV_BIN, expect_user_error, free_port, run_cmd, run_distributed, tiny_train_config,
-                      train_in_process, train_losses)
+from conftest import (ROOT, VENV_BIN, expect_user_error, free_port, run_cmd, run_distributed, run_python,
+                      tiny_train_config, train_in_process, train_losses)
 
 
 def python_train(config, *sets, check=True):
@@ -85,7 +85,7 @@ def test_error_ds_batch_mismatch(workspace, tmp_path):
     ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
                               "train_batch_size": 10}))
     cfg = tiny_train_config(workspace, tmp_path)
-    proc = run_cmd([str(VENV_BIN / "python"), "train.py", "--config", str(cfg), "--ds_config", str(ds)], check=False)
+    proc = run_python("train.py", ["--config", str(cfg), "--ds_config", str(ds)], check=False)
     expect_user_error(proc, "train_batch_size (10)", "(4)", "(2)", "data-parallel size (1)")
 
 
@@ -106,11 +106,11 @@ def test_error_empty_output_dir(workspace, tmp_path, capsys):
 
 def test_resume_with_another_zero_stage_is_refused_and_keeps_the_run_files(workspace, tmp_path):
     cfg = tiny_train_config(workspace, tmp_path, max_steps=2, save_interval=2)
-    python_train(cfg)
+    run_python("train.py", ["--config", str(cfg), "--ds_config", "zero2.json"])
     run = tmp_path / "run"
     before = {name: (run / name).read_bytes() for name in ("ds_config.json", "train_config.json")}
-    proc = run_cmd([str(VENV_BIN / "python"), "train.py", "--config", str(cfg), "--ds_config", "zero3.json",
-                    "--set", "max_steps=4"], check=False)
+    proc = run_python("train.py", ["--config", str(cfg), "--ds_config", "zero3.json", "--set", "max_steps=4"],
+                      check=False)
     expect_user_error(proc, "cannot resume from", "ZeRO stage 2, this run 3", "stage.init_from")
     assert {name: (run / name).read_bytes() for name in before} == before
 

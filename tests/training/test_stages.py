@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from conftest import (VENV_BIN, copy_run, expect_user_error, launch, read_metrics, run_cmd, tiny_train_config,
+from conftest import (copy_run, expect_user_error, launch, read_metrics, run_python, tiny_train_config,
                       train_in_process, train_losses)
 
 pytestmark = pytest.mark.multiproc
@@ -22,7 +22,7 @@ def stages(workspace, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("stages")
     pt = tiny_train_config(workspace, root / "pt", max_steps=4, save_interval=4)
-    run_cmd([str(VENV_BIN / "python"), "train.py", "--config", str(pt)])
+    run_python("train.py", ["--config", str(pt)])
     export_run(root / "pt" / "run", root / "pt_model")
     corpus, tok = workspace / "corpus", workspace / "tokenizer"
     prepare_sft([corpus / "sft.jsonl"], tok, root / "sft_data", 64, workers=1, progress=False)
@@ -92,7 +92,7 @@ def test_dpo_precomputed_reference_equals_live(workspace, stages, tmp_path):
 
 
 def python_train(config):
-    return run_cmd([str(VENV_BIN / "python"), "train.py", "--config", str(config)], check=False)
+    return run_python("train.py", ["--config", str(config)], check=False)
 
 
 def test_sft_config_on_pt_shards_is_an_error(workspace, stages, tmp_path, capsys):
@@ -133,7 +133,7 @@ def test_simpo_gamma_is_set_from_the_config_and_old_keys_say_where_they_went(wor
         out = tmp_path / f"g{gamma}"
         cfg = stage_config(workspace, stages, out, "dpo", max_steps=1, save_interval=1,
                            dpo={"loss_type": "simpo", "beta": 2.0, "gamma": gamma})
-        run_cmd([str(VENV_BIN / "python"), "train.py", "--config", str(cfg)])
+        run_python("train.py", ["--config", str(cfg)])
         losses[gamma] = train_losses(out / "run")[1]
     # At the first step policy = the SFT start for both; a larger target margin gives a larger loss.
     assert losses[3.0] > losses[0.5] + 0.5, losses
