@@ -45,6 +45,10 @@ def run_child(request: dict) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
+        if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # read by OpenMP when it loaded, here in the server
+            import torch
+
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         for fd, name in ((1, "stdout"), (2, "stderr")):
