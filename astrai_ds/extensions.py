@@ -1,9 +1,12 @@
 """Where DeepSpeed keeps the ops it compiles on first use (its CPU communication op, CPU Adam, async_io for NVMe
-offload): one folder per machine and version set under ~/.cache/astrai_ds, outside any checkout, so that a second
-clone, a fresh `.venv` or another run on the same machine loads them instead of compiling them again (async_io takes
-about 7 minutes on 2 cores). The folder's name holds what a compiled op depends on: the Python, torch and DeepSpeed
-versions, and the CPU (DeepSpeed compiles its CPU ops for the host's instruction set, so a home folder shared by
-machines with other CPUs gets one folder each). No torch or DeepSpeed import."""
+offload): one folder per machine and Python environment under ~/.cache/astrai_ds, outside any checkout, so that
+another run, the quickstart, the tests and a re-created `.venv` at the same place load them instead of compiling
+them again (async_io takes about 7 minutes on 2 cores). The folder's name holds what a compiled op depends on: the
+Python, torch and DeepSpeed versions, the CPU (DeepSpeed compiles its CPU ops for the host's instruction set, so a
+home folder shared by machines with other CPUs gets one folder each) and where DeepSpeed is installed: torch's
+just-in-time build compiles again whenever the compile command changes, and DeepSpeed's include paths, inside its
+installation, are part of it. (Two checkouts with a `.venv` each therefore build once each; sharing one folder
+between them would rebuild at every switch.) No torch or DeepSpeed import."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import os
 import platform
 import sys
 from importlib.metadata import PackageNotFoundError, version
+from importlib.util import find_spec
 from pathlib import Path
 
 ENV_VAR = "TORCH_EXTENSIONS_DIR"  # read by torch.utils.cpp_extension whenever DeepSpeed builds or loads an op
@@ -36,12 +40,19 @@ def cpu_key() -> str:
     return f"{platform.machine()}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
+def install_key() -> str:
+    """A short hash of the folder DeepSpeed is installed in (found without importing it)."""
+    spec = find_spec("deepspeed")
+    where = str(Path(spec.origin).resolve().parent) if spec is not None and spec.origin else "none"
+    return hashlib.sha256(where.encode()).hexdigest()[:8]
+
+
 def extensions_dir() -> Path:
-    """The compiled-ops folder for this machine and versions: $XDG_CACHE_HOME (or ~/.cache)/astrai_ds/
-    torch_extensions/py3.11-torch2.13.0-deepspeed0.19.8-x86_64-1a2b3c4d."""
+    """The compiled-ops folder for this machine, versions and environment: $XDG_CACHE_HOME (or ~/.cache)/astrai_ds/
+    torch_extensions/py3.11-torch2.13.0-deepspeed0.19.8-x86_64-1a2b3c4d-env5e6f7a8b."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     key = (f"py{sys.version_info.major}.{sys.version_info.minor}-torch{_version('torch')}-"
-           f"deepspeed{_version('deepspeed')}-{cpu_key()}")
+           f"deepspeed{_version('deepspeed')}-{cpu_key()}-env{install_key()}")
     return cache / "astrai_ds" / "torch_extensions" / key
 
 

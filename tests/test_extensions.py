@@ -1,15 +1,17 @@
-"""DeepSpeed's compiled ops are built once per machine: their folder lies outside the checkout, is named after the
-versions and the CPU they were built for, and a second clone of the project loads them without building again."""
+"""DeepSpeed's compiled ops are built once per machine and Python environment: their folder lies outside the
+checkout, is named after the versions, the CPU and the DeepSpeed installation they were built for, and a second clone
+of the project run with the same environment loads them without building again."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from astrai_ds.extensions import ENV_VAR, extensions_dir, use_extensions_cache
+from astrai_ds.extensions import ENV_VAR, extensions_dir, install_key, use_extensions_cache
 from conftest import ROOT, env
 
 # Loads (building it the first time on this machine) DeepSpeed's CPU communication op, which every launch of more
@@ -25,6 +27,11 @@ def test_the_folder_is_outside_the_checkout_and_named_after_what_the_ops_depend_
     assert ROOT not in folder.parents and folder.parent == cache / "astrai_ds" / "torch_extensions"
     assert folder.name.startswith(f"py{sys.version_info.major}.{sys.version_info.minor}-torch{version('torch')}-"
                                   f"deepspeed{version('deepspeed')}-")
+    import deepspeed
+
+    where = str(Path(deepspeed.__file__).resolve().parent)  # its include paths are in every compile command
+    assert folder.name.endswith(f"-env{install_key()}")
+    assert install_key() == hashlib.sha256(where.encode()).hexdigest()[:8]
     # what scripts/env.sh exports
     out = subprocess.run([sys.executable, "-m", "astrai_ds.extensions"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(folder)
@@ -36,7 +43,7 @@ def test_the_folder_is_outside_the_checkout_and_named_after_what_the_ops_depend_
     assert use_extensions_cache() == tmp_path / "mine" and extensions_dir() != tmp_path / "mine"
 
 
-def test_a_second_clone_loads_the_compiled_ops_without_building_them(tmp_path):
+def test_a_second_clone_with_the_same_environment_loads_the_compiled_ops_without_building_them(tmp_path):
     child_env = {k: v for k, v in env().items() if k != ENV_VAR}
     first = subprocess.run([sys.executable, "-c", LOAD], cwd=ROOT, env=child_env, capture_output=True, text=True,
                            timeout=900)
