@@ -40,7 +40,7 @@ fi
 
 export PATH="$ROOT/.venv/bin:$PATH"
 # DeepSpeed compiles its ops on first use (CPU communication 20-30 s, CPU Adam, async_io about 7 minutes on 2 cores):
-# once per machine, in ~/.cache/astrai_ds/torch_extensions/<python, torch, DeepSpeed, CPU>, which every clone shares
+# once per machine and environment, in ~/.cache/astrai_ds/torch_extensions/<python, torch, DeepSpeed, CPU, .venv>
 # (train.py and astrai-ds pick the same folder themselves; a TORCH_EXTENSIONS_DIR set by the caller wins).
 TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$("$VPY" -m astrai_ds.extensions)}"
 export TORCH_EXTENSIONS_DIR

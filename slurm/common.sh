@@ -12,7 +12,7 @@ set -euo pipefail
 
 cd "$SLURM_SUBMIT_DIR"
 # The project's own environment where there is one, else whatever python is on PATH.
-# DeepSpeed's compiled ops go to ~/.cache/astrai_ds/torch_extensions/<versions and CPU> (train.py sets
+# DeepSpeed's compiled ops go to ~/.cache/astrai_ds/torch_extensions/<versions, CPU, environment> (train.py sets
 # TORCH_EXTENSIONS_DIR unless it is set): built once per machine, or once per CPU model on a shared home folder.
 [ -f .venv/bin/activate ] && source .venv/bin/activate
 

@@ -140,12 +140,13 @@ def pytest_collection_modifyitems(items):
 
 
 def pytest_collection_finish(session):
-    """On a machine that has not built DeepSpeed's ops yet (a new CI machine: about 8 minutes on 2 cores, most of
-    it async_io), start building them when the multi-process tests are selected: in a background process under
-    Linux's idle scheduling class, which runs only on a core nothing else wants (the single-process tests leave
-    one idle) and gives way at once to any test process, so that it never slows a test down. A test that loads an
-    op meanwhile waits for it (torch's lock on the op's folder) instead of building it again. The build is left to
-    finish even if the session ends first: a build killed halfway leaves its lock behind for the next one."""
+    """Where DeepSpeed's ops are not built yet for this machine and environment (a new CI machine: about 8
+    minutes on 2 cores, most of it async_io), start building them when the multi-process tests are selected: in a
+    background process under Linux's idle scheduling class, which gets only the CPU time no test process wants (a
+    core the single-process tests leave idle, the waits); the tests that run beside it are still slower, by up
+    to half (docs/benchmarks.md). A test that loads an op meanwhile waits for it (torch's lock on the op's folder)
+    instead of building it again. The build is left to finish even if the session ends first: a build killed
+    halfway leaves its lock behind for the next one."""
     if not any(item.get_closest_marker("multiproc") for item in session.items):
         return
     folder = use_extensions_cache()
