@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -214,8 +215,6 @@ class ForkServer:
     a process that has done the imports already, and returns a handle with Popen's pid, poll, wait and kill."""
 
     def __init__(self):
-        import threading
-
         self.log = Path(tempfile.mkdtemp(prefix="forkserver_")) / "stderr.log"
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen([sys.executable, "-u", str(ROOT / "tests" / "forkserver.py")], cwd=ROOT,
