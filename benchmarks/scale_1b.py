@@ -36,7 +36,6 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from astrai_ds.extensions import use_extensions_cache  # noqa: E402
 
 GIB = 2**30
 
@@ -147,7 +146,6 @@ def main() -> None:
            str(free_port()), "train.py", "--config", args.config, "--ds_config", args.ds_config]
     for key, value in sets.items():
         cmd += ["--set", f"{key}={value}"]
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(use_extensions_cache())}
     print(f"plan ({asked['name']}, {args.nproc} ranks, micro {args.micro_batch} x {args.seq_len}, checkpointing): "
           f"{asked['gpu_bytes'] / GIB:.1f} GiB model states + {asked['activations'] / GIB:.2f} GiB activations "
           f"per rank at 16 bytes per parameter", flush=True)
@@ -157,7 +155,7 @@ def main() -> None:
     log = []
     launches = [["--set", f"max_steps={args.resume_at}"], []] if args.resume_at else [[]]
     for extra in launches:  # with --resume-at, the second launch resumes from the first one's last checkpoint
-        launcher = subprocess.Popen(cmd + extra, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        launcher = subprocess.Popen(cmd + extra, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True)
         for line in launcher.stdout:
             log.append(line)

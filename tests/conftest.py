@@ -306,19 +306,20 @@ def run_ranks(script: str, args: list[str], nproc: int, port: int, check: bool =
     finally:
         left = remove_shm_buffers(port)
     proc.shm_left = left
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(proc.args)} on {nproc} ranks exited {proc.returncode}\n--- stdout\n"
-                             f"{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-12000:]}")
-    return proc
+    return _checked(proc, f" on {nproc} ranks") if check else proc
 
 
 def run_python(script: str, args: list[str], check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python script args` with no launcher (train.py: a world of one), forked from the fork server: for the runs
     whose process start is not what a test is about (the kill, signal and plain-python tests start their own)."""
     proc = _run_group([([script, *args], env())], False, timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(proc.args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
-                             f"--- stderr\n{proc.stderr[-12000:]}")
+    return _checked(proc) if check else proc
+
+
+def _checked(proc: subprocess.CompletedProcess, where: str = "") -> subprocess.CompletedProcess:
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(proc.args)}{where} exited {proc.returncode}\n--- stdout\n"
+                             f"{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-12000:]}")
     return proc
 
 
@@ -326,7 +327,8 @@ def _run_group(processes: list[tuple[list[str], dict]], module: bool, timeout: i
     """Run `python -u [-m] ARGV` with each (argv, environment) together, forked from the fork server (plain
     processes where there is none), until all end; once one fails the others get a short grace, then are killed."""
     server = fork_server()
-    cmd = [sys.executable, "-u"] + (["-m"] if module else []) + processes[0][0]
+    python = [sys.executable, "-u"] + (["-m"] if module else [])
+    cmd = python + processes[0][0]
     folder = Path(tempfile.mkdtemp(prefix="ranks_"))
     procs, outputs, failed = [], [], None
     try:
@@ -337,8 +339,7 @@ def _run_group(processes: list[tuple[list[str], dict]], module: bool, timeout: i
                 procs.append(server.start(argv, module, child_env, out, err))
             else:
                 with open(out, "w") as o, open(err, "w") as e:
-                    procs.append(subprocess.Popen([sys.executable, "-u"] + (["-m"] if module else []) + argv, cwd=ROOT,
-                                                  stdout=o, stderr=e, env=child_env))
+                    procs.append(subprocess.Popen(python + argv, cwd=ROOT, stdout=o, stderr=e, env=child_env))
         deadline, stop_at = time.monotonic() + timeout, None
         while any(p.poll() is None for p in procs):
             now = time.monotonic()

@@ -7,8 +7,9 @@ alike), without paying those imports again: about 3 s of CPU a rank, 6 s a launc
 Protocol, one JSON object a line: requests on stdin {"argv": [SCRIPT, ARGS...], "module": bool, "env": {...},
 "cwd": DIR, "stdout": FILE, "stderr": FILE}; answers on stdout {"ready": true} once, then {"pid": N} for each
 request and {"pid": N, "exit": CODE} when that rank ends (CODE negative: killed by that signal, as Popen says).
-What the imports print goes to stderr.
-Nothing runs in this process but the imports: no thread is started and no tensor computed before a fork."""
+What the imports print goes to stderr. Nothing runs in this process but the imports: it starts no thread and
+computes no tensor before a fork (torch's import leaves one thread of its own, as in the parents that DataLoader
+workers are forked from)."""
 
 from __future__ import annotations
 
@@ -56,13 +57,12 @@ def run_child(request: dict) -> None:
             os.dup2(out, fd)
             os.close(out)
         os.close(null)
-        target, args = request["argv"][0], request["argv"][1:]
+        sys.argv = list(request["argv"])
+        target = sys.argv[0]
         if request["module"]:
-            sys.argv = [target, *args]
             sys.path[0] = os.getcwd()
             runpy.run_module(target, run_name="__main__", alter_sys=True)
         else:
-            sys.argv = [target, *args]
             sys.path[0] = os.path.dirname(os.path.abspath(target))
             runpy.run_path(target, run_name="__main__")
         code = 0
