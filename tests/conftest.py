@@ -173,6 +173,15 @@ def unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
+def process_ended(pid: int) -> bool:
+    """Whether process `pid` has ended (gone, or a zombie not yet reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] in "ZX"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -223,6 +232,7 @@ class ForkServer:
         self.lock = threading.Condition()
         self.started: list[int] = []
         self.exits: dict[int, int] = {}
+        self.gone = False  # the server ended (killed with the session): it reports no more exits
         if json.loads(self.proc.stdout.readline() or "{}") != {"ready": True}:
             raise RuntimeError(f"tests/forkserver.py did not start (exit {self.proc.wait()}):\n{self.log.read_text()}")
         threading.Thread(target=self._read, daemon=True).start()
@@ -236,6 +246,9 @@ class ForkServer:
                 else:
                     self.started.append(message["pid"])
                 self.lock.notify_all()
+        with self.lock:
+            self.gone = True
+            self.lock.notify_all()
 
     def start(self, argv: list[str], module: bool, child_env: dict, stdout: Path, stderr: Path) -> "ForkedRank":
         request = {"argv": argv, "module": module, "env": child_env, "cwd": str(ROOT), "stdout": str(stdout),
@@ -259,14 +272,19 @@ class ForkedRank:
 
     def poll(self) -> int | None:
         with self.server.lock:
-            self.returncode = self.server.exits.get(self.pid)
-        return self.returncode
+            code, gone = self.server.exits.get(self.pid), self.server.gone
+        if code is None and gone and process_ended(self.pid):
+            code = 1  # its exit status went with the server: a failure
+        self.returncode = code
+        return code
 
     def wait(self, timeout: float | None = None) -> int:
-        with self.server.lock:
-            self.server.lock.wait_for(lambda: self.pid in self.server.exits, timeout=timeout)
-        if self.poll() is None:
-            raise subprocess.TimeoutExpired(str(self.pid), timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout)
+            with self.server.lock:
+                self.server.lock.wait(0.1)
         return self.returncode
 
     def kill(self) -> None:

@@ -91,6 +91,9 @@ def answer(message: dict) -> None:
 
 def main() -> None:
     global PROTOCOL
+    # Ctrl-C reaches the whole process group: the session stops its ranks and hears of their ends from here, and
+    # ends this server by closing its stdin. (Each rank takes the default handler back.)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     PROTOCOL = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # what the imports print (DeepSpeed logs to stdout) goes to stderr, not into the answers
     preload()

@@ -24,8 +24,8 @@ from astrai_ds.run_dir import LOCK_FILE, output_dir_holder
 from astrai_ds.training.guard import (Launcher, LauncherWatch, OutputDirInUse, RunLock, find_launchers, launcher_name,
                                       lock_output_dir, tolerate_lost_output)
 from astrai_ds.training.trainer import TrainState
-from conftest import (ROOT, VENV_BIN, deepspeed_cmd, env, expect_user_error, free_port, launch, read_metrics,
-                      remove_shm_buffers, run_distributed, tiny_train_config)
+from conftest import (ROOT, VENV_BIN, deepspeed_cmd, env, expect_user_error, free_port, launch, process_ended,
+                      read_metrics, remove_shm_buffers, run_distributed, tiny_train_config)
 
 PYTHON = sys.executable
 
@@ -339,14 +339,6 @@ def _run_processes(cfg: Path) -> dict[str, int]:
     return found
 
 
-def _ended(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rindex(")") + 2] in "ZX"
-
-
 def _start_long_run(cmd: list[str], run: Path, log: Path, steps: int = 3) -> subprocess.Popen:
     """Start `cmd` and return once `run` has logged `steps` steps."""
     with open(log, "w") as f:
@@ -386,13 +378,13 @@ def test_the_ranks_stop_with_a_checkpoint_when_their_launcher_is_killed(workspac
         assert {"rank0", "rank1"} <= set(pids), pids
         os.kill(proc.pid if victim in ("deepspeed", "torchrun") else pids["launch.py"], sig)
         killed = time.time()
-        while time.time() < killed + 60 and not all(_ended(pid) for pid in pids.values()):
+        while time.time() < killed + 60 and not all(process_ended(pid) for pid in pids.values()):
             time.sleep(0.1)
         log = (tmp_path / "log.txt").read_text()
-        assert all(_ended(pid) for pid in pids.values()), f"still training 60 s later:\n{log[-3000:]}"
+        assert all(process_ended(pid) for pid in pids.values()), f"still training 60 s later:\n{log[-3000:]}"
     finally:
         for pid in pids.values():
-            if not _ended(pid):
+            if not process_ended(pid):
                 os.kill(pid, signal.SIGKILL)
         proc.kill()
         proc.wait()
