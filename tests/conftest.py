@@ -327,9 +327,19 @@ def run_ranks(script: str, args: list[str], nproc: int, port: int, check: bool =
     return _checked(proc, f" on {nproc} ranks") if check else proc
 
 
+def start_python(script: str, args: list[str]):
+    """Start `python -u script args` (no launcher, output dropped), forked from the fork server where there is one,
+    and return its handle (pid, poll, wait, kill): for the tests that kill a run at some moment."""
+    server, argv = fork_server(), [script, *args]
+    if server is None:
+        return subprocess.Popen([sys.executable, "-u", *argv], cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    return server.start(argv, False, env(), Path(os.devnull), Path(os.devnull))
+
+
 def run_python(script: str, args: list[str], check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python script args` with no launcher (train.py: a world of one), forked from the fork server: for the runs
-    whose process start is not what a test is about (the kill, signal and plain-python tests start their own)."""
+    whose process start is not what a test is about (the signal and plain-python tests start their own)."""
     proc = _run_group([([script, *args], env())], False, timeout)
     return _checked(proc) if check else proc
 

@@ -70,13 +70,15 @@ def test_eval_responses_need_chat_questions(tmp_path, capsys):
     expect_user_error(proc, "--responses", "give --chat too")
 
 
-def test_corpus_tokenizer_prepare_round(tmp_path):
-    run_cmd([CLI, "corpus", "--out", str(tmp_path / "c"), "--scale", "0.05"])
-    run_cmd([CLI, "tokenizer", "--input", str(tmp_path / "c" / "pretrain.jsonl"), "--vocab-size", "400", "--out",
-             str(tmp_path / "t")])
-    out = run_cmd([CLI, "prepare", "--stage", "pt", "--input", str(tmp_path / "c" / "pretrain.jsonl"),
-                   "--tokenizer", str(tmp_path / "t"), "--out", str(tmp_path / "d"), "--seq-len", "64"]).stdout
-    assert "documents" in out and (tmp_path / "d" / "index.json").exists()
+def test_corpus_tokenizer_prepare_round(tmp_path, capsys):
+    for argv in (["corpus", "--out", str(tmp_path / "c"), "--scale", "0.05"],
+                 ["tokenizer", "--input", str(tmp_path / "c" / "pretrain.jsonl"), "--vocab-size", "400", "--out",
+                  str(tmp_path / "t")],
+                 ["prepare", "--stage", "pt", "--input", str(tmp_path / "c" / "pretrain.jsonl"), "--tokenizer",
+                  str(tmp_path / "t"), "--out", str(tmp_path / "d"), "--seq-len", "64"]):
+        proc = cli_in_process(capsys, *argv)
+        assert proc.returncode == 0, proc.stderr
+    assert "documents" in proc.stdout and (tmp_path / "d" / "index.json").exists()
 
 
 @pytest.mark.parametrize("command", ["corpus", "tokenizer", "prepare"])

@@ -15,8 +15,8 @@ from astrai_ds.errors import UserError
 from astrai_ds.run_dir import COMPLETE, LATEST, atomic_write, list_checkpoints, resolve_checkpoint, write_marker
 from astrai_ds.training.checkpoint import (check_resumable, find_checkpoint, prune_checkpoints,
                                            remove_incomplete_checkpoints)
-from conftest import (ROOT, VENV_BIN, deepspeed_cmd, env, free_port, launch, read_metrics, remove_shm_buffers,
-                      run_python, tiny_train_config, train_losses)
+from conftest import (ROOT, deepspeed_cmd, env, free_port, launch, read_metrics, remove_shm_buffers, run_python,
+                      start_python, tiny_train_config, train_losses)
 
 
 def fake_checkpoint(run, step, complete=True, world_size=2, zero_stage=2, pipeline_stages=1):
@@ -121,31 +121,31 @@ def test_prune_keeps_newest_and_latest(tmp_path):
 def test_killed_run_resumes_from_last_complete_checkpoint(workspace, tmp_path):
     """SIGKILL a one-rank run that checkpoints every step, at whatever moment it is in (often mid-save),
     then start it again: it resumes from `latest` and its losses equal an uninterrupted run's."""
-    common = dict(max_steps=30, save_interval=1, keep_checkpoints=3, eval_interval=1000, precision="auto",
-                  schedule__total_steps=30)
+    steps = 16
+    common = dict(max_steps=steps, save_interval=1, keep_checkpoints=3, eval_interval=1000, precision="auto",
+                  schedule__total_steps=steps)
     ref = tiny_train_config(workspace, tmp_path / "ref", **common)
     run_python("train.py", ["--config", str(ref)])
 
     cfg = tiny_train_config(workspace, tmp_path / "killed", **common)
     run = tmp_path / "killed" / "run"
-    proc = subprocess.Popen([str(VENV_BIN / "python"), "train.py", "--config", str(cfg)], cwd=ROOT, env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_python("train.py", ["--config", str(cfg)])
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if (run / LATEST).exists() and int((run / LATEST).read_text().strip()[len("global_step"):]) >= 3:
             break
         time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
+    proc.kill()
     proc.wait()
     killed_at = int((run / LATEST).read_text().strip()[len("global_step"):])
-    assert killed_at < 30, "the run finished before it could be killed"
+    assert killed_at < steps, "the run finished before it could be killed"
     assert (run / f"global_step{killed_at}" / COMPLETE).exists()
 
     out = run_python("train.py", ["--config", str(cfg)])
     assert f"at step {killed_at}" in out.stdout
     expected, resumed = train_losses(tmp_path / "ref" / "run"), train_losses(run)
-    assert sorted(resumed) == list(range(1, 31))
-    for step in range(killed_at + 1, 31):
+    assert sorted(resumed) == list(range(1, steps + 1))
+    for step in range(killed_at + 1, steps + 1):
         assert resumed[step] == expected[step], step
 
 
@@ -203,14 +203,13 @@ TIMING = {"train/tokens_per_sec", "train/tokens_per_sec_per_rank", "train/mfu"} 
 
 def _kill_after_checkpoint(cfg: Path, run: Path, step: int) -> None:
     """Start a one-rank run and SIGKILL it as soon as its checkpoint of `step` is complete."""
-    proc = subprocess.Popen([str(VENV_BIN / "python"), "train.py", "--config", str(cfg)], cwd=ROOT, env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_python("train.py", ["--config", str(cfg)])
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:
         if (run / LATEST).exists() and (run / LATEST).read_text().strip() == f"global_step{step}":
             break
         time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
+    proc.kill()
     proc.wait()
     assert (run / LATEST).read_text().strip() == f"global_step{step}", "the run did not reach the checkpoint"
 

@@ -76,17 +76,31 @@ class _Names:
     found in a text is that entity and no other."""
 
     def __init__(self, rng: random.Random):
-        self.rng, self.used = rng, []
+        self.rng, self.count = rng, 0
+        # per language: the names used, and every substring of them (a new name inside a used one is in the latter)
+        self.used: tuple[set[str], set[str]] = (set(), set())
+        self.inside: tuple[set[str], set[str]] = (set(), set())
+
+    def _clashes(self, name: str, lang: int) -> bool:
+        """`name` is inside a used name, or a used name is inside `name`."""
+        return name in self.inside[lang] or not self.used[lang].isdisjoint(_substrings(name))
 
     def __call__(self, parts: int) -> tuple[str, str]:
         for attempt in range(100_000):
             length = parts + attempt // 1000  # when the short names run out, longer ones
             picked = [self.rng.choice(SYLLABLES) for _ in range(length)]
             en, zh = "".join(s for s, _ in picked), "".join(z for _, z in picked)
-            if not any(a in b or b in a for used in self.used for a, b in ((en, used[0]), (zh, used[1]))):
-                self.used.append((en, zh))
+            if not (self._clashes(en, 0) or self._clashes(zh, 1)):
+                for lang, name in enumerate((en, zh)):
+                    self.used[lang].add(name)
+                    self.inside[lang].update(_substrings(name))
+                self.count += 1
                 return en.capitalize(), zh
-        raise ValueError(f"no new name left after {len(self.used)} names: ask for fewer articles (up to about 500)")
+        raise ValueError(f"no new name left after {self.count} names: ask for fewer articles (up to about 500)")
+
+
+def _substrings(text: str) -> set[str]:
+    return {text[i:j] for i in range(len(text)) for j in range(i + 1, len(text) + 1)}
 
 
 class _DrillNames:
