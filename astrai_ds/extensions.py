@@ -5,8 +5,9 @@ them again (async_io takes about 7 minutes on 2 cores). The folder's name holds 
 Python, torch and DeepSpeed versions, the CPU (DeepSpeed compiles its CPU ops for the host's instruction set, so a
 home folder shared by machines with other CPUs gets one folder each) and where DeepSpeed is installed: torch's
 just-in-time build compiles again whenever the compile command changes, and DeepSpeed's include paths, inside its
-installation, are part of it. (Two checkouts with a `.venv` each therefore build once each; sharing one folder
-between them would rebuild at every switch.) No torch or DeepSpeed import."""
+installation, are part of it. scripts/env.sh therefore installs DeepSpeed once per machine, in a shared environment
+under every clone's `.venv`: all clones load the same ops. (Self-contained `.venv`s build once each; sharing one
+folder between them would rebuild at every switch.) No torch or DeepSpeed import."""
 
 from __future__ import annotations
 

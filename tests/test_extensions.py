@@ -6,19 +6,23 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 from importlib.metadata import version
 from pathlib import Path
 
+import pytest
+
 from astrai_ds.extensions import ENV_VAR, extensions_dir, install_key, use_extensions_cache
 from conftest import ROOT, env
 
-# Loads (building it the first time on this machine) DeepSpeed's CPU communication op, which every launch of more
-# than one rank uses, the way train.py finds its folder: TORCH_EXTENSIONS_DIR unset, then use_extensions_cache().
-LOAD = ("import astrai_ds; from astrai_ds.extensions import use_extensions_cache; print(astrai_ds.__file__); "
+# Loads (building them the first time on this machine) DeepSpeed's ops named in argv, by builder name, the way
+# train.py finds their folder: TORCH_EXTENSIONS_DIR unset, then use_extensions_cache().
+LOAD = ("import sys, astrai_ds; from astrai_ds.extensions import use_extensions_cache; print(astrai_ds.__file__); "
         "print(use_extensions_cache()); from deepspeed.accelerator import get_accelerator; "
-        "get_accelerator().create_op_builder('ShareMemCommBuilder').load()")
+        "[get_accelerator().create_op_builder(name).load() for name in sys.argv[1:]]")
 
 
 def test_the_folder_is_outside_the_checkout_and_named_after_what_the_ops_depend_on(monkeypatch, tmp_path):
@@ -43,9 +47,21 @@ def test_the_folder_is_outside_the_checkout_and_named_after_what_the_ops_depend_
     assert use_extensions_cache() == tmp_path / "mine" and extensions_dir() != tmp_path / "mine"
 
 
-def test_a_second_clone_with_the_same_environment_loads_the_compiled_ops_without_building_them(tmp_path):
+@pytest.mark.async_io
+def test_a_second_clone_sets_up_on_the_shared_environment_and_loads_the_compiled_ops_without_building_them(
+        tmp_path):
+    """scripts/env.sh in a second checkout makes a .venv on top of the dependencies this one uses (installed once per
+    machine) and holding only its own copy of the project; DeepSpeed's ops built by this checkout load there as
+    they are."""
+    mark = ROOT / ".venv" / ".astrai_ds_deps"
+    if not mark.exists():
+        pytest.skip("this checkout's .venv is self-contained (ASTRAI_SHARED_DEPS=0, or older than the shared "
+                    "environment): remove it and run scripts/env.sh again to share")
     child_env = {k: v for k, v in env().items() if k != ENV_VAR}
-    first = subprocess.run([sys.executable, "-c", LOAD], cwd=ROOT, env=child_env, capture_output=True, text=True,
+    # the CPU communication op, which every launch of more than one rank uses, and async_io where the NVMe tests
+    # (which run last, as this test does) have built it: it takes about 7 minutes
+    ops = ["ShareMemCommBuilder"] + ["AsyncIOBuilder"] * bool(list(extensions_dir().glob("async_io/*.so")))
+    first = subprocess.run([sys.executable, "-c", LOAD, *ops], cwd=ROOT, env=child_env, capture_output=True, text=True,
                            timeout=900)
     assert first.returncode == 0, first.stderr[-4000:]
     folder = Path(first.stdout.splitlines()[1])
@@ -53,12 +69,20 @@ def test_a_second_clone_with_the_same_environment_loads_the_compiled_ops_without
     built = {p: p.stat().st_mtime_ns for p in folder.rglob("*.so")}
     assert any(p.parent.name == "deepspeed_shm_comm" for p in built), sorted(built)
 
+    # the second checkout: this one's tracked files as they are now
     clone = tmp_path / "clone"
-    subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{ROOT}", str(clone)], check=True, timeout=120)
-    second = subprocess.run([sys.executable, "-c", LOAD], cwd=clone, env={**child_env, "PYTHONPATH": str(clone)},
-                            capture_output=True, text=True, timeout=900)
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, tracked.decode().split("\0")):
+        if (ROOT / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, clone / name)
+    script = f"source scripts/env.sh test >&2 && python -c {shlex.quote(LOAD)} {' '.join(ops)}"
+    second = subprocess.run(["bash", "-c", script], cwd=clone, env=child_env, capture_output=True, text=True,
+                            timeout=900)
     assert second.returncode == 0, second.stderr[-4000:]
+    assert (clone / ".venv" / ".astrai_ds_deps").read_text() == mark.read_text()
+    assert not list((clone / ".venv").glob("lib/python*/site-packages/torch"))  # the dependencies are shared
     assert Path(second.stdout.splitlines()[0]).is_relative_to(clone)  # the clone's own package ran
     assert Path(second.stdout.splitlines()[1]) == folder
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("*.so")} == built  # loaded, not built again
-    assert not list(clone.rglob("*.so"))
+    assert not [p for p in clone.rglob("*.so") if ".venv" not in p.relative_to(clone).parts]
