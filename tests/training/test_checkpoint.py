@@ -118,6 +118,7 @@ def test_prune_keeps_newest_and_latest(tmp_path):
     assert [s for s, _ in list_checkpoints(tmp_path)] == [3, 4]
 
 
+@pytest.mark.multiproc  # a one-rank run in a process of its own, killed (or interrupted) midway
 def test_killed_run_resumes_from_last_complete_checkpoint(workspace, tmp_path):
     """SIGKILL a one-rank run that checkpoints every step, at whatever moment it is in (often mid-save),
     then start it again: it resumes from `latest` and its losses equal an uninterrupted run's."""
@@ -214,6 +215,7 @@ def _kill_after_checkpoint(cfg: Path, run: Path, step: int) -> None:
     assert (run / LATEST).read_text().strip() == f"global_step{step}", "the run did not reach the checkpoint"
 
 
+@pytest.mark.multiproc  # a one-rank run in a process of its own, killed (or interrupted) midway
 def test_killed_at_each_checkpoint_logs_what_an_uninterrupted_run_logs(workspace, tmp_path):
     """Killed right after each checkpoint and resumed, a run gives the uninterrupted run's metrics.jsonl line for
     line (the lines logged after the checkpoint are dropped before they are logged again), the same evaluations

@@ -118,6 +118,7 @@ def test_train_help_names_the_command_it_was_called_as():
     assert run_cmd([str(VENV_BIN / "python"), "train.py", "--help"]).stdout.startswith("usage: train.py")
 
 
+@pytest.mark.multiproc  # a one-rank run in a process of its own, killed (or interrupted) midway
 def test_ctrl_c_ends_with_one_line_and_no_traceback(workspace, tmp_path):
     import signal
     import subprocess
