@@ -151,6 +151,7 @@ def convert_value(value: Any, tp: Any, key: str, source: str) -> Any:
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
+        section_error = None
         for arg in get_args(tp):
             if arg is type(None):
                 if value is None:
@@ -158,9 +159,10 @@ def convert_value(value: Any, tp: Any, key: str, source: str) -> Any:
                 continue
             try:
                 return convert_value(value, arg, key, source)
-            except ConfigError:
-                pass
-        raise bad
+            except ConfigError as e:
+                if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                    section_error = e  # a section with a bad key inside: that key's message says more
+        raise section_error or bad
     if origin is Literal:
         if any(value == a and type(value) is type(a) for a in get_args(tp)):
             return value

@@ -98,7 +98,7 @@ class LLMEngine:
                                f"{cfg.vocab_size}: they do not belong together")
         dtype = next(model.parameters()).dtype
         tokens = config.kv_cache_tokens or config.kv_cache_memory // KVCache.bytes_per_token(
-            cfg.n_layers, local_kv_heads(model), cfg.head_dim, dtype)
+            cfg.n_layers, local_kv_heads(model), cfg.head_size, dtype)
         # Never more than every request at full context could use, never less than one full context.
         tokens = min(max(tokens, cfg.max_seq_len), config.max_num_seqs * cfg.max_seq_len)
         num_blocks = -(-tokens // config.block_size)

@@ -26,7 +26,7 @@ class ModelRunner:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         cfg = model.cfg
-        self.cache = KVCache(cfg.n_layers, num_blocks, block_size, local_kv_heads(model), cfg.head_dim,
+        self.cache = KVCache(cfg.n_layers, num_blocks, block_size, local_kv_heads(model), cfg.head_size,
                              dtype=self.dtype, device=self.device)
 
     def _slots(self, block_table: list[int], start: int, stop: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Causal grouped-query self-attention (Ainslie et al., 2023) with optional QK-norm."""
+"""Causal grouped-query self-attention (Ainslie et al., 2023) with optional QK-norm and q/k/v biases."""
 
 from __future__ import annotations
 
@@ -21,14 +21,15 @@ class Attention(nn.Module):
         self.layer_id = layer_id  # which layer's pool of the KV cache this attention uses
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads
-        self.head_dim = cfg.head_dim
-        self.wq = NormalLinear(cfg.dim, cfg.n_heads * cfg.head_dim, cfg.init_std)
-        self.wk = NormalLinear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, cfg.init_std)
-        self.wv = NormalLinear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, cfg.init_std)
-        self.wo = NormalLinear(cfg.n_heads * cfg.head_dim, cfg.dim, residual_std(cfg))
+        self.head_dim = cfg.head_size
+        bias = cfg.attention_bias  # Qwen2's q/k/v biases (o has none)
+        self.wq = NormalLinear(cfg.dim, cfg.n_heads * cfg.head_size, cfg.init_std, bias)
+        self.wk = NormalLinear(cfg.dim, cfg.n_kv_heads * cfg.head_size, cfg.init_std, bias)
+        self.wv = NormalLinear(cfg.dim, cfg.n_kv_heads * cfg.head_size, cfg.init_std, bias)
+        self.wo = NormalLinear(cfg.n_heads * cfg.head_size, cfg.dim, residual_std(cfg))
         # QK-norm (as in Qwen3 / OLMo 2) bounds the attention logits, which keeps bf16 training stable.
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(cfg.head_size, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_size, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn_mask: torch.Tensor | None = None, cache: CacheBatch | None = None) -> torch.Tensor:

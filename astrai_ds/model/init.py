@@ -26,15 +26,17 @@ def residual_std(cfg: ModelConfig) -> float:
 
 
 class NormalLinear(nn.Linear):
-    """`nn.Linear` without bias, weight ~ N(0, std)."""
+    """`nn.Linear`, weight ~ N(0, std), without bias unless asked (then zeros)."""
 
-    def __init__(self, in_features: int, out_features: int, std: float):
+    def __init__(self, in_features: int, out_features: int, std: float, bias: bool = False):
         # Set before nn.Linear.__init__, which calls reset_parameters() (ours) while constructing.
         self.std = std
-        super().__init__(in_features, out_features, bias=False)
+        super().__init__(in_features, out_features, bias=bias)
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, mean=0.0, std=self.std)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
 
 class NormalEmbedding(nn.Embedding):

@@ -43,7 +43,8 @@ class BlockPipe(Block):
 
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__(cfg, layer_id)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)  # no parameters, no state
+        # no parameters, no state
+        self.rope = RotaryEmbedding(cfg.head_size, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
 
     def forward(self, inputs: StageTensors) -> StageTensors:
         h, position_ids, doc_ids = inputs

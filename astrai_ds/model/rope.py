@@ -7,6 +7,8 @@ no row permutation: conversion to HF Llama is a flat rename.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -20,19 +22,22 @@ class RotaryEmbedding(nn.Module):
     state_dict and no dtype cast reaches them.
     """
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0):
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0, scaling=None):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
         self.head_dim = head_dim
         self.max_seq_len = max_seq_len
         self.theta = theta
+        self.scaling = scaling  # None, or a config.model.RopeScaling (Llama 3's)
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _build(self) -> tuple[torch.Tensor, torch.Tensor]:
         # float64 on the CPU, then float32: the angle pos * inv_freq is exact to float32 precision even
         # at large positions, and every device gets the same table.
         inv_freq = 1.0 / self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim)
+        if self.scaling is not None:
+            inv_freq = llama3_inv_freq(inv_freq, self.scaling)
         pos = torch.arange(self.max_seq_len, dtype=torch.float64)
         freqs = torch.outer(pos, inv_freq)  # (max_seq_len, head_dim / 2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (max_seq_len, head_dim): both halves share an angle
@@ -57,6 +62,20 @@ class RotaryEmbedding(nn.Module):
         if position_ids.dim() == 1:
             position_ids = position_ids.unsqueeze(0)  # (1, T)
         return cos[position_ids], sin[position_ids]  # (B or 1, T, head_dim)
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, s) -> torch.Tensor:
+    """Llama 3's frequency scaling (`s`: a RopeScaling): low frequencies (wavelengths above
+    original_max_position_embeddings / low_freq_factor) divided by `factor`, high ones (below .../ high_freq_factor)
+    kept, and a linear blend between, by wavelength, as Meta's reference code and transformers compute it."""
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor
+                                                                                 - s.low_freq_factor)
+    blended = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+    return torch.where(wavelen > low_wavelen, inv_freq / s.factor,
+                       torch.where(wavelen < high_wavelen, inv_freq, blended))
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,8 @@ from astrai_ds.model.rope import RotaryEmbedding
 
 # Our parameter name -> Hugging Face LlamaForCausalLM name; `{i}` is the layer index. The map is flat:
 # same shapes, no transposes, and no wq/wk permutation because RoPE uses HF's rotate_half convention.
-# Llama has no QK-norm; the q_norm/k_norm names are the ones Qwen3 (Llama layout plus QK-norm) uses.
+# Llama has no QK-norm; the q_norm/k_norm names are the ones Qwen3 (Llama layout plus QK-norm) uses, the q/k/v
+# biases Qwen2's.
 HF_LLAMA_NAMES: dict[str, str] = {
     "embed.tok_embeddings.weight": "model.embed_tokens.weight",
     "layers.{i}.attention_norm.weight": "model.layers.{i}.input_layernorm.weight",
@@ -30,6 +31,9 @@ HF_LLAMA_NAMES: dict[str, str] = {
     "layers.{i}.attention.wk.weight": "model.layers.{i}.self_attn.k_proj.weight",
     "layers.{i}.attention.wv.weight": "model.layers.{i}.self_attn.v_proj.weight",
     "layers.{i}.attention.wo.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "layers.{i}.attention.wq.bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "layers.{i}.attention.wk.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "layers.{i}.attention.wv.bias": "model.layers.{i}.self_attn.v_proj.bias",
     "layers.{i}.attention.q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
     "layers.{i}.attention.k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
     "layers.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
@@ -120,7 +124,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             # One Parameter under two names; the head's own init above is simply discarded.
             self.head.output.weight = self.embed.tok_embeddings.weight
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.rope = RotaryEmbedding(cfg.head_size, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         # Set by the trainer: recompute each block in the backward pass instead of storing activations.
         self.activation_checkpointing = False
 

@@ -105,7 +105,7 @@ def asked_option(options: list[dict], ds: dict) -> dict | None:
 
 def block_values_per_token(cfg: ModelConfig) -> int:
     """Values one block keeps for backward per token (see the module docstring)."""
-    qk_norm = 2 * (cfg.dim + cfg.n_kv_heads * cfg.head_dim) if cfg.qk_norm else 0  # the norms' inputs and outputs
+    qk_norm = 2 * (cfg.dim + cfg.n_kv_heads * cfg.head_size) if cfg.qk_norm else 0  # the norms' inputs and outputs
     return 10 * cfg.dim + 4 * cfg.ffn_dim + cfg.n_heads + qk_norm
 
 

@@ -88,6 +88,19 @@ def test_set_unknown_key_is_an_error(tmp_path):
 def test_model_shape_checks():
     with pytest.raises(ConfigError, match="'n_kv_heads' \\(3\\) must divide n_heads \\(4\\)"):
         from_dict(ModelConfig, {"n_heads": 4, "n_kv_heads": 3}, "m.json")
+    with pytest.raises(ConfigError, match="'dim' \\(250\\) must be divisible by n_heads \\(4\\), or set head_dim"):
+        from_dict(ModelConfig, {"dim": 250, "n_heads": 4}, "m.json")
+    # a head_dim of its own (Qwen3's) lifts the divisibility rule, and must be even
+    assert from_dict(ModelConfig, {"dim": 250, "n_heads": 4, "head_dim": 32}, "m.json").head_size == 32
+    assert from_dict(ModelConfig, {"dim": 256, "n_heads": 4}, "m.json").head_size == 64
+    with pytest.raises(ConfigError, match="'head_dim' must be positive and even for RoPE, got 33"):
+        from_dict(ModelConfig, {"head_dim": 33}, "m.json")
+    with pytest.raises(ConfigError, match="'attention_bias' and qk_norm together"):
+        from_dict(ModelConfig, {"qk_norm": True, "attention_bias": True}, "m.json")
+    with pytest.raises(ConfigError, match="m.json.*'rope_scaling.low_freq_factor'"):
+        from_dict(ModelConfig, {"rope_scaling": {"low_freq_factor": 5.0}}, "m.json")
+    with pytest.raises(ConfigError, match="'rope_scaling.rope_type'"):
+        from_dict(ModelConfig, {"rope_scaling": {"rope_type": "yarn"}}, "m.json")
 
 
 TINY_YAML = """\

@@ -263,13 +263,77 @@ def test_a_folder_of_another_architecture_is_one_clear_message(tokenizer, tmp_pa
 def test_llama_features_we_do_not_run_are_named(tokenizer, tmp_path):
     folder = save_model_folder(_model(tokenizer), tokenizer, tmp_path)
     config = json.loads((folder / "config.json").read_text())
-    scaled = {**config, "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0}}
-    (folder / "config.json").write_text(json.dumps(scaled))
-    with pytest.raises(UserError, match="RoPE scaling 'llama3'"):
-        load_model_folder(folder)
-    (folder / "config.json").write_text(json.dumps({**config, "head_dim": 32}))
-    with pytest.raises(UserError, match="head_dim 32"):
-        load_model_folder(folder)
+    for change, message in (
+            ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 32.0}}, "RoPE scaling 'yarn'"),
+            ({"attention_bias": True}, "attention_bias True"),
+            ({"model_type": "mistral", "sliding_window": 4096}, "sliding_window 4096"),
+            ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window True"),
+            ({"hidden_act": "gelu"}, "hidden_act 'gelu'")):
+        (folder / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(UserError, match=message) as e:
+            load_model_folder(folder)
+        assert str(folder / "config.json") in str(e.value)
+
+
+# The architectures a folder from elsewhere may have, each with what sets it apart from plain Llama: Llama 3's RoPE
+# scaling and a head_dim of its own, Mistral without a sliding window, Qwen2's q/k/v biases, Qwen3's QK-norm with a
+# head_dim other than hidden / heads.
+FOREIGN = {
+    "llama3": ("LlamaConfig", dict(head_dim=32, rope_theta=500000.0, tie_word_embeddings=True, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64})),
+    "mistral": ("MistralConfig", dict(sliding_window=None)),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True, use_sliding_window=False)),
+    "qwen3": ("Qwen3Config", dict(head_dim=24, use_sliding_window=False)),
+}
+
+
+@pytest.mark.parametrize("arch", list(FOREIGN))
+def test_a_folder_of_each_architecture_transformers_saved_runs_with_its_logits(arch, tokenizer, tmp_path):
+    """Random weights (biases and norms included) in a folder `transformers` saved: our logits equal its (fp32,
+    1e-4), greedy decoding gives its tokens, and our export of the model loads in `transformers` as the same
+    architecture with the same logits."""
+    config_class, extra = FOREIGN[arch]
+    rope = extra.get("rope_scaling")
+    cfg = getattr(transformers, config_class)(
+        vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
+        **{k: v for k, v in extra.items() if k != "rope_scaling"})
+    if rope is not None:  # transformers 5 reads it as rope_parameters, 4.x as rope_scaling
+        cfg.rope_scaling = dict(rope)
+        if hasattr(cfg, "rope_parameters"):
+            cfg.rope_parameters = {**rope, "rope_theta": extra["rope_theta"]}
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg, **_hf_dtype(torch.float32)).eval()
+    with torch.no_grad():
+        for param in hf.parameters():
+            param.normal_(0.0, 0.1) if param.dim() > 1 else param.uniform_(0.5, 1.5)
+    if arch == "qwen2":
+        assert hf.model.layers[0].self_attn.q_proj.bias is not None
+    hf.save_pretrained(tmp_path / "hf")
+    shutil.copyfile(tokenizer.path, tmp_path / "hf" / "tokenizer.json")
+
+    model, _ = load_model_folder(tmp_path / "hf")
+    assert model.cfg.attention_bias == (arch == "qwen2") and model.cfg.qk_norm == (arch == "qwen3")
+    assert model.cfg.head_size == {"llama3": 32, "qwen3": 24}.get(arch, 16)
+    assert (model.cfg.rope_scaling is not None) == (arch == "llama3")
+    ids = torch.randint(0, tokenizer.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(ids), hf(ids).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+    prompt = ids[:1, :8]
+    with torch.no_grad():
+        expected = hf.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, 8:].tolist()
+        tokens = prompt[0].tolist()
+        for _ in range(12):
+            tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
+    assert tokens[8:] == expected
+
+    save_model_folder(model, Tokenizer.load(tmp_path / "hf"), tmp_path / "ours")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", **_hf_dtype(torch.float32)).eval()
+    assert type(again).__name__ == ("LlamaForCausalLM" if arch == "mistral" else type(hf).__name__)
+    with torch.no_grad():
+        assert (again(ids).logits - theirs).abs().max().item() < 1e-4
 
 
 def test_an_unknown_folder_is_one_clear_message(tmp_path):

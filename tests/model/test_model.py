@@ -92,7 +92,7 @@ def test_gqa_equals_mha_reference_by_hand():
     cfg = tiny()
     torch.manual_seed(0)
     attn = Attention(cfg)
-    B, T, H, KV, D = 2, 10, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    B, T, H, KV, D = 2, 10, cfg.n_heads, cfg.n_kv_heads, cfg.head_size
     x = torch.randn(B, T, cfg.dim)
     cos, sin = RotaryEmbedding(D, cfg.max_seq_len)(torch.arange(T))
 
@@ -189,7 +189,7 @@ def test_tied_embeddings_share_storage_and_count_once():
 def test_num_params_and_flops_per_token_formula():
     cfg = tiny()
     m = model()
-    D, H, KV, hd, F_, V, L = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, 256, cfg.n_layers
+    D, H, KV, hd, F_, V, L = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_size, cfg.ffn_dim, 256, cfg.n_layers
     per_layer_matmul = D * H * hd * 2 + D * KV * hd * 2 + 3 * D * F_
     per_layer = per_layer_matmul + 2 * D
     assert m.num_params() == V * D + L * per_layer + D + D * V
@@ -216,8 +216,10 @@ def test_state_dict_names_and_hf_map():
     assert hf_llama_name("layers.0.feed_forward.w2.weight") == "model.layers.0.mlp.down_proj.weight"
     assert hf_llama_name("layers.1.ffn_norm.weight") == "model.layers.1.post_attention_layernorm.weight"
     assert hf_llama_name("head.output.weight") == "lm_head.weight"
-    # Every template in the documented table is used by a qk_norm model.
-    assert {re.sub(r"\.\d+\.", ".{i}.", k) for k in keys} == set(HF_LLAMA_NAMES)
+    # Every template in the documented table is used by a qk_norm model or by one with q/k/v biases.
+    biased = list(model(attention_bias=True).state_dict())
+    assert {re.sub(r"\.\d+\.", ".{i}.", k) for k in keys + biased} == set(HF_LLAMA_NAMES)
+    assert hf_llama_name("layers.1.attention.wk.bias") == "model.layers.1.self_attn.k_proj.bias"
     with pytest.raises(KeyError):
         hf_llama_name("layers.0.attention.bias")
 
