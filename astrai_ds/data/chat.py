@@ -24,7 +24,9 @@ import functools
 import unicodedata
 from pathlib import Path
 
+from astrai_ds.data.chat_template import assistant_spans, render_template, token_mask
 from astrai_ds.data.tokenizer import Tokenizer
+from astrai_ds.errors import UserError
 
 ROLES = ("system", "user", "assistant")
 
@@ -157,12 +159,45 @@ def _fixed(tok: Tokenizer, text: str) -> tuple[int, ...]:
     return tuple(tok.encode(text))
 
 
+def _template_of(tokenizer: Tokenizer) -> str | None:
+    """The pretrained model's own chat template (None: ours, ChatML as below); a UserError where it has none."""
+    if tokenizer.native:
+        return None
+    if tokenizer.chat_template is None:
+        raise UserError(f"tokenizer {tokenizer.path} has no chat template (no chat_template in its "
+                        f"tokenizer_config.json, no chat_template.jinja beside it): it cannot render a chat; give "
+                        f"plain-text prompts, or use the model's instruction-tuned variant")
+    return tokenizer.chat_template
+
+
+def _render_template(tokenizer: Tokenizer, source: str, messages: list[dict], add_generation_prompt: bool,
+                     only_last: bool = False, cut: bool = False) -> tuple[list[int], list[int]]:
+    """(ids, mask) of a pretrained model's own template rendered as transformers renders it, encoded once (special
+    tokens' text as their ids); mask 1 on the assistant turns (see data/chat_template.py). cut: end the text at
+    the last assistant turn's end."""
+    special = tokenizer.special_tokens
+    text, spans = assistant_spans(source, messages, special, only_last=only_last)
+    if add_generation_prompt:
+        prompt = render_template(source, messages, True, special)
+        if not prompt.startswith(text):
+            spans = []  # the generation prompt is rendered apart from the turns: nothing of it is trained on
+        text = prompt
+    if cut and spans:
+        text = text[:spans[-1][1]]
+    ids, offsets = tokenizer.encode_with_offsets(text)
+    return ids, token_mask(offsets, spans)
+
+
 def render_chat(tokenizer: Tokenizer, messages: list[dict],
                 add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
     """(ids, mask) of `messages` in ChatML, starting with <bos>; mask is 1 on assistant content and its
-    <|im_end|>. add_generation_prompt appends `<|im_start|>assistant\\n` for the model to continue.
+    <|im_end|>. add_generation_prompt appends `<|im_start|>assistant\\n` for the model to continue. A pretrained
+    model's tokenizer renders its own chat template instead (`_render_template`).
 
     The messages are not checked here (see check_messages)."""
+    source = _template_of(tokenizer)
+    if source is not None:
+        return _render_template(tokenizer, source, messages, add_generation_prompt)
     tok = tokenizer
     ids, mask = [tok.bos_id], [0]
     newline = _fixed(tok, "\n")
@@ -186,6 +221,10 @@ def render_response(tokenizer: Tokenizer, prompt: list[dict], response: str) -> 
     """(ids, mask) of a prompt with the generation header, then `response` and <|im_end|>: the tokens of the
     same conversation rendered by render_chat, without the final "\\n". mask is 1 on the response and its
     <|im_end|> only: assistant turns inside the prompt are context, not the response being judged."""
+    source = _template_of(tokenizer)
+    if source is not None:
+        return _render_template(tokenizer, source, prompt + [{"role": "assistant", "content": response}], False,
+                                only_last=True, cut=True)
     ids, _ = render_chat(tokenizer, prompt, add_generation_prompt=True)
     response_ids = tokenizer.encode(response) + [tokenizer.im_end_id]
     return ids + response_ids, [0] * len(ids) + [1] * len(response_ids)

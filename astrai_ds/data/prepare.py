@@ -45,12 +45,13 @@ def _init_worker(tokenizer_path: str) -> None:
 
 
 def _encode_docs(tok: Tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Encode a batch as one flat array of [bos] + tokens + [eos] documents and their lengths; numpy arrays
-    pickle far faster than lists of lists on the way back from a worker."""
+    """Encode a batch as one flat array of [bos] + tokens + [eos] documents (no bos where the model has none) and
+    their lengths; numpy arrays pickle far faster than lists of lists on the way back from a worker."""
     encoded = tok.encode_batch(texts)
-    lengths = np.fromiter((len(ids) + 2 for ids in encoded), dtype=np.int64, count=len(encoded))
+    extra = len(tok.prefix_ids) + 1
+    lengths = np.fromiter((len(ids) + extra for ids in encoded), dtype=np.int64, count=len(encoded))
     flat = np.fromiter(
-        itertools.chain.from_iterable(itertools.chain((tok.bos_id,), ids, (tok.eos_id,)) for ids in encoded),
+        itertools.chain.from_iterable(itertools.chain(tok.prefix_ids, ids, (tok.eos_id,)) for ids in encoded),
         dtype=np.int64, count=int(lengths.sum()),
     )
     return flat, lengths

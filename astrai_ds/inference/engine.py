@@ -105,7 +105,7 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, num_blocks, config.block_size)
-        self.stop_ids = frozenset({tokenizer.eos_id, tokenizer.im_end_id})
+        self.stop_ids = tokenizer.stop_ids
         self._requests: dict[str, _Request] = {}
         self._ids = itertools.count()
         self._seeds = random.Random(config.seed)
@@ -117,12 +117,12 @@ class LLMEngine:
     # ------------------------------------------------------------------ requests
 
     def encode(self, prompt: Prompt) -> list[int]:
-        """Token ids of a prompt: text gets a leading <bos>; chat messages are rendered with the ChatML template
-        and the assistant's generation header."""
+        """Token ids of a prompt: text gets a leading <bos> (where the model's tokenizer adds one); chat messages
+        are rendered with the chat template (ours: ChatML) and the assistant's generation header."""
         from astrai_ds.data.chat import check_messages, render_chat
 
         if isinstance(prompt, str):
-            return [self.tokenizer.bos_id] + self.tokenizer.encode(prompt)
+            return self.tokenizer.prefix_ids + self.tokenizer.encode(prompt)
         if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
             try:
                 messages = check_messages(prompt, final=None)

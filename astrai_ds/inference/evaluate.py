@@ -113,7 +113,7 @@ def eval_loss(model, tokenizer, texts: list[str], batch_size: int = 32, *, progr
     total, count = 0.0, 0
     device = next(model.parameters()).device
     for start in _batches(len(texts), batch_size, "eval loss", "text", progress):
-        seqs = [[tokenizer.bos_id] + ids + [tokenizer.eos_id]
+        seqs = [tokenizer.prefix_ids + ids + [tokenizer.eos_id]
                 for ids in tokenizer.encode_batch(texts[start:start + batch_size])]
         seqs = [s[: model.cfg.max_seq_len + 1] for s in seqs]
         T = max(len(s) for s in seqs) - 1
@@ -154,11 +154,11 @@ def evaluate_model(model, tokenizer, records: list[dict], batch_size: int = 32, 
     qa = [r for r in records if isinstance(r.get("prompt"), str) and isinstance(r.get("answer"), str)]
     if not qa:
         return result
-    prompts = [[tokenizer.bos_id] + ids for ids in tokenizer.encode_batch([r["prompt"] for r in qa])]
+    prompts = [tokenizer.prefix_ids + ids for ids in tokenizer.encode_batch([r["prompt"] for r in qa])]
     if max_new_tokens is None:
         max_new_tokens = max(len(ids) for ids in tokenizer.encode_batch([r["answer"] for r in qa])) + 4
     # The answer ends at the first sentence end, so generation can stop there too.
-    stop = {tokenizer.eos_id} | {ids[0] for ids in tokenizer.encode_batch([".", "。"]) if len(ids) == 1}
+    stop = set(tokenizer.stop_ids) | {ids[0] for ids in tokenizer.encode_batch([".", "。"]) if len(ids) == 1}
     hits, by_task = [], defaultdict(list)
     outs = _greedy(model, tokenizer, prompts, max_new_tokens, stop, batch_size, "eval exact match", progress)
     for record, out in zip(qa, outs):
@@ -193,7 +193,7 @@ def evaluate_chat(model, tokenizer, records: list[dict], batch_size: int = 32, m
     if max_new_tokens is None:  # room for the longest accepted answer, and a little more
         forms = [form for r in records for form in (*r["answers"].values(), *r.get("full_forms", ()))]
         max_new_tokens = max(len(ids) for ids in tokenizer.encode_batch(forms)) + 4
-    stop = {tokenizer.im_end_id, tokenizer.eos_id}
+    stop = set(tokenizer.stop_ids)
     correct, exact, preferred = [], [], []
     outs = _greedy(model, tokenizer, prompts, max_new_tokens, stop, batch_size, "eval chat", progress)
     for record, out in zip(records, outs):
@@ -213,17 +213,19 @@ def evaluate_chat(model, tokenizer, records: list[dict], batch_size: int = 32, m
 
 def evaluate_pairs(model, tokenizer, records: list[dict], *, progress: bool = False) -> dict:
     """{"pref_accuracy"}: the share of held-out pairs where the model gives the chosen response a higher
-    log-prob than the rejected one (each response scored with its closing <|im_end|>); `progress` shows
-    progress on stderr."""
-    from astrai_ds.data.chat import render_chat
+    log-prob than the rejected one (each response scored with its closing end-of-turn token, <|im_end|> in
+    ours); `progress` shows progress on stderr."""
+    from astrai_ds.data.chat import render_response
     model.eval()
     wins = []
     for i in _batches(len(records), 1, "eval pairs", "pair", progress):
         record = records[i]
-        prompt = render_chat(tokenizer, _prompt_messages(record), add_generation_prompt=True)[0]
-        chosen = tokenizer.encode(record["chosen"]) + [tokenizer.im_end_id]
-        rejected = tokenizer.encode(record["rejected"]) + [tokenizer.im_end_id]
-        wins.append(sequence_logprob(model, prompt, chosen) > sequence_logprob(model, prompt, rejected))
+        logprobs = []
+        for response in (record["chosen"], record["rejected"]):
+            ids, mask = render_response(tokenizer, _prompt_messages(record), response)
+            start = mask.index(1) if 1 in mask else len(ids)
+            logprobs.append(sequence_logprob(model, ids[:start], ids[start:]))
+        wins.append(logprobs[0] > logprobs[1])
     return {"pref_accuracy": sum(wins) / len(wins), "n_pairs": len(records)}
 
 

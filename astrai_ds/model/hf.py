@@ -225,10 +225,15 @@ def is_hf_state_dict(names) -> bool:
 
 
 def tokenizer_config(tokenizer, max_seq_len: int) -> dict:
-    """tokenizer_config.json: our tokenizer.json as a plain PreTrainedTokenizerFast, with the ChatML template.
+    """tokenizer_config.json: our tokenizer.json as a plain PreTrainedTokenizerFast, with the ChatML template; a
+    pretrained model's tokenizer with the special tokens and chat template its folder had.
 
     No unk token: byte-level BPE encodes every string. clean_up_tokenization_spaces is off, or HF's decode
     would join " ," and " ." that ours keeps."""
+    if not tokenizer.native:
+        return {"tokenizer_class": "PreTrainedTokenizerFast", **tokenizer.special_tokens,
+                "chat_template": tokenizer.chat_template, "model_max_length": max_seq_len,
+                "clean_up_tokenization_spaces": False, "add_bos_token": bool(tokenizer.prefix_ids)}
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": tokenizer.id_to_token(tokenizer.bos_id),
@@ -243,7 +248,11 @@ def tokenizer_config(tokenizer, max_seq_len: int) -> dict:
 
 
 def generation_config(tokenizer) -> dict:
-    """generation_config.json: a document ends at <eos>, an assistant turn at <|im_end|>; both stop generation."""
+    """generation_config.json: a document ends at <eos>, an assistant turn at <|im_end|>; both stop generation (a
+    pretrained model's: its eos token first, then every other stop token its folder named)."""
+    if not tokenizer.native:
+        stops = [tokenizer.eos_id] + sorted(tokenizer.stop_ids - {tokenizer.eos_id})
+        return {"bos_token_id": tokenizer.bos_id, "eos_token_id": stops, "pad_token_id": tokenizer.pad_id}
     return {
         "bos_token_id": tokenizer.bos_id,
         "eos_token_id": [tokenizer.eos_id, tokenizer.im_end_id],

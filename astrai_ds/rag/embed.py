@@ -23,7 +23,7 @@ class Embedder:
         self.dim = model.cfg.dim
 
     def encode(self, text: str) -> list[int]:
-        return ([self.tokenizer.bos_id] + self.tokenizer.encode(text))[:self.model.cfg.max_seq_len]
+        return (self.tokenizer.prefix_ids + self.tokenizer.encode(text))[:self.model.cfg.max_seq_len]
 
     def __call__(self, texts: list[str], progress=None) -> np.ndarray:
         """(len(texts), dim) float32, unit rows. `progress`: called with the number of texts done per batch."""

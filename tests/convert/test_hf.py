@@ -300,9 +300,10 @@ def test_a_folder_of_each_architecture_transformers_saved_runs_with_its_logits(a
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
         **{k: v for k, v in extra.items() if k != "rope_scaling"})
     if rope is not None:  # transformers 5 reads it as rope_parameters, 4.x as rope_scaling
-        cfg.rope_scaling = dict(rope)
         if hasattr(cfg, "rope_parameters"):
             cfg.rope_parameters = {**rope, "rope_theta": extra["rope_theta"]}
+        else:
+            cfg.rope_scaling = dict(rope)
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(cfg, **_hf_dtype(torch.float32)).eval()
     with torch.no_grad():
