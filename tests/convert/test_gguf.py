@@ -1,0 +1,87 @@
+"""GGUF in: `astrai-ds import --gguf` on a real model, SmolLM2-135M-Instruct (llama.cpp's Q4_1 file): the folder
+gives the logits and token ids that `transformers` reads from the same file, answers a question sensibly, and a
+file the import cannot read is one clear message."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from astrai_ds.model.io import load_model_folder
+from conftest import cli_in_process, expect_user_error
+
+transformers = pytest.importorskip("transformers")
+
+TEXTS = ["The capital of France is", "长城是中国古代修建的防御工程，全长两万多公里。",
+         "def square(x):\n    return x ** 2  # 12345 😀", "Mixed 中文 and English, café, naïve, 3.14159!",
+         "  leading spaces\tand tabs\r\nand a new line"]
+
+
+def test_the_imported_folder_gives_transformers_logits_and_token_ids(smollm2_gguf, smollm2_dir):
+    folder, name = smollm2_gguf.parent, smollm2_gguf.name
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model, tokenizer = load_model_folder(smollm2_dir, dtype=torch.float32)
+    cfg = model.cfg
+    assert (cfg.vocab_size, cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim) == (
+        49152, 576, 30, 9, 3, 1536)
+    assert cfg.tie_embeddings and cfg.rope_theta == 100000.0
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.prefix_ids) == (1, 2, [])  # no BOS before plain text
+    assert tokenizer.chat_template.startswith("{% for message in messages %}")
+    for text in TEXTS:
+        assert tokenizer.prefix_ids + tokenizer.encode(text) == hf_tok(text)["input_ids"], text
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    ids = torch.tensor([hf_tok(TEXTS[0])["input_ids"] + hf_tok(TEXTS[1])["input_ids"]])
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() < 1e-4
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    from astrai_ds.data.chat import render_chat
+
+    expected = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    assert render_chat(tokenizer, messages, add_generation_prompt=True)[0] == list(
+        expected["input_ids"] if hasattr(expected, "keys") else expected)
+
+
+def test_the_imported_model_answers_a_question(smollm2_dir, capsys):
+    proc = cli_in_process(capsys, "generate", "--model", str(smollm2_dir), "--chat", "--prompt",
+                          "What is the capital of France?", "--temperature", "0", "--max-new-tokens", "12",
+                          "--dtype", "fp32")
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout, proc.stdout
+    assert "finish: stop" in proc.stderr  # it ends its turn with its own <|im_end|>
+
+
+def test_what_the_import_cannot_read_is_one_clear_message(smollm2_gguf, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    proc = cli_in_process(capsys, "import", "--gguf", str(tmp_path / "missing.gguf"), "--out", out)
+    expect_user_error(proc, "missing.gguf", "no such file")
+    truncated = tmp_path / "truncated.gguf"
+    with open(smollm2_gguf, "rb") as src:
+        truncated.write_bytes(src.read(4 << 20))
+    proc = cli_in_process(capsys, "import", "--gguf", str(truncated), "--out", out)
+    expect_user_error(proc, str(truncated), "cannot be read as a GGUF file")
+    not_gguf = tmp_path / "config.gguf"
+    not_gguf.write_text(json.dumps({"model_type": "llama"}))
+    expect_user_error(cli_in_process(capsys, "import", "--gguf", str(not_gguf), "--out", out), str(not_gguf))
+
+    import gguf
+
+    other = tmp_path / "gpt2.gguf"
+    writer = gguf.GGUFWriter(str(other), "gpt2")
+    writer.add_tensor("token_embd.weight", torch.zeros(8, 4).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    proc = cli_in_process(capsys, "import", "--gguf", str(other), "--out", out)
+    expect_user_error(proc, "architecture 'gpt2'", "llama, qwen2, qwen3")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine\n")
+    proc = cli_in_process(capsys, "import", "--gguf", str(smollm2_gguf), "--out", str(taken))
+    expect_user_error(proc, str(taken), "not empty")
+    assert (taken / "notes.txt").read_text() == "mine\n" and not (tmp_path / "out").exists()
+    shutil.rmtree(taken)
