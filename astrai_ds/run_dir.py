@@ -2,6 +2,7 @@
 
     run/
       train_config.json model_config.json ds_config.json tokenizer.json   the resolved inputs (atomic writes)
+      tokenizer_config.json generation_config.json                        a pretrained model's tokenizer only
       metrics.jsonl  tb/                                                  what the run logged
       global_stepN/                                                       one DeepSpeed checkpoint per save
         COMPLETE                                                          written last: JSON, see below

@@ -1,6 +1,7 @@
 """`astrai-ds` / `python -m astrai_ds`: one subcommand per step of the pipeline.
 
     corpus -> tokenizer -> prepare -> train -> export -> eval, generate, chat, serve, rag
+    (or start from a pretrained model: a Hugging Face folder as it is, a GGUF file through `import`)
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="astrai-ds",
         description="Train bilingual decoder-only language models with DeepSpeed. The pipeline: "
                     "corpus -> tokenizer -> prepare -> train -> export -> eval, generate, chat, serve, rag. "
+                    "A pretrained model works too: a Hugging Face folder as it is, a GGUF file through `import`. "
                     "Run `astrai-ds COMMAND --help` for each step.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

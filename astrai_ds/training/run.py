@@ -125,6 +125,12 @@ def _write_run_files(output_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig,
     atomic_write(output_dir / "model_config.json", json.dumps(model_cfg.to_dict(), indent=2) + "\n")
     atomic_write(output_dir / "ds_config.json", json.dumps(ds_cfg, indent=2) + "\n")
     atomic_write(output_dir / "tokenizer.json", Path(tokenizer.path).read_bytes())
+    if not tokenizer.native:  # a pretrained model's tokenizer: its special tokens, stop tokens and chat template
+        from astrai_ds.model.hf import generation_config, tokenizer_config
+
+        for name, data in (("tokenizer_config.json", tokenizer_config(tokenizer, model_cfg.max_seq_len)),
+                           ("generation_config.json", generation_config(tokenizer))):
+            atomic_write(output_dir / name, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def _dpo_reference(cfg, model_cfg, tokenizer, ds_cfg, train_shards, dataset, collate, dist_info, device, dtype):

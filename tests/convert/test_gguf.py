@@ -20,6 +20,7 @@ TEXTS = ["The capital of France is", "长城是中国古代修建的防御工程
          "  leading spaces\tand tabs\r\nand a new line"]
 
 
+@pytest.mark.multiproc  # slow: transformers reads the GGUF file itself (about 16 s)
 def test_the_imported_folder_gives_transformers_logits_and_token_ids(smollm2_gguf, smollm2_dir):
     folder, name = smollm2_gguf.parent, smollm2_gguf.name
     hf_tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -45,6 +46,7 @@ def test_the_imported_folder_gives_transformers_logits_and_token_ids(smollm2_ggu
         expected["input_ids"] if hasattr(expected, "keys") else expected)
 
 
+@pytest.mark.multiproc  # slow: the whole import of a real model
 def test_the_imported_model_answers_a_question(smollm2_dir, capsys):
     proc = cli_in_process(capsys, "generate", "--model", str(smollm2_dir), "--chat", "--prompt",
                           "What is the capital of France?", "--temperature", "0", "--max-new-tokens", "12",

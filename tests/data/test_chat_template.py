@@ -150,15 +150,10 @@ def test_a_folder_without_its_tokens_or_template_is_one_clear_message(foreign_to
         render_chat(Tokenizer.load(bare), CONVERSATIONS[0])
 
 
-def test_a_pretrained_folder_with_its_own_tokenizer_chats_like_transformers(foreign_tokenizer, tmp_path):
-    """A Qwen2 folder `transformers` saved with a tokenizer and template of its own (no astrai-ds token): our engine's
-    chat prompt is apply_chat_template's, its greedy tokens are generate's (stopping at the folder's eos), and our
-    export keeps the folder's special tokens, template and stop tokens."""
+def _qwen2_folder(foreign_tokenizer, tmp_path):
+    """(folder, model): a random 2-layer Qwen2 that `transformers` saved beside the foreign tokenizer and the Qwen2
+    template, with two stop tokens in its generation_config.json."""
     import torch
-
-    from astrai_ds.inference.engine import LLMEngine
-    from astrai_ds.inference.sampling import SamplingParams
-    from astrai_ds.model.io import load_model_folder, save_model_folder
 
     folder = _folder(foreign_tokenizer, tmp_path, "qwen2", generation={"eos_token_id": [2, 0]})
     vocab = Tokenizer.load(folder).vocab_size
@@ -171,6 +166,20 @@ def test_a_pretrained_folder_with_its_own_tokenizer_chats_like_transformers(fore
         for param in hf.parameters():
             param.normal_(0.0, 0.2) if param.dim() > 1 else param.uniform_(0.5, 1.5)
     hf.save_pretrained(folder)
+    return folder, hf
+
+
+def test_a_pretrained_folder_with_its_own_tokenizer_chats_like_transformers(foreign_tokenizer, tmp_path):
+    """A Qwen2 folder `transformers` saved with a tokenizer and template of its own (no astrai-ds token): our engine's
+    chat prompt is apply_chat_template's, its greedy tokens are generate's (stopping at the folder's eos), and our
+    export keeps the folder's special tokens, template and stop tokens."""
+    import torch
+
+    from astrai_ds.inference.engine import LLMEngine
+    from astrai_ds.inference.sampling import SamplingParams
+    from astrai_ds.model.io import load_model_folder, save_model_folder
+
+    folder, hf = _qwen2_folder(foreign_tokenizer, tmp_path)
     model, tokenizer = load_model_folder(folder, dtype=torch.float32)
     messages = CONVERSATIONS[1][:-1]
     hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
@@ -191,3 +200,38 @@ def test_a_pretrained_folder_with_its_own_tokenizer_chats_like_transformers(fore
     assert transformers.AutoTokenizer.from_pretrained(exported).apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True) == hf_tok.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True)
+
+
+@pytest.mark.multiproc  # a whole fine-tune, train.py in a process of its own
+def test_a_pretrained_folder_fine_tunes_on_its_own_template_and_exports_it(foreign_tokenizer, tmp_path, capsys):
+    """SFT data prepared with the folder's tokenizer is rendered with its template (mask on its assistant turns),
+    train.py fine-tunes the folder (stage.init_from, the folder as tokenizer), and the run exports a folder with the
+    same tokenizer, special tokens, stop tokens and template."""
+    from astrai_ds.data.shards import TokenShards
+    from conftest import cli_in_process, run_python
+
+    folder, _ = _qwen2_folder(foreign_tokenizer, tmp_path)
+    tokenizer = Tokenizer.load(folder)
+    chats = tmp_path / "sft.jsonl"
+    chats.write_text("".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in CONVERSATIONS * 8),
+                     encoding="utf-8")
+    proc = cli_in_process(capsys, "prepare", "--stage", "sft", "--input", str(chats), "--tokenizer", str(folder),
+                          "--out", str(tmp_path / "data"), "--seq-len", "128")
+    assert proc.returncode == 0, proc.stderr
+    shards = TokenShards(tmp_path / "data")
+    ids, mask = render_chat(tokenizer, CONVERSATIONS[0])
+    assert shards.document_lengths()[0] == len(ids)
+    assert shards.read(0, len(ids)).tolist() == ids and shards.read_mask(0, len(ids)).tolist() == mask
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps({
+        "model": None, "tokenizer": str(folder), "output_dir": str(tmp_path / "run"),
+        "data": {"path": str(tmp_path / "data"), "seq_len": 128}, "stage": {"type": "sft", "init_from": str(folder)},
+        "max_steps": 2, "micro_batch_size": 2, "save_interval": 2, "log_interval": 1, "eval_interval": 100,
+        "precision": "fp32", "optimizer": {"lr": 0.001}, "schedule": {"warmup_steps": 1}}))
+    run_python("train.py", ["--config", str(config), "--ds_config", "zero2.json"])
+    assert cli_in_process(capsys, "export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "tuned")
+                          ).returncode == 0
+    tuned = Tokenizer.load(tmp_path / "tuned")
+    assert tuned.hash == tokenizer.hash and (tuned.chat_template, tuned.special_tokens, tuned.stop_ids) == (
+        tokenizer.chat_template, tokenizer.special_tokens, tokenizer.stop_ids)
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tuned").config.model_type == "qwen2"
