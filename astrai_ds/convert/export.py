@@ -68,12 +68,8 @@ def _check_model_out_dir(out_dir: Path) -> None:
                         f"folder, or a model folder to overwrite")
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, tag: str | None = None, dtype: str = "fp32") -> Path:
-    """Consolidate checkpoint `tag` (default: the latest) of `run_dir` into the model folder `out_dir`: a new or
-    empty folder, or a model folder whose files are overwritten. Every file it writes follows the umask."""
-    from astrai_ds.model import Transformer
-
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
+def _checked_run(run_dir: Path, tag: str | None) -> str:
+    """The checkpoint tag to export from `run_dir` (default: the latest), once the folder is a run nobody trains."""
     if not (run_dir / "model_config.json").exists():
         raise UserError(f"{run_dir} is not a run folder (no model_config.json); pass the output_dir of a training run")
     holder = output_dir_holder(run_dir)
@@ -81,10 +77,27 @@ def export_run(run_dir: str | Path, out_dir: str | Path, tag: str | None = None,
         raise UserError(f"{run_dir} is still being trained into ({holder}); wait for that run to end, then export "
                         f"(its last checkpoint may not be written yet)")
     tag, _ = resolve_checkpoint(run_dir, tag)
-    _check_model_out_dir(out_dir)
-    model_cfg = ModelConfig.load(run_dir / "model_config.json")
-    model = Transformer(model_cfg)
+    return tag
+
+
+def run_model(run_dir: str | Path, tag: str | None = None):
+    """(model in float32, tokenizer) of checkpoint `tag` (default: the latest) of `run_dir`."""
+    from astrai_ds.model import Transformer
+
+    run_dir = Path(run_dir)
+    tag = _checked_run(run_dir, tag)
+    model = Transformer(ModelConfig.load(run_dir / "model_config.json"))
     # strict: every parameter of the model must come from the checkpoint, and nothing else may be there
     model.load_state_dict(consolidated_state_dict(run_dir, tag), strict=True)
+    return model.float().eval(), Tokenizer.load(run_dir / "tokenizer.json")
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, tag: str | None = None, dtype: str = "fp32") -> Path:
+    """Consolidate checkpoint `tag` (default: the latest) of `run_dir` into the model folder `out_dir`: a new or
+    empty folder, or a model folder whose files are overwritten. Every file it writes follows the umask."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    _checked_run(run_dir, tag)
+    _check_model_out_dir(out_dir)
+    model, tokenizer = run_model(run_dir, tag)
     model.to(DTYPES[dtype])
-    return save_model_folder(model, Tokenizer.load(run_dir / "tokenizer.json"), out_dir)
+    return save_model_folder(model, tokenizer, out_dir)

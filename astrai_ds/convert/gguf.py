@@ -13,6 +13,7 @@ and every command here load it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from astrai_ds.config.base import from_dict
 from astrai_ds.config.model import ModelConfig
 from astrai_ds.data.tokenizer import Tokenizer
 from astrai_ds.errors import UserError
-from astrai_ds.model.transformer import from_hf_llama_name
+from astrai_ds.model.transformer import from_hf_llama_name, hf_llama_name
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
@@ -223,3 +224,150 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, progress: bool = Fal
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
     return save_model_folder(model, tokenizer, out_dir)
+
+
+# ---------------------------------------------------------------- GGUF out
+
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+def _pre_name(tokenizer_json: dict, source: str) -> str:
+    """llama.cpp's name (`tokenizer.ggml.pre`) for the pre-tokenizer of a byte-level BPE tokenizer.json."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in parts]
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
+        return "smollm"  # single digits first, then GPT-2's split: ours, SmolLM's and StarCoder's
+    if kinds == ["Split", "ByteLevel"]:
+        regex = (parts[0].get("pattern") or {}).get("Regex")
+        for name, known in (("llama-bpe", _LLAMA3_REGEX), ("qwen2", _QWEN2_REGEX)):
+            if regex == known:
+                return name
+    raise UserError(f"{source}: its pre-tokenizer ({' + '.join(map(str, kinds))}) matches none that llama.cpp names "
+                    f"(GPT-2, SmolLM, Llama 3, Qwen2), so a GGUF file of it would split text differently")
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's Q/K row order for `llama` (the inverse of `_unpermute`)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _llama3_factors(cfg: ModelConfig) -> np.ndarray:
+    """llama.cpp's `rope_freqs.weight` for Llama 3's RoPE scaling: per frequency, the divisor of its angle."""
+    from astrai_ds.model.rope import llama3_inv_freq
+
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_size, 2, dtype=torch.float64) / cfg.head_size)
+    return (inv_freq / llama3_inv_freq(inv_freq, cfg.rope_scaling)).float().numpy()
+
+
+def export_gguf(model, tokenizer, out_file: str | Path, outtype: str = "f16", name: str = "astrai_ds") -> Path:
+    """Write `model` and `tokenizer` as a GGUF file llama.cpp runs: architecture llama (qwen2 with q/k/v biases,
+    qwen3 with QK-norm), llama.cpp's hyper-parameter keys and Q/K row order, the tokenizer (tokens, merges, types,
+    the pre-tokenizer's name, special tokens, chat template); 2-D weights in `outtype`, norms and biases in F32, a
+    tied output matrix left out (llama.cpp reads the embedding)."""
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+
+    from astrai_ds.model.hf import CHAT_TEMPLATE
+
+    if outtype not in OUTTYPES:
+        raise UserError(f"--outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
+    cfg, out_file = model.cfg, Path(out_file)
+    arch = "qwen3" if cfg.qk_norm else "qwen2" if cfg.attention_bias else "llama"
+    data = json.loads(Path(tokenizer.path).read_text(encoding="utf-8"))
+    bpe = data.get("model") or {}
+    if bpe.get("type") != "BPE" or "ByteLevel" not in json.dumps(data.get("decoder")):
+        raise UserError(f"{tokenizer.path}: GGUF export writes byte-level BPE tokenizers only")
+    pre = _pre_name(data, str(tokenizer.path))
+
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_name(out_file.name + ".part")  # written whole, then renamed: a kill leaves no half file
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    writer.add_name(name)
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                          "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_context_length(cfg.max_seq_len)
+    writer.add_embedding_length(cfg.dim)
+    writer.add_block_count(cfg.n_layers)
+    writer.add_feed_forward_length(cfg.ffn_dim)
+    writer.add_head_count(cfg.n_heads)
+    writer.add_head_count_kv(cfg.n_kv_heads)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_key_length(cfg.head_size)
+    writer.add_value_length(cfg.head_size)
+    writer.add_rope_dimension_count(cfg.head_size)
+    writer.add_vocab_size(cfg.vocab_size)
+
+    # the tokenizer: every id up to the model's vocabulary (rows past the tokenizer's are unused padding)
+    specials = {t.content: t.special for t in tokenizer._hf.get_added_tokens_decoder().values()}
+    tokens, types = [], []
+    for i in range(cfg.vocab_size):
+        token = tokenizer.id_to_token(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        else:
+            tokens.append(token)
+            types.append(gguf.TokenType.NORMAL if token not in specials else
+                         gguf.TokenType.CONTROL if specials[token] else gguf.TokenType.USER_DEFINED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in bpe.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    if tokenizer.bos_id is not None:
+        writer.add_bos_token_id(tokenizer.bos_id)
+    writer.add_eos_token_id(tokenizer.eos_id)
+    writer.add_pad_token_id(tokenizer.pad_id)
+    if tokenizer.native:
+        writer.add_eot_token_id(tokenizer.im_end_id)  # an assistant turn ends there
+    writer.add_add_bos_token(bool(tokenizer.prefix_ids))
+    writer.add_add_eos_token(False)
+    template = CHAT_TEMPLATE if tokenizer.native else tokenizer.chat_template
+    if template:
+        writer.add_chat_template(template)
+
+    def add(name: str, tensor: torch.Tensor) -> None:
+        w = tensor.detach().float().cpu().numpy()
+        if w.ndim == 1 or outtype == "f32":
+            writer.add_tensor(name, w.astype(np.float32))
+        elif outtype == "f16":
+            writer.add_tensor(name, w.astype(np.float16))
+        else:
+            qtype = Q.BF16 if outtype == "bf16" else Q.Q8_0
+            if qtype == Q.Q8_0 and w.shape[-1] % 32:  # Q8_0 packs rows in blocks of 32: llama.cpp keeps F16 then
+                writer.add_tensor(name, w.astype(np.float16))
+            else:
+                writer.add_tensor(name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
+
+    state = model.state_dict()
+    add("token_embd.weight", state["embed.tok_embeddings.weight"])
+    if cfg.rope_scaling is not None:
+        writer.add_tensor("rope_freqs.weight", _llama3_factors(cfg))
+    ours_to_gguf = {hf: g for g, hf in _BLOCK_NAMES.items()}
+    for i in range(cfg.n_layers):
+        for key, tensor in state.items():
+            prefix = f"layers.{i}."
+            if not key.startswith(prefix):
+                continue
+            hf = hf_llama_name(key).removeprefix(f"model.layers.{i}.")
+            w = tensor
+            if arch == "llama" and hf in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
+                n = cfg.n_heads if hf.startswith("self_attn.q") else cfg.n_kv_heads
+                w = torch.from_numpy(_permute(tensor.detach().float().cpu().numpy(), n))
+            add(f"blk.{i}.{ours_to_gguf[hf]}", w)
+    add("output_norm.weight", state["head.norm.weight"])
+    if not cfg.tie_embeddings:
+        add("output.weight", state["head.output.weight"])
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=False)
+    writer.close()
+    tmp.replace(out_file)
+    return out_file
