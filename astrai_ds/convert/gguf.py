@@ -289,18 +289,14 @@ def export_gguf(model, tokenizer, out_file: str | Path, outtype: str = "f16", na
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                           "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_context_length(cfg.max_seq_len)
-    writer.add_embedding_length(cfg.dim)
-    writer.add_block_count(cfg.n_layers)
-    writer.add_feed_forward_length(cfg.ffn_dim)
-    writer.add_head_count(cfg.n_heads)
-    writer.add_head_count_kv(cfg.n_kv_heads)
-    writer.add_rope_freq_base(cfg.rope_theta)
-    writer.add_layer_norm_rms_eps(cfg.norm_eps)
-    writer.add_key_length(cfg.head_size)
-    writer.add_value_length(cfg.head_size)
-    writer.add_rope_dimension_count(cfg.head_size)
-    writer.add_vocab_size(cfg.vocab_size)
+    # llama.cpp's hyper-parameter keys ({arch}.context_length, ...), by the writer's method for each
+    for key, value in (("context_length", cfg.max_seq_len), ("embedding_length", cfg.dim),
+                       ("block_count", cfg.n_layers), ("feed_forward_length", cfg.ffn_dim),
+                       ("head_count", cfg.n_heads), ("head_count_kv", cfg.n_kv_heads),
+                       ("rope_freq_base", cfg.rope_theta), ("layer_norm_rms_eps", cfg.norm_eps),
+                       ("key_length", cfg.head_size), ("value_length", cfg.head_size),
+                       ("rope_dimension_count", cfg.head_size), ("vocab_size", cfg.vocab_size)):
+        getattr(writer, f"add_{key}")(value)
 
     # the tokenizer: every id up to the model's vocabulary (rows past the tokenizer's are unused padding)
     specials = {t.content: t.special for t in tokenizer._hf.get_added_tokens_decoder().values()}
