@@ -2,15 +2,16 @@
 # Debian packages for the cluster-launcher tests (tests/cluster/): a one-node Slurm (munge, slurmctld,
 # slurmd, slurm-client), sshd and pdsh for the two-host deepspeed run, iproute2 for the network namespaces;
 # the headless browser for the chat-page test (tests/serve/test_chat_page.py): chromium, chromium-driver; and
-# libaio-dev, which DeepSpeed's async_io op (NVMe offload, ds_configs/zero3_nvme.json) is compiled against.
+# libaio-dev, which DeepSpeed's async_io op (NVMe offload, ds_configs/zero3_nvme.json) is compiled against; cmake and
+# a C++ compiler, which build llama.cpp's Python binding (scripts/llama_cpp.sh, for the GGUF tests).
 # Does nothing when they are installed already, or when this is not root on a machine with apt-get
 # (the tests then skip and say why). Run by scripts/test.sh; safe to run again.
 set -euo pipefail
 
 PACKAGES=(munge slurmctld slurmd slurm-client openssh-server openssh-client pdsh iproute2 procps chromium
-          chromium-driver libaio-dev)
+          chromium-driver libaio-dev cmake g++ make)
 COMMANDS=(munged mungekey slurmctld slurmd sbatch srun scontrol squeue sinfo scancel sshd ssh ssh-keygen pdsh ip
-          pkill chromium chromedriver)
+          pkill chromium chromedriver cmake g++ make)
 
 missing=0
 for c in "${COMMANDS[@]}"; do

@@ -269,7 +269,7 @@ def test_run_files_are_never_seen_half_written(tmp_path):
 
     def files(i):
         return (SimpleNamespace(to_dict=lambda: {"step": i}), SimpleNamespace(to_dict=lambda: versions[i]), {},
-                SimpleNamespace(path=tokenizer))
+                SimpleNamespace(path=tokenizer, native=True))
 
     _write_run_files(tmp_path, *files(0))
     seen, done = [], threading.Event()
