@@ -158,9 +158,12 @@ for name in sys.argv[1:]:
 """
 
 
+BACKGROUND_BUILDS = ("async_io", "llama_cpp")  # markers of the tests that wait for a build started at collection
+
+
 def pytest_collection_modifyitems(items):
-    """The tests that need async_io run last, giving its background build (below) the whole session."""
-    items.sort(key=lambda item: item.get_closest_marker("async_io") is not None)
+    """The tests that need async_io or llama.cpp run last, giving their background builds (below) the session."""
+    items.sort(key=lambda item: any(item.get_closest_marker(m) is not None for m in BACKGROUND_BUILDS))
 
 
 def pytest_collection_finish(session):
@@ -171,6 +174,13 @@ def pytest_collection_finish(session):
     to half (docs/benchmarks.md). A test that loads an op meanwhile waits for it (torch's lock on the op's folder)
     instead of building it again. The build is left to finish even if the session ends first: a build killed
     halfway leaves its lock behind for the next one."""
+    if any(item.get_closest_marker("llama_cpp") for item in session.items):
+        # llama.cpp's Python binding, once per machine (scripts/llama_cpp.sh: about 3.5 minutes; its lock makes the
+        # tests' own call wait for this build rather than start another)
+        with open(tempfile.mkdtemp(prefix="llama_cpp_") + "/build.log", "w") as log:
+            subprocess.Popen(["bash", str(ROOT / "scripts" / "llama_cpp.sh")], cwd=ROOT,
+                             env={**env(), "PYTHON": sys.executable}, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True, preexec_fn=_idle_class)
     if not any(item.get_closest_marker("multiproc") for item in session.items):
         return
     folder = use_extensions_cache()

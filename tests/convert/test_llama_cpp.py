@@ -54,6 +54,7 @@ def _greedy_here(model_dir, prompts, n: int) -> list[list[int]]:
 
 
 @pytest.mark.multiproc  # slow: llama.cpp's build, once per machine (about 3.5 minutes)
+@pytest.mark.llama_cpp
 def test_llama_cpp_runs_our_trained_model_with_our_tokens(llama_cpp, trained, tmp_path, capsys):
     run = trained("zero2.json", 2)
     out = tmp_path / "tiny.gguf"
@@ -69,6 +70,7 @@ def test_llama_cpp_runs_our_trained_model_with_our_tokens(llama_cpp, trained, tm
 
 
 @pytest.mark.multiproc  # slow: llama.cpp's build, and a real model
+@pytest.mark.llama_cpp
 def test_llama_cpp_runs_smollm2_as_we_export_it(llama_cpp, smollm2_dir, tmp_path, capsys):
     out = tmp_path / "smollm2.gguf"
     assert cli_in_process(capsys, "export", "--model", str(smollm2_dir), "--format", "gguf", "--outtype", "f32",
