@@ -12,6 +12,7 @@ import signal
 import time
 
 import httpx2 as httpx
+import pytest
 
 from tests.serve.conftest import Server, wait_idle
 
@@ -51,6 +52,7 @@ async def _stream(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: 
     return "".join(text), finish
 
 
+@pytest.mark.multiproc  # slow: 400 requests from 16 clients
 def test_sixteen_clients_four_hundred_requests(server):
     alone = {}
     for prompt in PROMPTS:
