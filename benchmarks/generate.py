@@ -23,6 +23,7 @@ theirs), all greedy.
     .venv/bin/python benchmarks/generate.py                      # small, bf16, everything
     .venv/bin/python benchmarks/generate.py --dtype fp32 --json out.json
     .venv/bin/python benchmarks/generate.py --model configs/model/tiny.json --new-tokens 16 --rounds 1   # smoke test
+    .venv/bin/python benchmarks/generate.py --model models/smollm2 --dtype fp32   # a real model folder
 
 Run it on a quiet machine: every measurement uses all cores.
 """
@@ -48,7 +49,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def build_folder(work: Path, model_config: Path, dtype: torch.dtype) -> Path:
-    """corpus -> tokenizer -> random model of `model_config` -> model folder, each made once in `work`."""
+    """corpus -> tokenizer -> random model of `model_config` -> model folder, each made once in `work`; a model
+    folder given as `model_config` (a pretrained model: an imported GGUF, a Hugging Face folder) is used as it is."""
+    if model_config.is_dir():
+        return model_config
     from astrai_ds.config.model import ModelConfig
     from astrai_ds.data.corpus import write_corpus
     from astrai_ds.data.tokenizer import Tokenizer, train_tokenizer
@@ -176,7 +180,9 @@ def hf_mixed(model, prompts, new_tokens, batch: int, pad_id: int) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, default=ROOT / "configs/model/small.json", help="model config to build")
+    p.add_argument("--model", type=Path, default=ROOT / "configs/model/small.json",
+                   help="model config to build with random weights, or a model folder to load (e.g. SmolLM2 imported "
+                        "with `astrai-ds import`)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weights and activations")
     p.add_argument("--prompt-len", type=int, default=32, help="batch-1 prompt tokens")
     p.add_argument("--new-tokens", type=int, default=128, help="batch-1 new tokens")

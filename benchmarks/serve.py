@@ -83,7 +83,8 @@ async def level(url: str, streams: int, requests_per_stream: int, prompt_len: in
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, default=ROOT / "configs/model/small.json", help="model config to build")
+    p.add_argument("--model", type=Path, default=ROOT / "configs/model/small.json",
+                   help="model config to build with random weights, or a model folder to load")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weights and activations")
     p.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8, 16], help="concurrency levels")
     p.add_argument("--requests-per-stream", type=int, default=3, help="requests each client sends in turn")
