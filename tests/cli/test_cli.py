@@ -108,9 +108,11 @@ def test_prepare_keeps_prepared_data_unless_overwrite(workspace, tmp_path, capsy
     assert json.loads((tmp_path / "data" / "index.json").read_text())["stage"] == "pt"
 
 
-def test_tokenizer_says_when_it_learns_fewer_tokens_than_asked(tmp_path):
+def test_tokenizer_says_when_it_learns_fewer_tokens_than_asked(tmp_path, capsys):
     text = tmp_path / "tiny.txt"
     text.write_text("one two three\n")
-    proc = run_cmd([CLI, "tokenizer", "--input", str(text), "--vocab-size", "2048", "--out", str(tmp_path / "t")])
+    proc = cli_in_process(capsys, "tokenizer", "--input", str(text), "--vocab-size", "2048", "--out",
+                          str(tmp_path / "t"))
+    assert proc.returncode == 0, proc.stderr
     assert "of the 2048 tokens asked for" in proc.stdout and "too small" in proc.stdout, proc.stdout
     assert "Traceback" not in proc.stderr and "warn" not in proc.stderr.lower(), proc.stderr

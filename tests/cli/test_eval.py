@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import VENV_BIN, expect_user_error, run_cmd
+from conftest import VENV_BIN, cli_in_process, expect_user_error, run_cmd
 
 CLI = str(VENV_BIN / "astrai-ds")
 
@@ -16,23 +16,23 @@ def _head(src, dst, n: int):
     return dst
 
 
-def test_eval_checks_the_records_before_the_model(workspace, tmp_path):
+def test_eval_checks_the_records_before_the_model(workspace, tmp_path, capsys):
     # The model folder does not exist: the records are checked first, so that is never reached.
     # (tests/inference/test_evaluate.py tries every wrong kind of record.)
-    proc = run_cmd([CLI, "eval", "--model", str(tmp_path / "no_model"), "--chat",
-                    str(workspace / "corpus" / "pretrain_eval.jsonl")], check=False)
+    proc = cli_in_process(capsys, "eval", "--model", str(tmp_path / "no_model"), "--chat",
+                          str(workspace / "corpus" / "pretrain_eval.jsonl"))
     expect_user_error(proc, "pretrain_eval.jsonl:1", "a facts record", "--data instead of --chat")
 
 
-def test_eval_refuses_a_batch_size_of_zero(workspace, tmp_path):
-    proc = run_cmd([CLI, "eval", "--model", str(tmp_path), "--data", str(workspace / "corpus" / "pretrain_eval.jsonl"),
-                    "--batch-size", "0"], check=False)
+def test_eval_refuses_a_batch_size_of_zero(workspace, tmp_path, capsys):
+    proc = cli_in_process(capsys, "eval", "--model", str(tmp_path), "--data",
+                          str(workspace / "corpus" / "pretrain_eval.jsonl"), "--batch-size", "0")
     expect_user_error(proc, "--batch-size must be at least 1", "got 0")
 
 
-def test_eval_refuses_a_folder_as_out_before_evaluating(workspace, tmp_path):
-    proc = run_cmd([CLI, "eval", "--model", str(tmp_path), "--data", str(workspace / "corpus" / "pretrain_eval.jsonl"),
-                    "--out", str(tmp_path)], check=False)
+def test_eval_refuses_a_folder_as_out_before_evaluating(workspace, tmp_path, capsys):
+    proc = cli_in_process(capsys, "eval", "--model", str(tmp_path), "--data",
+                          str(workspace / "corpus" / "pretrain_eval.jsonl"), "--out", str(tmp_path))
     expect_user_error(proc, "--out", "is a folder")
 
 

@@ -11,24 +11,22 @@ import pytest
 from astrai_ds.config.model import ModelConfig
 from astrai_ds.convert.export import export_run
 from astrai_ds.model.io import MODEL_FILES, read_model_config
-from conftest import VENV_BIN, expect_user_error, run_cmd
-
-CLI = str(VENV_BIN / "astrai-ds")
+from conftest import cli_in_process, expect_user_error
 
 
-def test_export_to_an_existing_file_is_refused(run_dir, tmp_path):
+def test_export_to_an_existing_file_is_refused(run_dir, tmp_path, capsys):
     taken = tmp_path / "model"
     taken.write_text("not a folder")
-    proc = run_cmd([CLI, "export", "--run", str(run_dir), "--out", str(taken)], check=False)
+    proc = cli_in_process(capsys, "export", "--run", str(run_dir), "--out", str(taken))
     expect_user_error(proc, str(taken), "is a file, not a folder", "--out")
     assert taken.read_text() == "not a folder"
 
 
-def test_export_into_a_folder_of_something_else_is_refused(run_dir, tmp_path):
+def test_export_into_a_folder_of_something_else_is_refused(run_dir, tmp_path, capsys):
     other = tmp_path / "notes"
     other.mkdir()
     (other / "todo.txt").write_text("keep me")
-    proc = run_cmd([CLI, "export", "--run", str(run_dir), "--out", str(other)], check=False)
+    proc = cli_in_process(capsys, "export", "--run", str(run_dir), "--out", str(other))
     expect_user_error(proc, str(other), "todo.txt", "not a model folder", "new or empty folder")
     assert sorted(p.name for p in other.iterdir()) == ["todo.txt"]
 

@@ -54,26 +54,28 @@ def test_a_greedy_prompt_streams_the_engines_completion(model_dir, engine, chat)
     assert "tokens/s" in summary and "first token after" in summary
 
 
-def test_stop_cuts_the_text(model_dir, engine):
+def test_stop_cuts_the_text(model_dir, engine, capsys):
     greedy = SamplingParams(max_new_tokens=20, temperature=0)
     full = engine.generate(PROMPT, greedy).text
     cut = next(ch for ch in full[3:] if ch.isalpha())  # a character some way into the completion
     # repeated --stop and several values after one --stop both add stop strings
-    proc = _generate(model_dir, "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "20",
-                     "--stop", "never seen", cut, "--stop", "nor this")
+    proc = _generate_here(model_dir, "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "20",
+                          "--stop", "never seen", cut, "--stop", "nor this", capsys=capsys)
+    assert proc.returncode == 0, proc.stderr
     assert proc.stdout == full[:full.index(cut)] + "\n"
     assert "finish: stop" in proc.stderr
 
 
-def test_a_batch_runs_in_order_with_per_request_fields(model_dir, engine, tmp_path):
+def test_a_batch_runs_in_order_with_per_request_fields(model_dir, engine, tmp_path, capsys):
     chat = [{"role": "user", "content": "你好"}]
     records = [{"prompt": PROMPT, "id": "a"},
                {"messages": chat, "max_new_tokens": 3},
                {"prompt": LONG, "id": "too long"},
                {"prompt": "1 + 1 =", "stop": ["never seen"], "seed": 3, "temperature": 0.8, "top_k": 5}]
     out = tmp_path / "results" / "out.jsonl"
-    proc = _generate(model_dir, "--input", _write_jsonl(tmp_path / "in.jsonl", records), "--output", str(out),
-                     "--temperature", "0", "--max-new-tokens", "12")
+    proc = _generate_here(model_dir, "--input", _write_jsonl(tmp_path / "in.jsonl", records), "--output", str(out),
+                          "--temperature", "0", "--max-new-tokens", "12", capsys=capsys)
+    assert proc.returncode == 0, proc.stderr
     assert "generate: 3/3 requests" in proc.stderr and "1 refused" in proc.stderr, proc.stderr
     results = read_jsonl(out)
     assert len(results) == 4
