@@ -198,12 +198,13 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, progress: bool = Fal
     from astrai_ds.model.io import save_model_folder
 
     gguf_file, out_dir = Path(gguf_file), Path(out_dir)
+    if gguf_file.is_file():
+        _check_model_out_dir(out_dir)  # before the file is read: a wrong --out costs nothing
     f = _File(gguf_file)
     arch = f.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise UserError(f"{gguf_file}: a GGUF model of architecture {arch!r}; astrai_ds runs "
                         f"{', '.join(ARCHITECTURES)} (the Llama layout and its relatives)")
-    _check_model_out_dir(out_dir)
     names = {t.name for t in f.reader.tensors}
     cfg = _config(f, arch, names)
     tokenizer_json = _tokenizer_json(f)
