@@ -128,7 +128,7 @@ def _tensors(f: _File, arch: str, cfg: ModelConfig, progress: bool) -> dict[str,
         name = t.name
         if name.startswith("blk."):
             _, layer, rest = name.split(".", 2)
-            hf = f"model.layers.{layer}.{_BLOCK_NAMES.get(rest, rest)}" if rest in _BLOCK_NAMES else None
+            hf = f"model.layers.{layer}.{_BLOCK_NAMES[rest]}" if rest in _BLOCK_NAMES else None
         else:
             hf = _TOP_NAMES.get(name)
         if hf is None:
@@ -300,7 +300,7 @@ def export_gguf(model, tokenizer, out_file: str | Path, outtype: str = "f16", na
         getattr(writer, f"add_{key}")(value)
 
     # the tokenizer: every id up to the model's vocabulary (rows past the tokenizer's are unused padding)
-    specials = {t.content: t.special for t in tokenizer._hf.get_added_tokens_decoder().values()}
+    specials = tokenizer.added_tokens()
     tokens, types = [], []
     for i in range(cfg.vocab_size):
         token = tokenizer.id_to_token(i)

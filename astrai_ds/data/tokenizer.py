@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import sys
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -73,13 +74,6 @@ def train_tokenizer(files: list, vocab_size: int, out_dir, progress: bool = True
     return path
 
 
-def json_text(hf, part: str) -> str:
-    """The JSON of one part of a tokenizers.Tokenizer (e.g. "decoder"), as text ("" when absent)."""
-    import json
-
-    return json.dumps(json.loads(hf.to_str()).get(part))
-
-
 def _byte_level_alphabet() -> dict[str, int]:
     """The byte-level BPE alphabet (GPT-2's): each of the 256 bytes is written as one printable character;
     this maps the characters back to the bytes."""
@@ -105,8 +99,6 @@ def _token_text(value) -> str | None:
 
 
 def _read_json(path: Path) -> dict:
-    import json
-
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -144,8 +136,9 @@ class Tokenizer:
             self._stops = frozenset({self._eos, hf.token_to_id("<|im_end|>")})
         else:
             self._from_folder(config, generation, chat_template)
-        self._specials = {t.content for t in hf.get_added_tokens_decoder().values() if t.special} | set(SPECIAL_TOKENS)
-        self._byte_level = "ByteLevel" in json_text(hf, "decoder")
+        self._specials = {text for text, special in self.added_tokens().items() if special} | set(SPECIAL_TOKENS)
+        # byte-level BPE (ours, GPT-2's, Llama 3's, Qwen's) or SentencePiece-style pieces: read from the file's JSON
+        self._byte_level = "ByteLevel" in json.dumps(json.loads(data).get("decoder"))
         # Special-token strings inside ordinary text (a document that mentions "<eos>") stay plain text,
         # so data cannot inject control tokens and decode(encode(x)) == x holds for every x.
         hf.encode_special_tokens = True
@@ -183,6 +176,10 @@ class Tokenizer:
         if isinstance(template, list):  # several named templates: the default one
             template = next((t.get("template") for t in template if t.get("name") == "default"), None)
         self.chat_template = template if isinstance(template, str) and template.strip() else None
+
+    def added_tokens(self) -> dict[str, bool]:
+        """The tokens added on top of the BPE vocabulary, each with whether it is special (a control token)."""
+        return {t.content: t.special for t in self._hf.get_added_tokens_decoder().values()}
 
     @classmethod
     def load(cls, path) -> "Tokenizer":
