@@ -6,8 +6,8 @@ facts as chat data: sft.jsonl (field `messages`) and sft_eval.jsonl (`messages`,
 SFT answers take either style at random; DPO pairs prefer the full style with the correct value.
 documents.jsonl and documents_eval.jsonl hold Markdown articles about fictional entities (`text`, with `qa`:
 questions and exact answers), split by entity; sft.jsonl also holds reading-comprehension conversations on the
-training articles (retrieved-style chunks, then a question), and `astrai-ds rag eval` measures retrieval and
-grounded answers on the held-out ones.
+training articles (retrieved-style chunks, then a question), which reading.jsonl holds alone, and `astrai-ds
+rag eval` measures retrieval and grounded answers on the held-out ones.
 Deterministic: the same seed writes the same bytes. Nothing is downloaded."""
 
 from __future__ import annotations

@@ -8,8 +8,9 @@
   rag ask     retrieve, put the chunks in the prompt (as many as the context holds, best first), stream the
               answer, then list the sources it was given
   rag eval    measure on documents with known questions (the corpus's documents_eval.jsonl, indexed first):
-              recall at k for each mode, and exact answers closed-book, with retrieved chunks and with the
-              chunk that states the answer (the oracle)
+              recall at k for each mode, and answers closed-book, with retrieved chunks and with the chunk
+              that states the answer (the oracle), scored twice: exact (the answer first) and contained (the
+              answer anywhere in the response); for all questions and for each language apart
 
 Retrieval modes: dense (faiss over the embeddings), bm25 (bm25s over the model's tokens) and hybrid (both, fused
 by reciprocal rank)."""
@@ -202,6 +203,11 @@ def _ask(args) -> int:
     return 0
 
 
+def _langs(metrics: dict) -> list[str]:
+    """The languages `evaluate_rag` scored apart (the keys holding a dict of scores)."""
+    return [key for key, value in metrics.items() if isinstance(value, dict) and "questions" in value]
+
+
 def _eval(args) -> int:
     import json
 
@@ -223,6 +229,9 @@ def _eval(args) -> int:
     recall = metrics[f"recall_at_{args.k}"]
     print(f"{metrics['questions']} questions; recall at {args.k}: "
           + ", ".join(f"{m} {v:.3f}" for m, v in recall.items()))
-    print(f"exact answers: closed-book {metrics['answer_em_closed_book']:.3f}, RAG ({args.mode}, top {args.answer_k}) "
-          f"{metrics['answer_em_rag']:.3f}, oracle {metrics['answer_em_oracle']:.3f}")
+    for title, prefix in (("exact answers", "answer_em"), ("answer contained", "answer_contains")):
+        print(f"{title}: closed-book {metrics[prefix + '_closed_book']:.3f}, RAG ({args.mode}, top {args.answer_k}) "
+              f"{metrics[prefix + '_rag']:.3f}, oracle {metrics[prefix + '_oracle']:.3f}"
+              + "".join(f"; {lang} {metrics[lang][prefix + '_closed_book']:.3f} / {metrics[lang][prefix + '_rag']:.3f}"
+                        f" / {metrics[lang][prefix + '_oracle']:.3f}" for lang in _langs(metrics)))
     return 0

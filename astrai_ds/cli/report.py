@@ -1,7 +1,10 @@
-"""Summarise a stage's run and evaluation into report.json (merged per stage) and print the table:
+"""Summarise a stage's run and evaluations into report.json (merged per stage) and print the table:
 eval loss, exact match on held-out facts, chat exact match (answer; whole response), preference accuracy, preferred-style rate,
-training tokens/s and wall time. `--stage rag` takes the output of `astrai-ds rag eval` instead (recall at k per
-retrieval mode, exact answers closed-book, with retrieval and with the gold passage) and needs no --run."""
+training tokens/s and wall time. `--eval` takes one or more files: what `astrai-ds eval --out` writes, and what
+`astrai-ds rag eval --out` writes (recall at k per retrieval mode, answers closed-book, with retrieval and with the
+gold passage); their fields, and their per-language fields ("en", "zh"), are merged into the stage's entry.
+`--run` adds the run's training tokens/s; leave it out for a model that was not trained (`--stage rag`, or
+`--stage base` for a pretrained model before fine-tuning)."""
 
 from __future__ import annotations
 
@@ -18,8 +21,10 @@ HELP = "summarise runs and evaluations into a table"
 def add_arguments(p) -> None:
     p.add_argument("--stage", required=True,
                    help="the stage's key in the report (pt, sft, dpo), or rag for `astrai-ds rag eval --out`")
-    p.add_argument("--run", default=None, help="the run folder (for tokens/s from metrics.jsonl); not for rag")
-    p.add_argument("--eval", required=True, help="JSON written by `astrai-ds eval --out` (`rag eval --out` for rag)")
+    p.add_argument("--run", default=None,
+                   help="the run folder (for tokens/s from metrics.jsonl); leave out for a model not trained here")
+    p.add_argument("--eval", required=True, nargs="+", metavar="FILE",
+                   help="JSON written by `astrai-ds eval --out` and/or `astrai-ds rag eval --out` (one or more)")
     p.add_argument("--out", required=True, help="report.json to create or update")
     p.add_argument("--wall-time", type=float, default=None, help="seconds the stage took")
 
@@ -64,23 +69,36 @@ COLUMNS = (("eval_loss", "eval_loss", "{:.4f}"), ("exact_match", "exact_match", 
 
 RAG = "rag"
 RAG_METRICS = ("answer_em_closed_book", "answer_em_rag", "answer_em_oracle")
+CONTAINS_METRICS = ("answer_contains_closed_book", "answer_contains_rag", "answer_contains_oracle")
+
+
+def _rag_line(name: str, rag: dict) -> str:
+    recall = next((v for k, v in rag.items() if k.startswith("recall_at_")), {})
+    line = (f"{name}: " + ", ".join(f"{key.removeprefix('answer_em_')} {rag[key]:.3f}" for key in RAG_METRICS)
+            + "  (exact answers on held-out documents)")
+    if all(key in rag for key in CONTAINS_METRICS):
+        line += "; contained: " + ", ".join(f"{rag[key]:.3f}" for key in CONTAINS_METRICS)
+    return line + "; recall at k: " + ", ".join(f"{mode} {value:.3f}" for mode, value in recall.items())
 
 
 def format_table(report: dict) -> str:
     lines = [f"{'stage':<6}" + "".join(f"{title:>12}" for _, title, _ in COLUMNS)]
+    rag_lines = []
     for stage, entry in report.items():
-        if stage == RAG:
-            continue
-        cells = [fmt.format(entry[key]) if entry.get(key) is not None else "-" for key, _, fmt in COLUMNS]
-        lines.append(f"{stage:<6}" + "".join(f"{c:>12}" for c in cells))
-    if RAG in report:
-        rag = report[RAG]
-        recall = next((v for k, v in rag.items() if k.startswith("recall_at_")), {})
-        lines.append("\nrag: " + ", ".join(f"{key.removeprefix('answer_em_')} {rag[key]:.3f}" for key in RAG_METRICS
-                                           if key in rag)
-                     + "  (exact answers on held-out documents); recall at k: "
-                     + ", ".join(f"{mode} {value:.3f}" for mode, value in recall.items()))
-    return "\n".join(lines)
+        if any(entry.get(key) is not None for key, _, _ in COLUMNS):
+            cells = [fmt.format(entry[key]) if entry.get(key) is not None else "-" for key, _, fmt in COLUMNS]
+            lines.append(f"{stage:<6}" + "".join(f"{c:>12}" for c in cells))
+        if all(key in entry for key in RAG_METRICS):
+            rag_lines.append(_rag_line(stage, entry))
+            rag_lines += [_rag_line(f"  {lang}", entry[lang]) for lang in _languages(entry)
+                          if all(key in entry[lang] for key in RAG_METRICS)]
+    return "\n".join(lines + ([""] + rag_lines if rag_lines else []))
+
+
+def _languages(evaluation: dict) -> list[str]:
+    """The keys of an evaluation that hold the same metrics for one language ("en", "zh")."""
+    return [key for key, value in evaluation.items()
+            if isinstance(value, dict) and any(k in value for k in METRICS + RAG_METRICS)]
 
 
 def _is_number(value) -> bool:
@@ -94,7 +112,22 @@ def _stage_entry(evaluation: dict, eval_path: Path, fix: str) -> dict:
     for key, value in entry.items():
         if not _is_number(value):
             raise DataError(f"--eval {eval_path}: {key} is {json.dumps(value)}, not a number; {fix}")
+    for lang in _languages(evaluation):
+        entry[lang] = {key: value for key, value in evaluation[lang].items() if key in METRICS and _is_number(value)}
     return entry
+
+
+def _is_rag(evaluation: dict) -> bool:
+    return any(key.startswith("recall_at_") for key in evaluation)
+
+
+def _merge(entry: dict, more: dict) -> None:
+    """Add `more` to `entry`; the per-language dicts are merged, not replaced."""
+    for key, value in more.items():
+        if isinstance(value, dict) and isinstance(entry.get(key), dict) and key in _languages(more):
+            entry[key].update(value)
+        else:
+            entry[key] = value
 
 
 def _rag_entry(evaluation: dict, eval_path: Path) -> dict:
@@ -111,21 +144,21 @@ def _rag_entry(evaluation: dict, eval_path: Path) -> dict:
 
 
 def run(args) -> int:
-    out, eval_path = Path(args.out), Path(args.eval)
+    out = Path(args.out)
     fix = "give --eval the file written by `astrai-ds eval ... --out FILE`"
-    evaluation = _read_json_object(eval_path, "--eval", fix)
-    if args.stage == RAG:
-        entry = _rag_entry(evaluation, eval_path)
-    else:
-        entry = _stage_entry(evaluation, eval_path, fix)
-        if args.run is None:
-            raise DataError(f"--stage {args.stage} needs --run, the training run's output_dir (for its tokens/s)")
+    entry: dict = {}
+    for eval_path in map(Path, args.eval):
+        evaluation = _read_json_object(eval_path, "--eval", fix)
+        if args.stage == RAG or _is_rag(evaluation):
+            _merge(entry, _rag_entry(evaluation, eval_path))
+        else:
+            _merge(entry, _stage_entry(evaluation, eval_path, fix))
     report = (_read_json_object(out, "--out", "give --out another file, or move this one away")
               if out.exists() else {})
     if not all(isinstance(stage, dict) for stage in report.values()):
         raise DataError(f"--out {out} is not a report (an object of stages, each an object of metrics); give --out "
                         f"another file, or move this one away")
-    if args.stage != RAG:
+    if args.run is not None:
         entry["tokens_per_sec"] = training_tokens_per_sec(Path(args.run))
     if args.wall_time is not None:
         entry["wall_time_s"] = args.wall_time

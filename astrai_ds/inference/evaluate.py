@@ -179,7 +179,8 @@ def evaluate_chat(model, tokenizer, records: list[dict], batch_size: int = 32, m
                   responses: list | None = None, *, progress: bool = False) -> dict:
     """Greedy answers to chat-formatted held-out questions: {"chat_exact_match" (the answer's value is right),
     "chat_response_match" (the whole response is right, a full answer's justification included),
-    "preferred_style_rate"}.
+    "preferred_style_rate"}, and the same for each language apart ({"en": {...}, "zh": {...}}, from the records'
+    "lang").
 
     A record holds `messages` (the conversation up to the question), `answers` (the accepted forms, one per
     style) and `preferred` (the style the preference pairs favour). A `responses` list, when given, receives
@@ -206,9 +207,15 @@ def evaluate_chat(model, tokenizer, records: list[dict], batch_size: int = 32, m
             responses.append({"question": _prompt_messages(record)[-1]["content"], "response": response,
                               "correct": correct[-1],
                               "exact_response": exact[-1], "style": style, "answers": record.get("answers")})
-    return {"chat_exact_match": sum(correct) / len(correct), "chat_response_match": sum(exact) / len(exact),
-            "preferred_style_rate": sum(preferred) / len(preferred),
-            "n_chat": len(records)}
+    def scores(rows: list[int]) -> dict:
+        return {"chat_exact_match": sum(correct[i] for i in rows) / len(rows),
+                "chat_response_match": sum(exact[i] for i in rows) / len(rows),
+                "preferred_style_rate": sum(preferred[i] for i in rows) / len(rows), "n_chat": len(rows)}
+
+    result = scores(range(len(records)))
+    for lang in sorted({r["lang"] for r in records if isinstance(r.get("lang"), str)}):
+        result[lang] = scores([i for i, r in enumerate(records) if r.get("lang") == lang])
+    return result
 
 
 def evaluate_pairs(model, tokenizer, records: list[dict], *, progress: bool = False) -> dict:

@@ -167,26 +167,29 @@ class Index:
 
     # ------------------------------------------------------------------ search
 
-    def search(self, question: str, embedder, tokenizer, k: int = 5, mode: str = "hybrid") -> list[Hit]:
+    def search(self, question: str, embedder, tokenizer, k: int = 5, mode: str = "hybrid",
+               query: np.ndarray | None = None) -> list[Hit]:
+        """The best k chunks for `question`. `query`: its embedding, (1, dim), when already computed (`rag eval`
+        embeds all its questions in one batch)."""
         if mode not in MODES:
             raise UserError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
         if not self.chunks:
             return []
         n = min(k, len(self.chunks))
         if mode == "dense":
-            return self._dense(question, embedder, n)
+            return self._dense(question, embedder, n, query)
         if mode == "bm25":
             return self._bm25(question, tokenizer, n)
         depth = min(max(4 * k, 50), len(self.chunks))  # fuse deeper rankings than k
         scores: dict[int, float] = {}
-        for ranking in (self._dense(question, embedder, depth), self._bm25(question, tokenizer, depth)):
+        for ranking in (self._dense(question, embedder, depth, query), self._bm25(question, tokenizer, depth)):
             for hit in ranking:
                 scores[hit.chunk["id"]] = scores.get(hit.chunk["id"], 0.0) + 1.0 / (RRF_K + hit.rank)
         best = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
         return [Hit(self.chunks[i], s, r) for r, (i, s) in enumerate(best, 1)]
 
-    def _dense(self, question: str, embedder, k: int) -> list[Hit]:
-        query = embedder([question])
+    def _dense(self, question: str, embedder, k: int, query: np.ndarray | None = None) -> list[Hit]:
+        query = embedder([question]) if query is None else query
         scores, ids = self.dense.search(query, k)
         return [Hit(self.chunks[i], float(s), r) for r, (i, s) in enumerate(zip(ids[0], scores[0]), 1) if i >= 0]
 

@@ -85,7 +85,7 @@ def test_the_corpus_holds_documents_and_reading_conversations(workspace):
     assert {d["split"] for d in train} == {"train"} and {d["split"] for d in held} == {"eval"}
     assert len(held) >= 40 and all(d["qa"] for d in held)
     training_files = {name: (corpus / name).read_text(encoding="utf-8")
-                      for name in ("pretrain.jsonl", "sft.jsonl", "dpo.jsonl", "documents.jsonl")}
+                      for name in ("pretrain.jsonl", "sft.jsonl", "dpo.jsonl", "documents.jsonl", "reading.jsonl")}
     for d in held:
         for name, text in training_files.items():
             assert d["title"] not in text, (d["title"], name)
@@ -95,6 +95,8 @@ def test_the_corpus_holds_documents_and_reading_conversations(workspace):
 
     reading = [r["messages"] for r in read("sft.jsonl") if r["messages"][0]["content"] == RAG_SYSTEM]
     assert len(reading) == round(READING_CONVERSATIONS * 0.25)
+    # reading.jsonl: the same conversations alone (a pretrained model is fine-tuned on them)
+    assert sorted(map(json.dumps, reading)) == sorted(json.dumps(r["messages"]) for r in read("reading.jsonl"))
     sizes, turns = set(), set()
     for messages in reading:
         context, _, question = messages[1]["content"].partition("\n\nQuestion: ")

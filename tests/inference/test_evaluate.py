@@ -19,7 +19,8 @@ def test_chat_responses_match_the_summary(workspace):
     cfg = ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176,
                       max_seq_len=128)
     model = Transformer(cfg)
-    records = read_eval_records(workspace / "corpus" / "sft_eval.jsonl", "chat")[:6]
+    every = read_eval_records(workspace / "corpus" / "sft_eval.jsonl", "chat")
+    records = [r for r in every if r["lang"] == "en"][:3] + [r for r in every if r["lang"] == "zh"][:3]
     responses: list[dict] = []
     result = evaluate_chat(model, tok, records, batch_size=4, max_new_tokens=8, responses=responses)
     assert [r["question"] for r in responses] == [rec["messages"][-1]["content"] for rec in records]
@@ -27,6 +28,8 @@ def test_chat_responses_match_the_summary(workspace):
                                                  for r, rec in zip(responses, records)]
     assert result["chat_exact_match"] == sum(r["correct"] for r in responses) / len(records)
     assert result["chat_response_match"] == sum(r["exact_response"] for r in responses) / len(records)
+    for lang, rows in (("en", responses[:3]), ("zh", responses[3:])):  # each language apart
+        assert result[lang]["n_chat"] == 3 and result[lang]["chat_exact_match"] == sum(r["correct"] for r in rows) / 3
 
     # Make the model's own (random) answer to the first question the reference: now it counts as correct.
     first = json.loads(json.dumps(records[0]))

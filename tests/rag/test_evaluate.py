@@ -15,7 +15,7 @@ from astrai_ds.inference.engine import LLMEngine
 from astrai_ds.model.io import load_model_folder
 from astrai_ds.rag.chunking import ChunkParams
 from astrai_ds.rag.embed import Embedder
-from astrai_ds.rag.evaluate import answer_value, evaluate_rag, read_questions
+from astrai_ds.rag.evaluate import answer_contained, answer_value, evaluate_rag, read_questions
 from astrai_ds.rag.index import MODES, Index, build_index, read_documents
 
 
@@ -25,6 +25,15 @@ from astrai_ds.rag.index import MODES, Index, build_index, read_documents
 ])
 def test_the_value_of_an_answer(response, value):
     assert answer_value(response) == value
+
+
+@pytest.mark.parametrize("response, answer, contained", [
+    ("The Mimo Max came out in 2012.", "2012", True), ("VENLU is its capital", "Venlu", True),
+    ("the  zanbi\nlamp", "the zanbi lamp", True), ("比塞塔的首都是鲁诺。", "鲁诺", True), ("Venl", "Venlu", False),
+    ("anything", "", False), ("the zanbilamp", "the zanbi lamp", False),
+])
+def test_an_answer_contained_in_a_response(response, answer, contained):
+    assert answer_contained(response, answer) == contained
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +62,17 @@ def test_recall_and_answers_on_the_held_out_documents(workspace, corpus_index):
         for r in records:
             assert r[f"{name}_correct"] == (answer_value(r[name]) == r["answer"])
         assert metrics[f"answer_em_{name}"] == sum(r[f"{name}_correct"] for r in records) / len(records)
+        assert all(r[f"{name}_contains"] == answer_contained(r[name], r["answer"]) for r in records)
+        assert metrics[f"answer_contains_{name}"] == sum(r[f"{name}_contains"] for r in records) / len(records)
     assert all(1 <= r["rag_chunks"] <= 3 for r in records)
+    # each language apart: the same fields over its own questions, which together are all of them
+    assert {"en", "zh"} <= set(metrics) and sum(metrics[lang]["questions"] for lang in ("en", "zh")) == len(records)
+    for lang in ("en", "zh"):
+        mine = [r for r in records if r["lang"] == lang]
+        assert metrics[lang]["recall_at_5"]["bm25"] == sum(r["found_bm25"] for r in mine) / len(mine)
+        for name in ("closed_book", "rag", "oracle"):
+            assert metrics[lang][f"answer_em_{name}"] == sum(r[f"{name}_correct"] for r in mine) / len(mine)
+            assert metrics[lang][f"answer_contains_{name}"] == sum(r[f"{name}_contains"] for r in mine) / len(mine)
 
 
 def test_the_index_must_hold_the_questions_documents(workspace, corpus_index, tmp_path):
@@ -85,7 +104,20 @@ def test_rag_eval_writes_what_report_reads(workspace, long_model_dir, tmp_path, 
     assert main(["report", "--stage", "rag", "--eval", str(tmp_path / "rag.json"), "--out", str(report)]) == 0
     merged = json.loads(report.read_text())
     assert merged["pt"] == {"eval_loss": 1.5} and merged["rag"]["recall_at_5"] == metrics["recall_at_5"]
+    assert merged["rag"]["answer_contains_rag"] == metrics["answer_contains_rag"]
+    assert merged["rag"]["zh"] == metrics["zh"]
     assert "rag: closed_book" in capsys.readouterr().out
+    # a model's RAG and chat results in one entry, with no run (a pretrained model before fine-tuning)
+    chat = {"chat_exact_match": 0.25, "n_chat": 8, "en": {"chat_exact_match": 0.5, "n_chat": 4},
+            "zh": {"chat_exact_match": 0.0, "n_chat": 4}}
+    (tmp_path / "chat.json").write_text(json.dumps(chat))
+    assert main(["report", "--stage", "base", "--eval", str(tmp_path / "rag.json"), str(tmp_path / "chat.json"),
+                 "--out", str(report)]) == 0
+    base = json.loads(report.read_text())["base"]
+    assert base["chat_exact_match"] == 0.25 and base["answer_em_rag"] == metrics["answer_em_rag"]
+    assert base["zh"] == {**metrics["zh"], "chat_exact_match": 0.0}  # per language: both files' fields
+    assert "tokens_per_sec" not in base and "  zh: closed_book" in capsys.readouterr().out
+    merged = json.loads(report.read_text())
     # a stage file is not a RAG result
     (tmp_path / "stage.json").write_text(json.dumps({"eval_loss": 2.0}))
     assert main(["report", "--stage", "rag", "--eval", str(tmp_path / "stage.json"), "--out", str(report)]) == 2

@@ -26,6 +26,7 @@ DPO_FILE = "dpo.jsonl"
 DPO_EVAL_FILE = "dpo_eval.jsonl"
 DOCUMENTS_FILE = "documents.jsonl"
 DOCUMENTS_EVAL_FILE = "documents_eval.jsonl"
+READING_FILE = "reading.jsonl"
 ARTICLES = 240  # articles about fictional entities, a quarter of them held out
 
 
@@ -49,7 +50,8 @@ def write_corpus(out_dir, seed: int = 0, scale: float = 1.0) -> dict:
     - `documents.jsonl` and `documents_eval.jsonl`: articles ({"id", "kind", "lang", "title", "text", "split",
       "qa": [{"question", "answer"}]}), split by entity. The training articles are also pretraining text (each
       followed by its questions and answers); they and generated drills make the reading-comprehension
-      conversations in `sft.jsonl` (see `reading`); nothing in the other files mentions a held-out entity.
+      conversations in `sft.jsonl` (see `reading`), which `reading.jsonl` also holds alone (to fine-tune a
+      pretrained model on reading alone); nothing in the other files mentions a held-out entity.
 
     The same seed gives byte-identical files; `scale` multiplies the number of training records but leaves
     the held-out split, and so the eval files, unchanged."""
@@ -87,6 +89,7 @@ def write_corpus(out_dir, seed: int = 0, scale: float = 1.0) -> dict:
         _write_lines(out / name, chat_records)
     _write_lines(out / DOCUMENTS_FILE, (a.record("train") for a in doc_train))
     _write_lines(out / DOCUMENTS_EVAL_FILE, (a.record("eval") for a in doc_eval))
+    _write_lines(out / READING_FILE, reading)
     return {
         "pretrain": str(out / PRETRAIN_FILE),
         "eval": str(out / EVAL_FILE),
@@ -107,6 +110,7 @@ def write_corpus(out_dir, seed: int = 0, scale: float = 1.0) -> dict:
         "documents_records": len(doc_train),
         "documents_eval_items": len(doc_eval),
         "reading_texts": len(doc_train),
+        "reading": str(out / READING_FILE),
         "reading_records": len(reading),
         "tasks": counts,
     }
