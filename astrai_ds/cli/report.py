@@ -58,7 +58,7 @@ def training_tokens_per_sec(run_dir: Path) -> float:
     return statistics.median(rates[1:] or rates) if rates else float("nan")
 
 
-METRICS = ("eval_loss", "exact_match", "chat_exact_match", "chat_response_match", "pref_accuracy",
+METRICS = ("eval_loss", "exact_match", "chat_exact_match", "chat_response_match", "chat_contains", "pref_accuracy",
            "preferred_style_rate")
 COLUMNS = (("eval_loss", "eval_loss", "{:.4f}"), ("exact_match", "exact_match", "{:.3f}"),
            ("chat_exact_match", "chat_em", "{:.3f}"), ("chat_response_match", "chat_resp", "{:.3f}"),

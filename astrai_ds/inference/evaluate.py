@@ -179,7 +179,8 @@ def evaluate_chat(model, tokenizer, records: list[dict], batch_size: int = 32, m
                   responses: list | None = None, *, progress: bool = False) -> dict:
     """Greedy answers to chat-formatted held-out questions: {"chat_exact_match" (the answer's value is right),
     "chat_response_match" (the whole response is right, a full answer's justification included),
-    "preferred_style_rate"}, and the same for each language apart ({"en": {...}, "zh": {...}}, from the records'
+    "preferred_style_rate", "chat_contains" (the record's "answer" appears in the response, case and whitespace
+    aside: for a model that answers in sentences)}, and the same for each language apart ({"en": {...}, "zh": {...}}, from the records'
     "lang").
 
     A record holds `messages` (the conversation up to the question), `answers` (the accepted forms, one per
@@ -187,7 +188,7 @@ def evaluate_chat(model, tokenizer, records: list[dict], batch_size: int = 32, m
     one {"question", "response", "correct", "exact_response", "style", "answers"} per record. `progress`
     shows progress on stderr."""
     from astrai_ds.data.chat import render_chat
-    from astrai_ds.inference.scoring import answer_style, chat_answer_correct, chat_response_exact
+    from astrai_ds.inference.scoring import answer_contained, answer_style, chat_answer_correct, chat_response_exact
 
     model.eval()
     prompts = [render_chat(tokenizer, _prompt_messages(r), add_generation_prompt=True)[0] for r in records]
@@ -195,7 +196,7 @@ def evaluate_chat(model, tokenizer, records: list[dict], batch_size: int = 32, m
         forms = [form for r in records for form in (*r["answers"].values(), *r.get("full_forms", ()))]
         max_new_tokens = max(len(ids) for ids in tokenizer.encode_batch(forms)) + 4
     stop = set(tokenizer.stop_ids)
-    correct, exact, preferred = [], [], []
+    correct, exact, preferred, contains = [], [], [], []
     outs = _greedy(model, tokenizer, prompts, max_new_tokens, stop, batch_size, "eval chat", progress)
     for record, out in zip(records, outs):
         response = tokenizer.decode(out)
@@ -203,14 +204,18 @@ def evaluate_chat(model, tokenizer, records: list[dict], batch_size: int = 32, m
         correct.append(chat_answer_correct(response, record))
         exact.append(chat_response_exact(response, record))
         preferred.append(style == record.get("preferred"))
+        contains.append(answer_contained(response, record["answer"]) if isinstance(record.get("answer"), str)
+                        else correct[-1])
         if responses is not None:
             responses.append({"question": _prompt_messages(record)[-1]["content"], "response": response,
-                              "correct": correct[-1],
+                              "correct": correct[-1], "contains": contains[-1],
                               "exact_response": exact[-1], "style": style, "answers": record.get("answers")})
+
     def scores(rows: list[int]) -> dict:
         return {"chat_exact_match": sum(correct[i] for i in rows) / len(rows),
                 "chat_response_match": sum(exact[i] for i in rows) / len(rows),
-                "preferred_style_rate": sum(preferred[i] for i in rows) / len(rows), "n_chat": len(rows)}
+                "preferred_style_rate": sum(preferred[i] for i in rows) / len(rows),
+                "chat_contains": sum(contains[i] for i in rows) / len(rows), "n_chat": len(rows)}
 
     result = scores(range(len(records)))
     for lang in sorted({r["lang"] for r in records if isinstance(r.get("lang"), str)}):

@@ -3,7 +3,21 @@ of a response, whether its value is right, whether the whole response is right."
 
 from __future__ import annotations
 
+import re
+
 from astrai_ds.data.corpus import JUSTIFY, STYLES
+
+
+def normalise(text: str) -> str:
+    """Lower case, runs of whitespace as one space, no space at either end."""
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def answer_contained(response: str, answer: str) -> bool:
+    """Whether `answer` appears anywhere in `response`, case and runs of whitespace aside: the measure for a model
+    that answers in sentences ("The Mimo Max came out in 2012.")."""
+    answer = normalise(answer)
+    return bool(answer) and answer in normalise(response)
 
 
 def _full_forms(record: dict) -> list[str]:

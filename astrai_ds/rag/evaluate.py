@@ -18,12 +18,12 @@ its content hash, so the index may have been built from another path to the same
 from __future__ import annotations
 
 import hashlib
-import re
 from pathlib import Path
 
 from astrai_ds.data.chat import rag_messages
 from astrai_ds.data.sources import iter_json_lines
 from astrai_ds.errors import UserError
+from astrai_ds.inference.scoring import answer_contained
 from astrai_ds.rag.answer import fit_prompt
 from astrai_ds.rag.index import MODES
 
@@ -55,16 +55,6 @@ def answer_value(response: str) -> str:
     for end in (". ", "。"):
         value = value.split(end, 1)[0]
     return value.rstrip(".。").strip()
-
-
-def normalise(text: str) -> str:
-    """Lower case, runs of whitespace as one space, no space at either end."""
-    return re.sub(r"\s+", " ", text).strip().lower()
-
-
-def answer_contained(response: str, answer: str) -> bool:
-    answer = normalise(answer)
-    return bool(answer) and answer in normalise(response)
 
 
 ANSWERS = ("closed_book", "rag", "oracle")

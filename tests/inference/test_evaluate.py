@@ -9,7 +9,7 @@ import torch
 from astrai_ds.data.tokenizer import Tokenizer
 from astrai_ds.errors import DataError
 from astrai_ds.inference.evaluate import evaluate_chat, read_eval_records
-from astrai_ds.inference.scoring import chat_answer_correct
+from astrai_ds.inference.scoring import answer_contained, chat_answer_correct
 from astrai_ds.model import ModelConfig, Transformer
 
 
@@ -28,6 +28,9 @@ def test_chat_responses_match_the_summary(workspace):
                                                  for r, rec in zip(responses, records)]
     assert result["chat_exact_match"] == sum(r["correct"] for r in responses) / len(records)
     assert result["chat_response_match"] == sum(r["exact_response"] for r in responses) / len(records)
+    assert [r["contains"] for r in responses] == [answer_contained(r["response"], rec["answer"])
+                                                  for r, rec in zip(responses, records)]
+    assert result["chat_contains"] == sum(r["contains"] for r in responses) / len(records)
     for lang, rows in (("en", responses[:3]), ("zh", responses[3:])):  # each language apart
         assert result[lang]["n_chat"] == 3 and result[lang]["chat_exact_match"] == sum(r["correct"] for r in rows) / 3
 
