@@ -62,6 +62,7 @@ METRICS = ("eval_loss", "exact_match", "chat_exact_match", "chat_response_match"
            "preferred_style_rate")
 COLUMNS = (("eval_loss", "eval_loss", "{:.4f}"), ("exact_match", "exact_match", "{:.3f}"),
            ("chat_exact_match", "chat_em", "{:.3f}"), ("chat_response_match", "chat_resp", "{:.3f}"),
+           ("chat_contains", "chat_has", "{:.3f}"),
            ("pref_accuracy", "pref_acc", "{:.3f}"),
            ("preferred_style_rate", "pref_style", "{:.3f}"), ("tokens_per_sec", "tokens/s", "{:.0f}"),
            ("wall_time_s", "wall time", "{:.0f}s"))
