@@ -10,7 +10,7 @@
 # written to runs/real/report.json ("base" and "tuned"). Everything goes under runs/real/ (removed first).
 #
 # Environment: NPROC (ranks, default 2), DTYPE (the evaluation's weights: bf16, the default, or fp32, about 1.6x
-# slower on a CPU with native bf16; the two gave the same scores within 0.02 here).
+# slower on a CPU with native bf16; the two gave the same scores within 0.025 here).
 source "$(dirname "$0")/env.sh"
 START=$(date +%s)
 R=runs/real
