@@ -1,12 +1,14 @@
 """Export a DeepSpeed run to a model folder that loads without DeepSpeed, and in `transformers` as
 LlamaForCausalLM (Qwen3ForCausalLM with QK-norm): the format is model/io.py's `save_model_folder`.
 ZeRO-1/2/3 checkpoints keep the fp32 master weights split across ranks' optimizer files; DeepSpeed's
-zero_to_fp32 helpers gather them into one state dict. Without ZeRO the module weights are read directly.
+zero_to_fp32 helpers gather them into one state dict (with the optimizer offloaded to NVMe, the swapped parts are
+read from the swap files the checkpoint holds). Without ZeRO the module weights are read directly.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -30,10 +32,7 @@ def consolidated_state_dict(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     if stage is None:  # a checkpoint from before markers recorded it: the run's config tells
         stage = json.loads((run_dir / "ds_config.json").read_text()).get("zero_optimization", {}).get("stage", 0)
     if (run_dir / tag / "offloaded_tensors").is_dir():
-        # DeepSpeed keeps such a run's fp32 weights in the swap files it copies there, and its ZeRO files hold
-        # empty placeholders for them, which zero_to_fp32 cannot consolidate.
-        raise UserError(f"{run_dir / tag}: this run offloaded its optimizer to NVMe, and export does not read the "
-                        f"fp32 weights from its swap files yet; such a checkpoint can only be resumed")
+        return _nvme_state_dict(run_dir, tag)
     if int(stage) > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -41,6 +40,63 @@ def consolidated_state_dict(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     # No ZeRO: rank 0's model file holds the whole module (in the training dtype).
     states = torch.load(run_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     return {k: v.float() for k, v in states["module"].items()}
+
+
+def _sub_group_numels(param_shapes: list[dict], world_size: int, sub_group_size: int) -> list[int]:
+    """The length of each of a rank's ZeRO-3 sub-groups, in order: each parameter group's partitions (a
+    parameter's is ceil(numel / world_size) long) cut where a sub-group reaches `sub_group_size`, as DeepSpeed's
+    `DeepSpeedZeroOptimizer_Stage3._create_fp16_sub_groups` cuts them."""
+    out = []
+    for group in param_shapes:
+        numels = [math.ceil(math.prod(shape) / world_size) for shape in group.values()]
+        if sub_group_size >= sum(numels):
+            out.append(sum(numels))
+            continue
+        size = 0
+        for i, n in enumerate(numels):
+            size += n
+            if size >= sub_group_size or i == len(numels) - 1:
+                out.append(size)
+                size = 0
+    return out
+
+
+def _nvme_state_dict(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict of a ZeRO-3 checkpoint whose optimizer was offloaded to NVMe. DeepSpeed's ZeRO files
+    hold an empty placeholder for each sub-group it swaps; the sub-group's fp32 weights are the first elements of
+    the swap file `offloaded_tensors/rank<NN>/<ds_id>.tensor.swp` that the checkpoint copied (the file is padded to
+    the I/O alignment, and its optimizer states lie beside it as `exp_avg-<ds_id>...`). Each placeholder is read
+    from its file, then DeepSpeed's zero_to_fp32 consolidates as for any ZeRO-3 checkpoint."""
+    from deepspeed.utils.zero_to_fp32 import (_get_fp32_state_dict_from_zero3_checkpoint, get_model_state_files,
+                                              get_optim_files, parse_model_states, parse_optim_states,
+                                              to_torch_tensor)
+
+    ckpt = run_dir / tag
+    model_states = parse_model_states(get_model_state_files(str(ckpt)))
+    stage, world_size, flat_groups, _ = parse_optim_states(get_optim_files(str(ckpt)), str(ckpt))
+    if stage != 3:
+        raise UserError(f"{ckpt}: swap files of an optimizer offloaded to NVMe beside a ZeRO-{stage} checkpoint; "
+                        f"export reads them for ZeRO-3 only")
+    zero = json.loads((run_dir / "ds_config.json").read_text()).get("zero_optimization", {})
+    sizes = _sub_group_numels(model_states[0].param_shapes, world_size, int(zero.get("sub_group_size", 10**9)))
+    for rank, groups in enumerate(flat_groups):
+        folder = ckpt / "offloaded_tensors" / f"rank{rank:0>2d}"
+        if len(groups) != len(sizes):
+            raise UserError(f"{ckpt}: rank {rank} saved {len(groups)} optimizer sub-groups where the run's model and "
+                            f"sub_group_size make {len(sizes)}; the checkpoint does not match its run's ds_config.json")
+        for i, (flat, numel) in enumerate(zip(groups, sizes)):
+            if flat.numel() == numel:
+                continue
+            path = folder / f"{getattr(flat, 'ds_id', None)}.tensor.swp"
+            need = numel * flat.element_size()
+            if flat.numel() != 0 or not path.is_file() or path.stat().st_size < need:
+                raise UserError(f"{ckpt}: the fp32 weights of rank {rank}'s optimizer sub-group {i} ({numel} values) "
+                                f"are neither in its ZeRO file nor in {path}"
+                                f"{' (too short)' if path.is_file() else ''}; the checkpoint is incomplete: export "
+                                f"another one (--tag)")
+            groups[i] = torch.from_file(str(path), shared=False, size=numel, dtype=flat.dtype)
+    state = _get_fp32_state_dict_from_zero3_checkpoint(world_size, flat_groups, model_states, False)
+    return dict(to_torch_tensor(state))
 
 
 def _pipeline_state_dict(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:

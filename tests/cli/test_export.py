@@ -52,3 +52,17 @@ def test_exported_files_follow_the_umask(run_dir, tmp_path, umask):
         os.umask(previous)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
     assert modes == {name: 0o666 & ~umask for name in MODEL_FILES}
+
+
+def test_zero3_sub_groups_are_cut_as_deepspeed_cuts_them():
+    """An NVMe-offloaded checkpoint's swap files hold whole sub-groups: export must know each one's length."""
+    import torch
+
+    from astrai_ds.convert.export import _sub_group_numels
+
+    shapes = [{"a": torch.Size([10, 10]), "b": torch.Size([7]), "c": torch.Size([30])}, {"norm": torch.Size([5])}]
+    # on 2 ranks each rank holds ceil(numel / 2) of a parameter: 50, 4 and 15 of the first group, 3 of the second
+    assert _sub_group_numels(shapes, 2, 10**9) == [69, 3]
+    assert _sub_group_numels(shapes, 2, 50) == [50, 19, 3]  # a sub-group ends once it reaches sub_group_size
+    assert _sub_group_numels(shapes, 2, 54) == [54, 15, 3]
+    assert _sub_group_numels(shapes, 1, 100) == [100, 37, 5]

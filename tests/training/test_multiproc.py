@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from conftest import (ROOT, VENV_BIN, copy_run, expect_user_error, free_port, launch, read_metrics, run_cmd,
+from conftest import (ROOT, VENV_BIN, copy_run, free_port, launch, read_metrics, run_cmd,
                       run_ranks, tiny_train_config, train_losses, unavailable)
 
 pytestmark = pytest.mark.multiproc
@@ -84,10 +84,37 @@ def test_zero3_nvme_offload_agrees_and_resumes(workspace, tmp_path):
     ds = json.loads((tmp_path / "full" / "run" / "ds_config.json").read_text())
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "nvme"
     assert not (tmp_path / "full" / "run" / "nvme_offload").exists()
-    # its fp32 weights are in the swap files, which export does not read yet: a clear error, not DeepSpeed's
-    proc = run_cmd([str(VENV_BIN / "astrai-ds"), "export", "--run", str(tmp_path / "full" / "run"), "--out",
-                    str(tmp_path / "model")], check=False)
-    expect_user_error(proc, "global_step6", "offloaded its optimizer to NVMe", "can only be resumed")
+    # Export reads the swapped fp32 weights from the checkpoint's swap files: the model equals the host-offload
+    # run's (the same CPU Adam on the same data; consolidated by DeepSpeed's own zero_to_fp32), and is no longer
+    # the initial one; the same run exports to GGUF.
+    import gguf
+    import numpy as np
+
+    from astrai_ds.convert.export import consolidated_state_dict, export_run, run_model
+    from astrai_ds.convert.gguf import export_gguf
+    from astrai_ds.model.io import load_model_folder
+
+    from deepspeed.utils.zero_to_fp32 import get_optim_files, parse_optim_states
+
+    last = tmp_path / "full" / "run" / "global_step6"
+    groups = parse_optim_states(get_optim_files(str(last)), str(last))[2]
+    assert any(g.numel() == 0 for rank in groups for g in rank)  # ZeRO's own files lack the swapped weights
+    nvme_state = consolidated_state_dict(tmp_path / "full" / "run", "global_step6")
+    host_state = consolidated_state_dict(tmp_path / "host" / "run", "global_step6")
+    first = consolidated_state_dict(tmp_path / "split" / "run", "global_step3")
+    assert sorted(nvme_state) == sorted(host_state)
+    for name, value in host_state.items():
+        torch.testing.assert_close(nvme_state[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert any(not torch.equal(first[name], nvme_state[name]) for name in nvme_state)
+    export_run(tmp_path / "full" / "run", tmp_path / "model")
+    model, _ = load_model_folder(tmp_path / "model", dtype=torch.float32)
+    exported = {name: p.detach() for name, p in model.state_dict().items()}
+    for name, value in exported.items():
+        torch.testing.assert_close(value, nvme_state[name].to(value.dtype).view_as(value), rtol=0, atol=0, msg=name)
+    export_gguf(*run_model(tmp_path / "full" / "run"), tmp_path / "model.gguf", "f32")
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "model.gguf").tensors}
+    embedding = exported["embed.tok_embeddings.weight"].numpy()
+    assert np.array_equal(np.asarray(tensors["token_embd.weight"].data), embedding)
 
 
 def test_run_folder_layout(zero_runs):
