@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -124,6 +126,30 @@ def _check_model_out_dir(out_dir: Path) -> None:
                         f"folder, or a model folder to overwrite")
 
 
+def write_model_folder(out_dir: Path, write) -> Path:
+    """Make the model folder `out_dir` with `write(folder)`, which writes its files into a hidden folder beside it
+    (`.NAME.part`): that folder becomes `out_dir`, or, where `out_dir` exists, each of its files replaces the one of
+    the same name there (other files are kept). An interrupted or failed write leaves `out_dir` as it was and no
+    half-written file."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.part")
+    if tmp.exists():  # what an earlier, killed write left
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        if out_dir.exists():
+            for path in sorted(tmp.iterdir()):
+                os.replace(path, out_dir / path.name)
+            tmp.rmdir()
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
 def _checked_run(run_dir: Path, tag: str | None) -> str:
     """The checkpoint tag to export from `run_dir` (default: the latest), once the folder is a run nobody trains."""
     if not (run_dir / "model_config.json").exists():
@@ -156,4 +182,4 @@ def export_run(run_dir: str | Path, out_dir: str | Path, tag: str | None = None,
     _check_model_out_dir(out_dir)
     model, tokenizer = run_model(run_dir, tag)
     model.to(DTYPES[dtype])
-    return save_model_folder(model, tokenizer, out_dir)
+    return write_model_folder(out_dir, lambda folder: save_model_folder(model, tokenizer, folder))

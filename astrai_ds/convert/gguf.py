@@ -193,7 +193,7 @@ def _token(f: _File, key: str) -> str | None:
 def import_gguf(gguf_file: str | Path, out_dir: str | Path, progress: bool = False, dtype: str = "fp32") -> Path:
     """Write the model folder `out_dir` (new, empty, or a model folder to overwrite) from a GGUF file, its weights
     in `dtype` ("fp32", "bf16", "fp16")."""
-    from astrai_ds.convert.export import DTYPES, _check_model_out_dir
+    from astrai_ds.convert.export import DTYPES, _check_model_out_dir, write_model_folder
     from astrai_ds.model import Transformer
     from astrai_ds.model.io import save_model_folder
 
@@ -222,9 +222,13 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, progress: bool = Fal
     model = Transformer(cfg)
     model.load_state_dict(_tensors(f, arch, cfg, progress), strict=True)
     model.to(DTYPES[dtype])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-    return save_model_folder(model, tokenizer, out_dir)
+
+    def write(folder: Path) -> None:
+        (folder / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+        save_model_folder(model, Tokenizer(folder / "tokenizer.json", tokenizer_json.encode("utf-8"), config,
+                                           generation), folder)
+
+    return write_model_folder(out_dir, write)
 
 
 # ---------------------------------------------------------------- GGUF out
@@ -362,9 +366,14 @@ def export_gguf(model, tokenizer, out_file: str | Path, outtype: str = "f16", na
     if not cfg.tie_embeddings:
         add("output.weight", state["head.output.weight"])
 
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file(progress=False)
-    writer.close()
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=False)
+        writer.close()
+    except BaseException:  # a full disk, an interrupt: no half file left behind
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(out_file)
     return out_file

@@ -66,3 +66,29 @@ def test_zero3_sub_groups_are_cut_as_deepspeed_cuts_them():
     assert _sub_group_numels(shapes, 2, 50) == [50, 19, 3]  # a sub-group ends once it reaches sub_group_size
     assert _sub_group_numels(shapes, 2, 54) == [54, 15, 3]
     assert _sub_group_numels(shapes, 1, 100) == [100, 37, 5]
+
+
+def test_a_model_folder_is_written_whole_or_not_at_all(tmp_path):
+    """export and import write into a hidden folder first: an interrupted write leaves the folder as it was and
+    nothing half-written; a model folder's other files are kept; a killed write's leftovers go at the next one."""
+    from astrai_ds.convert.export import write_model_folder
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "config.json").write_text("old")
+    (out / "README.md").write_text("mine")
+
+    def interrupted(folder):
+        (folder / "config.json").write_text("new")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_model_folder(out, interrupted)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and (out / "config.json").read_text() == "old"
+    (tmp_path / ".model.part").mkdir()  # as a SIGKILL leaves it
+    (tmp_path / ".model.part" / "model.safetensors").write_text("half")
+    write_model_folder(out, lambda folder: (folder / "config.json").write_text("new"))
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json"]
+    assert (out / "config.json").read_text() == "new" and (out / "README.md").read_text() == "mine"
+    write_model_folder(tmp_path / "fresh", lambda folder: (folder / "config.json").write_text("x"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "model"]
