@@ -2,7 +2,8 @@
 after the other (greedy: temperature 0), wait for each answer to finish streaming, and save a PNG of the page.
 
 Needs the Debian packages chromium and chromium-driver (scripts/install_cluster_deps.sh installs them as root) and
-the selenium package (the project's test extra: `source scripts/env.sh test`).
+the selenium package (the project's test extra: `source scripts/env.sh test`); Chinese text shows as boxes unless a
+CJK font is installed (`apt-get install fonts-wqy-zenhei`, or fonts-noto-cjk).
 
   .venv/bin/astrai-ds serve --model runs/real/models/tuned --dtype fp32 --port 8000 &
   .venv/bin/python scripts/chat_screenshot.py --url http://127.0.0.1:8000 --out chat.png \
