@@ -86,7 +86,7 @@ def format_table(report: dict) -> str:
     lines = [f"{'stage':<6}" + "".join(f"{title:>12}" for _, title, _ in COLUMNS)]
     rag_lines = []
     for stage, entry in report.items():
-        if any(entry.get(key) is not None for key, _, _ in COLUMNS):
+        if any(entry.get(key) is not None for key in METRICS):  # a RAG-only entry has its own line below
             cells = [fmt.format(entry[key]) if entry.get(key) is not None else "-" for key, _, fmt in COLUMNS]
             lines.append(f"{stage:<6}" + "".join(f"{c:>12}" for c in cells))
         if all(key in entry for key in RAG_METRICS):

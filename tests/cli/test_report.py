@@ -68,3 +68,13 @@ def test_report_adds_the_stage(run_dir, tmp_path, capsys):
     assert json.loads(out.read_text()) == {"sft": {"eval_loss": 1.0},
                                            "pt": {"eval_loss": 2.5, "exact_match": 0.25, "tokens_per_sec": 250.0}}
     assert "2.5000" in proc.stdout and "250" in proc.stdout
+
+
+def test_a_rag_entry_gets_its_own_line_not_an_empty_row():
+    from astrai_ds.cli.report import format_table
+
+    rag = {"answer_em_closed_book": 0.0, "answer_em_rag": 0.5, "answer_em_oracle": 1.0, "recall_at_5": {"bm25": 1.0},
+           "wall_time_s": 11}
+    lines = format_table({"pt": {"eval_loss": 1.5, "wall_time_s": 30}, "rag": rag}).splitlines()
+    assert [line.split()[0] for line in lines[1:] if line and not line.startswith("rag:")] == ["pt"]
+    assert any(line.startswith("rag: closed_book 0.000, rag 0.500, oracle 1.000") for line in lines)
