@@ -5,6 +5,10 @@ Pure bookkeeping, no tensors. The pool is `num_blocks` blocks of `block_size` to
 a sequence lives in slot `block_table[position // block_size] * block_size + position % block_size` of the
 K/V tensors the model runner owns. A full block whose K/V is written is named by a chained hash of (its
 parent's hash, its token ids), so two sequences that start alike share the same physical blocks (ref counts).
+The hash is SHA-256, so a key names its whole prefix: a collision cannot be built the way Python's `hash` of a
+tuple (the same in every run) can be made to collide (vLLM's CVE-2025-25183). A hit is still verified against
+the block's own tokens and its parent's key, so even a collision could not put a block at another position or
+behind another context.
 
 A block whose ref count drops to 0 joins the free queue but keeps its hash: a later request can still hit it
 until an allocation takes it, which drops the hash (LRU: freed blocks go to the back, allocation takes from the
@@ -13,23 +17,27 @@ front; a sequence is freed tail-first, so the head of a shared prefix stays cach
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
-_ROOT = 0  # parent hash of a sequence's first block
+_ROOT = b""  # parent hash of a sequence's first block
 
 
-def _block_hash(parent: int, tokens: tuple[int, ...]) -> int:
-    """Chained hash of one full block; a module function so tests can force collisions."""
-    return hash((parent, tokens))
+def _block_hash(parent: bytes, tokens: tuple[int, ...]) -> bytes:
+    """Chained hash of one full block: SHA-256 of its parent's hash and its token ids (as 64-bit integers); a
+    module function so tests can force collisions."""
+    return hashlib.sha256(parent + array("q", tokens).tobytes()).digest()
 
 
 @dataclass
 class Block:
     id: int
     ref: int = 0  # number of block tables that hold this block
-    hash: int | None = None  # chained hash once the block is full and its K/V written; None while writable
+    hash: bytes | None = None  # chained hash once the block is full and its K/V written; None while writable
     tokens: tuple[int, ...] | None = None  # (block_size,) token ids behind `hash`, to verify hits
+    parent: bytes | None = None  # the hash of the block before it in its sequence (_ROOT for a first block)
 
 
 class BlockManager:
@@ -67,7 +75,8 @@ class BlockManager:
             tokens = tuple(token_ids[i * bs:(i + 1) * bs])
             h = _block_hash(parent, tokens)
             bid = self._cached.get(h)
-            if bid is None or self.blocks[bid].tokens != tokens:  # a miss, or a hash collision
+            # a miss, or a collision: the block must hold these tokens behind this same prefix
+            if bid is None or self.blocks[bid].tokens != tokens or self.blocks[bid].parent != parent:
                 break
             hit.append(bid)
             parent = h
@@ -90,7 +99,7 @@ class BlockManager:
         for i in range(start, n_full):
             block = self.blocks[block_table[i]]
             parent = self.blocks[block_table[i - 1]].hash if i else _ROOT
-            block.tokens = tuple(token_ids[i * bs:(i + 1) * bs])
+            block.tokens, block.parent = tuple(token_ids[i * bs:(i + 1) * bs]), parent
             block.hash = _block_hash(parent, block.tokens)
             # Another block may hold the same prefix (two sequences computed it at once): keep the first one;
             # this one still carries the hash so its successors can chain on it.
@@ -102,7 +111,7 @@ class BlockManager:
         later blocks must not be registered either."""
         self._cached.clear()
         for bid in self._free:
-            self.blocks[bid].hash = self.blocks[bid].tokens = None
+            self.blocks[bid].hash = self.blocks[bid].tokens = self.blocks[bid].parent = None
 
     def _is_registered(self, block: Block) -> bool:
         return block.hash is not None and self._cached.get(block.hash) == block.id
@@ -142,7 +151,7 @@ class BlockManager:
                 if self._cached.get(block.hash) == bid:
                     del self._cached[block.hash]
                     self.stats["evictions"] += 1
-                block.hash = block.tokens = None
+                block.hash = block.tokens = block.parent = None
             block.ref = 1
             block_table.append(bid)
         return True
@@ -162,7 +171,7 @@ class BlockManager:
             if block.ref == 0:
                 self._free[bid] = None
                 if not self._is_registered(block):  # can never be hit: reuse it before any cached block
-                    block.hash = block.tokens = None
+                    block.hash = block.tokens = block.parent = None
                     self._free.move_to_end(bid, last=False)
         block_table.clear()
 

@@ -23,7 +23,7 @@ def check_invariants(bm: BlockManager, tables: list[list[int]]) -> None:
     for h, bid in bm._cached.items():
         assert bm.blocks[bid].hash == h and len(bm.blocks[bid].tokens) == bm.block_size
     for b in bm.blocks:
-        assert (b.hash is None) == (b.tokens is None)
+        assert (b.hash is None) == (b.tokens is None) == (b.parent is None)
         assert b.hash is not None or b.ref <= 1
 
 
@@ -164,6 +164,29 @@ def test_hash_collisions_give_no_false_hit(monkeypatch):
     assert bm.match_prefix([9, 9, 9, 9, 9]) == ([], 0)  # same hash, other tokens
     assert bm.match_prefix(prompt + [0]) == (a[:1], 4)  # block 2's hash points at block 1's tokens
     check_invariants(bm, [a])
+
+
+def test_a_forced_collision_cannot_reuse_a_block_behind_another_prefix(monkeypatch):
+    """A block's key covers its tokens only (the collision): a repeat of the first block's tokens later in the
+    prompt finds the first block, whose parent is another; it must not be reused there."""
+    monkeypatch.setattr(bm_module, "_block_hash", lambda parent, tokens: hash(tokens))
+    bm = BlockManager(num_blocks=8, block_size=4)
+    a = []
+    bm.allocate(a, 9)
+    bm.cache_blocks(a, [0, 1, 2, 3, 0, 1, 2, 3, 9], 9)
+    assert bm.match_prefix([0, 1, 2, 3, 0, 1, 2, 3, 9]) == (a[:1], 4)  # not (a[0], a[0]): 8 tokens
+    check_invariants(bm, [a])
+
+
+def test_block_keys_chain_a_cryptographic_hash():
+    """The key of a block is SHA-256 over its parent's key and its tokens: the same tokens behind another prefix
+    give another key, and the keys are the same in every process (no per-run salt to rely on)."""
+    import hashlib
+    from array import array
+
+    first = bm_module._block_hash(bm_module._ROOT, (0, 1, 2, 3))
+    assert first == hashlib.sha256(array("q", (0, 1, 2, 3)).tobytes()).digest()
+    assert bm_module._block_hash(first, (0, 1, 2, 3)) not in (first, bm_module._block_hash(first, (0, 1, 2, 4)))
 
 
 def test_duplicate_blocks_keep_the_first_entry():
