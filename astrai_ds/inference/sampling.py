@@ -15,6 +15,7 @@ import torch
 from astrai_ds.errors import RequestError
 
 MAX_LOGPROBS = 20
+MIN_PENALTY, MAX_PENALTY = 0.01, 100.0  # repetition_penalty's range
 GREEDY_EPS = 1e-5  # a temperature below this is greedy: dividing by it would overflow the logits to inf
 
 
@@ -33,7 +34,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = off; else keep the k most likely tokens
     top_p: float = 1.0  # in (0, 1]: keep the smallest set of most likely tokens with mass >= top_p
     min_p: float = 0.0  # in [0, 1]: drop tokens with p < min_p * p_max
-    repetition_penalty: float = 1.0  # > 0; HF/CTRL: over prompt and output tokens, logit > 0 -> /p, else *p
+    repetition_penalty: float = 1.0  # in [0.01, 100]; HF/CTRL: over prompt and output tokens, logit > 0 -> /p, else *p
     presence_penalty: float = 0.0  # in [-2, 2]; OpenAI: minus this once for each token already in the output
     frequency_penalty: float = 0.0  # in [-2, 2]; OpenAI: minus this times the token's count in the output
     stop: list[str] = ()  # stop strings; the text is cut just before the first one
@@ -53,8 +54,9 @@ class SamplingParams:
             raise self._invalid("top_p", "in (0, 1]")
         if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
             raise self._invalid("min_p", "in [0, 1]")
-        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise self._invalid("repetition_penalty", "a finite number > 0 (1 = off)")
+        # bounded so that dividing or multiplying a logit by it stays finite (1e-300 overflowed them to inf)
+        if not _is_number(self.repetition_penalty) or not MIN_PENALTY <= self.repetition_penalty <= MAX_PENALTY:
+            raise self._invalid("repetition_penalty", f"in [{MIN_PENALTY}, {MAX_PENALTY:g}] (1 = off)")
         for name in ("presence_penalty", "frequency_penalty"):
             if not _is_number(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
                 raise self._invalid(name, "in [-2, 2]")
@@ -145,6 +147,7 @@ def filter_logits(x: torch.Tensor, p: SamplingParams) -> tuple[torch.Tensor, tor
     if p.top_p < 1.0:
         probs = x.masked_fill(~keep, -math.inf).softmax(-1)
         keep &= probs.cumsum(-1) - probs < p.top_p  # the mass before a token is still short of top_p
+        keep[0] = True  # the most likely token always stays (a top_p below float32's range rounds to 0)
     if p.min_p > 0.0:
         probs = x.masked_fill(~keep, -math.inf).softmax(-1)
         keep &= probs >= p.min_p * probs[0]

@@ -161,7 +161,8 @@ def test_logprobs_are_of_the_raw_distribution():
     (dict(temperature=math.inf), "temperature"), (dict(temperature="1"), "temperature"),
     (dict(top_k=-1), "top_k"), (dict(top_k=2.0), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
     (dict(top_p=math.nan), "top_p"), (dict(min_p=-0.1), "min_p"), (dict(min_p=1.1), "min_p"),
-    (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(presence_penalty=2.5), "presence_penalty"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(repetition_penalty=1e-300), "repetition_penalty"),
+    (dict(repetition_penalty=1e300), "repetition_penalty"), (dict(presence_penalty=2.5), "presence_penalty"),
     (dict(frequency_penalty=-3), "frequency_penalty"), (dict(stop=[1]), "stop"), (dict(stop=[""]), "stop"),
     (dict(stop=None), "stop"), (dict(stop_token_ids=[-1]), "stop_token_ids"),
     (dict(stop_token_ids="2"), "stop_token_ids"),
@@ -193,3 +194,16 @@ def test_from_dict_and_to_dict():
 def test_rows_must_line_up():
     with pytest.raises(ValueError, match="2 rows of logits but 1 params"):
         sample(torch.zeros(2, 4), [SamplingParams()], [None, None], [[], []], [[], []])
+
+
+@pytest.mark.parametrize("kw", [dict(top_p=1e-300), dict(top_p=1e-300, top_k=3), dict(min_p=1.0),
+                                dict(repetition_penalty=0.01), dict(repetition_penalty=100.0)])
+def test_edge_values_still_sample_a_token(kw):
+    """A top_p below float32's range (it rounds to 0) keeps the most likely token instead of none, and the
+    repetition penalty's bounds keep the logits finite: every edge draws a token instead of raising."""
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(0)) * 20
+    params = SamplingParams(temperature=1.0, **kw)
+    (result,) = sample(logits, [params], [make_generator(0)], [[1, 2, 3]], [[4]])
+    if "top_p" in kw or "min_p" in kw:
+        assert result.token_id == int(logits[0].argmax())  # only the most likely token is left
+    assert 0 <= result.token_id < 50

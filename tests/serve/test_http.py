@@ -109,3 +109,34 @@ def test_an_api_key_guards_every_v1_route(model_dir, tmp_path):
         assert openai.OpenAI(base_url=f"{s.url}/v1", api_key="s3cret").models.list().data
     finally:
         assert s.stop() == 0, s.log()
+
+
+EDGES = [0, -1, 1e-300, -1e-300, 1e300, float("nan"), float("inf"), float("-inf"), "1", True, None, [1]]
+SAMPLING_FIELDS = ["temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                   "frequency_penalty", "max_tokens", "seed", "n", "top_logprobs"]
+
+
+def test_sampling_fields_at_their_edges_never_take_the_engine_down(server):
+    """Every sampling field at its edges (zero, negative, tiny, huge, NaN, infinities, wrong types): a request
+    either answers or is a 400 that names the field (or the JSON, for a literal JSON has no such number), and the
+    engine stays healthy for the next request. 1e-300 as repetition_penalty once overflowed the logits to inf and
+    killed the engine for every later request."""
+    answered = 0
+    for name in SAMPLING_FIELDS:
+        for value in EDGES:
+            body = {**CHAT, "temperature": 1, "seed": 3, "max_tokens": 2, name: value}  # sampled, not argmax
+            if name == "top_logprobs":
+                body["logprobs"] = True
+            r = httpx.post(f"{server.url}/v1/chat/completions", content=json.dumps(body).encode(),
+                           headers={"content-type": "application/json"}, timeout=60)
+            assert r.status_code in (200, 400), (name, value, r.status_code, r.text)
+            if r.status_code == 400:
+                error = r.json()["error"]
+                assert error["param"] == name or "JSON" in error["message"], (name, value, error)
+            else:
+                answered += 1
+                assert r.json()["choices"][0]["finish_reason"] in ("stop", "length"), (name, value, r.text)
+            assert httpx.get(f"{server.url}/health").json()["status"] == "ok", (name, value)
+    assert answered > 0
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={**CHAT, "max_tokens": 4}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
