@@ -39,11 +39,12 @@ class RequestOutput:
     token_ids: list[int]  # the new tokens
     logprobs: list[dict] | None  # per new token: {"token_id", "logprob", "top_logprobs": [(id, logprob), ...]}
     finished: bool
-    finish_reason: str | None  # "stop", "length" or "abort" once finished
+    finish_reason: str | None  # "stop", "length", "abort" or "error" once finished
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int  # prompt tokens served from the prefix cache
     stop_string: str | None = None  # the stop string that ended the request (finish_reason "stop")
+    error: str | None = None  # why the request failed (finish_reason "error"); the engine goes on
 
 
 @dataclass
@@ -194,24 +195,39 @@ class LLMEngine:
                          [seq.prompt_ids for seq in sampling], [seq.output_ids for seq in sampling])
         outputs = []
         for seq, request, result in zip(sampling, requests, results):
-            reason = seq.append(result.token_id)
-            new_ids = [] if reason == "stop" else [result.token_id]
-            text = request.detok.add(result.token_id) if new_ids else ""
-            if request.detok.stopped:
-                reason = "stop"
-            if reason is not None:
-                text += "" if request.detok.stopped else request.detok.finish()
-                self.scheduler.finish(seq, reason)
-                del self._requests[seq.request_id]
-            logprobs = None
-            if seq.params.logprobs is not None and new_ids:
-                logprobs = [{"token_id": result.token_id, "logprob": result.logprob,
-                             "top_logprobs": result.top_logprobs or []}]
-                request.logprobs += logprobs
-            outputs.append(RequestOutput(seq.request_id, text, new_ids, logprobs, reason is not None, reason,
-                                         len(seq.prompt_ids), len(seq.output_ids), seq.num_cached,
-                                         request.detok.matched_stop))
+            try:
+                if result.error is not None:
+                    raise RuntimeError(result.error)
+                outputs.append(self._advance(seq, request, result))
+            except Exception as e:  # this request's failure ends it (its blocks freed); the others go on
+                outputs.append(self._fail(seq, e))
         return outputs
+
+    def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
+        if seq.request_id in self._requests:
+            self.scheduler.finish(seq, "error")
+            del self._requests[seq.request_id]
+        return RequestOutput(seq.request_id, "", [], None, True, "error", len(seq.prompt_ids), len(seq.output_ids),
+                             seq.num_cached, error=str(error) or type(error).__name__)
+
+    def _advance(self, seq: Sequence, request: _Request, result) -> RequestOutput:
+        """Append a sampled token to its request: stop checks, detokenization, log-probs; its output."""
+        reason = seq.append(result.token_id)
+        new_ids = [] if reason == "stop" else [result.token_id]
+        text = request.detok.add(result.token_id) if new_ids else ""
+        if request.detok.stopped:
+            reason = "stop"
+        if reason is not None:
+            text += "" if request.detok.stopped else request.detok.finish()
+            self.scheduler.finish(seq, reason)
+            del self._requests[seq.request_id]
+        logprobs = None
+        if seq.params.logprobs is not None and new_ids:
+            logprobs = [{"token_id": result.token_id, "logprob": result.logprob,
+                         "top_logprobs": result.top_logprobs or []}]
+            request.logprobs += logprobs
+        return RequestOutput(seq.request_id, text, new_ids, logprobs, reason is not None, reason,
+                             len(seq.prompt_ids), len(seq.output_ids), seq.num_cached, request.detok.matched_stop)
 
     # ------------------------------------------------------------------ wrappers
 
@@ -262,7 +278,7 @@ class LLMEngine:
                     results[i] = Completion(out.request_id, "".join(text), ids, out.finish_reason, out.prompt_tokens,
                                             out.completion_tokens, out.cached_tokens,
                                             logprobs if params[i] and params[i].logprobs is not None else None,
-                                            out.stop_string)
+                                            out.stop_string, out.error)
                     bar.update()
         bar.close()
         return results

@@ -180,8 +180,8 @@ def evaluate_chat(model, tokenizer, records: list[dict], batch_size: int = 32, m
     """Greedy answers to chat-formatted held-out questions: {"chat_exact_match" (the answer's value is right),
     "chat_response_match" (the whole response is right, a full answer's justification included),
     "preferred_style_rate", "chat_contains" (the record's "answer" appears in the response, case and whitespace
-    aside: for a model that answers in sentences)}, and the same for each language apart ({"en": {...}, "zh": {...}}, from the records'
-    "lang").
+    aside: for a model that answers in sentences)}, and the same for each language apart ({"en": {...}, "zh": {...}},
+    from the records' "lang").
 
     A record holds `messages` (the conversation up to the question), `answers` (the accepted forms, one per
     style) and `preferred` (the style the preference pairs favour). A `responses` list, when given, receives

@@ -107,6 +107,7 @@ class SampleResult:
     token_id: int
     logprob: float | None  # of the chosen token under the model's raw distribution; None unless asked
     top_logprobs: list[tuple[int, float]] | None  # the top-N (token, logprob), highest first
+    error: str | None = None  # set when this row's sampling failed (token_id is then -1); the other rows stand
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -166,24 +167,30 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
                          f"{len(prompt_ids)} prompts and {len(output_ids)} outputs")
     # The draw runs on the CPU with each request's CPU generator, which makes it independent of the device.
     logits = logits.detach().float().cpu()  # (B, V)
-    penalised = apply_penalties(logits, params, prompt_ids, output_ids)  # (B, V)
-
     results = []
     for row, p in enumerate(params):
-        x = penalised[row]  # (V,)
-        if p.greedy:
-            token = int(x.argmax())
-        else:
-            x = x / p.temperature
-            if p.top_k or p.top_p < 1.0 or p.min_p > 0.0:
-                x, order = filter_logits(x, p)
-                token = int(order[torch.multinomial(x.softmax(-1), 1, generator=generators[row])])
-            else:
-                token = int(torch.multinomial(x.softmax(-1), 1, generator=generators[row]))
-        if p.logprobs is None:
-            results.append(SampleResult(token, None, None))
-            continue
-        lp = logits[row].log_softmax(-1)  # (V,), of the raw logits
-        top = lp.topk(min(p.logprobs, lp.numel()))  # sorted, highest first
-        results.append(SampleResult(token, float(lp[token]), list(zip(top.indices.tolist(), top.values.tolist()))))
+        try:
+            results.append(_sample_row(logits[row], p, generators[row], prompt_ids[row], output_ids[row]))
+        except Exception as e:  # one request's failure ends that request, not the batch (nor the engine)
+            results.append(SampleResult(-1, None, None, error=f"sampling failed: {e}"))
     return results
+
+
+def _sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None, prompt_ids: list[int],
+                output_ids: list[int]) -> SampleResult:
+    """The next token for one row of raw logits (V,)."""
+    x = apply_penalties(logits[None], [p], [prompt_ids], [output_ids])[0]  # (V,)
+    if p.greedy:
+        token = int(x.argmax())
+    else:
+        x = x / p.temperature
+        if p.top_k or p.top_p < 1.0 or p.min_p > 0.0:
+            x, order = filter_logits(x, p)
+            token = int(order[torch.multinomial(x.softmax(-1), 1, generator=generator)])
+        else:
+            token = int(torch.multinomial(x.softmax(-1), 1, generator=generator))
+    if p.logprobs is None:
+        return SampleResult(token, None, None)
+    lp = logits.log_softmax(-1)  # (V,), of the raw logits
+    top = lp.topk(min(p.logprobs, lp.numel()))  # sorted, highest first
+    return SampleResult(token, float(lp[token]), list(zip(top.indices.tolist(), top.values.tolist())))

@@ -61,6 +61,10 @@ class RequestAborted(Exception):
     """The server aborted a request (shutting down after the drain timeout)."""
 
 
+class RequestFailed(Exception):
+    """One request failed while it was prepared or sampled (its blocks are freed); the engine goes on."""
+
+
 @dataclass
 class _Waiter:
     """Where a request's outputs go: an asyncio queue read on the event loop."""
@@ -260,6 +264,8 @@ class AsyncEngine:
                 self.num_unfinished -= 1
                 if self.metrics is not None:
                     self.metrics.finished(out.finish_reason, out.prompt_tokens)
+            if out.finish_reason == "error":
+                out = RequestFailed(f"the request failed: {out.error}")
             by_loop.setdefault(waiter.loop, []).append((waiter.outputs, out))
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_put_all, items)
@@ -281,6 +287,8 @@ def apply_commands(engine: LLMEngine, commands: list, on_add=None, on_abort=None
                 error = None
             except RequestError as e:
                 error = e
+            except Exception as e:  # a request that cannot be prepared fails alone, not the engine thread
+                error = RequestFailed(f"the request could not be prepared: {e!r}")
             if on_add is not None:
                 on_add(command, error)
         elif isinstance(command, _Embed):

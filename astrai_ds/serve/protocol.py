@@ -132,6 +132,8 @@ class Job:
             await server.engine.add(list(zip(job.request_ids, prompts, params)), job.queue)
         except RequestError as e:
             raise ApiError(400, str(e), param=param) from None
+        except Exception as e:  # the engine could not prepare one (RequestFailed), or it stopped
+            raise engine_error(e) from e
         return job
 
     def outputs(self):
@@ -157,10 +159,12 @@ async def _watch_disconnect(request: Request, queue: asyncio.Queue) -> None:
 
 def engine_error(e: BaseException) -> ApiError:
     """The ApiError for an exception raised while a request was running."""
-    from astrai_ds.serve.async_engine import EngineDead, RequestAborted
+    from astrai_ds.serve.async_engine import EngineDead, RequestAborted, RequestFailed
 
     if isinstance(e, RequestAborted):
         return ApiError(503, str(e), code="aborted")
+    if isinstance(e, RequestFailed):
+        return ApiError(500, str(e), code="request_failed")
     if isinstance(e, EngineDead):
         return ApiError(500, str(e), code="engine_failed")
     return ApiError(500, f"internal error: {e!r}")

@@ -3,6 +3,8 @@ batch, prefixes are reused, a full pool preempts instead of failing, and bad req
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -218,6 +220,53 @@ def test_bad_requests_are_refused_alone(model, tokenizer):
     assert out[1].error and "500 tokens" in out[1].error and not out[1].token_ids
     assert out[0].token_ids == engine.generate(random_ids(5, 1), GREEDY).token_ids and len(out[2].token_ids) == 12
     assert not engine.has_unfinished()
+
+
+def _failing_params() -> SamplingParams:
+    """Parameters whose sampling raises (torch.multinomial on NaN probabilities): validation cannot catch
+    every failure, so the engine must survive one."""
+    params = SamplingParams(temperature=1.0, max_new_tokens=8, seed=1)
+    params.temperature = math.nan
+    return params
+
+
+def test_a_request_whose_sampling_fails_ends_alone_and_the_engine_goes_on(model, tokenizer):
+    engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8))
+    alone = engine.generate(random_ids(12, 5), GREEDY)
+    out = engine.generate_batch([random_ids(20, 4), random_ids(12, 5)], [_failing_params(), GREEDY])
+    assert out[0].finish_reason == "error" and "sampling failed" in out[0].error and not out[0].token_ids
+    assert out[1].error is None and out[1].token_ids == alone.token_ids  # its neighbour is untouched
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks and not engine.has_unfinished()
+    assert engine.generate(random_ids(12, 5), GREEDY).token_ids == alone.token_ids
+
+
+def test_the_server_thread_survives_a_failing_request(model, tokenizer):
+    """The server's engine thread: the failing request's caller gets RequestFailed, its neighbour its tokens,
+    and the engine stays alive for the next request."""
+    import asyncio
+
+    from astrai_ds.serve.async_engine import AsyncEngine, RequestFailed
+
+    engine = AsyncEngine(LLMEngine(model, tokenizer, EngineConfig(block_size=8)))
+    engine.start()
+
+    async def run(request_id: str, prompt: list[int], params: SamplingParams) -> list[int]:
+        queue = asyncio.Queue()
+        await engine.add([(request_id, prompt, params)], queue)
+        return [t async for out in engine.outputs(queue, [request_id]) for t in out.token_ids]
+
+    async def main():
+        return await asyncio.gather(run("bad", random_ids(20, 4), _failing_params()),
+                                    run("good", random_ids(12, 5), GREEDY), return_exceptions=True)
+
+    try:
+        bad, good = asyncio.run(main())
+        assert isinstance(bad, RequestFailed) and "sampling failed" in str(bad)
+        alone = LLMEngine(model, tokenizer).generate(random_ids(12, 5), GREEDY).token_ids
+        assert good == alone and engine.alive
+        assert asyncio.run(run("next", random_ids(12, 5), GREEDY)) == alone
+    finally:
+        engine.stop(30)
 
 
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tokenizer):
