@@ -5,6 +5,8 @@ requests share one generation engine (continuous batching, paged KV cache with p
 Binds 127.0.0.1 unless --host says otherwise. With an API key (--api-key, or the ASTRAI_API_KEY environment
 variable), every /v1 route needs `Authorization: Bearer KEY` (or `x-api-key: KEY`). SIGTERM drains: new requests
 get 503, the running ones finish (at most --drain-timeout seconds), then the server exits 0; Ctrl-C stops at once.
+A request that fails alone (while it is prepared or sampled) gets a 500 and the engine goes on; if the model step
+itself fails, the server stops and exits 1, for a supervisor to start it again.
 
 With --tp N, run under `deepspeed --num_gpus N --module astrai_ds serve --tp N ...`: rank 0 serves HTTP and
 all ranks step the engine together."""
@@ -155,18 +157,31 @@ def _serve(app, state, args) -> int:
                     time.sleep(0.05)
             self.should_exit = True
 
+        def watch_engine(self):
+            """A failure of the model step itself leaves no engine to serve with: stop, and exit 1 so that a
+            supervisor (systemd, Kubernetes, Slurm's requeue) starts the server again."""
+            while not self.should_exit:
+                if state.engine.error is not None:
+                    print(f"the engine failed: {state.engine.error!r}; the server stops and exits 1",
+                          file=sys.stderr, flush=True)
+                    state.draining = True
+                    self.should_exit = True
+                    return
+                time.sleep(0.2)
+
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5, access_log=args.log_level in ("debug", "info"))
     server = DrainingServer(config)
     print(f"serving {state.served_name!r} on http://{args.host}:{args.port} (OpenAI API /v1/chat/completions and "
           f"/v1/completions, Anthropic API /v1/messages, chat page /, metrics /metrics)", file=sys.stderr, flush=True)
+    threading.Thread(target=server.watch_engine, name="astrai-engine-watch", daemon=True).start()
     try:
         server.run()
     except SystemExit:  # uvicorn exits 1 when it cannot bind (it logged why)
         if not server.started:
             raise UserError(_bind_error(args.host, args.port)) from None
         raise
-    return 0
+    return 1 if state.engine.error is not None else 0
 
 
 def _bind_error(host: str, port: int, reason: str = "") -> str:

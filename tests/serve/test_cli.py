@@ -43,3 +43,43 @@ def test_a_port_in_use_fails_before_the_model_loads(capsys, model_dir):
         port = s.getsockname()[1]
         expect_user_error(_serve(capsys, "--model", str(model_dir), "--port", str(port)),
                           f"cannot listen on 127.0.0.1:{port}", "--port")
+
+
+# Loaded by the server's Python at start-up (sitecustomize on PYTHONPATH): the model step fails for a prompt that
+# starts with FAIL_PROMPT, as a broken device or a bug in the model would make it fail. Test-only fault injection.
+FAIL_PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
+INJECT = f"""
+from astrai_ds.inference import model_runner
+
+_run = model_runner.ModelRunner.run
+
+
+def run(self, scheduled):
+    if any(s.seq.prompt_ids[:{len(FAIL_PROMPT)}] == {FAIL_PROMPT} for s in scheduled):
+        raise RuntimeError("the model step failed (injected by the test)")
+    return _run(self, scheduled)
+
+
+model_runner.ModelRunner.run = run
+"""
+
+
+def test_a_failed_model_step_stops_the_server_with_exit_1(model_dir, tmp_path):
+    """Only a failure of the model step itself fails the engine; then the server does not live on answering 500s:
+    it stops and exits 1, for a supervisor to start it again."""
+    import httpx2 as httpx
+
+    from tests.serve.conftest import Server
+
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(INJECT)
+    server = Server(model_dir, tmp_path / "server.log", extra_env={"PYTHONPATH": str(tmp_path / "inject")})
+    try:
+        ok = httpx.post(f"{server.url}/v1/completions", json={"prompt": [7, 8, 9], "max_tokens": 2}, timeout=60)
+        assert ok.status_code == 200, ok.text
+        r = httpx.post(f"{server.url}/v1/completions", json={"prompt": FAIL_PROMPT, "max_tokens": 2}, timeout=60)
+        assert r.status_code == 500 and "injected by the test" in r.json()["error"]["message"], r.text
+        assert server.proc.wait(60) == 1
+        assert "the engine failed" in server.log() and "exits 1" in server.log()
+    finally:
+        server.stop()
