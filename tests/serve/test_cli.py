@@ -64,6 +64,7 @@ model_runner.ModelRunner.run = run
 """
 
 
+@pytest.mark.multiproc  # a server process of its own, failed on purpose
 def test_a_failed_model_step_stops_the_server_with_exit_1(model_dir, tmp_path):
     """Only a failure of the model step itself fails the engine; then the server does not live on answering 500s:
     it stops and exits 1, for a supervisor to start it again."""

@@ -116,6 +116,7 @@ SAMPLING_FIELDS = ["temperature", "top_p", "top_k", "min_p", "repetition_penalty
                    "frequency_penalty", "max_tokens", "seed", "n", "top_logprobs"]
 
 
+@pytest.mark.multiproc  # slow: 132 requests against the server (the slow set, like the load test)
 def test_sampling_fields_at_their_edges_never_take_the_engine_down(server):
     """Every sampling field at its edges (zero, negative, tiny, huge, NaN, infinities, wrong types): a request
     either answers or is a 400 that names the field (or the JSON, for a literal JSON has no such number), and the
