@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from astrai_ds.data.sources import lone_surrogate
 from astrai_ds.errors import RequestError, UserError
 
 NAME = "generate"
@@ -227,6 +228,10 @@ def read_requests(path: str | Path, defaults: dict, chat: bool, system: str | No
         if not isinstance(record, dict):
             raise UserError(f"{where}: a JSON {type(record).__name__}, not an object such as "
                             f'{{"prompt": "...", "max_new_tokens": 64}}')
+        bad = lone_surrogate(record)
+        if bad is not None:
+            raise UserError(f"{where}: '{bad}' holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which "
+                            f"is not text")
         unknown = [k for k in record if k not in ("prompt", "messages", "id", *sampling)]
         if unknown:
             raise UserError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; a request holds 'prompt' "
@@ -344,6 +349,10 @@ def run(args) -> int:
         requests = read_requests(args.input, defaults, args.chat, args.system)
         out_path = _output_path(args.output, args.input)
     else:
+        for option, text in (("--prompt", args.prompt), ("--system", args.system)):
+            if text is not None and lone_surrogate(text) is not None:  # bytes that are not UTF-8, from the shell
+                raise UserError(f"{option} holds bytes that are not UTF-8 text ({text[:40]!a}); is the "
+                                f"terminal's encoding UTF-8?")
         prompt = check_chat(user_prompt(args.prompt, args.system), "--prompt") if args.chat else args.prompt
     engine = load_engine(args, args.tp)
     rank0 = process_rank() == 0

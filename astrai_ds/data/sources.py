@@ -11,6 +11,7 @@ here instead, once, before both tokenizer training and encoding, so the two alwa
 from __future__ import annotations
 
 import json
+import re
 import unicodedata
 from collections import Counter
 from pathlib import Path
@@ -27,6 +28,22 @@ SKIP_REASONS = {
     "empty_text": "the text is empty or only whitespace",
     "invalid_utf8": "the line is not valid UTF-8",
 }
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(value, path: str = "") -> str | None:
+    """The path (`messages.0.content`) of the first string in `value` (JSON: dicts, lists, strings) that holds a
+    lone UTF-16 surrogate (JSON's "\\ud800"), which no tokenizer can encode; None when there is none."""
+    if isinstance(value, str):
+        return path if _SURROGATE.search(value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = lone_surrogate(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def expand_inputs(inputs: list) -> list[Path]:

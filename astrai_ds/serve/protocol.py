@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 from fastapi.sse import format_sse_event
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
+from astrai_ds.data.sources import lone_surrogate
 from astrai_ds.errors import RequestError
 from astrai_ds.inference.engine import RequestOutput
 from astrai_ds.inference.sampling import SamplingParams
@@ -28,9 +29,19 @@ class ApiError(Exception):
 
 
 class Strict(BaseModel):
-    """A request object: a field the server does not implement is refused, never silently ignored."""
+    """A request object: a field the server does not implement is refused, never silently ignored; a text with
+    a lone surrogate is a 400 naming its field (the request object's check runs before its fields')."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, data):
+        path = lone_surrogate(data)
+        if path is not None:  # an ApiError passes through pydantic to the app's handler, with the field named
+            raise ApiError(400, f"'{path}' holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is "
+                                f"not text: send valid UTF-16 pairs or UTF-8", param=path)
+        return data
 
 
 def validation_message(error: dict) -> tuple[str, str]:

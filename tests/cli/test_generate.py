@@ -116,7 +116,10 @@ def test_chat_makes_each_prompt_a_user_message(model_dir, engine, tmp_path, caps
     (['{"id": 1}'], [":1:", "neither"]),
     (['{"prompt": "a", "messages": [{"role": "user", "content": "b"}]}'], [":1:", "not both"]),
     (['{"messages": [{"role": "bot", "content": "b"}]}'], [":1:", "'messages'", "role 'bot'"]),
-], ids=["json", "not-object", "unknown-field", "bad-value", "no-prompt", "both", "bad-messages"])
+    (['{"prompt": "a"}', '{"prompt": "\\ud800 hi"}'], [":2:", "'prompt'", "lone surrogate"]),
+    (['{"prompt": "a", "repetition_penalty": 1e-300, "temperature": 1}'], [":1:", "repetition_penalty", "1e-300"]),
+], ids=["json", "not-object", "unknown-field", "bad-value", "no-prompt", "both", "bad-messages", "lone-surrogate",
+        "penalty-overflow"])
 def test_a_wrong_line_stops_before_the_model_loads(tmp_path, lines, fragments, capsys):
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join(lines) + "\n")
@@ -150,6 +153,18 @@ def test_a_prompt_longer_than_the_context_is_one_message(model_dir):
     proc = _generate(model_dir, "--prompt", LONG, check=False)  # the real process: exit 2, no traceback
     expect_user_error(proc, "the prompt is", "context is 128 tokens", "shorten the prompt")
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--prompt", "caf\udce9 \udcff"], ["--prompt holds bytes that are not UTF-8", "terminal's encoding"]),
+    (["--prompt", "hi", "--chat", "--system", "\udcff"], ["--system holds bytes that are not UTF-8"]),
+    (["--prompt", "hi", "--temperature", "1", "--repetition-penalty", "1e-300"],
+     ["--repetition-penalty 1e-300", "repetition_penalty must be in [0.01, 100]"]),
+], ids=["prompt-not-utf8", "system-not-utf8", "penalty-overflow"])
+def test_text_and_values_are_checked_before_the_model_loads(tmp_path, args, fragments, capsys):
+    """What the shell hands over as undecodable bytes (`$'caf\xe9'`), and a penalty that would overflow the
+    logits: one line, before the (here missing) model folder is even looked at."""
+    expect_user_error(_generate_here(tmp_path / "no_model", *args, capsys=capsys), *fragments)
 
 
 def test_a_missing_model_folder_is_one_message(tmp_path, capsys):

@@ -4,6 +4,8 @@ from retrieved chunks (the same prompt and answer as `rag ask`'s code in this pr
 
 from __future__ import annotations
 
+import json
+
 import base64
 
 import numpy as np
@@ -122,3 +124,33 @@ def test_an_index_of_another_model_stops_serve(model_dir, tmp_path, capsys, work
     capsys.readouterr()
     assert main(["serve", "--model", str(model_dir), "--rag-index", str(tmp_path / "i"), "--port", "8999"]) == 2
     assert "was built with another model" in capsys.readouterr().err
+
+
+def test_a_lone_surrogate_is_a_400_naming_its_field_on_every_route(rag_server, model_dir):
+    """"\\ud800" in any text field (JSON allows the escape; no tokenizer can encode it) is a 400 naming the field,
+    on every route and the -rag model, and the keep-alive connection serves the next request."""
+    import httpx2 as httpx
+
+    bad = "\ud800 hi"
+    cases = [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": bad}], "max_tokens": 2}, "messages.0.content"),
+        ("/v1/chat/completions", {"model": f"{model_dir.name}-rag", "max_tokens": 2,
+                                  "messages": [{"role": "user", "content": bad}]}, "messages.0.content"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": bad}]}]},
+         "messages.0.content.0.text"),
+        ("/v1/completions", {"prompt": bad, "max_tokens": 2}, "prompt"),
+        ("/v1/completions", {"prompt": "hi", "stop": [bad], "max_tokens": 2}, "stop.0"),
+        ("/v1/messages", {"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": bad}]},
+         "messages.0.content"),
+        ("/v1/messages", {"model": "m", "max_tokens": 2, "system": bad, "messages": [{"role": "user", "content": "x"}]},
+         "system"),
+        ("/v1/embeddings", {"input": ["fine", bad]}, "input.1"),
+    ]
+    with httpx.Client(base_url=rag_server[0].url, timeout=60) as client:
+        for route, body, field in cases:
+            r = client.post(route, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+            assert r.status_code == 400, (route, r.text)
+            error = r.json()["error"]
+            assert "lone surrogate" in error["message"] and f"'{field}'" in error["message"], (route, error)
+            ok = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+            assert ok.status_code == 200, ok.text  # the same connection goes on
