@@ -133,7 +133,8 @@ def test_a_lone_surrogate_is_a_400_naming_its_field_on_every_route(rag_server, m
 
     bad = "\ud800 hi"
     cases = [
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": bad}], "max_tokens": 2}, "messages.0.content"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": bad}], "max_tokens": 2},
+         "messages.0.content"),
         ("/v1/chat/completions", {"model": f"{model_dir.name}-rag", "max_tokens": 2,
                                   "messages": [{"role": "user", "content": bad}]}, "messages.0.content"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": bad}]}]},
