@@ -24,14 +24,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING, Callable
 
 from astrai_ds.errors import UserError
 from astrai_ds.run_dir import LOCK_FILE, describe_holder
-from astrai_ds.training.distributed import DistInfo, all_reduce_host
+
+if TYPE_CHECKING:
+    from astrai_ds.training.distributed import DistInfo
 
 # Errors from flock on a file system that cannot lock (some NFS and Lustre mounts).
 _NO_LOCKING = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
@@ -114,6 +113,11 @@ def lock_output_dir(output_dir: Path, dist_info: DistInfo) -> RunLock:
             lock = RunLock.acquire(output_dir)
         except UserError as e:
             error = e
+    import torch  # here: the launcher watch (`find_launchers`) needs no torch, and starts in a watched process
+    import torch.distributed as dist
+
+    from astrai_ds.training.distributed import all_reduce_host
+
     if dist.is_initialized() and dist_info.world_size > 1:
         failed = all_reduce_host(torch.tensor([int(error is not None)], dtype=torch.int64), op=dist.ReduceOp.MAX)
         if failed.item() and error is None:  # only rank 0's message is printed
