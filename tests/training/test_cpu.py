@@ -33,9 +33,10 @@ print(mapped, libc.mallinfo2().arena)
 def test_keep_freed_memory_keeps_large_blocks_in_the_heap():
     """By default glibc maps a 64 MiB block on its own and unmaps it on free (so the next step faults it in
     again); with keep_freed_memory() it comes from the heap, and the heap keeps it after the free."""
-    out = {mode: [int(v) for v in subprocess.run([sys.executable, "-c", _PLACEMENT, mode], check=True,
-                                                  capture_output=True, text=True).stdout.split()]
-           for mode in ("keep", "default")}
+    procs = {mode: subprocess.Popen([sys.executable, "-c", _PLACEMENT, mode], stdout=subprocess.PIPE, text=True)
+             for mode in ("keep", "default")}  # a fresh process each (malloc's settings), both at once
+    out = {mode: [int(v) for v in proc.communicate(timeout=120)[0].split()] for mode, proc in procs.items()}
+    assert all(proc.returncode == 0 for proc in procs.values()), out
     block = 64 << 20
     assert out["default"][0] >= block, out  # mmapped on its own
     assert out["keep"][0] < block and out["keep"][1] >= block, out  # from the heap, still held after free

@@ -113,9 +113,13 @@ def test_resume_with_another_zero_stage_is_refused_and_keeps_the_run_files(works
 
 
 def test_train_help_names_the_command_it_was_called_as():
-    proc = run_cmd([str(VENV_BIN / "astrai-ds"), "train", "--help"])
-    assert proc.stdout.startswith("usage: astrai-ds train") and "(default: None)" not in proc.stdout
-    assert run_cmd([str(VENV_BIN / "python"), "train.py", "--help"]).stdout.startswith("usage: train.py")
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:  # the two processes at once
+        console, script = pool.map(run_cmd, [[str(VENV_BIN / "astrai-ds"), "train", "--help"],
+                                             [str(VENV_BIN / "python"), "train.py", "--help"]])
+    assert console.stdout.startswith("usage: astrai-ds train") and "(default: None)" not in console.stdout
+    assert script.stdout.startswith("usage: train.py")
 
 
 @pytest.mark.multiproc  # a one-rank run in a process of its own, killed (or interrupted) midway
