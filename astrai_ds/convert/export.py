@@ -132,7 +132,7 @@ def write_model_folder(out_dir: Path, write) -> Path:
     the same name there (other files are kept). An interrupted or failed write leaves `out_dir` as it was and no
     half-written file."""
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.part")
+    tmp = out_dir.resolve().with_name(f".{out_dir.resolve().name}.part")  # resolved: `--out .` has a name too
     if tmp.exists():  # what an earlier, killed write left
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
