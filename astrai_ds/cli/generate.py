@@ -174,6 +174,8 @@ def stream_to(out, engine, prompt, params, stop: StopOnCtrlC | None = None) -> d
         outputs.close()  # aborts the request if it did not finish
     seconds = time.perf_counter() - t0
     done = last is not None and last.finished
+    if done and last.finish_reason == "error":  # this request failed alone (the engine goes on): say why
+        raise UserError(f"the generation failed: {last.error}")
     return {"text": "".join(text), "finish_reason": last.finish_reason if done else "interrupted",
             "prompt_tokens": last.prompt_tokens if last else 0,
             "completion_tokens": last.completion_tokens if last else 0,
