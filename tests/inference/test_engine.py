@@ -240,6 +240,18 @@ def test_a_request_whose_sampling_fails_ends_alone_and_the_engine_goes_on(model,
     assert engine.generate(random_ids(12, 5), GREEDY).token_ids == alone.token_ids
 
 
+def test_the_cli_names_a_failed_request_in_one_line(model, tokenizer):
+    """`generate --prompt`, `chat` and `rag ask` stream through stream_to: a failed request is a UserError (one
+    line; chat goes on to its next turn), and the engine serves the next prompt."""
+    from astrai_ds.cli.generate import stream_to
+    from astrai_ds.errors import UserError
+
+    engine = LLMEngine(model, tokenizer)
+    with pytest.raises(UserError, match="the generation failed: sampling failed"):
+        stream_to(None, engine, random_ids(12, 5), _failing_params())
+    assert stream_to(None, engine, random_ids(12, 5), GREEDY)["finish_reason"] in ("stop", "length")
+
+
 def test_the_server_thread_survives_a_failing_request(model, tokenizer):
     """The server's engine thread: the failing request's caller gets RequestFailed, its neighbour its tokens,
     and the engine stays alive for the next request."""
