@@ -8,8 +8,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
-from astrai_ds.serve.protocol import (ApiError, Choice, ClientGone, Job, Strict, engine_error, event_stream, new_id,
-                                      sampling_params, sse)
+from astrai_ds.serve.protocol import (ApiError, Choice, ClientGone, Job, RequestBody, Strict, engine_error,
+                                      event_stream, new_id, sampling_params, sse)
 
 router = APIRouter()
 
@@ -35,7 +35,7 @@ class Metadata(Strict):
     user_id: str | None = None
 
 
-class MessagesRequest(Strict):
+class MessagesRequest(RequestBody):
     model: str
     max_tokens: int
     messages: list[Message] = Field(min_length=1)

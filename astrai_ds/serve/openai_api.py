@@ -13,8 +13,8 @@ from pydantic import Field
 
 from astrai_ds.errors import UserError
 from astrai_ds.inference.sampling import MAX_LOGPROBS
-from astrai_ds.serve.protocol import (ApiError, Choice, ClientGone, Job, Strict, engine_error, event_stream, new_id,
-                                      now, sampling_params, sse, stop_list)
+from astrai_ds.serve.protocol import (ApiError, Choice, ClientGone, Job, RequestBody, Strict, engine_error,
+                                      event_stream, new_id, now, sampling_params, sse, stop_list)
 
 router = APIRouter()
 
@@ -23,7 +23,7 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class SamplingFields(Strict):
+class SamplingFields(RequestBody):
     model: str | None = None
     max_tokens: int | None = None
     temperature: float | None = None
@@ -324,7 +324,7 @@ async def _with_context(server, messages: list[dict], max_tokens: int) -> tuple[
     return [{"role": "system", "content": system}] + history + grounded[1:], {"sources": sources}
 
 
-class EmbeddingRequest(Strict):
+class EmbeddingRequest(RequestBody):
     input: str | list[str] | list[int] | list[list[int]]
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"

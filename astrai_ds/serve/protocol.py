@@ -29,10 +29,14 @@ class ApiError(Exception):
 
 
 class Strict(BaseModel):
-    """A request object: a field the server does not implement is refused, never silently ignored; a text with
-    a lone surrogate is a 400 naming its field (the request object's check runs before its fields')."""
+    """A request object: a field the server does not implement is refused, never silently ignored."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class RequestBody(Strict):
+    """A route's whole body: a text with a lone surrogate anywhere in it is a 400 naming its field. Checked once,
+    on the raw body before any field is parsed (the objects nested in it are plain `Strict`)."""
 
     @model_validator(mode="before")
     @classmethod
