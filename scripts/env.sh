@@ -134,3 +134,6 @@ export PATH="$ROOT/.venv/bin:$PATH"
 TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$("$VPY" -m astrai_ds.extensions)}"
 export TORCH_EXTENSIONS_DIR
 export PYTHONUNBUFFERED=1
+
+# A free TCP port for a launch's rendezvous (the launcher's default, 29500, may be another run's on this machine).
+free_port() { python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'; }

@@ -22,9 +22,6 @@ astrai-ds prepare --stage pt --input "$C/pretrain_eval.jsonl" --tokenizer "$R/to
 astrai-ds prepare --stage sft --input "$C/sft.jsonl" --tokenizer "$R/tokenizer" --out "$R/data/sft" --seq-len 256
 astrai-ds prepare --stage dpo --input "$C/dpo.jsonl" --tokenizer "$R/tokenizer" --out "$R/data/dpo" --seq-len 128
 
-# A free port for each launch: the launcher's default, 29500, may be another run's on this machine.
-free_port() { python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'; }
-
 # stage NAME DS_CONFIG: train with the launcher, export, evaluate, add the stage to the report
 stage() {
   local name=$1 ds=$2 t0

@@ -47,7 +47,6 @@ evaluate base
 
 echo "== fine-tune on $NPROC ranks (ZeRO-2), then export"
 T0=$(date +%s)
-free_port() { python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'; }
 deepspeed --num_gpus "$NPROC" --master_port "$(free_port)" train.py --config configs/train/sft_smollm2.json \
   --ds_config zero2.json
 astrai-ds export --run "$R/sft" --out "$R/models/tuned"

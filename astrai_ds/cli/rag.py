@@ -203,14 +203,10 @@ def _ask(args) -> int:
     return 0
 
 
-def _langs(metrics: dict) -> list[str]:
-    """The languages `evaluate_rag` scored apart (the keys holding a dict of scores)."""
-    return [key for key, value in metrics.items() if isinstance(value, dict) and "questions" in value]
-
-
 def _eval(args) -> int:
     import json
 
+    from astrai_ds.cli.report import languages
     from astrai_ds.inference.engine import LLMEngine
     from astrai_ds.rag.evaluate import evaluate_rag, read_questions
 
@@ -233,5 +229,5 @@ def _eval(args) -> int:
         print(f"{title}: closed-book {metrics[prefix + '_closed_book']:.3f}, RAG ({args.mode}, top {args.answer_k}) "
               f"{metrics[prefix + '_rag']:.3f}, oracle {metrics[prefix + '_oracle']:.3f}"
               + "".join(f"; {lang} {metrics[lang][prefix + '_closed_book']:.3f} / {metrics[lang][prefix + '_rag']:.3f}"
-                        f" / {metrics[lang][prefix + '_oracle']:.3f}" for lang in _langs(metrics)))
+                        f" / {metrics[lang][prefix + '_oracle']:.3f}" for lang in languages(metrics)))
     return 0

@@ -91,12 +91,12 @@ def format_table(report: dict) -> str:
             lines.append(f"{stage:<6}" + "".join(f"{c:>12}" for c in cells))
         if all(key in entry for key in RAG_METRICS):
             rag_lines.append(_rag_line(stage, entry))
-            rag_lines += [_rag_line(f"  {lang}", entry[lang]) for lang in _languages(entry)
+            rag_lines += [_rag_line(f"  {lang}", entry[lang]) for lang in languages(entry)
                           if all(key in entry[lang] for key in RAG_METRICS)]
     return "\n".join(lines + ([""] + rag_lines if rag_lines else []))
 
 
-def _languages(evaluation: dict) -> list[str]:
+def languages(evaluation: dict) -> list[str]:
     """The keys of an evaluation that hold the same metrics for one language ("en", "zh")."""
     return [key for key, value in evaluation.items()
             if isinstance(value, dict) and any(k in value for k in METRICS + RAG_METRICS)]
@@ -113,7 +113,7 @@ def _stage_entry(evaluation: dict, eval_path: Path, fix: str) -> dict:
     for key, value in entry.items():
         if not _is_number(value):
             raise DataError(f"--eval {eval_path}: {key} is {json.dumps(value)}, not a number; {fix}")
-    for lang in _languages(evaluation):
+    for lang in languages(evaluation):
         entry[lang] = {key: value for key, value in evaluation[lang].items() if key in METRICS and _is_number(value)}
     return entry
 
@@ -124,8 +124,9 @@ def _is_rag(evaluation: dict) -> bool:
 
 def _merge(entry: dict, more: dict) -> None:
     """Add `more` to `entry`; the per-language dicts are merged, not replaced."""
+    langs = languages(more)
     for key, value in more.items():
-        if isinstance(value, dict) and isinstance(entry.get(key), dict) and key in _languages(more):
+        if key in langs and isinstance(entry.get(key), dict):
             entry[key].update(value)
         else:
             entry[key] = value
