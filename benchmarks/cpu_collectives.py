@@ -18,10 +18,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as tdist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import describe, summary  # noqa: E402  (benchmarks/machine.py)
 
 
 def timed(fn, reps: int) -> float:
@@ -53,6 +59,7 @@ def main() -> int:
                          "launcher on one host, with more than one rank")
     rank, world, n = info.rank, info.world_size, args.numel
     if rank == 0:
+        print(f"machine: {summary(describe(busy_seconds=0))}")  # the other rank is busy starting up: no load check
         print(f"{world} ranks x {torch.get_num_threads()} thread(s), {n:,} elements, median of {args.reps} calls")
         print(f"{'collective':<24} {'dtype':<9} {'gloo ms':>8} {'shm ms':>8} {'speed-up':>8}")
     g = torch.Generator().manual_seed(rank)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -44,6 +43,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import describe, summary, warn_if_busy  # noqa: E402  (benchmarks/machine.py)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -179,7 +181,8 @@ def hf_mixed(model, prompts, new_tokens, batch: int, pad_id: int) -> float:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=ROOT / "configs/model/small.json",
                    help="model config to build with random weights, or a model folder to load (e.g. SmolLM2 imported "
                         "with `astrai-ds import`)")
@@ -192,6 +195,9 @@ def main() -> int:
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count())
+    machine = describe(("transformers",))
+    print(f"machine: {summary(machine)}", flush=True)
+    warn_if_busy(machine)
 
     import transformers
     from transformers import AutoModelForCausalLM
@@ -210,7 +216,8 @@ def main() -> int:
 
     prompt = random_prompt(args.prompt_len, 0, vocab)
     g = torch.Generator().manual_seed(1)
-    mixed_prompts = [random_prompt(int(n), 100 + i, vocab) for i, n in enumerate(torch.randint(16, 201, (16,), generator=g))]
+    mixed_prompts = [random_prompt(int(n), 100 + i, vocab)
+                     for i, n in enumerate(torch.randint(16, 201, (16,), generator=g))]
     mixed_new = [min(int(n), model.cfg.max_seq_len - len(p))  # within the context (tiny's is 256)
                  for n, p in zip(torch.randint(16, 129, (16,), generator=g), mixed_prompts)]
 
@@ -243,8 +250,7 @@ def main() -> int:
     med = {side: {k: statistics.median(v) for k, v in r.items()} for side, r in rows.items()}
 
     result = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch": torch.__version__, "transformers": transformers.__version__},
+        "machine": machine,
         "model": {"config": args.model.name, "dtype": args.dtype, "params": sum(p.numel() for p in model.parameters()),
                   "weight_bytes": weight_bytes(model)},
         "batch1": {"prompt_tokens": args.prompt_len, "new_tokens": args.new_tokens, **{

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -35,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from generate import DTYPES, build_folder  # noqa: E402  (benchmarks/generate.py)
+from machine import describe, summary, warn_if_busy  # noqa: E402  (benchmarks/machine.py)
 
 
 def latencies(fn, queries) -> tuple[float, float]:
@@ -48,7 +48,8 @@ def latencies(fn, queries) -> tuple[float, float]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=ROOT / "configs/model/small.json", help="model config to build")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and activations")
     p.add_argument("--embed", type=int, default=2000, help="chunks to embed for the indexing throughput")
@@ -59,6 +60,9 @@ def main() -> int:
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count())
+    machine = describe(("faiss-cpu", "bm25s"))
+    print(f"machine: {summary(machine)}", flush=True)
+    warn_if_busy(machine)
 
     import bm25s
     import faiss
@@ -92,13 +96,15 @@ def main() -> int:
     embed_s = time.perf_counter() - t0
 
     # ---- search over --chunks chunks
-    sentences = [s.strip() for t in texts for s in t.replace("。", "。\n").replace(". ", ".\n").splitlines() if s.strip()]
+    sentences = [s.strip() for t in texts for s in t.replace("。", "。\n").replace(". ", ".\n").splitlines()
+                 if s.strip()]
     big_texts = [" ".join(rng.choice(sentences) for _ in range(3)) for _ in range(args.chunks)]
     noise = np.random.default_rng(0)
     base = vectors[noise.integers(0, len(vectors), args.chunks)]
     big = base + noise.normal(0, 0.05, base.shape).astype(np.float32)
     big /= np.linalg.norm(big, axis=1, keepdims=True)
-    queries_v = big[noise.integers(0, args.chunks, args.queries)] + noise.normal(0, 0.05, (args.queries, big.shape[1])).astype(np.float32)
+    queries_v = (big[noise.integers(0, args.chunks, args.queries)]
+                 + noise.normal(0, 0.05, (args.queries, big.shape[1])).astype(np.float32))
     queries_v /= np.linalg.norm(queries_v, axis=1, keepdims=True)
     queries_t = [[str(t) for t in tokenizer.encode(rng.choice(sentences))] for _ in range(args.queries)]
 
@@ -124,8 +130,7 @@ def main() -> int:
     rows["bm25s"] = latencies(lambda q: bm25.retrieve([[t for t in q if t in vocab]], k=10, show_progress=False),
                               queries_t)
 
-    print(f"rag: {args.model.stem} {args.dtype}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch threads = cores")
+    print(f"rag: {args.model.stem} {args.dtype}; torch threads = cores")
     print(f"indexing: {len(chunks)} chunks ({tokens} tokens) chunked in {chunk_s:.1f}s, embedded in {embed_s:.1f}s: "
           f"{len(chunks) / embed_s:.1f} chunks/s, {tokens / embed_s:.0f} tokens/s")
     print(f"search over {args.chunks} chunks, top 10, {args.queries} queries one at a time "
@@ -135,7 +140,8 @@ def main() -> int:
     for name, (median, p95) in rows.items():
         print(f"{name:>20} {median * 1000:>8.2f}ms {p95 * 1000:>8.2f}ms {base_median / median:>7.1f}x")
     if args.json:
-        args.json.write_text(json.dumps({"embed": {"chunks": len(chunks), "tokens": tokens, "seconds": embed_s},
+        args.json.write_text(json.dumps({"machine": machine,
+                                         "embed": {"chunks": len(chunks), "tokens": tokens, "seconds": embed_s},
                                          "search": {k: {"median_s": m, "p95_s": q} for k, (m, q) in rows.items()},
                                          "hnsw": {"build_s": hnsw_build, "recall_at_10": recall},
                                          "bm25_build_s": bm25_build}, indent=2))

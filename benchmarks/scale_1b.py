@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -36,6 +34,9 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import describe, summary, warn_if_busy  # noqa: E402  (benchmarks/machine.py)
 
 GIB = 2**30
 
@@ -115,6 +116,9 @@ def free_port() -> int:
 
 def main() -> None:
     args = parse_args()
+    machine = describe()
+    print(f"machine: {summary(machine)}", flush=True)
+    warn_if_busy(machine)
     import tempfile
 
     from astrai_ds.config.deepspeed import load_ds_config
@@ -172,8 +176,7 @@ def main() -> None:
     steps = [m for m in metrics if "train/loss" in m]
     params = predicted["params"]["total"]
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                   f"{psutil.virtual_memory().total / GIB:.1f} GiB",
+        "machine": machine,
         "config": args.config, "ds_config": args.ds_config, "ranks": args.nproc, "micro_batch": args.micro_batch,
         "seq_len": args.seq_len, "resume_at": args.resume_at, "exit_code": code, "wall_s": round(wall, 1),
         "params": params,

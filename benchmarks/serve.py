@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import signal
 import statistics
@@ -40,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from generate import DTYPES, build_folder  # noqa: E402  (benchmarks/generate.py)
+from machine import describe, summary, warn_if_busy  # noqa: E402  (benchmarks/machine.py)
 
 
 async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], new_tokens: int) -> tuple[float, int]:
@@ -82,7 +82,8 @@ async def level(url: str, streams: int, requests_per_stream: int, prompt_len: in
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=ROOT / "configs/model/small.json",
                    help="model config to build with random weights, or a model folder to load")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weights and activations")
@@ -93,6 +94,9 @@ def main() -> int:
     p.add_argument("--work-dir", type=Path, default=None, help="keep the corpus, tokenizer and model folder here")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
+    machine = describe(("fastapi", "uvicorn"))
+    print(f"machine: {summary(machine)}", flush=True)
+    warn_if_busy(machine)
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_serve_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -123,8 +127,7 @@ def main() -> int:
 
     base = rows[0]
     print(f"astrai-ds serve, {args.model.stem} {args.dtype}, {args.prompt_len}-token prompts, {args.new_tokens} new "
-          f"tokens, {args.requests_per_stream} requests per stream; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, torch threads = cores")
+          f"tokens, {args.requests_per_stream} requests per stream; torch threads = cores")
     print(f"{'streams':>8} {'requests':>9} {'tokens/s':>9} {'x 1 stream':>11} {'TTFT median':>12} {'x 1 stream':>11}")
     for r in rows:
         r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
@@ -132,8 +135,8 @@ def main() -> int:
         print(f"{r['streams']:>8} {r['requests']:>9} {r['tokens_per_s']:>9.1f} {r['speedup']:>10.2f}x "
               f"{r['ttft_median_s'] * 1000:>10.0f}ms {r['ttft_ratio']:>10.2f}x")
     if args.json:
-        args.json.write_text(json.dumps({"config": vars(args) | {"model": str(args.model), "work_dir": str(work),
-                                                                  "json": str(args.json)}, "rows": rows}, indent=2))
+        config = vars(args) | {"model": str(args.model), "work_dir": str(work), "json": str(args.json)}
+        args.json.write_text(json.dumps({"machine": machine, "config": config, "rows": rows}, indent=2))
     return 0
 
 

@@ -29,9 +29,10 @@ variants; the higher of the two):
 N counts the weights of every matmul (the blocks' projections and the output head, not the embedding
 lookup or the norms), L the layers, d the model width, T the sequence length.
 
-`--breakdown` adds instrumented runs of the trainer (the same train.py code path, started through this
-script) that time each step's data, model forward, engine.backward, engine.step and the collectives
-inside them, next to the same phases of the plain loop: where the time of DeepSpeed goes.
+`--breakdown` adds instrumented runs of the trainer (benchmarks/train_breakdown.py: the same train.py code
+path, started through the same launcher) that time each step's data, model forward, engine.backward,
+engine.step and the collectives inside them, next to the same phases of the plain loop: where the time of
+DeepSpeed goes. The machine's description (benchmarks/machine.py) heads the printout and the JSON.
 
     .venv/bin/python benchmarks/train_throughput.py                          # small model, the full run
     .venv/bin/python benchmarks/train_throughput.py --breakdown --json out.json
@@ -43,10 +44,8 @@ Run it on a quiet machine: every variant uses every core, and anything else runn
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -54,10 +53,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import ForeignLoad, describe, summary, warn_if_busy  # noqa: E402  (benchmarks/machine.py)
+from train_breakdown import SCRIPT as BREAKDOWN_SCRIPT, WORKER_ENV, print_breakdown  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 START_DIR = Path.cwd()  # where the script was started: its relative paths are taken from here
@@ -66,11 +69,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 VARIANTS = ("plain", "plain-2proc", "trainer-1rank", "trainer-2rank")
 RANKS = {"plain": 1, "plain-2proc": 2, "trainer-1rank": 1, "trainer-2rank": 2}
 FORMULA = "6 N + 12 L d T (PaLM appendix B; N = matmul weights incl. the output head, not the embedding)"
-WORKER_ENV = "ASTRAI_BENCH_WORKER"  # set: this process is an instrumented trainer rank (--breakdown)
 PLAIN_WORKER_ENV = "ASTRAI_BENCH_PLAIN_WORKER"  # JSON {rank, work, out}: this process is one of plain-2proc's loops
-PHASES = ("data", "forward", "backward", "step", "other")
-COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "all_gather", "reduce_scatter",
-               "reduce", "broadcast", "barrier")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -128,64 +127,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------- set-up
-
-def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-
-    def version(pkg):
-        try:
-            return metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "deepspeed": version("deepspeed"), "python": platform.python_version(),
-            "cpu_busy_at_start": cpu_busy()}
-
-
-def _busy_cpu_seconds() -> float | None:
-    """CPU seconds all cores have spent busy since boot (from /proc/stat; steal counts as busy), or None."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-
-
-def _own_cpu_seconds() -> float:
-    t = os.times()  # this process and its finished children (the trainer runs)
-    return t.user + t.system + t.children_user + t.children_system
-
-
-class ForeignLoad:
-    """Share of the machine's cores kept busy by anything but this script and its children while it runs:
-    other people's jobs skew a benchmark on a shared machine, and this says by how much they could have."""
-
-    def __init__(self):
-        self.busy, self.own, self.t = _busy_cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
-
-    def share(self) -> float | None:
-        busy = _busy_cpu_seconds()
-        if busy is None or self.busy is None:
-            return None
-        wall = max(time.perf_counter() - self.t, 1e-9)
-        foreign = (busy - self.busy) - (_own_cpu_seconds() - self.own)
-        return round(min(max(foreign / (wall * (os.cpu_count() or 1)), 0.0), 1.0), 3)
-
-
-def cpu_busy(seconds: float = 1.0) -> float | None:
-    """Share of all cores busy over `seconds`, before anything of ours runs."""
-    load = ForeignLoad()
-    time.sleep(seconds)
-    return load.share()
-
 
 def build_data(work: Path, args) -> None:
     """Corpus, tokenizer and pretraining shards under `work`, reused when a previous run made the same."""
@@ -255,8 +196,8 @@ def peak_flops(size: int, precision: str = "bf16") -> float:
 # ------------------------------------------------------------------------------------------ the variants
 
 def run_plain(cfg, model_cfg, args, rank: int = 0, world: int = 1) -> dict:
-    """The baseline: bf16 (or --precision fp32) weights, torch AdamW, the trainer's loss and clipping, the same batches (with
-    `world` > 1: rank `rank`'s share of them, as a trainer rank would draw it)."""
+    """The baseline: bf16 (or --precision fp32) weights, torch AdamW, the trainer's loss and clipping, the same
+    batches (with `world` > 1: rank `rank`'s share of them, as a trainer rank would draw it)."""
     from astrai_ds.data.datasets import PretrainDataset, collate_pretrain
     from astrai_ds.data.sampler import DistributedBatchSampler
     from astrai_ds.data.shards import TokenShards
@@ -433,98 +374,13 @@ def run_trainer(work: Path, args, ranks: int, ds_config: str, tag: str) -> dict:
 
 
 def run_breakdown(work: Path, args, ranks: int, ds_config: str, tag: str) -> list[dict]:
-    """This script as an instrumented train.py (see `worker_main`) on `ranks` ranks; rank 0's per-step phases."""
+    """benchmarks/train_breakdown.py, an instrumented train.py, on `ranks` ranks; rank 0's per-step phases."""
     out = work / "runs" / f"{tag}.phases.json"
     out.unlink(missing_ok=True)
-    run_dir = launch(work, args, ranks, ds_config, tag, str(Path(__file__).resolve()), {WORKER_ENV: str(out)})
+    run_dir = launch(work, args, ranks, ds_config, tag, str(BREAKDOWN_SCRIPT), {WORKER_ENV: str(out)})
     if not args.keep_runs:
         shutil.rmtree(run_dir, ignore_errors=True)
     return json.loads(out.read_text())[args.warmup:]
-
-
-# --------------------------------------------------------------------------- instrumented trainer rank
-
-class _Clock:
-    """Seconds spent in wrapped callables, per key, since the last `take()`."""
-
-    def __init__(self):
-        self.acc: dict[str, float] = {}
-        self._depth = 0
-
-    def wrap(self, obj, name: str, key: str) -> None:
-        fn = getattr(obj, name)
-
-        @functools.wraps(fn)
-        def timed(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                self.acc[key] = self.acc.get(key, 0.0) + time.perf_counter() - t0
-
-        setattr(obj, name, timed)
-
-    def take(self) -> dict:
-        acc, self.acc = self.acc, {}
-        return acc
-
-
-def worker_main(out_path: str) -> int:
-    """Train like train.py, timing each step's phases: data, the model's forward (engine.forward), the
-    backward (engine.backward: autograd, DeepSpeed's gradient hooks, the gradient reduction at its end),
-    the step (engine.step: norm, clipping, optimizer, parameter all-gather), the collectives inside them,
-    and the rest (loss function, lr and metric reads, callbacks). Rank 0 writes the list of steps."""
-    import warnings
-
-    import torch.distributed as dist
-
-    from astrai_ds.training import cpu
-    from astrai_ds.training.callbacks import Callback
-    from astrai_ds.training.run import build_parser, build_trainer
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    clock = _Clock()
-    # Before DeepSpeed starts: its comm backend keeps references to some of these functions.
-    for name in COLLECTIVES:
-        if hasattr(dist, name):
-            clock.wrap(dist, name, f"comm.{name}")
-    clock.wrap(cpu._ShmRouter, "_shm_all_reduce", "comm.shm_all_reduce")  # what skips torch.distributed
-
-    class Recorder(Callback):
-        def __init__(self):
-            self.steps: list[dict] = []
-
-        def on_train_begin(self, trainer) -> None:
-            clock.take()
-            self.t = time.perf_counter()
-
-        def on_step_end(self, trainer, metrics: dict) -> None:
-            now = time.perf_counter()
-            acc = clock.take()
-            wall = now - self.t
-            self.t = now
-            row = {k: acc.get(k, 0.0) for k in ("data", "forward", "backward", "step")}
-            row["comm"] = sum(v for k, v in acc.items() if k.startswith("comm."))
-            row["collectives"] = {k[5:]: v for k, v in acc.items() if k.startswith("comm.")}
-            row["other"] = wall - sum(row[k] for k in ("data", "forward", "backward", "step"))
-            row["wall"] = wall
-            self.steps.append(row)
-
-    try:
-        trainer = build_trainer(build_parser().parse_args())
-        clock.wrap(trainer.engine, "forward", "forward")
-        clock.wrap(trainer.engine, "backward", "backward")
-        clock.wrap(trainer.engine, "step", "step")
-        clock.wrap(trainer.train_batches, "next", "data")
-        recorder = Recorder()
-        trainer.callbacks.insert(0, recorder)  # first: the step's wall time then covers the other callbacks
-        trainer.fit()
-        if trainer.dist.is_main:
-            Path(out_path).write_text(json.dumps(recorder.steps))
-        return 0
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -567,44 +423,13 @@ def print_table(rows: list[dict]) -> None:
               "load'); those numbers are skewed, run again on a quiet machine")
 
 
-def phase_medians(steps: list[dict]) -> dict:
-    row = {k: statistics.median(s[k] for s in steps) for k in ("wall", *PHASES, "comm")}
-    names = sorted({name for s in steps for name in s.get("collectives", {})})
-    row["collectives"] = {name: statistics.median(s.get("collectives", {}).get(name, 0.0) for s in steps)
-                          for name in names}
-    return row
-
-
-def print_breakdown(breakdown: dict[str, list[dict]]) -> dict:
-    """Median milliseconds per step of each phase, rank 0 (the phases are medians, so they need not add up)."""
-    rows = {name: phase_medians(steps) for name, steps in breakdown.items()}
-    print("where a step's time goes (rank 0, median ms per step; `comm` is the part of backward + step spent "
-          "in torch.distributed collectives):")
-    w = max(15, *(len(name) for name in rows))
-    head = f"{'variant':<{w}} {'wall':>7} " + " ".join(f"{k:>9}" for k in (*PHASES, "comm"))
-    print(head)
-    print("-" * len(head))
-    for name, m in rows.items():
-        print(f"{name:<{w}} {m['wall'] * 1e3:>7.1f} " + " ".join(f"{m[k] * 1e3:>9.1f}" for k in (*PHASES, "comm")))
-        if m["collectives"]:
-            print(f"{'':<{w}}   comm: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in m["collectives"].items()))
-    print("  forward: the model's forward only; other: loss function, lr and metric reads, logging and callbacks; "
-          "plain step: clip_grad_norm_ + AdamW.step + zero_grad")
-    return rows
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.chdir(ROOT)  # configs and train.py are found relative to the project
     variants = list_variants(args)
-    info = machine_info()
-    busy = info["cpu_busy_at_start"]
-    print(f"machine: {info['cpu']} | {info['cores']} cores | torch {info['torch']} ({info['torch_threads']} threads) "
-          f"| deepspeed {info['deepspeed']} | python {info['python']} | CPU busy before start: "
-          f"{_pct(busy)}", flush=True)
-    if busy is not None and busy > 0.1:
-        print(f"warning: the CPU was {busy:.0%} busy before the benchmark started; other work skews the numbers",
-              flush=True)
+    info = describe()
+    print(f"machine: {summary(info)}", flush=True)
+    warn_if_busy(info)
     if os.environ.get("OMP_NUM_THREADS"):
         print(f"note: OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} applies to the plain loop only; the trainer "
               "runs get it unset so train.py splits the cores between ranks", flush=True)
@@ -625,12 +450,13 @@ def main(argv=None) -> int:
         tokens_per_step = args.global_batch * args.seq_len
         print(f"model: {args.model} (dim {model_cfg.dim}, {model_cfg.n_layers} layers, vocab {model_cfg.vocab_size}) | "
               f"global batch {args.global_batch} x {args.seq_len} tokens = {tokens_per_step} tokens/step | "
-              f"{', '.join(args.ds_configs)} | {args.warmup} warm-up + {args.steps} measured steps x {args.rounds} round(s) | "
+              f"{', '.join(args.ds_configs)} | {args.warmup} warm-up + {args.steps} measured steps x "
+              f"{args.rounds} round(s) | "
               f"{flops_per_token / 1e6:.1f} MFLOP/token", flush=True)
 
         peaks = [peak_flops(args.peak_size, args.precision)]
-        print(f"peak: {peaks[0] / 1e9:.0f} GFLOP/s ({args.precision} {args.peak_size}^3 matmul, {torch.get_num_threads()} threads)",
-              flush=True)
+        print(f"peak: {peaks[0] / 1e9:.0f} GFLOP/s ({args.precision} {args.peak_size}^3 matmul, "
+              f"{torch.get_num_threads()} threads)", flush=True)
         results: dict[str, list[dict]] = {v: [] for v in variants}
         breakdown: dict[str, list[dict]] = {v: [] for v in variants}
         for rnd in range(args.rounds):
@@ -662,8 +488,9 @@ def main(argv=None) -> int:
     rows = [summarise(v, variants[v][0], results[v], tokens_per_step, flops_per_token, peak) for v in variants]
     print()
     print(f"FLOPs/token = {FORMULA} = {flops_per_token / 1e6:.2f} MFLOP at T={args.seq_len}")
-    print(f"peak = {peak / 1e9:.0f} GFLOP/s: the higher of two {args.precision} {args.peak_size}^3 matmul measurements in this "
-          f"run (before: {peaks[0] / 1e9:.0f}, after: {peaks[1] / 1e9:.0f}), {torch.get_num_threads()} threads")
+    print(f"peak = {peak / 1e9:.0f} GFLOP/s: the higher of two {args.precision} {args.peak_size}^3 matmul "
+          f"measurements in this run (before: {peaks[0] / 1e9:.0f}, after: {peaks[1] / 1e9:.0f}), "
+          f"{torch.get_num_threads()} threads")
     print("tokens/s = median over the measured steps of all rounds; MFU = tokens/s x FLOPs/token / peak")
     print()
     print_table(rows)
@@ -683,10 +510,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if os.environ.get(WORKER_ENV):
-        from astrai_ds.training.distributed import exit_process
-
-        exit_process(worker_main(os.environ[WORKER_ENV]))  # a trainer rank ends like train.py's
     if os.environ.get(PLAIN_WORKER_ENV):
         sys.exit(plain_worker_main(os.environ[PLAIN_WORKER_ENV]))
     sys.exit(main())
