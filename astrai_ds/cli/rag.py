@@ -123,10 +123,10 @@ def run(args) -> int:
 
 
 def _index(args) -> int:
-    from astrai_ds.rag.chunking import ChunkParams
-    from astrai_ds.rag.index import build_index, read_documents
-
     from astrai_ds.model.io import read_model_config
+    from astrai_ds.rag.chunking import ChunkParams
+    from astrai_ds.rag.documents import read_documents
+    from astrai_ds.rag.index import build_index
 
     context = read_model_config(args.model).max_seq_len
     params = ChunkParams(max_tokens=args.max_tokens or min(256, context // 4), semantic=args.semantic)

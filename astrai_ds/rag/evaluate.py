@@ -17,7 +17,6 @@ its content hash, so the index may have been built from another path to the same
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from astrai_ds.data.chat import rag_messages
@@ -25,6 +24,7 @@ from astrai_ds.data.sources import iter_json_lines
 from astrai_ds.errors import UserError
 from astrai_ds.inference.scoring import answer_contained
 from astrai_ds.rag.answer import fit_prompt
+from astrai_ds.rag.documents import content_hash
 from astrai_ds.rag.index import MODES
 
 
@@ -41,7 +41,7 @@ def read_questions(path: str | Path) -> list[dict]:
             isinstance(q, dict) and isinstance(q.get("question"), str) and isinstance(q.get("answer"), str) for q in qa)
         if not well_formed or not isinstance(record.get("text"), str):
             raise UserError(f"{path}:{lineno}: a record needs 'text' and 'qa': [{{'question', 'answer'}}] (strings)")
-        sha = hashlib.sha256(record["text"].encode("utf-8")).hexdigest()
+        sha = content_hash(record["text"])
         out += [{"sha256": sha, "question": q["question"], "answer": q["answer"], "lang": record.get("lang")}
                 for q in qa]
     if not out:

@@ -8,8 +8,8 @@ which needs no Chinese word segmenter) and hybrid (reciprocal rank fusion of the
     INDEX/dense.faiss    the faiss index over the vectors (exact inner product, or HNSW)
     INDEX/bm25/          the bm25s index over the chunks' token ids
 
-An index is written to a temporary folder beside INDEX and swapped in when complete, so an interrupted
-`rag index` leaves the previous index as it was.
+The documents come from `rag.documents`. An index is written to a temporary folder beside INDEX and swapped in
+when complete, so an interrupted `rag index` leaves the previous index as it was.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import numpy as np
 
 from astrai_ds.errors import UserError
 from astrai_ds.rag.chunking import Chunk, ChunkParams, chunk_document
+from astrai_ds.rag.documents import Document
 
 FORMAT = 1
 INDEX_FILE, CHUNKS_FILE, VECTORS_FILE, DENSE_FILE, BM25_DIR = ("index.json", "chunks.jsonl", "vectors.npy",
@@ -34,75 +35,10 @@ DENSE_KINDS = ("auto", "flat", "hnsw")
 HNSW_THRESHOLD = 50_000  # auto: exact search below this many chunks, HNSW from here on
 MODES = ("dense", "bm25", "hybrid")
 RRF_K = 60  # reciprocal rank fusion: score = sum over rankings of 1 / (RRF_K + rank)
-TEXT_SUFFIXES = {".md": True, ".markdown": True, ".txt": False}  # suffix -> Markdown?
 
 
 class IndexError_(UserError):
     """An index folder is missing, incomplete, or does not belong to the model used with it."""
-
-
-# ---------------------------------------------------------------- documents
-
-
-@dataclass
-class Document:
-    source: str  # the file, or file:line for a .jsonl record
-    text: str
-    markdown: bool
-
-    @property
-    def sha256(self) -> str:
-        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
-
-
-def read_documents(paths: list[str | Path]) -> tuple[list[Document], list[str]]:
-    """The documents of files and folders (recursively: .md, .markdown, .txt, and .jsonl records with a "text"
-    field), and the files skipped with the reason (binary, not UTF-8, unknown kind, empty)."""
-    files, skipped = [], []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file())
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise UserError(f"--docs {p}: no such file or folder")
-    docs = []
-    for f in files:
-        suffix = f.suffix.lower()
-        if suffix not in TEXT_SUFFIXES and suffix != ".jsonl":
-            skipped.append(f"{f}: not a .md, .markdown, .txt or .jsonl file")
-            continue
-        data = f.read_bytes()
-        if b"\0" in data:
-            skipped.append(f"{f}: binary (it holds NUL bytes)")
-            continue
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            skipped.append(f"{f}: not UTF-8 ({e.reason} at byte {e.start})")
-            continue
-        if suffix == ".jsonl":
-            n = len(docs)
-            for lineno, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    skipped.append(f"{f}:{lineno}: invalid JSON ({e.msg})")
-                    continue
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    skipped.append(f"{f}:{lineno}: no 'text' string field")
-                    continue
-                if record["text"].strip():
-                    docs.append(Document(f"{f}:{lineno}", record["text"], markdown=True))
-            if len(docs) == n:
-                skipped.append(f"{f}: no record with text")
-        elif text.strip():
-            docs.append(Document(str(f), text, TEXT_SUFFIXES[suffix]))
-        else:
-            skipped.append(f"{f}: empty")
-    return docs, skipped
 
 
 # ---------------------------------------------------------------- the model an index belongs to
@@ -131,7 +67,8 @@ class Hit:
 
 class Index:
     def __init__(self, path: Path, meta: dict, chunks: list[dict], vectors: np.ndarray, dense, bm25):
-        self.path, self.meta, self.chunks, self.vectors, self.dense, self.bm25 = path, meta, chunks, vectors, dense, bm25
+        self.path, self.meta, self.chunks, self.vectors = path, meta, chunks, vectors
+        self.dense, self.bm25 = dense, bm25
 
     @classmethod
     def load(cls, path: str | Path) -> "Index":

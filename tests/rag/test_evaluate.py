@@ -16,7 +16,8 @@ from astrai_ds.model.io import load_model_folder
 from astrai_ds.rag.chunking import ChunkParams
 from astrai_ds.rag.embed import Embedder
 from astrai_ds.rag.evaluate import answer_contained, answer_value, evaluate_rag, read_questions
-from astrai_ds.rag.index import MODES, Index, build_index, read_documents
+from astrai_ds.rag.documents import read_documents
+from astrai_ds.rag.index import MODES, Index, build_index
 
 
 @pytest.mark.parametrize("response, value", [

@@ -16,7 +16,8 @@ from astrai_ds.errors import UserError
 from astrai_ds.model.io import load_model_folder, save_model_folder
 from astrai_ds.rag.chunking import ChunkParams
 from astrai_ds.rag.embed import Embedder
-from astrai_ds.rag.index import Index, build_index, model_fingerprint, read_documents
+from astrai_ds.rag.documents import read_documents
+from astrai_ds.rag.index import Index, build_index, model_fingerprint
 
 DOCS = {
     "countries/vela.md": "# Vela\n\nVela is a mountain country. Its capital is Orin.\n\n## Trade\n\n"
