@@ -168,7 +168,8 @@ def _bm25_index(chunks: list[dict], tokenizer):
 def build_index(docs: list[Document], model_dir, out: str | Path, model, tokenizer, params: ChunkParams,
                 pooling: str = "mean", dense: str = "auto", progress: bool = True, shard=None) -> dict:
     """Chunk and embed `docs` into the index folder `out`; what an index already at `out` holds for an
-    unchanged document (same content, model, chunking and pooling) is reused. Returns the new index.json.
+    unchanged document (same content, model, chunking and pooling) is reused, so building again from the same
+    documents gives the same index. A source given twice is indexed once. Returns the new index.json.
 
     shard: (rank, world_size, all_gather_object) when several ranks index together: every rank chunks the same
     documents, embeds every world_size-th new chunk, and rank 0 gathers the vectors and writes the folder."""
@@ -183,25 +184,29 @@ def build_index(docs: list[Document], model_dir, out: str | Path, model, tokeniz
     settings = {"chunking": asdict(params), "pooling": pooling}
     previous = _reusable(out, fingerprint, settings)
 
+    old_files, old_chunks = {}, {}
+    if previous is not None:
+        old_files, old_chunks = previous.meta["files"], _by_source(previous.chunks)
     chunks: list[dict] = []
     vectors: list[np.ndarray] = []
-    files, fresh = {}, []  # fresh: (position in chunks, Chunk) still to embed
+    files, fresh = {}, []  # fresh: positions in chunks still to embed
     reused = 0
     for doc in docs:
-        sha = doc.sha256
-        if previous is not None and previous.meta["files"].get(doc.source, {}).get("sha256") == sha:
-            old = [c for c in previous.chunks if c["source"] == doc.source]
+        if doc.source in files:  # named twice: its chunks once
+            continue
+        sha, first, old = doc.sha256, len(chunks), old_chunks.get(doc.source, [])
+        if old_files.get(doc.source, {}).get("sha256") == sha and _tiles(old):
             for c in old:
                 chunks.append({**c, "id": len(chunks)})
                 vectors.append(previous.vectors[c["id"]])
-            reused += len(old)
+            reused += len(chunks) - first
         else:
             for c in chunk_document(doc.text, doc.source, tokenizer, params, doc.markdown,
                                     embed=embedder if params.semantic else None):
                 fresh.append(len(chunks))
                 chunks.append(_chunk_record(len(chunks), c))
                 vectors.append(None)
-        files[doc.source] = {"sha256": sha, "chunks": sum(1 for c in chunks if c["source"] == doc.source)}
+        files[doc.source] = {"sha256": sha, "chunks": len(chunks) - first}
     rank, world, gather = shard or (0, 1, None)
     mine = fresh[rank::world]
     bar = Progress(len(mine), "embedding" if world == 1 else f"embedding (rank {rank} of {world})", "chunk",
@@ -215,7 +220,7 @@ def build_index(docs: list[Document], model_dir, out: str | Path, model, tokeniz
     dense_index, dense_kind = _dense_index(matrix, dense)
     meta = {"format": FORMAT, "model": fingerprint, "model_dir": str(Path(model_dir).resolve()), **settings,
             "dense": dense_kind, "dim": int(embedder.dim),
-            "counts": {"documents": len(docs), "chunks": len(chunks), "embedded": len(fresh), "reused": reused,
+            "counts": {"documents": len(files), "chunks": len(chunks), "embedded": len(fresh), "reused": reused,
                        "tokens": sum(c["n_tokens"] for c in chunks)},
             "files": files}
     if rank == 0:
@@ -226,6 +231,21 @@ def build_index(docs: list[Document], model_dir, out: str | Path, model, tokeniz
 def _chunk_record(i: int, c: Chunk) -> dict:
     return {"id": i, "source": c.source, "start": c.start, "end": c.end, "headings": list(c.headings),
             "text": c.text, "n_tokens": c.n_tokens}
+
+
+def _by_source(chunks: list[dict]) -> dict[str, list[dict]]:
+    """The chunks of each source, in order: one pass, so that re-indexing stays linear in the chunks."""
+    out: dict[str, list[dict]] = {}
+    for c in chunks:
+        out.setdefault(c["source"], []).append(c)
+    return out
+
+
+def _tiles(chunks: list[dict]) -> bool:
+    """Whether a document's chunks follow one another from its start, as chunking makes them (an index that holds
+    a file twice, as one written before inputs were deduplicated does, is chunked again)."""
+    return bool(chunks) and chunks[0]["start"] == 0 and all(a["end"] == b["start"]
+                                                            for a, b in zip(chunks, chunks[1:]))
 
 
 def _reusable(out: Path, fingerprint: dict, settings: dict) -> Index | None:

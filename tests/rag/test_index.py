@@ -1,6 +1,7 @@
 """Embeddings, the index folder and retrieval: pooled embeddings do not depend on the batch; every search mode
-finds what it should; faiss agrees with a brute-force numpy search; re-indexing embeds only what changed; an
-index answers only to its own model; bad input is one clear message and never costs the previous index."""
+finds what it should; faiss agrees with a brute-force numpy search, and HNSW with the exact index; re-indexing
+embeds only what changed and gives the index a fresh build gives, in one pass over the earlier chunks; an index
+answers only to its own model; bad input is one clear message and never costs the previous index."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from astrai_ds.errors import UserError
 from astrai_ds.model.io import load_model_folder, save_model_folder
 from astrai_ds.rag.chunking import ChunkParams
 from astrai_ds.rag.embed import Embedder
+from astrai_ds.rag import index as index_module
 from astrai_ds.rag.documents import read_documents
 from astrai_ds.rag.index import Index, build_index, model_fingerprint
 
@@ -88,13 +90,20 @@ def test_every_mode_finds_the_right_chunk(docs_dir, model_512, tmp_path):
                                                 "dense")] == brute
 
 
-def test_hnsw_and_flat_agree_on_exact_queries(docs_dir, model_512, tmp_path):
-    meta, model, tokenizer = _build(docs_dir, model_512, tmp_path / "hnsw", dense="hnsw")
-    assert meta["dense"] == "hnsw"
-    index = Index.load(tmp_path / "hnsw")
+def test_hnsw_and_flat_agree(docs_dir, model_512, tmp_path):
+    _, model, tokenizer = _build(docs_dir, model_512, tmp_path / "flat", dense="flat")
+    _build(docs_dir, model_512, tmp_path / "hnsw", dense="hnsw")
+    flat, hnsw = Index.load(tmp_path / "flat"), Index.load(tmp_path / "hnsw")
+    assert (flat.meta["dense"], hnsw.meta["dense"]) == ("flat", "hnsw")
+    assert (type(flat.dense).__name__, type(hnsw.dense).__name__) == ("IndexFlatIP", "IndexHNSWFlat")
     embedder = Embedder(model, tokenizer)
-    for c in index.chunks:
-        assert index.search(c["text"], embedder, tokenizer, 1, "dense")[0].chunk["text"] == c["text"]
+    questions = [c["text"] for c in flat.chunks] + ["Which country exports violins?", "首都", "Who was Ada Lin?"]
+    for q in questions:
+        exact, approximate = (i.search(q, embedder, tokenizer, 5, "dense") for i in (flat, hnsw))
+        assert [h.chunk["id"] for h in approximate] == [h.chunk["id"] for h in exact], q
+        np.testing.assert_allclose([h.score for h in approximate], [h.score for h in exact], atol=1e-5)
+    for c in hnsw.chunks:  # a chunk's own text finds it
+        assert hnsw.search(c["text"], embedder, tokenizer, 1, "dense")[0].chunk["id"] == c["id"]
 
 
 def test_reindexing_embeds_only_what_changed(docs_dir, model_512, tmp_path):
@@ -113,6 +122,77 @@ def test_reindexing_embeds_only_what_changed(docs_dir, model_512, tmp_path):
     assert not any("Kiro" in c["text"] for c in after.chunks)
     assert set(changed["files"]) == {str(docs_dir / n) for n in DOCS if n != "more.jsonl"}
     assert [c["id"] for c in after.chunks] == list(range(len(after.chunks)))
+
+
+def test_an_incremental_reindex_is_a_fresh_build(docs_dir, model_512, tmp_path):
+    model, tokenizer = load_model_folder(model_512, dtype=torch.float32)
+
+    def build(out):
+        docs, _ = read_documents([docs_dir, docs_dir / "people.txt"])  # a file named twice is read once
+        docs += docs[:1]  # and a document given twice is indexed once
+        return build_index(docs, model_512, out, model, tokenizer, ChunkParams(max_tokens=24), progress=False)
+
+    first = build(tmp_path / "index")
+    assert first["counts"]["documents"] == len(DOCS)
+    for _ in range(2):  # unchanged documents: the same index, every time
+        again = build(tmp_path / "index")
+        assert again["counts"]["embedded"] == 0 and again["counts"]["chunks"] == first["counts"]["chunks"]
+    (docs_dir / "people.txt").write_text("Ada Lin was the first president of Vela.\n\nShe loved rivers.\n")
+    (docs_dir / "more.jsonl").unlink()
+    (docs_dir / "new.md").write_text("# Orin\n\nOrin is the capital of Vela. It has a glass market.\n")
+    incremental, fresh = build(tmp_path / "index"), build(tmp_path / "fresh")
+    a, b = Index.load(tmp_path / "index"), Index.load(tmp_path / "fresh")
+    assert a.chunks == b.chunks and len({(c["source"], c["start"]) for c in a.chunks}) == len(a.chunks)
+    np.testing.assert_allclose(a.vectors, b.vectors, atol=1e-5)
+    assert incremental["files"] == fresh["files"] and incremental["dense"] == fresh["dense"]
+    changed = sum(c["source"].endswith(("people.txt", "new.md")) for c in b.chunks)
+    assert (incremental["counts"]["embedded"], fresh["counts"]["embedded"]) == (changed, len(b.chunks))
+    assert incremental["counts"]["reused"] == len(b.chunks) - changed > 0
+    query = Embedder(model, tokenizer)(["the capital of Vela"])
+    assert a.dense.search(query, 5)[1].tolist() == b.dense.search(query, 5)[1].tolist()
+
+
+def test_an_index_holding_a_document_twice_is_mended(docs_dir, model_512, tmp_path):
+    """An index from before inputs were deduplicated holds a file's chunks twice: the next run chunks it again."""
+    out = tmp_path / "index"
+    first, _, _ = _build(docs_dir, model_512, out)
+    meta = json.loads((out / "index.json").read_text())
+    chunks = [json.loads(line) for line in (out / "chunks.jsonl").read_text().splitlines()]
+    twice = [c for c in chunks if c["source"].endswith("people.txt")]
+    chunks += [{**c, "id": len(chunks) + i} for i, c in enumerate(twice)]
+    vectors = np.load(out / "vectors.npy")
+    np.save(out / "vectors.npy", np.concatenate([vectors, vectors[[c["id"] for c in twice]]]))
+    (out / "chunks.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chunks))
+    meta["counts"]["chunks"] = len(chunks)
+    meta["files"][twice[0]["source"]]["chunks"] *= 2
+    (out / "index.json").write_text(json.dumps(meta))
+    again, _, _ = _build(docs_dir, model_512, out)
+    assert again["counts"]["chunks"] == first["counts"]["chunks"] and again["counts"]["embedded"] == len(twice)
+    assert Index.load(out).chunks == chunks[:first["counts"]["chunks"]]
+
+
+def test_reindexing_reads_each_earlier_chunk_once(docs_dir, model_512, tmp_path, monkeypatch):
+    """Linear, not quadratic: the earlier chunks are grouped by document once, not scanned again per document."""
+    out = tmp_path / "index"
+    first, _, _ = _build(docs_dir, model_512, out)
+    reads = []
+
+    class Counted(dict):
+        def __getitem__(self, key):
+            reads.append(key)
+            return super().__getitem__(key)
+
+    reusable = index_module._reusable
+
+    def counted(*args):
+        previous = reusable(*args)
+        previous.chunks = [Counted(c) for c in previous.chunks]
+        return previous
+
+    monkeypatch.setattr(index_module, "_reusable", counted)
+    again, _, _ = _build(docs_dir, model_512, out)
+    assert again["counts"]["reused"] == first["counts"]["chunks"] > len(DOCS)
+    assert reads.count("source") == first["counts"]["chunks"], reads
 
 
 def test_an_index_answers_only_to_its_model(docs_dir, model_512, model_dir, tmp_path, capsys):
