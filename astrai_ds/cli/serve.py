@@ -1,9 +1,13 @@
-"""Serve a model folder over HTTP: the OpenAI API (/v1/models, /v1/completions, /v1/chat/completions), the
-Anthropic Messages API (/v1/messages), /health, /metrics (Prometheus) and a chat page at /. Every client's
-requests share one generation engine (continuous batching, paged KV cache with prefix reuse).
+"""Serve a model folder over HTTP: the OpenAI API (/v1/models, /v1/completions, /v1/chat/completions,
+/v1/embeddings), the Anthropic Messages API (/v1/messages, /v1/messages/count_tokens), /health, /metrics
+(Prometheus) and a chat page at /. Every client's requests share one generation engine (continuous batching,
+paged KV cache with prefix reuse).
 
-Binds 127.0.0.1 unless --host says otherwise. With an API key (--api-key, or the ASTRAI_API_KEY environment
-variable), every /v1 route needs `Authorization: Bearer KEY` (or `x-api-key: KEY`). SIGTERM drains: new requests
+Binds 127.0.0.1 unless --host says otherwise, and answers only to the Host names of its address (and
+--allowed-host). With an API key (--api-key, or the ASTRAI_API_KEY environment variable), every /v1 route and
+/metrics need `Authorization: Bearer KEY` (or `x-api-key: KEY`). Beyond --max-waiting queued requests, a new one
+gets 429 with Retry-After. Browsers' cross-origin calls are refused unless --allow-origin names the page's origin.
+SIGTERM drains: new requests
 get 503, the running ones finish (at most --drain-timeout seconds), then the server exits 0; Ctrl-C stops at once.
 A request that fails alone (while it is prepared or sampled) gets a 500 and the engine goes on; if the model step
 itself fails, the server stops and exits 1, for a supervisor to start it again.
@@ -43,9 +47,20 @@ def add_arguments(p) -> None:
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="require this key on every /v1 route (default: $ASTRAI_API_KEY, else no key)")
+    p.add_argument("--open-metrics", action="store_true",
+                   help="serve /metrics without the API key (for a Prometheus scraper; by default --api-key guards it)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a Host header name to accept besides the loopback names and --host (repeat for more; '*' for "
+                        "any). A server bound to 0.0.0.0 accepts any name unless this is given")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a web origin (https://app.example.com) whose pages may call the API from a browser (CORS; "
+                        "repeat for more; '*' for any). Default: none")
     p.add_argument("--served-name", default=None, metavar="NAME",
                    help="the model id clients send (default: the model folder's name)")
     p.add_argument("--max-running", type=int, default=64, metavar="N", help="requests stepped together at most")
+    p.add_argument("--max-waiting", type=int, default=256, metavar="N",
+                   help="requests waiting for their first step at most; beyond it a request gets 429 (529 on "
+                        "/v1/messages) with Retry-After")
     p.add_argument("--kv-budget", default="1GiB", metavar="SIZE",
                    help="KV cache pool: tokens (65536) or memory (2GiB)")
     p.add_argument("--max-batched-tokens", type=int, default=512, metavar="N",
@@ -71,6 +86,12 @@ def _check_options(args) -> dict:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
     if args.max_running < 1:
         raise UserError(f"--max-running must be at least 1, got {args.max_running}")
+    if args.max_waiting < 0:
+        raise UserError(f"--max-waiting must be >= 0, got {args.max_waiting}")
+    for origin in args.allow_origin:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise UserError(f"--allow-origin {origin!r} is not a web origin: give scheme and host, as a browser sends "
+                            f"them (https://app.example.com, http://localhost:3000), or '*'")
     if args.max_batched_tokens < 1:
         raise UserError(f"--max-batched-tokens must be at least 1, got {args.max_batched_tokens}")
     if args.drain_timeout < 0:
@@ -110,7 +131,7 @@ def run(args) -> int:
         _close(args.tp)
         return 0
 
-    from astrai_ds.serve.app import ServerState, build_app
+    from astrai_ds.serve.app import ServerState, allowed_hosts, build_app
     from astrai_ds.serve.async_engine import AsyncEngine
     from astrai_ds.serve.metrics import ServeMetrics
 
@@ -118,10 +139,13 @@ def run(args) -> int:
     # switch interval makes each wait for the other for up to that long (measured: about 15% of batch-1 speed).
     sys.setswitchinterval(0.001)
     metrics = ServeMetrics()
-    async_engine = AsyncEngine(engine, metrics, broadcast=_send if args.tp > 1 else None)
+    async_engine = AsyncEngine(engine, metrics, broadcast=_send if args.tp > 1 else None,
+                               max_waiting=args.max_waiting)
     name = args.served_name or Path(args.model).resolve().name
     state = ServerState(async_engine, name, metrics, api_key=args.api_key or os.environ.get("ASTRAI_API_KEY") or None,
-                        max_body_bytes=int(args.max_body_mb * (1 << 20)), rag_index=rag_index)
+                        max_body_bytes=int(args.max_body_mb * (1 << 20)), rag_index=rag_index,
+                        allowed_hosts=allowed_hosts(args.host, args.allowed_host), open_metrics=args.open_metrics,
+                        allow_origins=args.allow_origin)
     async_engine.start()
     try:
         return _serve(build_app(state), state, args)
@@ -172,8 +196,9 @@ def _serve(app, state, args) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5, access_log=args.log_level in ("debug", "info"))
     server = DrainingServer(config)
-    print(f"serving {state.served_name!r} on http://{args.host}:{args.port} (OpenAI API /v1/chat/completions and "
-          f"/v1/completions, Anthropic API /v1/messages, chat page /, metrics /metrics)", file=sys.stderr, flush=True)
+    print(f"serving {state.served_name!r} on http://{args.host}:{args.port} (OpenAI API /v1/chat/completions, "
+          f"/v1/completions and /v1/embeddings, Anthropic API /v1/messages, chat page /, metrics /metrics)",
+          file=sys.stderr, flush=True)
     threading.Thread(target=server.watch_engine, name="astrai-engine-watch", daemon=True).start()
     try:
         server.run()

@@ -1,4 +1,5 @@
-"""The Anthropic Messages API: `POST /v1/messages`, plain and streamed (its named events)."""
+"""The Anthropic Messages API: `POST /v1/messages`, plain and streamed (its named events), and
+`POST /v1/messages/count_tokens`."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from astrai_ds.serve.protocol import (ApiError, Choice, ClientGone, Job, Request
 router = APIRouter()
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
+               404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error",
+               529: "overloaded_error"}
 
 
 def error_body(status: int, message: str) -> dict:
@@ -60,10 +62,14 @@ def _stop_reason(c: Choice) -> str | None:
     return None
 
 
-@router.post("/v1/messages")
-async def messages(body: MessagesRequest, request: Request):
-    server = request.app.state.server
-    server.check_ready()
+class CountTokensRequest(RequestBody):
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    system: str | list[TextBlock] | None = None
+
+
+async def _prompt_ids(server, body: MessagesRequest | CountTokensRequest) -> list[int]:
+    """The prompt's token ids: the system text and the messages, in the model's chat template."""
     server.check_model(body.model)
     if body.model == server.rag_name:
         raise ApiError(400, f"'{server.rag_name}' answers on /v1/chat/completions (with its sources); "
@@ -73,7 +79,21 @@ async def messages(body: MessagesRequest, request: Request):
                             "supported)", param="messages")
     chat = ([{"role": "system", "content": _text(body.system)}] if body.system else [])
     chat += [{"role": m.role, "content": _text(m.content)} for m in body.messages]
-    ids = server.encode(chat, "messages")
+    return await server.encode(chat, "messages")
+
+
+@router.post("/v1/messages/count_tokens")
+async def count_tokens(body: CountTokensRequest, request: Request):
+    """The number of input tokens `/v1/messages` would read for these messages (what Anthropic's clients ask
+    before sending a long conversation)."""
+    return {"input_tokens": len(await _prompt_ids(request.app.state.server, body))}
+
+
+@router.post("/v1/messages")
+async def messages(body: MessagesRequest, request: Request):
+    server = request.app.state.server
+    server.check_ready()
+    ids = await _prompt_ids(server, body)
     params = sampling_params(max_new_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
                              top_k=body.top_k, stop=list(body.stop_sequences or []),
                              _names={"max_new_tokens": "max_tokens", "stop": "stop_sequences"})
@@ -114,4 +134,4 @@ async def messages(body: MessagesRequest, request: Request):
                    "usage": {"output_tokens": c.completion_tokens}}, "message_delta")
         yield sse({"type": "message_stop"}, "message_stop")
 
-    return event_stream(events())
+    return event_stream(events(), job)

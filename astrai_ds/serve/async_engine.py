@@ -26,6 +26,7 @@ from astrai_ds.inference.engine import LLMEngine, RequestOutput
 from astrai_ds.inference.sampling import SamplingParams
 
 IDLE_WAIT_S = 1.0  # an idle loop wakes this often (under tensor parallelism: a heartbeat for the other ranks)
+EMBED_SLICE_TOKENS = 512  # an embeddings request runs in slices of about this many tokens, one between two steps
 
 
 class EngineDead(RuntimeError):
@@ -65,6 +66,10 @@ class RequestFailed(Exception):
     """One request failed while it was prepared or sampled (its blocks are freed); the engine goes on."""
 
 
+class Overloaded(Exception):
+    """More requests wait than the server's --max-waiting: the caller should try again later."""
+
+
 @dataclass
 class _Waiter:
     """Where a request's outputs go: an asyncio queue read on the event loop."""
@@ -79,8 +84,10 @@ class _Waiter:
 class AsyncEngine:
     """Runs `engine` on its own thread; `add` and `outputs` are called from the event loop."""
 
-    def __init__(self, engine: LLMEngine, metrics=None, broadcast: Callable[[list], list] | None = None):
+    def __init__(self, engine: LLMEngine, metrics=None, broadcast: Callable[[list], list] | None = None,
+                 max_waiting: int | None = None):
         self.engine = engine
+        self.max_waiting = max_waiting  # requests waiting for their first step at most (None: no bound)
         self.metrics = metrics  # serve.metrics.ServeMetrics or None
         self._broadcast = broadcast  # tensor parallelism: sends rank 0's commands to the other ranks
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -89,6 +96,15 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="astrai-engine", daemon=True)
         self.error: BaseException | None = None
         self.num_unfinished = 0  # requests added and not finished (read by the drain loop)
+        # Set by the engine thread after each iteration: the requests the scheduler holds back, and the running
+        # slots still free (a new request that fills one does not wait).
+        self.num_waiting = 0
+        self.free_slots = engine.config.max_num_seqs
+        self._queued = 0  # requests put on the command queue and not taken yet (the event loop's count)
+        # Held while the event loop checks that the engine lives and queues a command, and while the engine thread
+        # ends: a command is either taken by the loop or refused when it ends, never left behind.
+        self._lock = threading.Lock()
+        self._ended = False
 
     def start(self) -> None:
         self._thread.start()
@@ -101,7 +117,14 @@ class AsyncEngine:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and self.error is None
+        return self._thread.is_alive() and self.error is None and not self._ended
+
+    def _put(self, item) -> None:
+        """Queue one command (or several that must reach the engine in the same iteration, as a list)."""
+        with self._lock:
+            if not self.alive:
+                raise EngineDead(f"the engine stopped: {self.error!r}" if self.error else "the engine was stopped")
+            self._commands.put(item)
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}-{next(self._ids)}"
@@ -111,19 +134,25 @@ class AsyncEngine:
     async def add(self, requests: list[tuple[str, list[int], SamplingParams]], outputs: asyncio.Queue) -> None:
         """Queue (request_id, prompt_ids, params) requests whose outputs all go to `outputs` (the choices of `n`
         share one queue); they reach the engine in the same iteration, so they start in the same step. Returns
-        once the engine took them all; if it refuses one, the others are aborted and its RequestError raised."""
-        if not self.alive:
-            raise EngineDead(f"the engine stopped: {self.error!r}")
+        once the engine took them all; if it refuses one, the others are aborted and its RequestError raised.
+        Raises Overloaded, and queues nothing, when they would make more than `max_waiting` requests wait."""
+        waiting = self.num_waiting + self._queued
+        if self.max_waiting is not None and waiting + len(requests) - self.free_slots > self.max_waiting:
+            raise Overloaded(f"the server is at capacity ({waiting} requests are waiting for a free slot, at most "
+                             f"{self.max_waiting}): try again shortly")
         loop = asyncio.get_running_loop()
         waiters = [_Waiter(loop, outputs, concurrent.futures.Future()) for _ in requests]
-        for (request_id, prompt_ids, params), waiter in zip(requests, waiters):
-            self._commands.put((_Add(request_id, prompt_ids, params), waiter))
+        self._put([(_Add(request_id, prompt_ids, params), waiter)
+                   for (request_id, prompt_ids, params), waiter in zip(requests, waiters)])
+        self._queued += len(requests)
         try:
             results = await asyncio.gather(*(asyncio.wrap_future(w.added) for w in waiters), return_exceptions=True)
         except asyncio.CancelledError:  # the client went away meanwhile: nobody will read these outputs
             for request_id, _, _ in requests:
                 self.abort(request_id)
             raise
+        finally:
+            self._queued -= len(requests)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             for (request_id, _, _), result in zip(requests, results):
@@ -133,15 +162,21 @@ class AsyncEngine:
 
     async def embed(self, token_ids: list[list[int]], pooling: str = "mean"):
         """Embeddings (n, dim) of token sequences, computed by the engine thread between two steps (the model
-        is the engine's: no second copy, and every tensor-parallel rank runs it too)."""
-        if not self.alive:
-            raise EngineDead(f"the engine stopped: {self.error!r}")
-        done = concurrent.futures.Future()
-        self._commands.put((_Embed(self.new_id("emb"), token_ids, pooling), done))
-        return await asyncio.wrap_future(done)
+        is the engine's: no second copy, and every tensor-parallel rank runs it too). A large request runs in
+        slices of about EMBED_SLICE_TOKENS tokens, one per engine iteration, so the running generations keep
+        stepping in between."""
+        import numpy as np
+
+        parts = []
+        for piece in _slices(token_ids, EMBED_SLICE_TOKENS):
+            done = concurrent.futures.Future()
+            self._put((_Embed(self.new_id("emb"), piece, pooling), done))
+            parts.append(await asyncio.wrap_future(done))
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def abort(self, request_id: str, reason: str = "") -> None:
-        """Stop a request at the next step and free its blocks (thread-safe; a no-op once finished)."""
+        """Stop a request at the next step and free its blocks (thread-safe; a no-op once finished or once the
+        engine has stopped)."""
         self._commands.put(_Abort(request_id, reason))
 
     def abort_all(self, reason: str) -> None:
@@ -166,14 +201,14 @@ class AsyncEngine:
     # ------------------------------------------------------------------ the engine thread
 
     def _take(self, block: bool) -> list:
-        commands = []
+        items = []
         try:
-            commands.append(self._commands.get(timeout=IDLE_WAIT_S) if block else self._commands.get_nowait())
+            items.append(self._commands.get(timeout=IDLE_WAIT_S) if block else self._commands.get_nowait())
             while True:
-                commands.append(self._commands.get_nowait())
+                items.append(self._commands.get_nowait())
         except queue.Empty:
             pass
-        return commands
+        return [c for item in items for c in (item if isinstance(item, list) else [item])]
 
     def _run(self) -> None:
         try:
@@ -185,7 +220,9 @@ class AsyncEngine:
                 waiters = {c[0].request_id: c[1] for c in taken if isinstance(c, tuple)}
                 if apply_commands(self.engine, commands, self._on_add(waiters), self._on_abort,
                                   self._on_embed(waiters)):
-                    self._refuse_queued(EngineDead("the engine was stopped"))
+                    with self._lock:
+                        self._ended = True
+                        self._refuse_queued(EngineDead("the engine was stopped"))
                     for waiter in waiters.values():  # taken with the stop, after it
                         future = waiter.added if isinstance(waiter, _Waiter) else waiter
                         if not future.done():
@@ -193,14 +230,19 @@ class AsyncEngine:
                     return
                 if self.engine.has_unfinished():
                     self._deliver(self.engine.step())
+                scheduler = self.engine.scheduler
+                self.num_waiting = len(scheduler.waiting)
+                self.free_slots = max(scheduler.max_num_seqs - len(scheduler.running) - len(scheduler.waiting), 0)
                 if self.metrics is not None:
                     self.metrics.observe_engine(self.engine)
         except BaseException as e:  # the engine is unusable: fail every caller rather than leave them waiting
-            self.error = e
+            with self._lock:
+                self.error = e
+                self._refuse_queued(EngineDead(f"the engine failed: {e!r}"))
             for waiter in self._waiters.values():
                 waiter.loop.call_soon_threadsafe(waiter.outputs.put_nowait, EngineDead(f"the engine failed: {e!r}"))
             self._waiters.clear()
-            self._refuse_queued(EngineDead(f"the engine failed: {e!r}"))
+            self.num_unfinished = 0
             if self._broadcast is not None:  # the other ranks stop too (a normal stop was broadcast already)
                 try:
                     self._broadcast([_Stop()])
@@ -269,6 +311,18 @@ class AsyncEngine:
             by_loop.setdefault(waiter.loop, []).append((waiter.outputs, out))
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_put_all, items)
+
+
+def _slices(token_ids: list[list[int]], tokens: int) -> list[list[list[int]]]:
+    """Consecutive runs of `token_ids` of about `tokens` tokens each (a longer sequence alone)."""
+    out, size = [[]], 0
+    for ids in token_ids:
+        if out[-1] and size + len(ids) > tokens:
+            out.append([])
+            size = 0
+        out[-1].append(ids)
+        size += len(ids)
+    return out
 
 
 def _put_all(items: list) -> None:

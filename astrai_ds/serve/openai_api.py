@@ -5,6 +5,7 @@ Request fields are the ones OpenAI defines that this server implements (plus `to
 
 from __future__ import annotations
 
+import asyncio
 from typing import Literal
 
 from fastapi import APIRouter, Request
@@ -13,8 +14,8 @@ from pydantic import Field
 
 from astrai_ds.errors import UserError
 from astrai_ds.inference.sampling import MAX_LOGPROBS
-from astrai_ds.serve.protocol import (ApiError, Choice, ClientGone, Job, RequestBody, Strict, engine_error,
-                                      event_stream, new_id, now, sampling_params, sse, stop_list)
+from astrai_ds.serve.protocol import (MAX_GENERATIONS, ApiError, Choice, ClientGone, Job, RequestBody, Strict,
+                                      engine_error, event_stream, new_id, now, sampling_params, sse, stop_list)
 
 router = APIRouter()
 
@@ -162,7 +163,7 @@ async def _respond(request: Request, server, job: Job, body: SamplingFields, pro
             yield sse(data)
         yield sse("[DONE]")
 
-    return event_stream(events())
+    return event_stream(events(), job)
 
 
 # ---------------------------------------------------------------- routes
@@ -204,7 +205,11 @@ async def completions(body: CompletionRequest, request: Request):
     if body.echo and body.logprobs is not None:
         raise ApiError(400, "'echo' with 'logprobs' is not supported (prompt log-probs are not computed)",
                        param="echo")
-    encoded = [server.encode(p, "prompt") for p in prompts]
+    if len(prompts) * body.n > MAX_GENERATIONS:
+        raise ApiError(400, f"the request asks for {len(prompts) * body.n} generations ({len(prompts)} prompts x n "
+                            f"{body.n}), and the server takes at most {MAX_GENERATIONS} in one request: split it into "
+                            f"several", param="prompt")
+    encoded = await server.encode_all(prompts, "prompt")
     max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default for completions
     all_ids = [ids for ids in encoded for _ in range(body.n)]
     params = [_params(body, max_tokens, body.logprobs, j) for _ in encoded for j in range(body.n)]
@@ -271,7 +276,7 @@ async def chat_completions(body: ChatRequest, request: Request):
         if max_tokens is None:
             max_tokens = min(256, server.max_context // 4)
         messages, extra = await _with_context(server, messages, max_tokens)
-    ids = server.encode(messages, "messages")
+    ids = await server.encode(messages, "messages")
     if max_tokens is None:
         max_tokens = max(server.max_context - len(ids), 1)  # as far as the context goes
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -297,31 +302,30 @@ async def chat_completions(body: ChatRequest, request: Request):
 
 
 RAG_K = 5
+MAX_EMBEDDING_INPUTS = 2048  # as OpenAI's embeddings endpoint
 
 
 async def _with_context(server, messages: list[dict], max_tokens: int) -> tuple[list[dict], dict]:
-    """The chat with its last user message answered from retrieved chunks (rag.answer's prompt, as many chunks as
-    fit; a client's system message is kept after its instructions), and the `sources` field the response
-    carries."""
-    from astrai_ds.rag.answer import fit_prompt
+    """The chat grounded in retrieved chunks (rag.answer.grounded_chat: the whole conversation, as many chunks as
+    fit), and the `sources` field the response carries. Search and prompt fitting run off the event loop."""
+    from astrai_ds.rag.answer import grounded_chat
 
     if messages[-1]["role"] != "user":
         raise ApiError(400, f"the last message must be the user's question for '{server.rag_name}'", param="messages")
     question = messages[-1]["content"]
-    query = await server.engine.embed([server.engine.engine.encode(question)], server.pooling)
-    hits = server.rag_index.search(question, lambda texts: query, server.tokenizer, RAG_K, "hybrid")
+    query = await server.engine.embed([await server.encode(question, "messages")], server.pooling)
+    hits = await asyncio.to_thread(server.rag_index.search, question, lambda texts: query, server.tokenizer, RAG_K,
+                                   "hybrid")
     try:
-        grounded, used = fit_prompt(server.engine.engine, question, [h.chunk for h in hits], max_tokens)
+        prompt, used = await asyncio.to_thread(grounded_chat, server.engine.engine, messages,
+                                               [h.chunk for h in hits], max_tokens,
+                                               {"question": "the question", "max_new_tokens": "max_tokens"})
     except UserError as e:
-        raise ApiError(400, str(e).replace("--question", "the question").replace("--max-new-tokens", "max_tokens"),
-                       param="messages") from None
-    history = [m for m in messages[:-1] if m["role"] != "system"]
-    # The client's own system messages follow the grounding instructions in the one system message.
-    system = "\n\n".join([grounded[0]["content"], *(m["content"] for m in messages[:-1] if m["role"] == "system")])
+        raise ApiError(400, str(e), param="messages") from None
     scores = {h.chunk["id"]: h.score for h in hits}
     sources = [{"index": i, "source": c["source"], "headings": c["headings"], "start": c["start"], "end": c["end"],
                 "score": scores[c["id"]], "text": c["text"]} for i, c in enumerate(used, 1)]
-    return [{"role": "system", "content": system}] + history + grounded[1:], {"sources": sources}
+    return prompt, {"sources": sources}
 
 
 class EmbeddingRequest(RequestBody):
@@ -343,7 +347,11 @@ async def embeddings(body: EmbeddingRequest, request: Request):
     items = [given] if isinstance(given, str) or (given and isinstance(given[0], int)) else list(given)
     if not items or any(len(x) == 0 for x in items):
         raise ApiError(400, "'input' must not be empty (nor hold an empty string or list)", param="input")
-    ids = [server.encode(x, "input") if isinstance(x, str) else list(x) for x in items]
+    if len(items) > MAX_EMBEDDING_INPUTS:
+        raise ApiError(400, f"'input' holds {len(items)} items, and the server takes at most {MAX_EMBEDDING_INPUTS} "
+                            f"in one request: split it into several", param="input")
+    texts = iter(await server.encode_all([x for x in items if isinstance(x, str)], "input"))
+    ids = [next(texts) if isinstance(x, str) else list(x) for x in items]
     vocab = server.engine.engine.model.cfg.vocab_size
     for i, x in enumerate(ids):
         if len(x) > server.max_context:

@@ -20,6 +20,9 @@ from astrai_ds.inference.engine import RequestOutput
 from astrai_ds.inference.sampling import SamplingParams
 
 
+MAX_GENERATIONS = 128  # engine requests one HTTP request may start (prompts x n)
+
+
 class ApiError(Exception):
     """An HTTP error with a message for the client; each protocol renders it in its own shape."""
 
@@ -29,9 +32,10 @@ class ApiError(Exception):
 
 
 class Strict(BaseModel):
-    """A request object: a field the server does not implement is refused, never silently ignored."""
+    """A request object: a field the server does not implement is refused, never silently ignored, and a value of
+    the wrong JSON type ("2" for an integer, "yes" for a boolean) is refused, never converted."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class RequestBody(Strict):
@@ -48,15 +52,47 @@ class RequestBody(Strict):
         return data
 
 
-def validation_message(error: dict) -> tuple[str, str]:
-    """(param, message) of one pydantic error of a request body."""
-    loc = [str(x) for x in error.get("loc", ()) if x != "body"]
-    param = ".".join(loc)
+BRANCHES = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
+            "list[str]": "a list of strings", "list[int]": "a list of token ids", "list[list[int]]":
+            "a list of token-id lists", "list[TextPart]": "a list of text parts", "list[TextBlock]":
+            "a list of text blocks"}
+
+
+def _is_branch(part) -> bool:
+    """A location part that names a union's branch (pydantic's 'str', 'list[TextPart]'), not a field."""
+    return isinstance(part, str) and (part in BRANCHES or "[" in part or part[:1].isupper() or "-" in part)
+
+
+def validation_message(errors: list[dict]) -> tuple[str, str]:
+    """(param, message) of a request body's pydantic errors: the first problem, named by the field the client
+    wrote (a union's branches are pydantic's, not the client's), and how many more there are."""
+    def param_of(error):
+        return ".".join(str(x) for x in error.get("loc", ()) if x != "body" and not _is_branch(x))
+
+    first = errors[0]
+    param = param_of(first)
+    same = [e for e in errors if param_of(e) == param]
+    branched = [e for e in same if any(_is_branch(x) for x in e.get("loc", ()))]
+    if len(branched) > 1:  # every branch of a union refused the value itself: say what the field may be
+        kinds = [BRANCHES.get(next(x for x in e["loc"] if _is_branch(x)), "") for e in branched]
+        message = f"'{param}' must be {' or '.join(k for k in dict.fromkeys(kinds) if k)}"
+    else:
+        deeper = [e for e in errors if any(_is_branch(x) for x in e.get("loc", ())) and param_of(e) != param and
+                  param_of(e).startswith(param + ".")] if branched else []
+        first = deeper[0] if deeper else first  # the value had a branch's shape: its own problem inside it
+        param, message = _one_message(param_of(first), first)
+    more = len({param_of(e) for e in errors} - {param})
+    return param, message + (f" (and {more} more problem(s))" if more else "")
+
+
+def _one_message(param: str, error: dict) -> tuple[str, str]:
     kind = error.get("type", "")
     if kind == "json_invalid":
         return "", f"the request body is not valid JSON ({error.get('ctx', {}).get('error', 'parse error')})"
     if kind == "extra_forbidden":
         return param, f"unsupported field '{param}': this server does not implement it; remove it from the request"
+    if kind == "missing" and not param:
+        return "", "the request body is empty: send a JSON object (Content-Type: application/json)"
     if kind == "missing":
         return param, f"'{param}' is required"
     if kind == "model_attributes_type" and not param:
@@ -94,10 +130,26 @@ def now() -> int:
     return int(time.time())
 
 
-def event_stream(events) -> StreamingResponse:
-    """A server-sent event stream of `events` (an async iterator of `sse(...)` bytes), never buffered by a proxy."""
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+class _EventStream(StreamingResponse):
+    """A StreamingResponse that runs `on_close` however the response ends: a client that goes away before the
+    first event is sent never starts `events`, so the generator's own cleanup would not run."""
+
+    def __init__(self, events, on_close, **kwargs):
+        super().__init__(events, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+def event_stream(events, job: "Job") -> StreamingResponse:
+    """A server-sent event stream of `events` (an async iterator of `sse(...)` bytes), never buffered by a proxy;
+    when it ends, for whatever reason, `job`'s unfinished requests are aborted."""
+    return _EventStream(events, job.close, media_type="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def sse(data, event: str | None = None) -> bytes:
@@ -138,10 +190,14 @@ class Job:
     server: object  # serve.app.ServerState
     request_ids: list[str]
     queue: asyncio.Queue
+    done: set[str] = field(default_factory=set)  # the requests that finished
 
     @classmethod
     async def start(cls, server, prompts: list[list[int]], params: list[SamplingParams], param: str) -> "Job":
         """Add every request; if the engine refuses one, abort the others and raise a 400 naming `param`."""
+        if len(prompts) > MAX_GENERATIONS:
+            raise ApiError(400, f"the request asks for {len(prompts)} generations (prompts x n), and the server takes "
+                                f"at most {MAX_GENERATIONS} in one request: split it into several", param=param)
         job = cls(server, [server.engine.new_id("req") for _ in prompts], asyncio.Queue())
         try:
             await server.engine.add(list(zip(job.request_ids, prompts, params)), job.queue)
@@ -151,8 +207,18 @@ class Job:
             raise engine_error(e) from e
         return job
 
-    def outputs(self):
-        return self.server.engine.outputs(self.queue, self.request_ids)
+    async def outputs(self):
+        async for out in self.server.engine.outputs(self.queue, self.request_ids):
+            if out.finished:
+                self.done.add(out.request_id)
+            yield out
+
+    def close(self) -> None:
+        """Abort the requests that have not finished (their client is gone): their blocks are freed."""
+        for request_id in self.request_ids:
+            if request_id not in self.done:
+                self.server.engine.abort(request_id)
+                self.done.add(request_id)
 
     async def collect(self, request: Request) -> list[Choice]:
         """Every request's finished Choice, in order. A client that disconnects meanwhile aborts them."""
@@ -174,8 +240,10 @@ async def _watch_disconnect(request: Request, queue: asyncio.Queue) -> None:
 
 def engine_error(e: BaseException) -> ApiError:
     """The ApiError for an exception raised while a request was running."""
-    from astrai_ds.serve.async_engine import EngineDead, RequestAborted, RequestFailed
+    from astrai_ds.serve.async_engine import EngineDead, Overloaded, RequestAborted, RequestFailed
 
+    if isinstance(e, Overloaded):
+        return ApiError(429, str(e), code="overloaded")
     if isinstance(e, RequestAborted):
         return ApiError(503, str(e), code="aborted")
     if isinstance(e, RequestFailed):

@@ -49,7 +49,10 @@ class Server:
 
     def metrics(self) -> dict[str, float]:
         """Every sample of /metrics by name (labels folded into the name as name{k=v})."""
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        return self.metrics_with({})
+
+    def metrics_with(self, headers: dict) -> dict[str, float]:
+        text = httpx.get(f"{self.url}/metrics", headers=headers, timeout=10).text
         out = {}
         for family in text_string_to_metric_families(text):
             for s in family.samples:

@@ -91,8 +91,12 @@ def test_a_client_that_disconnects_frees_its_blocks(server):
     assert after.get(aborted, 0) == before.get(aborted, 0) + 1
 
 
-def test_an_api_key_guards_every_v1_route(model_dir, tmp_path):
-    s = Server(model_dir, tmp_path / "server.log", extra_env={"ASTRAI_API_KEY": "s3cret"})
+def test_access_rules_a_key_hosts_origins_and_overload(model_dir, tmp_path):
+    """One guarded server: the API key (any case of the Bearer scheme) on /v1 and /metrics, the Host header
+    (DNS rebinding), CORS only for the origin given, and --max-waiting's 429 (529 on /v1/messages)."""
+    s = Server(model_dir, tmp_path / "server.log", "--allow-origin", "http://page.test", "--max-running", "1",
+               "--max-waiting", "1", extra_env={"ASTRAI_API_KEY": "s3cret"})
+    key = {"Authorization": "Bearer s3cret"}
     try:
         r = httpx.get(f"{s.url}/v1/models")
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
@@ -100,15 +104,137 @@ def test_an_api_key_guards_every_v1_route(model_dir, tmp_path):
         assert r.status_code == 401 and "a wrong API key" in r.json()["error"]["message"]
         r = httpx.post(f"{s.url}/v1/messages", json={}, headers={"x-api-key": "nope"})
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
-        assert httpx.get(f"{s.url}/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        for scheme in ("Bearer", "bearer", "BEARER"):  # RFC 9110: the scheme is case-insensitive
+            assert httpx.get(f"{s.url}/v1/models", headers={"Authorization": f"{scheme} s3cret"}).status_code == 200
         assert httpx.get(f"{s.url}/health").status_code == 200  # outside /v1: no key
+        assert httpx.get(f"{s.url}/metrics").status_code == 401  # the metrics need it too
+        assert "astrai_requests_running" in httpx.get(f"{s.url}/metrics", headers=key).text
         import openai
-
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{s.url}/v1", api_key="wrong", max_retries=0).models.list()
         assert openai.OpenAI(base_url=f"{s.url}/v1", api_key="s3cret").models.list().data
+
+        # a page on another name that resolves to 127.0.0.1 (DNS rebinding) is refused; loopback names are not
+        r = httpx.get(f"{s.url}/v1/models", headers={**key, "Host": "evil.test"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host", r.text
+        assert httpx.get(f"{s.url}/health", headers={"Host": "evil.test:80"}).status_code == 400
+        for host in (f"localhost:{s.port}", f"127.0.0.1:{s.port}", "localhost"):
+            assert httpx.get(f"{s.url}/health", headers={"Host": host}).status_code == 200, host
+
+        # CORS: the preflight of the allowed origin is answered without a key, another origin's is not
+        preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+        r = httpx.options(f"{s.url}/v1/chat/completions", headers={**preflight, "Origin": "http://page.test"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://page.test", r.headers
+        assert "authorization" in r.headers["access-control-allow-headers"].lower()
+        r = httpx.options(f"{s.url}/v1/chat/completions", headers={**preflight, "Origin": "http://evil.test"})
+        assert "access-control-allow-origin" not in r.headers
+        r = httpx.get(f"{s.url}/v1/models", headers={**key, "Origin": "http://page.test"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://page.test"
+
+        # overload: one request runs, one waits, the next is refused with Retry-After until they are done
+        long = {"prompt": "Once upon a time", "max_tokens": 100, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", f"{s.url}/v1/completions", json=long, headers=key, timeout=60) as running:
+            lines = running.iter_lines()
+            next(line for line in lines if line.startswith("data: "))  # it runs
+            with httpx.stream("POST", f"{s.url}/v1/completions", json=long, headers=key, timeout=60) as waiting:
+                assert waiting.status_code == 200
+                while s.metrics_with(key)["astrai_requests_waiting"] < 1:
+                    pass
+                r = httpx.post(f"{s.url}/v1/chat/completions", headers=key, timeout=60,
+                               json={**CHAT, "max_tokens": 2})
+                assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+                assert r.json()["error"]["code"] == "overloaded" and "try again" in r.json()["error"]["message"]
+                r = httpx.post(f"{s.url}/v1/messages", headers=key, timeout=60,
+                               json={"model": model_dir.name, "max_tokens": 2,
+                                     "messages": [{"role": "user", "content": "hi"}]})
+                assert r.status_code == 529 and r.json()["error"]["type"] == "overloaded_error", r.text
+                assert r.headers["retry-after"] == "1"
+                assert _completion_tokens(waiting.iter_lines()) == 100  # the waiting one ran in full
+            assert _completion_tokens(lines) == 100
+        r = httpx.post(f"{s.url}/v1/chat/completions", headers=key, json={**CHAT, "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200  # served again once the queue emptied
     finally:
         assert s.stop() == 0, s.log()
+
+
+def _completion_tokens(lines) -> int:
+    """The completion tokens a streamed response's usage chunk reports."""
+    usage = [json.loads(line[6:])["usage"] for line in lines if line.startswith("data: {")]
+    return [u for u in usage if u][-1]["completion_tokens"]
+
+
+def test_errors_name_the_field_the_client_wrote_and_types_are_strict(server):
+    def post(body, path="/v1/chat/completions", headers=None):
+        return httpx.post(f"{server.url}{path}", content=body if isinstance(body, bytes) else json.dumps(body),
+                          headers=headers if headers is not None else {"content-type": "application/json"},
+                          timeout=60)
+
+    r = post(b"")
+    assert r.status_code == 400 and "the request body is empty" in r.json()["error"]["message"], r.text
+    r = post({**CHAT, "max_tokens": 2}, headers={})  # no Content-Type (curl --data-binary without -H): still JSON
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
+    r = post({**CHAT, "messages": [{"role": "user", "content": 5}]})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "messages.0.content", error
+    assert error["message"] == "'messages.0.content' must be a string or a list of text parts", error
+    r = post({**CHAT, "messages": [{"role": "user", "content": [{"type": "image", "text": "x"}]}]})
+    assert r.json()["error"]["param"] == "messages.0.content.0.type", r.text
+    for field, value in (("n", "2"), ("ignore_eos", "yes"), ("max_tokens", "4"), ("temperature", "0"),
+                         ("stream", 1), ("seed", 1.0)):
+        r = post({**CHAT, field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, value, r.text)
+    r = post({"prompt": ["a"] * 9, "n": 16, "max_tokens": 1}, "/v1/completions")
+    assert r.status_code == 400 and "144 generations" in r.json()["error"]["message"], r.text
+    r = post({"input": ["a"] * 2049}, "/v1/embeddings")
+    assert r.status_code == 400 and "at most 2048" in r.json()["error"]["message"], r.text
+
+
+def test_a_client_gone_before_its_first_chunk_aborts_its_request(model_dir):
+    """A streamed request whose client is gone before the response starts (the ASGI server reports the disconnect
+    first): the request is aborted, not generated to its end for nobody. In process, at the ASGI level, so that the
+    disconnect surely comes before the first event."""
+    import asyncio
+    import time
+
+    import torch
+
+    from astrai_ds.inference.engine import LLMEngine
+    from astrai_ds.model.io import load_model_folder
+    from astrai_ds.serve.app import ServerState, build_app
+    from astrai_ds.serve.async_engine import AsyncEngine
+    from astrai_ds.serve.metrics import ServeMetrics
+
+    model, tokenizer = load_model_folder(model_dir, dtype=torch.float32)
+    metrics = ServeMetrics()
+    engine = AsyncEngine(LLMEngine(model, tokenizer), metrics)
+    app = build_app(ServerState(engine, "m", metrics))
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 100, "ignore_eos": True, "stream": True}).encode()
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "headers": [(b"content-type", b"application/json"), (b"host", b"127.0.0.1")],
+             "http_version": "1.1", "scheme": "http", "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1)}
+    messages = [{"type": "http.request", "body": body, "more_body": False}, {"type": "http.disconnect"}]
+
+    async def receive():
+        return messages.pop(0) if messages else await asyncio.Future()
+
+    async def send(message):  # the response's start is slow to go out: the disconnect is seen first
+        await asyncio.sleep(0.2)
+
+    async def main():  # the event loop lives on after the response, as a server's does
+        await app(scope, receive, send)
+        deadline = time.monotonic() + 30
+        while engine.num_unfinished and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    engine.start()
+    try:
+        asyncio.run(main())
+        finished = {s.labels["finish_reason"]: s.value for family in metrics.registry.collect()
+                    for s in family.samples if s.name == "astrai_requests_finished_total"}
+        assert finished == {"abort": 1.0}, finished
+    finally:
+        engine.stop(timeout=30)
 
 
 EDGES = [0, -1, 1e-300, -1e-300, 1e300, float("nan"), float("inf"), float("-inf"), "1", True, None, [1]]
