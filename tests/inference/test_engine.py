@@ -281,6 +281,45 @@ def test_the_server_thread_survives_a_failing_request(model, tokenizer):
         engine.stop(30)
 
 
+def test_a_large_embeddings_request_runs_in_slices_between_generation_steps(model, tokenizer, monkeypatch):
+    """The server's engine thread embeds a large request a slice at a time, with generation steps in between, so
+    that running streams are not stalled for the whole request; the slices' vectors equal one batch's."""
+    import asyncio
+
+    import numpy as np
+
+    from astrai_ds.rag.embed import Embedder
+    from astrai_ds.serve.async_engine import AsyncEngine
+
+    events = []
+    engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8))
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: (events.append("step"), step())[1])
+    embed_ids = Embedder.embed_ids
+    monkeypatch.setattr(Embedder, "embed_ids", lambda self, ids, progress=None: (
+        events.append("embed"), embed_ids(self, ids, progress))[1])
+    inputs = [random_ids(20, seed) for seed in range(100)]  # 2,000 tokens: four slices
+    server = AsyncEngine(engine)
+    server.start()
+
+    async def main():
+        queue = asyncio.Queue()
+        await server.add([("gen", random_ids(12, 5), SamplingParams(max_new_tokens=60, ignore_eos=True))], queue)
+        vectors = await server.embed(inputs)
+        tokens = [t async for out in server.outputs(queue, ["gen"]) for t in out.token_ids]
+        return vectors, tokens
+
+    try:
+        vectors, tokens = asyncio.run(main())
+    finally:
+        server.stop(30)
+    assert len(tokens) == 60
+    embeds = [i for i, e in enumerate(events) if e == "embed"]
+    assert len(embeds) == 4, events
+    assert all("step" in events[a:b] for a, b in zip(embeds, embeds[1:])), events  # a step between two slices
+    np.testing.assert_allclose(vectors, embed_ids(Embedder(model, tokenizer), inputs), atol=1e-5)
+
+
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tokenizer):
     with pytest.raises(RequestError, match="tokenizer has 512 tokens but the model only 256"):
         LLMEngine(tiny_model(vocab_size=256), tokenizer)

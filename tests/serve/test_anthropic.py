@@ -76,3 +76,13 @@ def test_errors_are_the_clients_exception_types(client, model_dir):
     with pytest.raises(anthropic.NotFoundError) as e:
         client.messages.create(model="no-such-model", messages=MESSAGES, max_tokens=5)
     assert e.value.body["type"] == "error" and e.value.body["error"]["type"] == "not_found_error"
+
+
+def test_count_tokens_equals_the_input_tokens_of_the_message(client, model_dir):
+    system = "You are brief."
+    count = client.messages.count_tokens(model=model_dir.name, messages=MESSAGES, system=system)
+    m = client.messages.create(model=model_dir.name, messages=MESSAGES, system=system, max_tokens=1,
+                               extra_body=GREEDY)
+    assert count.input_tokens == m.usage.input_tokens > 0
+    with pytest.raises(anthropic.NotFoundError):
+        client.messages.count_tokens(model="no-such-model", messages=MESSAGES)

@@ -8,6 +8,7 @@ import json
 
 import base64
 
+import httpx2 as httpx
 import numpy as np
 import openai
 import pytest
@@ -73,7 +74,77 @@ def test_embeddings_equal_the_in_process_ones(client, model_dir):
     np.testing.assert_allclose(raw.data[0].embedding, expected[0], atol=1e-5)
     with pytest.raises(openai.BadRequestError, match="unsupported field 'dimensions'"):
         client.embeddings.create(model=model_dir.name, input="x", dimensions=8)
-    assert base64  # the client decodes base64 itself; the server's encoding is checked by the equality above
+    # base64 on the wire: little-endian float32, decoded here rather than by the client
+    r = httpx.post(f"{client.base_url}embeddings", json={"input": texts, "encoding_format": "base64"}, timeout=60)
+    decoded = np.array([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in r.json()["data"]])
+    np.testing.assert_allclose(decoded, expected, atol=1e-5)
+
+
+def test_a_large_embeddings_request_beside_a_stream(client, rag_server, model_dir):
+    """500 inputs while a stream generates: the vectors equal the in-process ones, and the stream goes on. Prints
+    the longest pause of the stream meanwhile (measured, not asserted; tests/inference/test_engine.py checks that
+    the slices run between engine steps)."""
+    import threading
+    import time
+
+    texts = [f"Vela exports glass, item {i}." for i in range(500)]
+    model, tokenizer = load_model_folder(model_dir, dtype=torch.float32)
+    expected = Embedder(model, tokenizer)(texts)
+    stamps, span = [], []
+    body = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "stream": True, "temperature": 0}
+
+    def stream():
+        with httpx.stream("POST", f"{client.base_url}completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    stamps.append(time.perf_counter())
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    while len(stamps) < 5:
+        time.sleep(0.01)
+    span.append(time.perf_counter())
+    r = client.embeddings.create(model=model_dir.name, input=texts, encoding_format="float")
+    span.append(time.perf_counter())
+    reader.join()
+    np.testing.assert_allclose(np.array([d.embedding for d in r.data]), expected, atol=1e-5)
+    assert len(stamps) > 100  # every token (bar a character's continuation bytes) came
+    during = [t for t in stamps if span[0] < t < span[1]]
+    gaps = np.diff([span[0], *during, span[1]])
+    print(f"embeddings of 500 inputs: {span[1] - span[0]:.2f} s, {len(during)} stream chunks meanwhile, "
+          f"longest gap between them {gaps.max():.3f} s")
+
+
+def test_the_rag_model_keeps_the_conversation(client, rag_server, engine, model_dir):
+    """A multi-turn request to the RAG model: the earlier turns are in the prompt with the retrieved chunks (they
+    were once added after the chunks were fitted to the question alone), and a conversation too long for all of
+    it keeps the best chunk and drops its oldest turns first."""
+    from astrai_ds.rag.answer import grounded_chat
+
+    _, index = rag_server
+    turns = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi! Ask me about Vela."},
+             {"role": "user", "content": QUESTION}]
+    model, tokenizer = load_model_folder(model_dir, dtype=torch.float32)
+    hits = index.search(QUESTION, Embedder(model, tokenizer), tokenizer, 5, "hybrid")
+    messages, used = grounded_chat(engine, turns, [h.chunk for h in hits], 64)
+    assert [m["content"] for m in messages[1:3]] == [t["content"] for t in turns[:2]]
+    r = client.chat.completions.create(model=f"{model_dir.name}-rag", temperature=0, max_tokens=64, messages=turns)
+    assert r.usage.prompt_tokens == len(engine.encode(messages))
+    assert [s["text"] for s in r.model_extra["sources"]] == [c["text"] for c in used]
+    assert r.choices[0].message.content == engine.generate(messages, SamplingParams(max_new_tokens=64,
+                                                                                    temperature=0)).text
+    # 40 earlier turns cannot all fit in 512 tokens: the best chunk stays, the oldest turns go
+    long = [{"role": r_, "content": f"Turn {i}: tell me more about the world."} for i in range(40)
+            for r_ in ("user", "assistant")] + [turns[-1]]
+    r = client.chat.completions.create(model=f"{model_dir.name}-rag", temperature=0, max_tokens=64, messages=long)
+    assert r.usage.prompt_tokens + 64 <= 512 and r.model_extra["sources"], r.usage
+    prompt, kept = grounded_chat(engine, long, [h.chunk for h in hits], 64)
+    assert len(kept) == 1 and prompt[1]["role"] == "user" and "Turn 39" in prompt[-2]["content"]
+    assert "Turn 0:" not in json.dumps(prompt) and r.usage.prompt_tokens == len(engine.encode(prompt))
+    # a one-word question with nearly the whole context asked for the answer names max_tokens, not the question
+    with pytest.raises(openai.BadRequestError, match="lower max_tokens to at most"):
+        client.chat.completions.create(model=f"{model_dir.name}-rag", max_tokens=500,
+                                       messages=[{"role": "user", "content": "Vela?"}])
 
 
 def test_the_rag_model_answers_from_retrieved_chunks(client, rag_server, engine, model_dir):
