@@ -57,19 +57,16 @@ class BlockManager:
         """Blocks with ref count 0, cached ones included (they are evictable)."""
         return len(self._free)
 
-    def usage(self) -> float:
-        """Share of the pool in use (ref count > 0), in [0, 1]."""
-        return 1.0 - len(self._free) / self.num_blocks
-
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
     # ---- prefix cache -------------------------------------------------------------------------------------
 
-    def match_prefix(self, token_ids: list[int]) -> tuple[list[int], int]:
+    def match_prefix(self, token_ids: list[int], count: bool = True) -> tuple[list[int], int]:
         """(block ids, number of tokens they hold) of the longest chain of cached full blocks that starts
         `token_ids`. At most (len - 1) // block_size blocks, so the last token is always computed (its logits
-        are needed). Ref counts are unchanged: pass the ids to `allocate` before any other allocation."""
+        are needed). Ref counts are unchanged: pass the ids to `allocate` before any other allocation. `count`:
+        add the lookup to the hit-rate statistics now (the scheduler counts it once the request is admitted)."""
         bs, parent, hit = self.block_size, _ROOT, []
         for i in range((len(token_ids) - 1) // bs):
             tokens = tuple(token_ids[i * bs:(i + 1) * bs])
@@ -80,9 +77,13 @@ class BlockManager:
                 break
             hit.append(bid)
             parent = h
-        self.stats["prefix_query_tokens"] += len(token_ids)
-        self.stats["prefix_hit_tokens"] += len(hit) * bs
+        if count:
+            self.record_lookup(len(token_ids), len(hit) * bs)
         return hit, len(hit) * bs
+
+    def record_lookup(self, query_tokens: int, hit_tokens: int) -> None:
+        self.stats["prefix_query_tokens"] += query_tokens
+        self.stats["prefix_hit_tokens"] += hit_tokens
 
     def cache_blocks(self, block_table: list[int], token_ids: list[int], num_computed: int) -> None:
         """Register the hash of every full block among the first `num_computed` tokens of a sequence
@@ -128,9 +129,6 @@ class BlockManager:
         fresh = max(0, self.blocks_needed(num_tokens) - len(block_table) - len(prefix_blocks))
         return fresh, fresh + sum(self.blocks[bid].ref == 0 for bid in prefix_blocks)
 
-    def can_allocate(self, block_table: list[int], num_tokens: int, prefix_blocks: list[int] = ()) -> bool:
-        return self._plan(block_table, num_tokens, prefix_blocks)[1] <= len(self._free)
-
     def allocate(self, block_table: list[int], num_tokens: int, prefix_blocks: list[int] = ()) -> bool:
         """Make `block_table` (mutated in place) cover `num_tokens` token slots: the cached `prefix_blocks`
         first (empty table only), then fresh blocks from the front of the free queue. All or nothing: False,
@@ -174,9 +172,3 @@ class BlockManager:
                     block.hash = block.tokens = block.parent = None
                     self._free.move_to_end(bid, last=False)
         block_table.clear()
-
-    def slot(self, block_table: list[int], position: int) -> int:
-        """Slot index in the pool's (num_blocks * block_size) token slots of token `position` of the table."""
-        if not 0 <= position < len(block_table) * self.block_size:
-            raise ValueError(f"position {position} is outside a table of {len(block_table)} blocks")
-        return block_table[position // self.block_size] * self.block_size + position % self.block_size

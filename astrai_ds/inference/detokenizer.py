@@ -22,7 +22,6 @@ class IncrementalDetokenizer:
         self._stop = [stop] if isinstance(stop, str) else list(stop)
         self._pending_ids: list[int] = []  # ids the stream decoder has not turned into text yet
         self._held = ""  # decoded text held back because it could be the start of a stop string
-        self._pieces: list[str] = []
         self._stopped = False
         self.matched_stop: str | None = None  # the stop string that ended the text, once `stopped`
 
@@ -30,11 +29,6 @@ class IncrementalDetokenizer:
     def stopped(self) -> bool:
         """A stop string appeared: the text was cut just before it and nothing more is emitted."""
         return self._stopped
-
-    @property
-    def text(self) -> str:
-        """Everything emitted so far (never a stop string)."""
-        return "".join(self._pieces)
 
     def add(self, token_id: int) -> str:
         """Take the next token; return the text that is now safe to emit (may be "")."""
@@ -69,8 +63,6 @@ class IncrementalDetokenizer:
         else:
             keep = 0 if final else self._partial_stop_len(buf)
             out, self._held = buf[:len(buf) - keep], buf[len(buf) - keep:]
-        if out:
-            self._pieces.append(out)
         return out
 
     def _partial_stop_len(self, buf: str) -> int:

@@ -3,9 +3,10 @@
 `add_request` / `step` / `abort` are the core: every `step` schedules the waiting and running requests
 (scheduler), runs one forward over their new tokens (model runner), samples one token for each request that
 reached its last token (sampling, each request with its own generator) and turns tokens into safe text
-deltas (detokenizer). Streaming (`stream`), one request (`generate`) and a list of requests
-(`generate_batch`) are loops over `step`; they all share the engine, so requests from several callers batch
-together.
+deltas (detokenizer). Several callers share an engine through `add_request` and `step` (the server's engine
+thread reads every step's outputs and hands each to its caller). Streaming (`stream`), one request (`generate`)
+and a list of requests (`generate_batch`) are loops over `step` for a caller that has the engine to itself: they
+refuse to start while other requests are unfinished, whose outputs they would swallow.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -68,7 +69,6 @@ class _Request:
     seq: Sequence
     detok: IncrementalDetokenizer
     generator: torch.Generator | None
-    logprobs: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -225,7 +225,6 @@ class LLMEngine:
         if seq.params.logprobs is not None and new_ids:
             logprobs = [{"token_id": result.token_id, "logprob": result.logprob,
                          "top_logprobs": result.top_logprobs or []}]
-            request.logprobs += logprobs
         return RequestOutput(seq.request_id, text, new_ids, logprobs, reason is not None, reason,
                              len(seq.prompt_ids), len(seq.output_ids), seq.num_cached, request.detok.matched_stop)
 
@@ -233,11 +232,12 @@ class LLMEngine:
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Generate one request and yield its outputs as they come (other queued requests step along).
-        Closing the iterator early aborts the request."""
+        Closing the iterator early aborts the request. The engine must have no other unfinished request."""
+        self._check_alone("stream")
         request_id = self.add_request(prompt, params)
         done = False
         try:
-            while not done:
+            while not done and request_id in self._requests:
                 for out in self.step():
                     if out.request_id == request_id:
                         done = out.finished
@@ -246,6 +246,11 @@ class LLMEngine:
             if not done:
                 self.abort(request_id)
 
+    def _check_alone(self, name: str) -> None:
+        if self._requests:
+            raise RequestError(f"{name}() steps the engine alone, and {len(self._requests)} other requests are "
+                               f"unfinished (their outputs would be lost): use add_request() and step() to share it")
+
     def generate(self, prompt: Prompt, params: SamplingParams | None = None) -> Completion:
         return self.generate_batch([prompt], params)[0]
 
@@ -253,7 +258,9 @@ class LLMEngine:
                        progress: bool = False, desc: str = "generate") -> list[Completion]:
         """Completions of `prompts`, in their order, all stepped together. `params` is one for all or one per
         prompt. A request that is refused (RequestError) gets a Completion with `error` set; the rest run.
-        `progress` shows a bar (a terminal) or a line per tenth (elsewhere) on stderr, named `desc`."""
+        `progress` shows a bar (a terminal) or a line per tenth (elsewhere) on stderr, named `desc`. The engine must
+        have no other unfinished request."""
+        self._check_alone("generate_batch")
         params = params if isinstance(params, list) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise RequestError(f"{len(prompts)} prompts but {len(params)} sampling parameter sets")
@@ -265,7 +272,7 @@ class LLMEngine:
             except RequestError as e:
                 results[i] = Completion(f"refused-{i}", "", [], None, 0, 0, error=str(e))
         bar = Progress(len(pending), desc, "request", progress)
-        while pending:
+        while pending and self.has_unfinished():
             for out in self.step():
                 if out.request_id not in pending:
                     continue
@@ -281,5 +288,7 @@ class LLMEngine:
                                             out.stop_string, out.error)
                     bar.update()
         bar.close()
+        for request_id, (i, text, ids, _) in pending.items():  # aborted meanwhile (a signal handler, say)
+            results[i] = Completion(request_id, "".join(text), ids, "abort", 0, len(ids))
         return results
 

@@ -79,10 +79,11 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            prefix, cached = self.blocks.match_prefix(seq.token_ids)
+            prefix, cached = self.blocks.match_prefix(seq.token_ids, count=False)
             n = min(seq.num_tokens - cached, budget)
             if not self.blocks.allocate(seq.block_table, cached + n, prefix):
-                break  # the pool is full: wait for running sequences to finish
+                break  # the pool is full: wait for running sequences to finish (looked up again then)
+            self.blocks.record_lookup(seq.num_tokens, cached)  # once per admission, not per step it waited
             self.waiting.popleft()
             if not seq.output_ids:  # the first admission (a recomputed one keeps its first count)
                 seq.num_cached = cached

@@ -20,8 +20,8 @@ class ServeMetrics:
                                  registry=r)
         self.prefix_hit_rate = Gauge(f"{PREFIX}_prefix_cache_hit_rate",
                                      "Share of looked-up prompt tokens served from the prefix cache", registry=r)
-        self.preemptions = Gauge(f"{PREFIX}_preemptions", "Requests preempted so far (recomputed later)",
-                                 registry=r)
+        self.preemptions = Counter(f"{PREFIX}_preemptions", "Requests preempted (recomputed later)", registry=r)
+        self._preempted = 0  # the scheduler's count when last observed
         self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generated_tokens = Counter(f"{PREFIX}_generated_tokens", "Tokens generated", registry=r)
         self.requests = Counter(f"{PREFIX}_requests_finished", "Finished requests by finish reason",
@@ -39,7 +39,8 @@ class ServeMetrics:
         self.blocks_used.set(blocks.num_blocks - blocks.num_free_blocks)
         query = blocks.stats["prefix_query_tokens"]
         self.prefix_hit_rate.set(blocks.stats["prefix_hit_tokens"] / query if query else 0.0)
-        self.preemptions.set(scheduler.num_preemptions)
+        self.preemptions.inc(scheduler.num_preemptions - self._preempted)
+        self._preempted = scheduler.num_preemptions
 
     def token(self, seconds: float, first: bool, count: int) -> None:
         """A request's output with `count` new tokens, `seconds` after its arrival (first) or its last output."""

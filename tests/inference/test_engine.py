@@ -181,6 +181,46 @@ def test_a_full_pool_preempts_and_still_finishes_every_request(model, tokenizer)
     assert tight.blocks.num_free_blocks == tight.blocks.num_blocks
 
 
+def test_a_full_pool_counts_each_request_once_in_the_metrics(model, tokenizer):
+    """While the pool is full the head of the queue is looked up again every step; the prefix hit rate counts
+    it once, when it is admitted, and preemptions are a Prometheus counter."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from astrai_ds.serve.metrics import ServeMetrics
+
+    prompts = [random_ids(n, n + 7) for n in (30, 41, 25, 50, 12, 36)]
+    engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8, kv_cache_tokens=128))
+    metrics = ServeMetrics()
+    for prompt in prompts:
+        engine.add_request(prompt, SamplingParams(temperature=0, max_new_tokens=30))
+    steps = 0
+    while engine.has_unfinished():
+        engine.step()
+        metrics.observe_engine(engine)
+        steps += 1
+    admissions = len(prompts) + engine.scheduler.num_preemptions  # a preempted request is admitted again
+    assert engine.scheduler.num_preemptions > 0 and steps > admissions
+    assert engine.blocks.stats["prefix_query_tokens"] < sum(map(len, prompts)) + 30 * admissions
+    samples = {s.name: s.value for f in text_string_to_metric_families(metrics.render().decode()) for s in f.samples}
+    assert samples["astrai_preemptions_total"] == engine.scheduler.num_preemptions
+
+
+def test_stream_and_generate_batch_have_the_engine_to_themselves(model, tokenizer):
+    """stream() and generate_batch() read every output of each step: with another caller's request unfinished
+    they would swallow its outputs, so they refuse to start; a request of theirs aborted meanwhile ends them."""
+    engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8))
+    other = engine.add_request(random_ids(10, 1), GREEDY)
+    with pytest.raises(RequestError, match="use add_request"):
+        list(engine.stream(random_ids(10, 2), GREEDY))
+    with pytest.raises(RequestError, match="use add_request"):
+        engine.generate_batch([random_ids(10, 2)], GREEDY)
+    engine.abort(other)
+    stream = engine.stream(random_ids(10, 2), SamplingParams(temperature=0, max_new_tokens=50, ignore_eos=True))
+    next(stream)
+    engine.abort(engine.unfinished_ids()[0])  # from elsewhere (a signal handler): the loop ends, not spins
+    assert list(stream) == [] and not engine.has_unfinished()
+
+
 def test_abort_frees_the_blocks_at_once(model, tokenizer):
     engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8))
     ids = [engine.add_request(random_ids(40, i), SamplingParams(temperature=0, max_new_tokens=50)) for i in range(3)]
