@@ -59,6 +59,14 @@ def test_not_found_too_large_and_anthropic_shape(server):
     r = httpx.post(f"{server.url}/v1/chat/completions", content=b"x" * (9 << 20),
                    headers={"content-type": "application/json"})
     assert r.status_code == 413 and "limit of 8388608 bytes" in r.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: the limit is enforced while the body streams in
+        for _ in range(9):
+            yield b"x" * (1 << 20)
+
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert "content-length" not in r.request.headers and r.request.headers["transfer-encoding"] == "chunked"
+    assert r.status_code == 413 and "limit of 8388608 bytes" in r.json()["error"]["message"], r.text
     r = httpx.post(f"{server.url}/v1/messages", json={"model": "x", "messages": [], "max_tokens": 5})
     assert r.status_code == 400 and r.json()["type"] == "error"
     assert r.json()["error"]["type"] == "invalid_request_error"
@@ -238,32 +246,44 @@ def test_a_client_gone_before_its_first_chunk_aborts_its_request(model_dir):
 
 
 EDGES = [0, -1, 1e-300, -1e-300, 1e300, float("nan"), float("inf"), float("-inf"), "1", True, None, [1]]
-SAMPLING_FIELDS = ["temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                   "frequency_penalty", "max_tokens", "seed", "n", "top_logprobs"]
+SAMPLING = ["temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+            "max_tokens", "seed", "n"]
+ROUTES = {  # route: (a sampled request, its sampling fields, where its answer's finish reason is)
+    "/v1/chat/completions": ({**CHAT, "temperature": 1, "seed": 3, "max_tokens": 2}, SAMPLING + ["top_logprobs"],
+                             lambda r: r["choices"][0]["finish_reason"]),
+    "/v1/completions": ({"prompt": "Once upon a time", "temperature": 1, "seed": 3, "max_tokens": 2},
+                        SAMPLING + ["logprobs"], lambda r: r["choices"][0]["finish_reason"]),
+    "/v1/messages": ({"model": "m", "messages": CHAT["messages"], "temperature": 1, "max_tokens": 2},
+                     ["temperature", "top_p", "top_k", "max_tokens"], lambda r: r["stop_reason"]),
+}
 
 
-@pytest.mark.multiproc  # slow: 132 requests against the server (the slow set, like the load test)
+@pytest.mark.multiproc  # slow: about 300 requests against the server (the slow set, like the load test)
 def test_sampling_fields_at_their_edges_never_take_the_engine_down(server):
-    """Every sampling field at its edges (zero, negative, tiny, huge, NaN, infinities, wrong types): a request
-    either answers or is a 400 that names the field (or the JSON, for a literal JSON has no such number), and the
-    engine stays healthy for the next request. 1e-300 as repetition_penalty once overflowed the logits to inf and
-    killed the engine for every later request."""
-    answered = 0
-    for name in SAMPLING_FIELDS:
-        for value in EDGES:
-            body = {**CHAT, "temperature": 1, "seed": 3, "max_tokens": 2, name: value}  # sampled, not argmax
-            if name == "top_logprobs":
-                body["logprobs"] = True
-            r = httpx.post(f"{server.url}/v1/chat/completions", content=json.dumps(body).encode(),
-                           headers={"content-type": "application/json"}, timeout=60)
-            assert r.status_code in (200, 400), (name, value, r.status_code, r.text)
-            if r.status_code == 400:
-                error = r.json()["error"]
-                assert error["param"] == name or "JSON" in error["message"], (name, value, error)
-            else:
-                answered += 1
-                assert r.json()["choices"][0]["finish_reason"] in ("stop", "length"), (name, value, r.text)
-            assert httpx.get(f"{server.url}/health").json()["status"] == "ok", (name, value)
-    assert answered > 0
+    """Every sampling field of every generating route at its edges (zero, negative, tiny, huge, NaN, infinities,
+    wrong types): a request either answers or is a 400 that names the field (or the JSON, for a literal JSON has
+    no such number), and the engine stays healthy for the next request. 1e-300 as repetition_penalty once
+    overflowed the logits to inf and killed the engine for every later request."""
+    served = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
+    for path, (base, fields, finish) in ROUTES.items():
+        base = {**base, "model": served} if "model" in base else base
+        answered = 0
+        for name in fields:
+            for value in EDGES:
+                body = {**base, name: value}
+                if name == "top_logprobs":
+                    body["logprobs"] = True
+                r = httpx.post(f"{server.url}{path}", content=json.dumps(body).encode(),
+                               headers={"content-type": "application/json"}, timeout=60)
+                assert r.status_code in (200, 400), (path, name, value, r.status_code, r.text)
+                if r.status_code == 400:
+                    error = r.json()["error"]
+                    named = error.get("param") == name or f"'{name}'" in error["message"]
+                    assert named or "JSON" in error["message"], (path, name, value, error)
+                else:
+                    answered += 1
+                    assert finish(r.json()) in ("stop", "length", "end_turn", "max_tokens"), (path, name, value)
+                assert httpx.get(f"{server.url}/health").json()["status"] == "ok", (path, name, value)
+        assert answered > 0, path
     r = httpx.post(f"{server.url}/v1/chat/completions", json={**CHAT, "max_tokens": 4}, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4

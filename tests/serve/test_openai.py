@@ -112,10 +112,27 @@ def test_logprobs(client, engine, model_dir):
     assert all(len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob >= c.logprob - 1e-6 for c in content)
     assert b"".join(bytes(c.bytes) for c in content).decode("utf-8", errors="replace") == \
         r.choices[0].message.content
-    r = client.completions.create(model=model_dir.name, prompt="Hello", max_tokens=5, temperature=0, logprobs=2)
-    lp = r.choices[0].logprobs
-    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
-    assert all(len(t) <= 2 for t in lp.top_logprobs)
+    # completions: each token's text, log-prob, top alternatives and character offset, as the engine has them
+    for prompt in ("Hello", "天气很好"):
+        r = client.completions.create(model=model_dir.name, prompt=prompt, max_tokens=8, temperature=0, logprobs=2)
+        lp = r.choices[0].logprobs
+        params = SamplingParams(max_new_tokens=8, temperature=0, logprobs=2)
+        outs = list(engine.stream(prompt, params))
+        entries = [e for o in outs for e in o.logprobs or []]
+
+        def text(token_id):
+            return engine.tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
+
+        assert lp.tokens == [text(e["token_id"]) for e in entries]
+        assert lp.token_logprobs == pytest.approx([e["logprob"] for e in entries], abs=1e-5)
+        assert [list(t) for t in lp.top_logprobs] == [[text(i) for i, _ in e["top_logprobs"]] for e in entries]
+        assert [list(t.values()) for t in lp.top_logprobs] == [
+            pytest.approx([v for _, v in e["top_logprobs"]], abs=1e-5) for e in entries]
+        offsets, pos = [], 0
+        for o in outs:  # one token per output: its offset is the length of the text before its output
+            offsets += [pos] * len(o.token_ids)
+            pos += len(o.text)
+        assert lp.text_offset == offsets and r.choices[0].text == "".join(o.text for o in outs)
 
 
 def test_errors_are_the_clients_exception_types(client, model_dir):
