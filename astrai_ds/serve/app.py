@@ -245,13 +245,31 @@ def build_app(state: ServerState) -> FastAPI:
     async def metrics():
         return Response(state.metrics.render() if state.metrics else b"", media_type="text/plain; version=0.0.4")
 
-    page = resources.files("astrai_ds.serve").joinpath("static/chat.html").read_text(encoding="utf-8")
+    static = resources.files("astrai_ds.serve").joinpath("static")
+    page = static.joinpath("chat.html").read_text(encoding="utf-8")
+    # The page's own files: its script and style, and the libraries it renders answers with (no CDN: the server
+    # may have no internet access).
+    page_files = {name: (static.joinpath(name).read_bytes(), media_type) for name, media_type in (
+        ("chat.js", "text/javascript"), ("chat.css", "text/css"), ("vendor/marked.umd.js", "text/javascript"),
+        ("vendor/purify.min.js", "text/javascript"))}
+    # The page holds the API key: it runs only its own scripts and talks only to this server, whatever HTML an
+    # answer might smuggle past the sanitiser.
+    page_policy = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+                   "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
     @app.get("/", response_class=HTMLResponse)
     async def chat_page():
         name = state.served_name
-        return page.replace("{{MODEL_JSON}}", json.dumps(name).replace("<", "\\u003c")).replace("{{MODEL}}",
-                                                                                             html.escape(name))
+        config = json.dumps({"model": name, "context": state.max_context}).replace("<", "\\u003c")
+        return HTMLResponse(page.replace("{{CONFIG_JSON}}", config).replace("{{MODEL}}", html.escape(name)),
+                            headers={"Content-Security-Policy": page_policy})
+
+    @app.get("/static/{name:path}")
+    async def chat_page_file(name: str):
+        if name not in page_files:
+            raise HTTPException(404)
+        body, media_type = page_files[name]
+        return Response(body, media_type=media_type, headers={"Cache-Control": "no-cache"})
 
     app.add_middleware(Guard, state=state)
     if state.allow_origins:  # outside the Guard: a browser's preflight carries no API key
