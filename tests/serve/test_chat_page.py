@@ -1,6 +1,8 @@
 """The chat page at / in a real headless Chromium (Selenium): what it shows equals what the server answers the
-same messages non-streamed (greedy, fp32), it renders the answer piece by piece as it streams, a second
-question sends the whole conversation, Stop ends an answer, and a question that failed is not sent again.
+same messages non-streamed (greedy, fp32), rendered as Markdown, piece by piece as it streams; a second
+question sends the whole conversation, Stop ends an answer, and a question that failed is not sent again; a
+conversation longer than the context leaves its oldest turns out (the system prompt stays) and says so; no HTML in
+an answer runs; the -rag model can be chosen.
 
 Needs the Debian packages chromium and chromium-driver (scripts/install_cluster_deps.sh installs them as root).
 Without them the tests skip and say why; with ASTRAI_REQUIRE_CLUSTER_TESTS=1 (set by scripts/test.sh where it
