@@ -9,8 +9,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
-from astrai_ds.serve.protocol import (ApiError, Choice, ClientGone, Job, RequestBody, Strict, engine_error,
-                                      event_stream, new_id, sampling_params, sse)
+from astrai_ds.serve.jobs import Choice, ClientGone, Job, engine_error, event_stream, new_id, sse
+from astrai_ds.serve.requests import ApiError, RequestBody, Strict, sampling_params
 
 router = APIRouter()
 

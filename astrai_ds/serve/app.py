@@ -20,7 +20,8 @@ from starlette.exceptions import HTTPException
 
 from astrai_ds.errors import RequestError
 from astrai_ds.serve import anthropic_api, openai_api
-from astrai_ds.serve.protocol import ApiError, now, validation_message
+from astrai_ds.serve.jobs import now
+from astrai_ds.serve.requests import ApiError, validation_message
 
 OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
                 405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_exceeded",

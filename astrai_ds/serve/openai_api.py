@@ -14,8 +14,8 @@ from pydantic import Field
 
 from astrai_ds.errors import UserError
 from astrai_ds.inference.sampling import MAX_LOGPROBS
-from astrai_ds.serve.protocol import (MAX_GENERATIONS, ApiError, Choice, ClientGone, Job, RequestBody, Strict,
-                                      engine_error, event_stream, new_id, now, sampling_params, sse, stop_list)
+from astrai_ds.serve.jobs import Choice, ClientGone, Job, engine_error, event_stream, new_id, now, sse
+from astrai_ds.serve.requests import MAX_GENERATIONS, ApiError, RequestBody, Strict, sampling_params, stop_list
 
 router = APIRouter()
 
