@@ -1,10 +1,11 @@
 """`rag eval`: recall at k and exact answers on the corpus's held-out documents. BM25 over the model's tokens finds
-the chunk that states the answer whatever the weights; every answer is scored by its value; the index must hold the
-questions' documents; the CLI writes the metrics `report --stage rag` reads."""
+the chunk that states the answer whatever the weights; scripted answers get the scores written out by hand, per
+language too; the index must hold the questions' documents; the CLI writes the metrics `report --stage rag` reads."""
 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -58,22 +59,73 @@ def test_recall_and_answers_on_the_held_out_documents(workspace, corpus_index):
     assert set(recall) == set(MODES) and all(0.0 <= v <= 1.0 for v in recall.values())
     # the names are rare tokens: lexical search finds the entity's chunk, trained weights or not
     assert recall["bm25"] >= 0.9, recall
-    assert recall["bm25"] == sum(r["found_bm25"] for r in records) / len(records)
-    for name in ("closed_book", "rag", "oracle"):
-        for r in records:
-            assert r[f"{name}_correct"] == (answer_value(r[name]) == r["answer"])
-        assert metrics[f"answer_em_{name}"] == sum(r[f"{name}_correct"] for r in records) / len(records)
-        assert all(r[f"{name}_contains"] == answer_contained(r[name], r["answer"]) for r in records)
-        assert metrics[f"answer_contains_{name}"] == sum(r[f"{name}_contains"] for r in records) / len(records)
     assert all(1 <= r["rag_chunks"] <= 3 for r in records)
-    # each language apart: the same fields over its own questions, which together are all of them
     assert {"en", "zh"} <= set(metrics) and sum(metrics[lang]["questions"] for lang in ("en", "zh")) == len(records)
-    for lang in ("en", "zh"):
-        mine = [r for r in records if r["lang"] == lang]
-        assert metrics[lang]["recall_at_5"]["bm25"] == sum(r["found_bm25"] for r in mine) / len(mine)
-        for name in ("closed_book", "rag", "oracle"):
-            assert metrics[lang][f"answer_em_{name}"] == sum(r[f"{name}_correct"] for r in mine) / len(mine)
-            assert metrics[lang][f"answer_contains_{name}"] == sum(r[f"{name}_contains"] for r in mine) / len(mine)
+
+
+SCRIPTED = [  # (document, [(question, answer, {kind of answer: the response})])
+    ({"lang": "en", "text": "# Senofi\n\nSenofi is a country by the sea. Its capital is Venlu.\n\n## Economy\n\n"
+                            "The currency of Senofi is the zanbi.\n"},
+     [("What is the capital of Senofi?", "Venlu",
+       {"closed_book": "I do not know.", "rag": "Venlu. The capital of Senofi is Venlu.", "oracle": "venlu"}),
+      ("What is the currency of Senofi?", "zanbi",
+       {"closed_book": "zanbi", "rag": "The currency is the zanbi.", "oracle": "zanbi."})]),
+    ({"lang": "zh", "text": "# 比塞塔\n\n比塞塔的首都是鲁诺。\n"},
+     [("比塞塔的首都是哪里？", "鲁诺", {"closed_book": "鲁诺。", "rag": "比塞塔的首都是鲁诺。", "oracle": "鲁诺"})]),
+]
+
+
+class ScriptedEngine:
+    """The engine's prompt side, with scripted answers: what `evaluate_rag` makes of given responses."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine, self.tokenizer, self.max_context = engine, engine.tokenizer, engine.max_context
+        self.answers = {q: responses for _, qa in SCRIPTED for q, _, responses in qa}
+        self.prompts: dict[str, list[str]] = {}
+
+    def encode(self, messages):
+        return self.engine.encode(messages)
+
+    def generate_batch(self, prompts, params, progress=False, desc=""):
+        kind = desc.removeprefix("answers (").removesuffix(")")
+        users = [p[-1]["content"] for p in prompts]
+        self.prompts[kind] = users
+        return [SimpleNamespace(text=self.answers[u.rsplit("Question: ", 1)[1]][kind], error=None) for u in users]
+
+
+def test_answers_are_scored_by_their_value_and_containment(long_model_dir, tmp_path):
+    model, tokenizer = load_model_folder(long_model_dir, dtype=torch.float32)
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({**d, "qa": [{"question": q, "answer": a} for q, a, _ in qa]},
+                                       ensure_ascii=False) + "\n" for d, qa in SCRIPTED), encoding="utf-8")
+    build_index(read_documents([docs])[0], long_model_dir, tmp_path / "index", model, tokenizer,
+                ChunkParams(max_tokens=48), progress=False)
+    engine = ScriptedEngine(LLMEngine(model, tokenizer))
+    metrics, records = evaluate_rag(Index.load(tmp_path / "index"), Embedder(model, tokenizer), engine,
+                                    read_questions(docs), k=5, answer_k=3, max_new_tokens=8)
+    assert [(r["closed_book_correct"], r["rag_correct"], r["oracle_correct"]) for r in records] == [
+        (False, True, False), (True, False, True), (True, False, True)]
+    assert [(r["closed_book_contains"], r["rag_contains"], r["oracle_contains"]) for r in records] == [
+        (False, True, True), (True, True, True), (True, True, True)]
+
+    def scores(m: dict) -> dict:
+        return {k: v for k, v in m.items() if k.startswith(("answer_em_", "answer_contains_"))}
+
+    assert scores(metrics) == pytest.approx({
+        "answer_em_closed_book": 2 / 3, "answer_em_rag": 1 / 3, "answer_em_oracle": 2 / 3,
+        "answer_contains_closed_book": 2 / 3, "answer_contains_rag": 1.0, "answer_contains_oracle": 1.0})
+    assert scores(metrics["en"]) == pytest.approx({
+        "answer_em_closed_book": 0.5, "answer_em_rag": 0.5, "answer_em_oracle": 0.5,
+        "answer_contains_closed_book": 0.5, "answer_contains_rag": 1.0, "answer_contains_oracle": 1.0})
+    assert scores(metrics["zh"]) == {
+        "answer_em_closed_book": 1.0, "answer_em_rag": 0.0, "answer_em_oracle": 1.0,
+        "answer_contains_closed_book": 1.0, "answer_contains_rag": 1.0, "answer_contains_oracle": 1.0}
+    assert (metrics["questions"], metrics["en"]["questions"], metrics["zh"]["questions"]) == (3, 2, 1)
+    assert metrics["recall_at_5"] == {"dense": 1.0, "bm25": 1.0, "hybrid": 1.0}  # k is more than the chunks
+    # closed-book prompts hold no context; the oracle's holds the chunk that states the answer
+    assert all(u.startswith("Question: ") for u in engine.prompts["closed_book"])
+    assert [("Venlu" in u, "zanbi" in u.split("Question: ")[0], "鲁诺" in u) for u in engine.prompts["oracle"]] \
+        == [(True, False, False), (False, True, False), (False, False, True)]
 
 
 def test_the_index_must_hold_the_questions_documents(workspace, corpus_index, tmp_path):
