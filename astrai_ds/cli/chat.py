@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from astrai_ds.cli.generate import (StopOnCtrlC, add_model_arguments, add_sampling_arguments, check_chat,
+from astrai_ds.cli.model_commands import (StopOnCtrlC, add_model_arguments, add_sampling_arguments, check_chat,
                                     check_sampling, load_engine, sampling_defaults, stream_to, user_prompt)
 from astrai_ds.errors import UserError
 

@@ -59,7 +59,7 @@ def run(args) -> int:
     facts = read_eval_records(args.data, "facts") if args.data else None
     chat = read_eval_records(args.chat, "chat") if args.chat else None
     pairs = read_eval_records(args.pairs, "pairs") if args.pairs else None
-    from astrai_ds.cli.generate import model_dtype
+    from astrai_ds.cli.model_commands import model_dtype
 
     model, tokenizer = load_model_folder(args.model, dtype=model_dtype(args.dtype))
     result = {}

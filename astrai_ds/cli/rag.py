@@ -1,9 +1,10 @@
 """Retrieval-augmented generation over your own documents, with the model's own embeddings.
 
-  rag index   chunk and embed documents (.md, .txt, .jsonl with a "text" field; files or folders) into an index
-              folder; run it again after editing the documents: only changed files are embedded again, and
-              chunks of deleted files go. Under `deepspeed --num_gpus N --module astrai_ds rag index ...` the N
-              ranks share the embedding and rank 0 writes the index
+  rag index   chunk and embed documents (.md, .txt, .jsonl with a "text" field; files or folders, each file
+              once however often it is named) into an index folder; run it again after editing the documents:
+              only changed files are embedded again, and chunks of deleted files go. Under `deepspeed
+              --num_gpus N --module astrai_ds rag index ...` the N ranks share the embedding and rank 0
+              writes the index
   rag query   the chunks closest to a question, with their source, heading path and score
   rag ask     retrieve, put the chunks in the prompt (as many as the context holds, best first), stream the
               answer, then list the sources it was given
@@ -27,7 +28,7 @@ HELP = "retrieval-augmented generation: index documents, query the index, ask wi
 
 
 def add_arguments(p) -> None:
-    from astrai_ds.cli.generate import add_model_arguments
+    from astrai_ds.cli.model_commands import add_model_arguments
     from astrai_ds.cli.main import HelpFormatter
     from astrai_ds.rag.embed import POOLINGS
     from astrai_ds.rag.index import DENSE_KINDS, MODES
@@ -83,7 +84,7 @@ def add_arguments(p) -> None:
 def _load(model_dir, dtype_name: str, device: str | None = None):
     import torch
 
-    from astrai_ds.cli.generate import model_dtype
+    from astrai_ds.cli.model_commands import model_dtype
     from astrai_ds.model.io import load_model_folder
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -181,7 +182,7 @@ def _query(args) -> int:
 
 
 def _ask(args) -> int:
-    from astrai_ds.cli.generate import check_sampling, stream_to, summary
+    from astrai_ds.cli.model_commands import check_sampling, stream_to, summary
     from astrai_ds.inference.engine import LLMEngine
     from astrai_ds.rag.answer import chunk_label, fit_prompt
 

@@ -40,7 +40,7 @@ def parse_kv_budget(text: str) -> dict:
 
 
 def add_arguments(p) -> None:
-    from astrai_ds.cli.generate import add_model_arguments
+    from astrai_ds.cli.model_commands import add_model_arguments
 
     add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 serves other machines too")
@@ -80,7 +80,7 @@ def add_arguments(p) -> None:
 
 
 def _check_options(args) -> dict:
-    from astrai_ds.cli.generate import check_tp_launch, process_rank
+    from astrai_ds.cli.model_commands import check_tp_launch, process_rank
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
@@ -108,7 +108,7 @@ def _check_options(args) -> dict:
 def run(args) -> int:
     from pathlib import Path
 
-    from astrai_ds.cli.generate import load_engine, process_rank
+    from astrai_ds.cli.model_commands import load_engine, process_rank
     from astrai_ds.model.io import read_model_config
 
     options = _check_options(args)

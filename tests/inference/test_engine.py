@@ -283,7 +283,7 @@ def test_a_request_whose_sampling_fails_ends_alone_and_the_engine_goes_on(model,
 def test_the_cli_names_a_failed_request_in_one_line(model, tokenizer):
     """`generate --prompt`, `chat` and `rag ask` stream through stream_to: a failed request is a UserError (one
     line; chat goes on to its next turn), and the engine serves the next prompt."""
-    from astrai_ds.cli.generate import stream_to
+    from astrai_ds.cli.model_commands import stream_to
     from astrai_ds.errors import UserError
 
     engine = LLMEngine(model, tokenizer)
