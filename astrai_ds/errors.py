@@ -15,3 +15,7 @@ class DataError(UserError):
 
 class RequestError(UserError):
     """A generation request is invalid; the message names the field."""
+
+
+class ContextTooLong(RequestError):
+    """A prompt does not fit the model's context (the server's 400 says `context_length_exceeded`, as OpenAI's)."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from astrai_ds.errors import RequestError
+from astrai_ds.errors import ContextTooLong, RequestError
 from astrai_ds.inference.block_manager import BlockManager
 from astrai_ds.inference.detokenizer import IncrementalDetokenizer
 from astrai_ds.inference.model_runner import ModelRunner, local_kv_heads
@@ -145,7 +145,7 @@ class LLMEngine:
         params = params or SamplingParams()
         ids = self.encode(prompt)
         if len(ids) >= self.max_context:
-            raise RequestError(f"the prompt is {len(ids)} tokens, and the model's context is {self.max_context} "
+            raise ContextTooLong(f"the prompt is {len(ids)} tokens, and the model's context is {self.max_context} "
                                f"tokens: shorten the prompt to at most {self.max_context - 1} tokens")
         need = min(len(ids) + params.max_new_tokens, self.max_context)
         pool = self.blocks.num_blocks * self.blocks.block_size

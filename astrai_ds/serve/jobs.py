@@ -14,7 +14,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from fastapi.sse import format_sse_event
 
-from astrai_ds.errors import RequestError
+from astrai_ds.errors import ContextTooLong, RequestError
 from astrai_ds.inference.engine import RequestOutput
 from astrai_ds.inference.sampling import SamplingParams
 from astrai_ds.serve.requests import MAX_GENERATIONS, ApiError
@@ -99,7 +99,8 @@ class Job:
         try:
             await server.engine.add(list(zip(job.request_ids, prompts, params)), job.queue)
         except RequestError as e:
-            raise ApiError(400, str(e), param=param) from None
+            code = "context_length_exceeded" if isinstance(e, ContextTooLong) else None
+            raise ApiError(400, str(e), param=param, code=code) from None
         except Exception as e:  # the engine could not prepare one (RequestFailed), or it stopped
             raise engine_error(e) from e
         return job

@@ -95,9 +95,8 @@ function toLeaveOut(turns, question) {
 }
 
 /** Whether the server refused the request because its prompt does not fit the model's context. */
-const TOO_LONG = /^the prompt is \d+ tokens, and the model's context is \d+ tokens/;
 function tooLong(status, error) {
-  return status === 400 && (error.code === "context_length_exceeded" || TOO_LONG.test(error.message || ""));
+  return status === 400 && error.code === "context_length_exceeded";
 }
 
 function leaveOut(turns, n, before) {
