@@ -37,6 +37,7 @@ import numpy as np
 from astrai_ds.errors import UserError
 
 Span = tuple[int, int]
+RULES = 2  # these rules' version, kept in an index: one chunked by earlier rules is chunked again, not reused
 
 _HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t#]*$")
 _FENCE = re.compile(r"^[ \t]{0,3}(```|~~~)")

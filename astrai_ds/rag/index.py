@@ -1,8 +1,9 @@
 """A retrieval index as a folder, and search over it: dense (faiss), lexical (bm25s over the model's own tokens,
 which needs no Chinese word segmenter) and hybrid (reciprocal rank fusion of the two).
 
-    INDEX/index.json     format, the model and tokenizer it was built with (sha256), chunking, pooling, counts,
-                         and per document its content hash and chunk count (what re-indexing compares)
+    INDEX/index.json     format, the model and tokenizer it was built with (sha256), chunking (parameters and
+                         the rules' version), pooling, counts, and per document its content hash and chunk count
+                         (what re-indexing compares)
     INDEX/chunks.jsonl   one chunk per line: id, source, start, end, headings, text, n_tokens
     INDEX/vectors.npy    (chunks, dim) float32, unit rows, in chunk order
     INDEX/dense.faiss    the faiss index over the vectors (exact inner product, or HNSW)
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from astrai_ds.errors import UserError
-from astrai_ds.rag.chunking import Chunk, ChunkParams, chunk_document
+from astrai_ds.rag.chunking import RULES, Chunk, ChunkParams, chunk_document
 from astrai_ds.rag.documents import Document
 
 FORMAT = 1
@@ -181,7 +182,7 @@ def build_index(docs: list[Document], model_dir, out: str | Path, model, tokeniz
         raise UserError(f"--dense must be one of {', '.join(DENSE_KINDS)}, got {dense!r}")
     fingerprint = model_fingerprint(model_dir)
     embedder = Embedder(model, tokenizer, pooling)
-    settings = {"chunking": asdict(params), "pooling": pooling}
+    settings = {"chunking": {**asdict(params), "rules": RULES}, "pooling": pooling}
     previous = _reusable(out, fingerprint, settings)
 
     old_files, old_chunks = {}, {}

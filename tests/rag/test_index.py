@@ -15,7 +15,7 @@ import torch
 from astrai_ds.cli.main import main
 from astrai_ds.errors import UserError
 from astrai_ds.model.io import load_model_folder, save_model_folder
-from astrai_ds.rag.chunking import ChunkParams
+from astrai_ds.rag.chunking import RULES, ChunkParams
 from astrai_ds.rag.embed import Embedder
 from astrai_ds.rag import index as index_module
 from astrai_ds.rag.documents import read_documents
@@ -169,6 +169,17 @@ def test_an_index_holding_a_document_twice_is_mended(docs_dir, model_512, tmp_pa
     again, _, _ = _build(docs_dir, model_512, out)
     assert again["counts"]["chunks"] == first["counts"]["chunks"] and again["counts"]["embedded"] == len(twice)
     assert Index.load(out).chunks == chunks[:first["counts"]["chunks"]]
+
+
+def test_an_index_chunked_by_earlier_rules_is_chunked_again(docs_dir, model_512, tmp_path):
+    out = tmp_path / "index"
+    first, _, _ = _build(docs_dir, model_512, out)
+    assert first["chunking"]["rules"] == RULES
+    meta = json.loads((out / "index.json").read_text())
+    del meta["chunking"]["rules"]  # as an index written before the rules had a version
+    (out / "index.json").write_text(json.dumps(meta))
+    again, _, _ = _build(docs_dir, model_512, out)
+    assert again["counts"]["embedded"] == first["counts"]["chunks"] and again["chunking"]["rules"] == RULES
 
 
 def test_reindexing_reads_each_earlier_chunk_once(docs_dir, model_512, tmp_path, monkeypatch):
