@@ -4,7 +4,7 @@ for faiss (exact inner product and HNSW) and bm25s, against a brute-force numpy 
 (the seed's method: a matrix of vectors and a dot product per query), in one run.
 
   embedding   chunks of the built-in corpus (chunked with `rag.chunking`, --max-tokens tokens at most) embedded
-              by `rag.embed.Embedder` on the `small` model (random weights: speed does not depend on them)
+              by `inference.embed.Embedder` on the `small` model (random weights: speed does not depend on them)
   search      --chunks chunks: the texts are corpus sentences drawn at random (for bm25s, over token ids), the
               vectors are the embedded chunks' vectors plus noise, normalised (embedding 100,000 chunks takes
               too long on a CPU for a benchmark; latency does not depend on where the vectors came from). Each
@@ -69,7 +69,7 @@ def main() -> int:
 
     from astrai_ds.model.io import load_model_folder
     from astrai_ds.rag.chunking import ChunkParams, chunk_document
-    from astrai_ds.rag.embed import Embedder
+    from astrai_ds.inference.embed import Embedder
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_rag_"))
     work.mkdir(parents=True, exist_ok=True)

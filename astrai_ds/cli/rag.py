@@ -30,7 +30,7 @@ HELP = "retrieval-augmented generation: index documents, query the index, ask wi
 def add_arguments(p) -> None:
     from astrai_ds.cli.model_commands import add_model_arguments
     from astrai_ds.cli.main import HelpFormatter
-    from astrai_ds.rag.embed import POOLINGS
+    from astrai_ds.inference.embed import POOLINGS
     from astrai_ds.rag.index import DENSE_KINDS, MODES
 
     sub = p.add_subparsers(dest="rag_command", metavar="ACTION", required=True)
@@ -154,7 +154,7 @@ def _index(args) -> int:
 
 
 def _open(args, model_dir):
-    from astrai_ds.rag.embed import Embedder
+    from astrai_ds.inference.embed import Embedder
     from astrai_ds.rag.index import Index, model_fingerprint
 
     if args.k < 1:

@@ -175,7 +175,7 @@ def build_index(docs: list[Document], model_dir, out: str | Path, model, tokeniz
     shard: (rank, world_size, all_gather_object) when several ranks index together: every rank chunks the same
     documents, embeds every world_size-th new chunk, and rank 0 gathers the vectors and writes the folder."""
     from astrai_ds.inference.progress import Progress
-    from astrai_ds.rag.embed import Embedder
+    from astrai_ds.inference.embed import Embedder
 
     out = Path(out)
     if dense not in DENSE_KINDS:

@@ -346,7 +346,7 @@ def apply_commands(engine: LLMEngine, commands: list, on_add=None, on_abort=None
             if on_add is not None:
                 on_add(command, error)
         elif isinstance(command, _Embed):
-            from astrai_ds.rag.embed import Embedder
+            from astrai_ds.inference.embed import Embedder
 
             try:
                 result = Embedder(engine.model, engine.tokenizer, command.pooling).embed_ids(command.token_ids)

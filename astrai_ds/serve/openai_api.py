@@ -337,7 +337,7 @@ class EmbeddingRequest(RequestBody):
 
 @router.post("/v1/embeddings")
 async def embeddings(body: EmbeddingRequest, request: Request):
-    """OpenAI's embeddings: the model's pooled final-norm hidden states (rag.embed), unit length."""
+    """OpenAI's embeddings: the model's pooled final-norm hidden states (inference.embed), unit length."""
     import base64
 
     server = request.app.state.server

@@ -328,7 +328,7 @@ def test_a_large_embeddings_request_runs_in_slices_between_generation_steps(mode
 
     import numpy as np
 
-    from astrai_ds.rag.embed import Embedder
+    from astrai_ds.inference.embed import Embedder
     from astrai_ds.serve.async_engine import AsyncEngine
 
     events = []

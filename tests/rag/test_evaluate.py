@@ -15,7 +15,7 @@ from astrai_ds.errors import UserError
 from astrai_ds.inference.engine import LLMEngine
 from astrai_ds.model.io import load_model_folder
 from astrai_ds.rag.chunking import ChunkParams
-from astrai_ds.rag.embed import Embedder
+from astrai_ds.inference.embed import Embedder
 from astrai_ds.rag.evaluate import answer_contained, answer_value, evaluate_rag, read_questions
 from astrai_ds.rag.documents import read_documents
 from astrai_ds.rag.index import MODES, Index, build_index

@@ -16,7 +16,7 @@ from astrai_ds.cli.main import main
 from astrai_ds.errors import UserError
 from astrai_ds.model.io import load_model_folder, save_model_folder
 from astrai_ds.rag.chunking import RULES, ChunkParams
-from astrai_ds.rag.embed import Embedder
+from astrai_ds.inference.embed import Embedder
 from astrai_ds.rag import index as index_module
 from astrai_ds.rag.documents import read_documents
 from astrai_ds.rag.index import Index, build_index, model_fingerprint

@@ -19,7 +19,7 @@ from astrai_ds.inference.engine import LLMEngine
 from astrai_ds.inference.sampling import SamplingParams
 from astrai_ds.model.io import load_model_folder
 from astrai_ds.rag.answer import fit_prompt
-from astrai_ds.rag.embed import Embedder
+from astrai_ds.inference.embed import Embedder
 from astrai_ds.rag.index import Index
 from conftest import run_cmd
 from tests.serve.conftest import CLI, Server

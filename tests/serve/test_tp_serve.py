@@ -54,7 +54,7 @@ def test_tp2_serves_the_unsharded_answers_and_stops_on_sigterm(model_dir, engine
                          for p in ("Hello", "北京")]
 
         # embeddings run on every rank (the sharded model) and equal the unsharded ones
-        from astrai_ds.rag.embed import Embedder
+        from astrai_ds.inference.embed import Embedder
 
         got = client.embeddings.create(model=model_dir.name, input=["Hello", "北京"], encoding_format="float")
         expected = Embedder(engine.model, engine.tokenizer)(["Hello", "北京"])
