@@ -6,7 +6,7 @@ activations per micro-batch with and without activation checkpointing; then whic
 Model states follow DeepSpeed's own estimators (bf16 mixed precision with Adam); activations count what this
 model's blocks keep for the backward pass (see astrai_ds/training/memory.py). A tenth of the GPU memory is kept
 back for the CUDA context, communication buffers and fragmentation. The option the DeepSpeed config asks for
-is marked (examples: the README's Scale section).
+is marked (examples: docs/scale.md).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 # ChatML, rendered as data.chat.render_chat renders it: <bos>, then per message
 # `<|im_start|>{role}\n{content}<|im_end|>\n`, then `<|im_start|>assistant\n` for the generation prompt.
 # HF renders this string and encodes it once; render_chat encodes the header and the content apart, so the ids
-# agree except where a token could cross that boundary (see README, "Export and evaluation").
+# agree except where a token could cross that boundary (see docs/checkpoints.md, "Export and evaluation").
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"

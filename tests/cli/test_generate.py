@@ -180,7 +180,7 @@ def test_tp2_under_the_launcher_gives_what_one_process_gives(model_dir, engine, 
         port = free_port()
         generate = ["generate", "--tp", "2", "--model", str(model_dir), "--dtype", "fp32", "--temperature", "0",
                     "--max-new-tokens", "12", *args]
-        if launcher:  # as the README runs it
+        if launcher:  # as docs/serving.md runs it
             proc = run_distributed([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
                                     "--module", "astrai_ds", *generate], port, extra_env={"OMP_NUM_THREADS": "1"})
         else:  # the ranks started directly, as the launcher starts them
