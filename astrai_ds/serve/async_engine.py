@@ -26,7 +26,7 @@ from astrai_ds.inference.engine import LLMEngine, RequestOutput
 from astrai_ds.inference.sampling import SamplingParams
 
 IDLE_WAIT_S = 1.0  # an idle loop wakes this often (under tensor parallelism: a heartbeat for the other ranks)
-EMBED_SLICE_TOKENS = 512  # an embeddings request runs in slices of about this many tokens, one between two steps
+EMBED_SLICE_TOKENS = 256  # an embeddings request runs in slices of about this many tokens, one between two steps
 
 
 class EngineDead(RuntimeError):

@@ -6,10 +6,11 @@ Request fields are the ones OpenAI defines that this server implements (plus `to
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
 from astrai_ds.errors import UserError
@@ -360,9 +361,13 @@ async def embeddings(body: EmbeddingRequest, request: Request):
         if any(not 0 <= t < vocab for t in x):
             raise ApiError(400, f"input {i} holds a token id outside the vocabulary [0, {vocab})", param="input")
     vectors = await server.engine.embed(ids, server.pooling)
-    data = [{"object": "embedding", "index": i,
-             "embedding": (base64.b64encode(v.astype("<f4").tobytes()).decode() if body.encoding_format == "base64"
-                           else v.tolist())} for i, v in enumerate(vectors)]
     tokens = sum(len(x) for x in ids)
-    return {"object": "list", "data": data, "model": body.model or server.served_name,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    def body_bytes() -> bytes:  # hundreds of thousands of floats: encoded off the event loop the streams share
+        data = [{"object": "embedding", "index": i,
+                 "embedding": (base64.b64encode(v.astype("<f4").tobytes()).decode()
+                               if body.encoding_format == "base64" else v.tolist())} for i, v in enumerate(vectors)]
+        return json.dumps({"object": "list", "data": data, "model": body.model or server.served_name,
+                           "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}).encode()
+
+    return Response(await asyncio.to_thread(body_bytes), media_type="application/json")

@@ -287,3 +287,80 @@ def test_sampling_fields_at_their_edges_never_take_the_engine_down(server):
         assert answered > 0, path
     r = httpx.post(f"{server.url}/v1/chat/completions", json={**CHAT, "max_tokens": 4}, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+
+
+def _hostile_cases(served: str) -> list[tuple[str, str, bytes | None, dict]]:
+    """(method, path, body, headers) of bad requests: broken bodies, wrong types and values of every field, lone
+    surrogates, unknown fields, models and routes, wrong methods and headers."""
+    json_type = {"content-type": "application/json"}
+    cases = []
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    completion = {"prompt": "hi", "max_tokens": 2}
+    message = {"model": served, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    routes = {"/v1/chat/completions": chat, "/v1/completions": completion, "/v1/messages": message,
+              "/v1/embeddings": {"input": "hi"}, "/v1/messages/count_tokens": {"model": served, **{
+                  k: v for k, v in message.items() if k == "messages"}}}
+    for path, good in routes.items():
+        for body in (b"", b"{", b"[]", b"null", b"1", b'"x"', b"\xff\xfe{}", b"[" * 5000 + b"]" * 5000,
+                     json.dumps({**good, "surprise": 1}).encode(), json.dumps({**good, "model": 5}).encode(),
+                     json.dumps({**good, "model": "no-such-model"}).encode()):
+            cases.append(("POST", path, body, json_type))
+        cases.append(("GET", path, None, {}))
+        cases.append(("POST", path, json.dumps(good).encode(), {"content-type": "text/plain"}))
+    bad_fields = {
+        "/v1/chat/completions": [("messages", []), ("messages", "hi"), ("messages", [{"role": "tool", "content": "x"}]),
+                                 ("messages", [{"role": "user"}]), ("messages", [{"role": "user", "content": 5}]),
+                                 ("messages", [{"role": "user", "content": [{"type": "image_url"}]}]),
+                                 ("messages", [{"role": "user", "content": "\ud800"}]), ("n", 17), ("n", 0),
+                                 ("max_tokens", -5), ("max_tokens", 1.5), ("stop", ""), ("stop", [""]),
+                                 ("stop", [1]), ("logprobs", 3), ("top_logprobs", 21), ("seed", -1), ("seed", 2**64),
+                                 ("temperature", "hot"), ("stream", "yes"), ("stream_options", {"x": 1}),
+                                 ("response_format", {"type": "json_object"}), ("tools", []), ("user", 5)],
+        "/v1/completions": [("prompt", ""), ("prompt", []), ("prompt", [[]]), ("prompt", [-1]), ("prompt", [10**9]),
+                            ("prompt", [1.5]), ("prompt", {"a": 1}), ("prompt", "\udfff"), ("echo", "no"),
+                            ("logprobs", 21), ("logprobs", True), ("n", 100), ("best_of", 2), ("suffix", "x"),
+                            ("max_tokens", "4"), ("stop", [""])],
+        "/v1/messages": [("max_tokens", 0), ("max_tokens", None), ("messages", []), ("system", 5),
+                         ("messages", [{"role": "assistant", "content": "x"}]), ("temperature", 2),
+                         ("stop_sequences", "x"), ("tools", []), ("metadata", {"x": 1}), ("top_k", "1"),
+                         ("messages", [{"role": "user", "content": [{"type": "image"}]}]), ("system", "\ud800")],
+        "/v1/embeddings": [("input", ""), ("input", []), ("input", [""]), ("input", [[]]), ("input", [-1]),
+                           ("input", ["a"] * 2049), ("encoding_format", "hex"), ("dimensions", 8), ("input", 5)],
+    }
+    for path, fields in bad_fields.items():
+        for name, value in fields:
+            cases.append(("POST", path, json.dumps({**routes[path], name: value}).encode(), json_type))
+    cases += [("GET", "/v1/engines", None, {}), ("DELETE", "/v1/models", None, {}),
+              ("GET", "/v1/models/nope", None, {}), ("POST", "/v1/chat/completions", b"x" * (9 << 20), json_type),
+              ("GET", "/health", None, {"host": "evil.test"}),
+              ("POST", "/v1/chat/completions", json.dumps(chat).encode(), {**json_type, "host": "rebind.example"})]
+    return cases
+
+
+@pytest.mark.multiproc  # slow: about 150 requests against the server
+def test_a_hostile_trial_leaves_the_server_healthy(server):
+    """More than 120 bad requests on every route: each is a 4xx in its protocol's shape (Anthropic's on
+    /v1/messages, OpenAI's elsewhere), never a 500 or a closed connection; /health stays ok and a normal request
+    still answers afterwards."""
+    served = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
+    cases = _hostile_cases(served)
+    assert len(cases) >= 120
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        wrong = []
+        for method, path, body, headers in cases:
+            r = client.request(method, path, content=body, headers=headers)
+            what = (method, path, (body or b"")[:60], r.status_code, r.text[:160])
+            if not 400 <= r.status_code < 500 or "json" not in r.headers.get("content-type", ""):
+                wrong.append(what)
+                continue
+            error = r.json()
+            if path.startswith("/v1/messages"):
+                shaped = error.get("type") == "error" and set(error["error"]) == {"type", "message"}
+            else:
+                shaped = set(error.get("error", {})) == {"message", "type", "param", "code"}
+            if not shaped or not error["error"]["message"]:
+                wrong.append(what)
+        assert not wrong, "\n".join(map(str, wrong))
+        assert client.get("/health").json()["status"] == "ok"
+        r = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
