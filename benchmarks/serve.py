@@ -48,6 +48,23 @@ from astrai_ds.launch_env import free_port  # noqa: E402
 from machine import describe, summary, warn_if_busy  # noqa: E402  (benchmarks/machine.py)
 
 
+def start_server(folder: Path, dtype: str, log_path: Path, *options: str):
+    """(process, url, log file) of an `astrai-ds serve` process on `folder` and a free port, once it is healthy."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(log_path, "w")
+    server = subprocess.Popen([sys.executable, "-m", "astrai_ds", "serve", "--model", str(folder), "--dtype", dtype,
+                               "--port", str(port), *options], stdout=log, stderr=subprocess.STDOUT)
+    while True:
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited {server.returncode}: see {log_path}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return server, url, log
+        except httpx.TransportError:
+            time.sleep(0.5)
+
+
 async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], new_tokens: int) -> tuple[float, int]:
     """(TTFT, generated tokens) of one streamed completion."""
     t0 = time.perf_counter()
@@ -121,23 +138,10 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     folder = build_folder(work, args.model, DTYPES[args.dtype])
     vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(work / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "astrai_ds", "serve", "--model", str(folder), "--dtype",
-                               args.dtype, "--port", str(port), "--max-running", str(max(args.streams)),
-                               *(["--max-batched-tokens", str(args.max_batched_tokens)] if args.max_batched_tokens
-                                 else [])],
-                              stdout=log, stderr=subprocess.STDOUT)
+    budget = ["--max-batched-tokens", str(args.max_batched_tokens)] if args.max_batched_tokens else []
+    server, url, log = start_server(folder, args.dtype, work / "server.log", "--max-running", str(max(args.streams)),
+                                    *budget)
     try:
-        while True:
-            if server.poll() is not None:
-                raise SystemExit(f"the server exited {server.returncode}: see {work / 'server.log'}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
         asyncio.run(level(url, 2, 1, args.prompt_len, 8, vocab, seed=999))  # warm-up
         rows = []
         for n in args.streams:

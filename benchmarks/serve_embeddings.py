@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,8 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from generate import DTYPES, build_folder  # noqa: E402  (benchmarks/generate.py)
 from machine import describe, summary, warn_if_busy  # noqa: E402
-
-from astrai_ds.launch_env import free_port  # noqa: E402
+from serve import start_server  # noqa: E402  (benchmarks/serve.py)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -100,21 +98,8 @@ def main() -> int:
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_serve_embed_"))
     work.mkdir(parents=True, exist_ok=True)
     folder = build_folder(work, args.model, DTYPES[args.dtype])
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(work / "server_embed.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "astrai_ds", "serve", "--model", str(folder), "--dtype",
-                               args.dtype, "--port", str(port), "--max-running", str(args.streams)],
-                              stdout=log, stderr=subprocess.STDOUT)
+    server, url, log = start_server(folder, args.dtype, work / "server_embed.log", "--max-running", str(args.streams))
     try:
-        while True:
-            if server.poll() is not None:
-                raise SystemExit(f"the server exited {server.returncode}: see {work / 'server_embed.log'}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
         result = asyncio.run(run(url, args.streams, args.inputs, args.new_tokens))
     finally:
         server.send_signal(signal.SIGTERM)

@@ -87,6 +87,26 @@ def engine(model_dir):
     return LLMEngine(model, tokenizer)
 
 
+RAG_DOC = "# Vela\n\nVela's capital is Orin.\n\n## Trade\n\nVela exports glass.\n\n# Kiro\n\nKiro is a river.\n"
+
+
+@pytest.fixture(scope="package")
+def rag_server(long_model_dir, tmp_path_factory):
+    """(server, index): a server with an index of RAG_DOC, on the 512-token test model (room for retrieved chunks
+    in a prompt), which also serves `<name>-rag`; shared by the RAG and chat-page tests."""
+    from astrai_ds.rag.index import Index
+    from conftest import run_cmd
+
+    work = tmp_path_factory.mktemp("rag_serve")
+    (work / "docs").mkdir()
+    (work / "docs" / "world.md").write_text(RAG_DOC, encoding="utf-8")
+    run_cmd([CLI, "rag", "index", "--docs", str(work / "docs"), "--model", str(long_model_dir), "--out",
+             str(work / "index"), "--max-tokens", "24", "--dtype", "fp32"])
+    s = Server(long_model_dir, work / "server.log", "--rag-index", str(work / "index"))
+    yield s, Index.load(work / "index")
+    assert s.stop() == 0, s.log()
+
+
 def wait_idle(server: Server, timeout: float = 30) -> dict:
     """The metrics once no request is running and no KV block is held (aborts land at the next engine step)."""
     deadline = time.monotonic() + timeout

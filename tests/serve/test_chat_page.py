@@ -506,27 +506,8 @@ def test_the_page_ships_its_libraries_and_a_content_security_policy(server):
 
 
 
-DOC = "# Vela\n\nVela's capital is Orin.\n\n## Trade\n\nVela exports glass.\n\n# Kiro\n\nKiro is a river.\n"
-
-
-@pytest.fixture(scope="module")
-def rag_server(long_model_dir, tmp_path_factory):
-    """A server with a document index (on a 512-token model: room for retrieved chunks): it also serves
-    `<name>-rag`."""
-    from conftest import run_cmd
-    from tests.serve.conftest import CLI, Server
-
-    work = tmp_path_factory.mktemp("chat_page_rag")
-    (work / "docs").mkdir()
-    (work / "docs" / "world.md").write_text(DOC, encoding="utf-8")
-    run_cmd([CLI, "rag", "index", "--docs", str(work / "docs"), "--model", str(long_model_dir), "--out",
-             str(work / "index"), "--max-tokens", "24", "--dtype", "fp32"])
-    s = Server(long_model_dir, work / "server.log", "--rag-index", str(work / "index"))
-    yield s
-    assert s.stop() == 0, s.log()
-
-
 def test_the_page_offers_the_rag_model_and_shows_its_sources(browser, rag_server):
+    rag_server = rag_server[0]  # (server, index): the package's server with a document index
     from selenium.webdriver.support.select import Select
     from selenium.webdriver.support.ui import WebDriverWait
 

@@ -15,16 +15,12 @@ import pytest
 import torch
 
 from astrai_ds.cli.main import main
+from astrai_ds.inference.embed import Embedder
 from astrai_ds.inference.engine import LLMEngine
 from astrai_ds.inference.sampling import SamplingParams
 from astrai_ds.model.io import load_model_folder
 from astrai_ds.rag.answer import fit_prompt
-from astrai_ds.inference.embed import Embedder
-from astrai_ds.rag.index import Index
-from conftest import run_cmd
-from tests.serve.conftest import CLI, Server
 
-DOC = "# Vela\n\nVela's capital is Orin.\n\n## Trade\n\nVela exports glass.\n\n# Kiro\n\nKiro is a river.\n"
 QUESTION = "What is the capital of Vela?"
 
 
@@ -38,18 +34,6 @@ def model_dir(long_model_dir):
 def engine(long_model_dir):
     model, tokenizer = load_model_folder(long_model_dir, dtype=torch.float32)
     return LLMEngine(model, tokenizer)
-
-
-@pytest.fixture(scope="module")
-def rag_server(model_dir, tmp_path_factory):
-    work = tmp_path_factory.mktemp("rag_serve")
-    (work / "docs").mkdir()
-    (work / "docs" / "world.md").write_text(DOC, encoding="utf-8")
-    run_cmd([CLI, "rag", "index", "--docs", str(work / "docs"), "--model", str(model_dir), "--out",
-             str(work / "index"), "--max-tokens", "24", "--dtype", "fp32"])
-    s = Server(model_dir, work / "server.log", "--rag-index", str(work / "index"))
-    yield s, Index.load(work / "index")
-    assert s.stop() == 0, s.log()
 
 
 @pytest.fixture(scope="module")
