@@ -321,6 +321,43 @@ def test_the_server_thread_survives_a_failing_request(model, tokenizer):
         engine.stop(30)
 
 
+def test_the_choices_of_one_request_reach_the_engine_together(model, tokenizer, monkeypatch):
+    """The n choices of one HTTP request are one command batch: the engine takes them in the same iteration, so
+    they start in the same step, even when the engine thread takes commands while they are being queued (a slow
+    queue here; they were once queued one by one and could be split)."""
+    import asyncio
+    import queue
+    import time
+
+    from astrai_ds.serve import async_engine
+    from astrai_ds.serve.async_engine import AsyncEngine, _Add
+
+    class SlowQueue(queue.Queue):
+        def put(self, item, *args, **kwargs):
+            super().put(item, *args, **kwargs)
+            time.sleep(0.05)  # the engine thread takes what is there meanwhile
+
+    batches = []
+    apply = async_engine.apply_commands
+    monkeypatch.setattr(async_engine, "apply_commands", lambda engine, commands, *a: (
+        batches.append([c.request_id for c in commands if isinstance(c, _Add)]), apply(engine, commands, *a))[1])
+    server = AsyncEngine(LLMEngine(model, tokenizer, EngineConfig(block_size=8)))
+    server._commands = SlowQueue()
+    server.start()
+    ids = [f"choice-{i}" for i in range(4)]
+
+    async def main():
+        outputs = asyncio.Queue()
+        await server.add([(i, random_ids(12, 5), GREEDY) for i in ids], outputs)
+        return [out async for out in server.outputs(outputs, ids)]
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.stop(30)
+    assert [b for b in batches if b] == [ids]
+
+
 def test_a_large_embeddings_request_runs_in_slices_between_generation_steps(model, tokenizer, monkeypatch):
     """The server's engine thread embeds a large request a slice at a time, with generation steps in between, so
     that running streams are not stalled for the whole request; the slices' vectors equal one batch's."""
