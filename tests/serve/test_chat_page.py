@@ -309,6 +309,7 @@ TEN_QUESTIONS = ["请用中文介绍一下北京。", "Hi", "What is 2+2?", "No"
                  "Why?", "Who are you?", "Hello"]
 
 
+@pytest.mark.multiproc  # slow: ten questions typed into the page, each answer compared with the server's
 def test_ten_turns_leave_out_the_oldest_turns_and_keep_the_system_prompt(browser, server, tmp_path):
     # The model's context (128 tokens) holds a turn or two: the page leaves the oldest turns out of what it sends
     # (the system prompt stays), says so, and every answer is the server's answer to what the page sent.

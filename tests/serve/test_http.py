@@ -99,6 +99,7 @@ def test_a_client_that_disconnects_frees_its_blocks(server):
     assert after.get(aborted, 0) == before.get(aborted, 0) + 1
 
 
+@pytest.mark.multiproc  # slow: a server process of its own, with the access and overload options
 def test_access_rules_a_key_hosts_origins_and_overload(model_dir, tmp_path):
     """One guarded server: the API key (any case of the Bearer scheme) on /v1 and /metrics, the Host header
     (DNS rebinding), CORS only for the origin given, and --max-waiting's 429 (529 on /v1/messages)."""
