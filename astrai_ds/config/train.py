@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from astrai_ds.config.base import apply_overrides, check, from_dict, read_config, to_dict
+from astrai_ds.config.base import FieldError, apply_overrides, check, from_dict, read_config, to_dict
 
 
 @dataclass
@@ -104,6 +105,40 @@ class DPOConfig:
         return self.loss_type != "simpo"
 
 
+LORA_DEFAULT_TARGET = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]  # every attention and MLP projection
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (training.lora): the base weights frozen, only the adapters trained. r 0: off."""
+    r: int = 0  # the adapters' rank; 0 trains every weight (no LoRA)
+    alpha: float = 16.0  # the adapters' output is scaled by alpha / r
+    dropout: float = 0.0  # dropout on the adapters' input while training
+    # linear layers by their own name (wq, wk, wv, wo: attention; w1, w2, w3: MLP), or "re:PATTERN" over the
+    # dotted names (e.g. "re:layers\\.[0-3]\\..*")
+    target: list[str] = field(default_factory=lambda: list(LORA_DEFAULT_TARGET))
+
+    def __post_init__(self):
+        check(self.r >= 0, "r", f"must be >= 0 (0: no LoRA), got {self.r}")
+        check(self.alpha > 0, "alpha", f"must be positive, got {self.alpha}")
+        check(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
+        check(bool(self.target), "target", "is empty: name the linear layers to adapt (default: all projections)")
+        for t in self.target:
+            if t.startswith("re:"):
+                try:
+                    re.compile(t[3:])
+                except re.error as e:
+                    raise FieldError("target", f"{t!r} is not a valid regular expression ({e})") from None
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+
 @dataclass
 class EarlyStopConfig:
     patience: int = 0  # stop after this many evaluations without improvement; 0 disables
@@ -161,6 +196,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # pipeline stages
     stage: StageConfig = field(default_factory=StageConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)  # stage.type "dpo" only
+    lora: LoraConfig = field(default_factory=LoraConfig)  # low-rank adapters (r > 0); the base weights frozen
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
@@ -178,6 +214,12 @@ class TrainConfig:
               f"is {self.parallel.pipeline_stages}, but DPO does not run on pipeline stages (its frozen reference "
               f"would need stages of its own); train DPO with pipeline_stages 1 and ZeRO-3 (ds_configs/zero3.json) "
               f"to shard a large model")
+        check(not self.lora.enabled or self.parallel.pipeline_stages == 1, "lora.r",
+              "is set, but LoRA does not run on pipeline stages yet: train with pipeline_stages 1 (ZeRO-3 shards "
+              "the frozen base)")
+        check(not self.lora.enabled or self.stage.type != "dpo", "lora.r",
+              "is set, but LoRA does not train DPO yet (its reference would be the model with the adapters off): "
+              "train DPO without LoRA (lora.r 0)")
 
     @property
     def reference_path(self) -> str | None:

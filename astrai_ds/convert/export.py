@@ -163,15 +163,37 @@ def _checked_run(run_dir: Path, tag: str | None) -> str:
 
 
 def run_model(run_dir: str | Path, tag: str | None = None):
-    """(model in float32, tokenizer) of checkpoint `tag` (default: the latest) of `run_dir`."""
+    """(model in float32, tokenizer) of checkpoint `tag` (default: the latest) of `run_dir`. A LoRA run's
+    checkpoints hold the adapters alone: they are folded into the base weights the run started from."""
     from astrai_ds.model import Transformer
 
     run_dir = Path(run_dir)
     tag = _checked_run(run_dir, tag)
     model = Transformer(ModelConfig.load(run_dir / "model_config.json"))
+    state = consolidated_state_dict(run_dir, tag)
+    train_cfg = json.loads((run_dir / "train_config.json").read_text()) if (run_dir / "train_config.json").exists() \
+        else {}
+    lora = train_cfg.get("lora") or {}
+    if lora.get("r", 0) > 0:
+        from astrai_ds.model.lora import merged_state_dict
+
+        state = merged_state_dict({**_base_state(model, train_cfg), **state}, lora["alpha"] / lora["r"])
     # strict: every parameter of the model must come from the checkpoint, and nothing else may be there
-    model.load_state_dict(consolidated_state_dict(run_dir, tag), strict=True)
+    model.load_state_dict(state, strict=True)
     return model.float().eval(), Tokenizer.load(run_dir / "tokenizer.json")
+
+
+def _base_state(model, train_cfg: dict) -> dict[str, torch.Tensor]:
+    """The frozen weights a LoRA run trained its adapters on, in fp32: the folder of stage.init_from, or the
+    seed's initialisation (what `training.engine.build_model` drew)."""
+    from astrai_ds.model import Transformer
+    from astrai_ds.model.io import folder_state
+
+    init_from = (train_cfg.get("stage") or {}).get("init_from")
+    if init_from:
+        return {k: v.float() for k, v in folder_state(model.cfg, init_from).items()}
+    torch.manual_seed(train_cfg.get("seed", 0))
+    return {k: v.float() for k, v in Transformer(model.cfg).state_dict().items()}
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, tag: str | None = None, dtype: str = "fp32") -> Path:

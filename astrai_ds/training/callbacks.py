@@ -230,7 +230,8 @@ class Checkpointer(Callback):
         self.last_saved = -1
 
     def _save(self, trainer) -> None:
-        path = save_checkpoint(trainer.engine, self.output_dir, trainer.state.step, trainer.state_dict(), self.keep)
+        path = save_checkpoint(trainer.engine, self.output_dir, trainer.state.step, trainer.state_dict(), self.keep,
+                               trained_only=trainer.cfg.lora.enabled)
         self.last_saved = trainer.state.step
         trainer.log(f"saved checkpoint {path}")
 

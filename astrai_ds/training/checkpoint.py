@@ -38,15 +38,17 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dict, keep: int) -> Path:
-    """Save a complete checkpoint of every rank, then point `latest` at it and prune old ones."""
+def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dict, keep: int,
+                    trained_only: bool = False) -> Path:
+    """Save a complete checkpoint of every rank, then point `latest` at it and prune old ones. `trained_only`:
+    leave the frozen parameters out (LoRA: the base weights are those of the folder the run started from)."""
     output_dir = Path(output_dir)
     tag = checkpoint_tag(step)
     # Each rank's RNG differs (dropout, sampling); keep them all so every rank resumes its own stream.
     rngs = [None] * dist.get_world_size()
     dist.all_gather_object(rngs, rng_state())
     engine.save_checkpoint(str(output_dir), tag=tag, client_state={**client_state, "rng": rngs},
-                           save_latest=False)
+                           save_latest=False, exclude_frozen_parameters=trained_only)
     dist.barrier()  # every rank's shard is on disk before anything points at it
     if dist.get_rank() == 0:
         write_marker(output_dir / tag, step, dist.get_world_size(), engine.zero_optimization_stage(),

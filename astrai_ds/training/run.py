@@ -229,6 +229,11 @@ def _build_engine_and_strategy(cfg, model_cfg, tokenizer, ds_cfg, data: RunData,
                                      cfg.activation_checkpointing)
     else:
         model = build_model(model_cfg, ds_cfg, cfg.seed, cfg.stage.init_from, cfg.activation_checkpointing)
+    if cfg.lora.enabled:
+        from astrai_ds.model.lora import apply_lora
+
+        lora = cfg.lora
+        apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.target)  # A: the seeded RNG, the same on all ranks
     n_params = param_counts(model_cfg).total  # counted from the shapes: under ZeRO-3 no rank holds them all
     engine = build_engine(model, cfg, ds_cfg)
     reference = None
@@ -302,7 +307,8 @@ def build_trainer(args) -> Trainer:
     trainer.swap_dirs = [p for p in nvme_paths(ds_cfg) if p == Path(cfg.output_dir) / NVME_DIR]
 
     if resume:
-        _, client_state = engine.load_checkpoint(str(resume[0]), tag=resume[1])
+        # A LoRA run's checkpoints hold the adapters alone: the frozen base comes from stage.init_from (or the seed)
+        _, client_state = engine.load_checkpoint(str(resume[0]), tag=resume[1], load_module_strict=not cfg.lora.enabled)
         if resume[2] and zero_stage(ds_cfg) == 3:
             repair_zero3_universal_load(engine, resume[0], resume[1])
         if nvme_offloads_optimizer(ds_cfg):
@@ -311,6 +317,13 @@ def build_trainer(args) -> Trainer:
         trainer.log(f"resumed from {resume[0] / resume[1]} at step {trainer.state.step}")
     _log_start(trainer, cfg, ds_cfg, data, n_params, peak, dtype, cpu_notes)
     return trainer
+
+
+def _trained(engine) -> int:
+    """Parameters the optimizer updates, counted from their shapes (under ZeRO-3 a rank holds a shard)."""
+    import math
+
+    return sum(math.prod(getattr(p, "ds_shape", p.shape)) for p in engine.module.parameters() if p.requires_grad)
 
 
 def _log_start(trainer, cfg, ds_cfg, data: RunData, n_params, peak, dtype, cpu_notes) -> None:
@@ -325,6 +338,8 @@ def _log_start(trainer, cfg, ds_cfg, data: RunData, n_params, peak, dtype, cpu_n
         f"ZeRO-{zero_stage(ds_cfg)} | {'bf16' if dtype == torch.bfloat16 else 'fp32'} | "
         + "".join(f"{note} | " for note in cpu_notes)
         + (f"{trainer.stages} pipeline stages | " if trainer.stages > 1 else "")
+        + (f"LoRA r {cfg.lora.r} on {', '.join(cfg.lora.target)}: {_trained(trainer.engine) / 1e6:.3f}M params "
+           f"trained, the rest frozen | " if cfg.lora.enabled else "")
         + f"micro {ds_cfg['train_micro_batch_size_per_gpu']} x accum {ds_cfg['gradient_accumulation_steps']} x dp "
         f"{trainer.engine.dp_world_size} = {ds_cfg['train_batch_size']} samples of up to {cfg.data.seq_len} tokens | "
         f"{len(data.train_set)} train samples | peak {peak / 1e9:.0f} GFLOP/s (measured: {dtype} matmul on "

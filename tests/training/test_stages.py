@@ -140,3 +140,36 @@ def test_simpo_gamma_is_set_from_the_config_and_old_keys_say_where_they_went(wor
     cfg = stage_config(workspace, stages, tmp_path / "old", "dpo")
     expect_user_error(train_in_process(capsys, "--config", str(cfg), "--set", "stage.beta=0.2"),
                       "'stage.beta' has moved to 'dpo.beta'")
+
+
+@pytest.mark.parametrize("ds_config", ["zero2.json", "zero3.json"])
+def test_sft_with_lora_trains_the_adapters_alone_resumes_and_exports_merged(workspace, stages, tmp_path, ds_config):
+    """LoRA SFT on 2 ranks: the run resumes exactly; its checkpoints hold the adapters alone (the frozen base is the
+    folder the run started from); the export folds them into the base weights, which they changed only in the
+    layers they target."""
+    import torch
+
+    from astrai_ds.config.model import ModelConfig
+    from astrai_ds.convert.export import consolidated_state_dict, export_run
+    from astrai_ds.model.io import folder_state
+
+    lora = {"r": 4, "alpha": 8, "target": ["wq", "wv", "w2"]}
+    proc, run = resume_matches(workspace, stages, tmp_path, "sft", ds_config, stop=True, lora=lora)
+    assert "LoRA r 4 on wq, wv, w2" in proc.stdout
+    state = consolidated_state_dict(run, "global_step4")
+    assert state and all(".lora_A" in k or ".lora_B" in k for k in state), sorted(state)[:5]
+    assert any(v.abs().max() > 0 for k, v in state.items() if k.endswith(".lora_B"))  # B left zero: trained
+    out = export_run(run, tmp_path / "merged")
+    cfg = ModelConfig.load(run / "model_config.json")
+    base, merged = folder_state(cfg, stages / "pt_model"), folder_state(cfg, out)  # our parameter names
+    assert set(merged) == set(base)
+    for name in base:
+        changed = not torch.equal(base[name].float(), merged[name].float())
+        assert changed == any(f".{t}." in name for t in lora["target"]), name
+
+
+def test_lora_with_dpo_or_pipeline_stages_is_refused_in_one_line(workspace, stages, tmp_path):
+    for kind, over, fragment in (("dpo", {}, "LoRA does not train DPO yet"),
+                                 ("sft", {"parallel": {"pipeline_stages": 2}}, "LoRA does not run on pipeline")):
+        config = stage_config(workspace, stages, tmp_path / kind, kind, lora={"r": 4}, **over)
+        expect_user_error(run_python("train.py", ["--config", str(config)], check=False), "lora.r", fragment)
