@@ -217,9 +217,6 @@ class TrainConfig:
         check(not self.lora.enabled or self.parallel.pipeline_stages == 1, "lora.r",
               "is set, but LoRA does not run on pipeline stages yet: train with pipeline_stages 1 (ZeRO-3 shards "
               "the frozen base)")
-        check(not self.lora.enabled or self.stage.type != "dpo", "lora.r",
-              "is set, but LoRA does not train DPO yet (its reference would be the model with the adapters off): "
-              "train DPO without LoRA (lora.r 0)")
 
     @property
     def reference_path(self) -> str | None:

@@ -366,12 +366,12 @@ class FrozenReferenceCheck(Callback):
     def on_train_begin(self, trainer) -> None:
         from astrai_ds.training.reference import parameter_checksum
 
-        self.start = parameter_checksum(self.reference.module)
+        self.start = parameter_checksum(self.reference.module, getattr(self.reference, "frozen_only", False))
 
     def on_train_end(self, trainer) -> None:
         from astrai_ds.training.reference import parameter_checksum
 
-        end = parameter_checksum(self.reference.module)
+        end = parameter_checksum(self.reference.module, getattr(self.reference, "frozen_only", False))
         if end != self.start:
             raise RuntimeError("the DPO reference model changed during training; it must stay frozen")
         trainer.log(f"reference model unchanged (parameter hash {end[:16]} on rank {trainer.dist.rank})")

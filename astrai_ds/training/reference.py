@@ -81,10 +81,29 @@ def live_reference_engine(model_dir: str | Path, policy_cfg: ModelConfig, policy
     return engine
 
 
-def parameter_checksum(module: torch.nn.Module) -> str:
-    """A hash of this rank's share of the parameters (ZeRO-3 keeps each rank's partition in `ds_tensor`)."""
+class AdaptersOff:
+    """DPO's reference under LoRA: the policy's own model with its adapters switched off, which is the frozen base
+    it started from (input_ids (N, T) -> logits (N, T, V), called without gradients)."""
+
+    frozen_only = True  # what must stay unchanged: the base weights (the adapters train)
+
+    def __init__(self, model: torch.nn.Module):
+        self.module = model
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        from astrai_ds.model.lora import adapters_enabled
+
+        with adapters_enabled(self.module, False):
+            return self.module(input_ids)
+
+
+def parameter_checksum(module: torch.nn.Module, frozen_only: bool = False) -> str:
+    """A hash of this rank's share of the parameters (ZeRO-3 keeps each rank's partition in `ds_tensor`); with
+    `frozen_only`, of those that take no gradient."""
     h = hashlib.sha256()
     for name, p in module.named_parameters():
+        if frozen_only and p.requires_grad:
+            continue
         t = getattr(p, "ds_tensor", p.data).detach().float().cpu().contiguous()
         h.update(name.encode())
         h.update(t.numpy().tobytes())

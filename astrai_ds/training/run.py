@@ -133,8 +133,10 @@ def _write_run_files(output_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig,
             atomic_write(output_dir / name, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-def _dpo_reference(cfg, model_cfg, tokenizer, ds_cfg, train_shards, dataset, collate, dist_info, device, dtype):
-    """(reference callable for the strategy or None, collate) for a DPO run; see training/reference.py."""
+def _dpo_reference(cfg, model_cfg, tokenizer, ds_cfg, train_shards, dataset, collate, dist_info, device, dtype,
+                   policy=None):
+    """(reference callable for the strategy or None, collate) for a DPO run; see training/reference.py. Under LoRA a
+    live reference without dpo.reference_model is the policy itself with its adapters off: no second model."""
     from astrai_ds.training.reference import (WithReferenceLogps, check_reference_folder, live_reference_engine,
                                               load_or_precompute, load_reference_model, precompute_reference_logps,
                                               reference_cache_path)
@@ -143,6 +145,10 @@ def _dpo_reference(cfg, model_cfg, tokenizer, ds_cfg, train_shards, dataset, col
     if not dpo.needs_reference:  # simpo
         return None, collate
     key = "dpo.reference_model" if dpo.reference_model else "stage.init_from"
+    if dpo.reference == "live" and cfg.lora.enabled and not dpo.reference_model:
+        from astrai_ds.training.reference import AdaptersOff
+
+        return AdaptersOff(policy), collate
     if dpo.reference == "live":
         check_reference_folder(cfg.reference_path, model_cfg, tokenizer, key)
         return live_reference_engine(cfg.reference_path, model_cfg, ds_cfg, dpo.reference_offload), collate
@@ -239,7 +245,8 @@ def _build_engine_and_strategy(cfg, model_cfg, tokenizer, ds_cfg, data: RunData,
     reference = None
     if cfg.stage.type == "dpo":
         reference, data.collate = _dpo_reference(cfg, model_cfg, tokenizer, ds_cfg, data.train_shards,
-                                                 data.train_set, data.collate, dist_info, engine.device, dtype)
+                                                 data.train_set, data.collate, dist_info, engine.device, dtype,
+                                                 policy=engine.module)
         if data.eval_set is not None and cfg.dpo.reference == "precomputed":  # the eval pairs need their own table
             _, data.eval_collate = _dpo_reference(cfg, model_cfg, tokenizer, ds_cfg, data.eval_shards, data.eval_set,
                                                   data.eval_collate, dist_info, engine.device, dtype)

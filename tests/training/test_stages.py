@@ -168,8 +168,23 @@ def test_sft_with_lora_trains_the_adapters_alone_resumes_and_exports_merged(work
         assert changed == any(f".{t}." in name for t in lora["target"]), name
 
 
-def test_lora_with_dpo_or_pipeline_stages_is_refused_in_one_line(workspace, stages, tmp_path):
-    for kind, over, fragment in (("dpo", {}, "LoRA does not train DPO yet"),
-                                 ("sft", {"parallel": {"pipeline_stages": 2}}, "LoRA does not run on pipeline")):
-        config = stage_config(workspace, stages, tmp_path / kind, kind, lora={"r": 4}, **over)
-        expect_user_error(run_python("train.py", ["--config", str(config)], check=False), "lora.r", fragment)
+def test_dpo_with_lora_needs_no_second_model(workspace, stages, tmp_path):
+    """DPO under LoRA: the reference is the policy with its adapters off, which gives the losses a live reference
+    engine built from the base folder gives (fp32, 2 ranks, ZeRO-3), and the base weights stay frozen."""
+    losses = {}
+    for name, dpo in (("adapters_off", {"reference": "live"}),
+                      ("engine", {"reference": "live", "reference_model": str(stages / "pt_model")})):
+        config = stage_config(workspace, stages, tmp_path / name, "dpo", lora={"r": 4, "alpha": 8}, dpo=dpo)
+        proc = launch(config, ds_config="zero3.json")
+        assert "reference model unchanged" in proc.stdout
+        losses[name] = train_losses(tmp_path / name / "run")
+    assert sorted(losses["engine"]) == [1, 2, 3, 4]
+    assert losses["adapters_off"][1] == pytest.approx(0.693147, abs=1e-4)  # the policy starts as the reference
+    for step, loss in losses["engine"].items():
+        assert losses["adapters_off"][step] == pytest.approx(loss, abs=1e-6), step
+
+
+def test_lora_on_pipeline_stages_is_refused_in_one_line(workspace, stages, tmp_path):
+    config = stage_config(workspace, stages, tmp_path / "pipe", "sft", lora={"r": 4}, parallel={"pipeline_stages": 2})
+    expect_user_error(run_python("train.py", ["--config", str(config)], check=False), "lora.r",
+                      "LoRA does not run on pipeline")
