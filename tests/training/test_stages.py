@@ -184,7 +184,10 @@ def test_dpo_with_lora_needs_no_second_model(workspace, stages, tmp_path):
         assert losses["adapters_off"][step] == pytest.approx(loss, abs=1e-6), step
 
 
-def test_lora_on_pipeline_stages_is_refused_in_one_line(workspace, stages, tmp_path):
+def test_lora_on_pipeline_stages_or_with_a_target_that_matches_nothing_is_one_line(workspace, stages, tmp_path):
     config = stage_config(workspace, stages, tmp_path / "pipe", "sft", lora={"r": 4}, parallel={"pipeline_stages": 2})
     expect_user_error(run_python("train.py", ["--config", str(config)], check=False), "lora.r",
                       "LoRA does not run on pipeline")
+    config = stage_config(workspace, stages, tmp_path / "target", "sft", lora={"r": 4, "target": ["q_proj"]})
+    expect_user_error(run_python("train.py", ["--config", str(config)], check=False), "lora.target",
+                      "matches none of the model's linear layers", "wq")
