@@ -2,7 +2,8 @@
 DeepSpeed and by Hugging Face `transformers` (LlamaForCausalLM, Qwen3ForCausalLM with QK-norm, Qwen2ForCausalLM with
 q/k/v biases): config.json, model.safetensors, generation_config.json, tokenizer.json and tokenizer_config.json (with
 the chat template). With --format gguf, write one GGUF file that llama.cpp runs instead, from a run or from a model
-folder (--model)."""
+folder (--model). A LoRA run's adapters are folded into the base weights; --adapter writes them alone instead, in
+PEFT's layout, naming the base folder the run started from."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ def add_arguments(p) -> None:
     p.add_argument("--format", choices=["hf", "gguf"], default="hf",
                    help="hf: a model folder (Hugging Face's layout); gguf: one GGUF file for llama.cpp")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weight dtype on disk (hf)")
+    p.add_argument("--adapter", action="store_true",
+                   help="a LoRA run's adapters alone, in PEFT's layout (adapter_model.safetensors, adapter_config.json "
+                        "naming the base folder), instead of the merged model folder")
     p.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"], default="f16",
                    help="weight type of the GGUF file's matrices (norms and biases stay f32)")
 
@@ -34,11 +38,17 @@ def run(args) -> int:
     if args.format == "hf":
         if args.model:
             raise UserError("--model is for --format gguf; a model folder is already in the hf format")
-        from astrai_ds.convert.export import export_run
+        from astrai_ds.convert.export import export_adapter, export_run
 
-        out = export_run(args.run, args.out, tag=args.tag, dtype=args.dtype)
+        if args.adapter:
+            out = export_adapter(args.run, args.out, tag=args.tag)
+        else:
+            out = export_run(args.run, args.out, tag=args.tag, dtype=args.dtype)
     else:
         import torch
+
+        if args.adapter:
+            raise UserError("--adapter writes PEFT's layout (--format hf); a GGUF file holds a whole model")
 
         from astrai_ds.convert.export import run_model
         from astrai_ds.convert.gguf import export_gguf

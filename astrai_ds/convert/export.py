@@ -205,3 +205,48 @@ def export_run(run_dir: str | Path, out_dir: str | Path, tag: str | None = None,
     model, tokenizer = run_model(run_dir, tag)
     model.to(DTYPES[dtype])
     return write_model_folder(out_dir, lambda folder: save_model_folder(model, tokenizer, folder))
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def export_adapter(run_dir: str | Path, out_dir: str | Path, tag: str | None = None) -> Path:
+    """The adapters of LoRA run `run_dir` alone, in PEFT's layout: `adapter_model.safetensors` (each adapted layer's
+    `lora_A` and `lora_B` under its Hugging Face name) and `adapter_config.json`, which names the base model folder
+    the run started from; the `peft` library loads them onto that folder's model."""
+    from safetensors.torch import save_file
+
+    from astrai_ds.model import hf_llama_name
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    tag = _checked_run(run_dir, tag)
+    train_cfg = json.loads((run_dir / "train_config.json").read_text())
+    lora = train_cfg.get("lora") or {}
+    if lora.get("r", 0) <= 0:
+        raise UserError(f"--adapter: {run_dir} was not trained with LoRA (its lora.r is 0), so it has no adapter; "
+                        f"export it without --adapter")
+    base = (train_cfg.get("stage") or {}).get("init_from")
+    if not base:
+        raise UserError(f"--adapter: {run_dir} trained its adapters on a randomly initialised model, which has no "
+                        f"folder for an adapter to name; export it without --adapter (merged)")
+    check_out_dir(out_dir, "the adapter folder")
+    entries = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if entries and not set(entries) <= set(ADAPTER_FILES):
+        raise UserError(f"{out_dir} is not empty and is not an adapter folder; give --out a new or empty folder")
+    tensors, modules = {}, []
+    for key, value in sorted(consolidated_state_dict(run_dir, tag).items()):
+        layer, _, kind = key.rpartition(".")  # layers.0.attention.wq, lora_A
+        hf_layer = hf_llama_name(f"{layer}.weight").removesuffix(".weight")  # model.layers.0.self_attn.q_proj
+        tensors[f"base_model.model.{hf_layer}.{kind}.weight"] = value.float().contiguous()
+        if kind == "lora_A":
+            modules.append(hf_layer)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(Path(base).resolve()),
+              "r": lora["r"], "lora_alpha": lora["alpha"], "lora_dropout": lora.get("dropout", 0.0),
+              "target_modules": modules, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+              "use_rslora": False, "use_dora": False, "modules_to_save": None}
+
+    def write(folder: Path) -> None:
+        save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    return write_model_folder(out_dir, write)

@@ -166,6 +166,24 @@ def test_sft_with_lora_trains_the_adapters_alone_resumes_and_exports_merged(work
     for name in base:
         changed = not torch.equal(base[name].float(), merged[name].float())
         assert changed == any(f".{t}." in name for t in lora["target"]), name
+    if ds_config == "zero3.json":  # the adapter alone, in PEFT's layout: peft puts it on the base model
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        from astrai_ds.convert.export import export_adapter
+        from astrai_ds.errors import UserError
+
+        adapter = export_adapter(run, tmp_path / "adapter")
+        assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+        ids = torch.randint(16, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+        hf_base = AutoModelForCausalLM.from_pretrained(stages / "pt_model", torch_dtype=torch.float32)
+        with_adapter = PeftModel.from_pretrained(hf_base, adapter).eval()
+        hf_merged = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(with_adapter(ids).logits, hf_merged(ids).logits, rtol=1e-4, atol=1e-4)
+        with pytest.raises(UserError, match="was not trained with LoRA"):
+            export_adapter(stages / "pt" / "run", tmp_path / "none")
+        assert not (tmp_path / "none").exists()
 
 
 def test_dpo_with_lora_needs_no_second_model(workspace, stages, tmp_path):
