@@ -88,9 +88,23 @@ class Page:
     def __init__(self, browser, server, temperature: str = "0", system: str = ""):
         from selenium.webdriver.common.by import By
 
+        from selenium.common.exceptions import JavascriptException, TimeoutException
+        from selenium.webdriver.support.ui import WebDriverWait
+
         self.b, self.by = browser, By
         browser.get(f"{server.url}/")
-        self.model = browser.execute_script("return MODEL")
+
+        def ready(driver):  # the page's own script has run (once, in CI, right after get() it had not)
+            try:
+                return driver.execute_script("return typeof MODEL === 'string' ? MODEL : null")
+            except JavascriptException:
+                return None
+
+        try:
+            self.model = WebDriverWait(browser, WAIT_S, poll_frequency=0.05).until(ready)
+        except TimeoutException:
+            raise AssertionError(f"the page's script never ran; the browser's console: "
+                                 f"{browser.get_log('browser')}") from None
         self.field("temperature").clear()
         self.field("temperature").send_keys(temperature)
         if system:
