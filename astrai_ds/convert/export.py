@@ -177,7 +177,9 @@ def run_model(run_dir: str | Path, tag: str | None = None):
     if lora.get("r", 0) > 0:
         from astrai_ds.model.lora import merged_state_dict
 
-        state = merged_state_dict({**_base_state(model, train_cfg), **state}, lora["alpha"] / lora["r"])
+        # the adapters, over the base (a ZeRO-0 checkpoint also keeps a tied alias of a frozen weight: not trained)
+        adapters = {k: v for k, v in state.items() if ".lora_" in k}
+        state = merged_state_dict({**_base_state(model, train_cfg), **adapters}, lora["alpha"] / lora["r"])
     # strict: every parameter of the model must come from the checkpoint, and nothing else may be there
     model.load_state_dict(state, strict=True)
     return model.float().eval(), Tokenizer.load(run_dir / "tokenizer.json")
@@ -234,7 +236,8 @@ def export_adapter(run_dir: str | Path, out_dir: str | Path, tag: str | None = N
     if entries and not set(entries) <= set(ADAPTER_FILES):
         raise UserError(f"{out_dir} is not empty and is not an adapter folder; give --out a new or empty folder")
     tensors, modules = {}, []
-    for key, value in sorted(consolidated_state_dict(run_dir, tag).items()):
+    adapters = {k: v for k, v in consolidated_state_dict(run_dir, tag).items() if ".lora_" in k}
+    for key, value in sorted(adapters.items()):
         layer, _, kind = key.rpartition(".")  # layers.0.attention.wq, lora_A
         hf_layer = hf_llama_name(f"{layer}.weight").removesuffix(".weight")  # model.layers.0.self_attn.q_proj
         tensors[f"base_model.model.{hf_layer}.{kind}.weight"] = value.float().contiguous()

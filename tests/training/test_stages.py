@@ -186,6 +186,39 @@ def test_sft_with_lora_trains_the_adapters_alone_resumes_and_exports_merged(work
         assert not (tmp_path / "none").exists()
 
 
+def test_sft_with_lora_on_one_rank_without_zero_resumes_and_exports(workspace, stages, tmp_path):
+    """LoRA on one rank with ZeRO-0 (DeepSpeed's plain engine): stopped at step 2 and resumed, the same losses as the
+    run straight through; the checkpoint's module holds the adapters alone, and the export changes the targeted
+    weights (by default every projection) and nothing else."""
+    import torch
+
+    from astrai_ds.config.model import ModelConfig
+    from astrai_ds.convert.export import consolidated_state_dict, export_run
+    from astrai_ds.model.io import folder_state
+
+    losses = {}
+    for name, stops in (("full", []), ("split", [["max_steps=2"]])):
+        config = stage_config(workspace, stages, tmp_path / name, "sft", lora={"r": 4, "alpha": 8})
+        for sets in stops:
+            launch(config, ds_config="zero0.json", nproc=1, sets=sets)
+        proc = launch(config, ds_config="zero0.json", nproc=1)
+        assert ("resumed from" in proc.stdout) == bool(stops)
+        losses[name] = train_losses(tmp_path / name / "run")
+    assert sorted(losses["full"]) == [1, 2, 3, 4]
+    for step, loss in losses["full"].items():
+        assert losses["split"][step] == pytest.approx(loss, rel=1e-6), step
+    run = tmp_path / "full" / "run"
+    # the adapters (and, DeepSpeed's plain engine keeping it, the tied head's alias of the frozen embedding)
+    assert {k for k in consolidated_state_dict(run, "global_step4") if ".lora_" not in k} <= {"head.output.weight"}
+    cfg = ModelConfig.load(run / "model_config.json")
+    base, merged = folder_state(cfg, stages / "pt_model"), folder_state(cfg, export_run(run, tmp_path / "merged"))
+    for name in base:
+        changed = not torch.equal(base[name].float(), merged[name].float())
+        targeted = name.startswith("layers.") and name.endswith(tuple(f"{t}.weight" for t in ("wq", "wk", "wv", "wo",
+                                                                                                "w1", "w2", "w3")))
+        assert changed == targeted, name
+
+
 def test_dpo_with_lora_needs_no_second_model(workspace, stages, tmp_path):
     """DPO under LoRA: the reference is the policy with its adapters off, which gives the losses a live reference
     engine built from the base folder gives (fp32, 2 ranks, ZeRO-3), and the base weights stay frozen."""
