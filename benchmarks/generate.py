@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import describe, summary, warn_if_busy  # noqa: E402  (benchmarks/machine.py)
+from machine import announce  # noqa: E402  (benchmarks/machine.py)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -195,9 +195,7 @@ def main() -> int:
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count())
-    machine = describe(("transformers",))
-    print(f"machine: {summary(machine)}", flush=True)
-    warn_if_busy(machine)
+    machine = announce(("transformers",))
 
     import transformers
     from transformers import AutoModelForCausalLM

@@ -101,6 +101,15 @@ def summary(info: dict) -> str:
     return " | ".join(parts)
 
 
+def announce(packages: tuple[str, ...] = ()) -> dict:
+    """`describe()` the machine, print its line first, and warn when other work kept the CPU busy: how every
+    benchmark starts. Returns the description, for the benchmark's JSON."""
+    info = describe(packages)
+    print(f"machine: {summary(info)}", flush=True)
+    warn_if_busy(info)
+    return info
+
+
 def warn_if_busy(info: dict, limit: float = 0.1) -> None:
     busy = info.get("cpu_busy_at_start")
     if busy is not None and busy > limit:

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from generate import DTYPES, build_folder  # noqa: E402  (benchmarks/generate.py)
-from machine import describe, summary, warn_if_busy  # noqa: E402  (benchmarks/machine.py)
+from machine import announce  # noqa: E402  (benchmarks/machine.py)
 
 
 def latencies(fn, queries) -> tuple[float, float]:
@@ -60,9 +60,7 @@ def main() -> int:
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count())
-    machine = describe(("faiss-cpu", "bm25s"))
-    print(f"machine: {summary(machine)}", flush=True)
-    warn_if_busy(machine)
+    machine = announce(("faiss-cpu", "bm25s"))
 
     import bm25s
     import faiss

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import describe, summary, warn_if_busy  # noqa: E402  (benchmarks/machine.py)
+from machine import announce  # noqa: E402  (benchmarks/machine.py)
 
 GIB = 2**30
 
@@ -116,9 +116,7 @@ def free_port() -> int:
 
 def main() -> None:
     args = parse_args()
-    machine = describe()
-    print(f"machine: {summary(machine)}", flush=True)
-    warn_if_busy(machine)
+    machine = announce()
     import tempfile
 
     from astrai_ds.config.deepspeed import load_ds_config

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate import DTYPES, build_folder  # noqa: E402  (benchmarks/generate.py)
 
 from astrai_ds.launch_env import free_port  # noqa: E402
-from machine import describe, summary, warn_if_busy  # noqa: E402  (benchmarks/machine.py)
+from machine import announce  # noqa: E402  (benchmarks/machine.py)
 
 
 def start_server(folder: Path, dtype: str, log_path: Path, *options: str):
@@ -63,6 +63,13 @@ def start_server(folder: Path, dtype: str, log_path: Path, *options: str):
                 return server, url, log
         except httpx.TransportError:
             time.sleep(0.5)
+
+
+def stop_server(server, log) -> None:
+    """SIGTERM (the server drains and exits), then close its log."""
+    server.send_signal(signal.SIGTERM)
+    server.wait(120)
+    log.close()
 
 
 async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], new_tokens: int) -> tuple[float, int]:
@@ -130,9 +137,7 @@ def main() -> int:
                    help="the server's --max-batched-tokens (default: its own)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
-    machine = describe(("fastapi", "uvicorn"))
-    print(f"machine: {summary(machine)}", flush=True)
-    warn_if_busy(machine)
+    machine = announce(("fastapi", "uvicorn"))
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_serve_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -151,9 +156,7 @@ def main() -> int:
             rows.append(asyncio.run(level(url, n, args.requests_per_stream, args.prompt_len, args.new_tokens, vocab,
                                           seed=n, start_gap=gap)))
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(120)
-        log.close()
+        stop_server(server, log)
 
     base = rows[0]
     print(f"astrai-ds serve, {args.model.stem} {args.dtype}, {args.prompt_len}-token prompts, {args.new_tokens} new "

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import sys
 import tempfile
 import time
@@ -34,8 +33,8 @@ import httpx2 as httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from generate import DTYPES, build_folder  # noqa: E402  (benchmarks/generate.py)
-from machine import describe, summary, warn_if_busy  # noqa: E402
-from serve import start_server  # noqa: E402  (benchmarks/serve.py)
+from machine import announce  # noqa: E402
+from serve import start_server, stop_server  # noqa: E402  (benchmarks/serve.py)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,9 +91,7 @@ def main() -> int:
     p.add_argument("--work-dir", type=Path, default=None, help="keep the corpus, tokenizer and model folder here")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
-    machine = describe(("fastapi", "uvicorn"))
-    print(f"machine: {summary(machine)}", flush=True)
-    warn_if_busy(machine)
+    machine = announce(("fastapi", "uvicorn"))
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_serve_embed_"))
     work.mkdir(parents=True, exist_ok=True)
     folder = build_folder(work, args.model, DTYPES[args.dtype])
@@ -102,9 +99,7 @@ def main() -> int:
     try:
         result = asyncio.run(run(url, args.streams, args.inputs, args.new_tokens))
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(120)
-        log.close()
+        stop_server(server, log)
     print(f"astrai-ds serve, {args.model.stem} {args.dtype}: {args.streams} streams, one embeddings request of "
           f"{args.inputs} texts ({result['embed_seconds']:.2f} s)")
     print(f"  longest pause of a stream during the request: {result['pause_during_s'] * 1000:.0f} ms")

@@ -59,7 +59,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import ForeignLoad, describe, summary, warn_if_busy  # noqa: E402  (benchmarks/machine.py)
+from machine import ForeignLoad, announce  # noqa: E402  (benchmarks/machine.py)
 from train_breakdown import SCRIPT as BREAKDOWN_SCRIPT, WORKER_ENV, print_breakdown  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -427,9 +427,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.chdir(ROOT)  # configs and train.py are found relative to the project
     variants = list_variants(args)
-    info = describe()
-    print(f"machine: {summary(info)}", flush=True)
-    warn_if_busy(info)
+    info = announce()
     if os.environ.get("OMP_NUM_THREADS"):
         print(f"note: OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} applies to the plain loop only; the trainer "
               "runs get it unset so train.py splits the cores between ranks", flush=True)
