@@ -110,7 +110,7 @@ LORA_DEFAULT_TARGET = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]  # every attent
 
 @dataclass
 class LoraConfig:
-    """Low-rank adapters (training.lora): the base weights frozen, only the adapters trained. r 0: off."""
+    """Low-rank adapters (model.lora): the base weights frozen, only the adapters trained. r 0: off."""
     r: int = 0  # the adapters' rank; 0 trains every weight (no LoRA)
     alpha: float = 16.0  # the adapters' output is scaled by alpha / r
     dropout: float = 0.0  # dropout on the adapters' input while training

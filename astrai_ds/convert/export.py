@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
+from astrai_ds.config.base import from_dict
 from astrai_ds.config.model import ModelConfig
+from astrai_ds.config.train import LoraConfig
 from astrai_ds.data.sources import check_out_dir
 from astrai_ds.data.tokenizer import Tokenizer
 from astrai_ds.errors import UserError
@@ -171,18 +173,27 @@ def run_model(run_dir: str | Path, tag: str | None = None):
     tag = _checked_run(run_dir, tag)
     model = Transformer(ModelConfig.load(run_dir / "model_config.json"))
     state = consolidated_state_dict(run_dir, tag)
-    train_cfg = json.loads((run_dir / "train_config.json").read_text()) if (run_dir / "train_config.json").exists() \
-        else {}
-    lora = train_cfg.get("lora") or {}
-    if lora.get("r", 0) > 0:
+    train_cfg, lora = _run_lora(run_dir)
+    if lora.enabled:
         from astrai_ds.model.lora import merged_state_dict
 
-        # the adapters, over the base (a ZeRO-0 checkpoint also keeps a tied alias of a frozen weight: not trained)
-        adapters = {k: v for k, v in state.items() if ".lora_" in k}
-        state = merged_state_dict({**_base_state(model, train_cfg), **adapters}, lora["alpha"] / lora["r"])
+        state = merged_state_dict({**_base_state(model, train_cfg), **_adapters(state)}, lora.scale)
     # strict: every parameter of the model must come from the checkpoint, and nothing else may be there
     model.load_state_dict(state, strict=True)
     return model.float().eval(), Tokenizer.load(run_dir / "tokenizer.json")
+
+
+def _run_lora(run_dir: Path) -> tuple[dict, LoraConfig]:
+    """(the run's train config as saved, its lora section); a run from before LoRA has none (r 0)."""
+    path = run_dir / "train_config.json"
+    train_cfg = json.loads(path.read_text()) if path.exists() else {}
+    return train_cfg, from_dict(LoraConfig, train_cfg.get("lora") or {}, str(path), "lora.")
+
+
+def _adapters(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A LoRA checkpoint's adapters (DeepSpeed's plain engine also keeps the tied head's alias of the frozen
+    embedding, which nothing trained)."""
+    return {k: v for k, v in state.items() if ".lora_" in k}
 
 
 def _base_state(model, train_cfg: dict) -> dict[str, torch.Tensor]:
@@ -222,9 +233,8 @@ def export_adapter(run_dir: str | Path, out_dir: str | Path, tag: str | None = N
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     tag = _checked_run(run_dir, tag)
-    train_cfg = json.loads((run_dir / "train_config.json").read_text())
-    lora = train_cfg.get("lora") or {}
-    if lora.get("r", 0) <= 0:
+    train_cfg, lora = _run_lora(run_dir)
+    if not lora.enabled:
         raise UserError(f"--adapter: {run_dir} was not trained with LoRA (its lora.r is 0), so it has no adapter; "
                         f"export it without --adapter")
     base = (train_cfg.get("stage") or {}).get("init_from")
@@ -236,15 +246,14 @@ def export_adapter(run_dir: str | Path, out_dir: str | Path, tag: str | None = N
     if entries and not set(entries) <= set(ADAPTER_FILES):
         raise UserError(f"{out_dir} is not empty and is not an adapter folder; give --out a new or empty folder")
     tensors, modules = {}, []
-    adapters = {k: v for k, v in consolidated_state_dict(run_dir, tag).items() if ".lora_" in k}
-    for key, value in sorted(adapters.items()):
+    for key, value in sorted(_adapters(consolidated_state_dict(run_dir, tag)).items()):
         layer, _, kind = key.rpartition(".")  # layers.0.attention.wq, lora_A
         hf_layer = hf_llama_name(f"{layer}.weight").removesuffix(".weight")  # model.layers.0.self_attn.q_proj
         tensors[f"base_model.model.{hf_layer}.{kind}.weight"] = value.float().contiguous()
         if kind == "lora_A":
             modules.append(hf_layer)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(Path(base).resolve()),
-              "r": lora["r"], "lora_alpha": lora["alpha"], "lora_dropout": lora.get("dropout", 0.0),
+              "r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
               "target_modules": modules, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
               "use_rslora": False, "use_dora": False, "modules_to_save": None}
 

@@ -17,7 +17,7 @@ from fastapi.sse import format_sse_event
 from astrai_ds.errors import ContextTooLong, RequestError
 from astrai_ds.inference.engine import RequestOutput
 from astrai_ds.inference.sampling import SamplingParams
-from astrai_ds.serve.requests import MAX_GENERATIONS, ApiError
+from astrai_ds.serve.requests import ApiError
 
 def new_id(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:24]}"
@@ -92,9 +92,6 @@ class Job:
     @classmethod
     async def start(cls, server, prompts: list[list[int]], params: list[SamplingParams], param: str) -> "Job":
         """Add every request; if the engine refuses one, abort the others and raise a 400 naming `param`."""
-        if len(prompts) > MAX_GENERATIONS:
-            raise ApiError(400, f"the request asks for {len(prompts)} generations (prompts x n), and the server takes "
-                                f"at most {MAX_GENERATIONS} in one request: split it into several", param=param)
         job = cls(server, [server.engine.new_id("req") for _ in prompts], asyncio.Queue())
         try:
             await server.engine.add(list(zip(job.request_ids, prompts, params)), job.queue)
