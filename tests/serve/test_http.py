@@ -5,6 +5,7 @@ disconnects freeing its KV blocks at once."""
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx2 as httpx
 import pytest
@@ -100,9 +101,10 @@ def test_a_client_that_disconnects_frees_its_blocks(server):
 
 
 @pytest.mark.multiproc  # slow: a server process of its own, with the access and overload options
-def test_access_rules_a_key_hosts_origins_and_overload(model_dir, tmp_path):
+def test_access_rules_a_key_hosts_origins_and_overload(long_model_dir, tmp_path):
     """One guarded server: the API key (any case of the Bearer scheme) on /v1 and /metrics, the Host header
     (DNS rebinding), CORS only for the origin given, and --max-waiting's 429 (529 on /v1/messages)."""
+    model_dir = long_model_dir  # a 512-token context: a long generation keeps the server full while it is probed
     s = Server(model_dir, tmp_path / "server.log", "--allow-origin", "http://page.test", "--max-running", "1",
                "--max-waiting", "1", extra_env={"ASTRAI_API_KEY": "s3cret"})
     key = {"Authorization": "Bearer s3cret"}
@@ -140,9 +142,14 @@ def test_access_rules_a_key_hosts_origins_and_overload(model_dir, tmp_path):
         r = httpx.get(f"{s.url}/v1/models", headers={**key, "Origin": "http://page.test"})
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://page.test"
 
-        # overload: one request runs, one waits, the next is refused with Retry-After until they are done
-        long = {"prompt": "Once upon a time", "max_tokens": 100, "ignore_eos": True, "stream": True,
+        # overload: one request runs, one waits, the next is refused with Retry-After until they are done. The
+        # two probes go at once, the moment one request is seen waiting, while the running one has hundreds of
+        # tokens to go (at 100 the running one once finished first on a busy machine and the probe got in)
+        long = {"prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True}}
+        probes = [("/v1/chat/completions", {**CHAT, "max_tokens": 2}),
+                  ("/v1/messages", {"model": model_dir.name, "max_tokens": 2,
+                                    "messages": [{"role": "user", "content": "hi"}]})]
         with httpx.stream("POST", f"{s.url}/v1/completions", json=long, headers=key, timeout=60) as running:
             lines = running.iter_lines()
             next(line for line in lines if line.startswith("data: "))  # it runs
@@ -150,17 +157,16 @@ def test_access_rules_a_key_hosts_origins_and_overload(model_dir, tmp_path):
                 assert waiting.status_code == 200
                 while s.metrics_with(key)["astrai_requests_waiting"] < 1:
                     pass
-                r = httpx.post(f"{s.url}/v1/chat/completions", headers=key, timeout=60,
-                               json={**CHAT, "max_tokens": 2})
-                assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
-                assert r.json()["error"]["code"] == "overloaded" and "try again" in r.json()["error"]["message"]
-                r = httpx.post(f"{s.url}/v1/messages", headers=key, timeout=60,
-                               json={"model": model_dir.name, "max_tokens": 2,
-                                     "messages": [{"role": "user", "content": "hi"}]})
-                assert r.status_code == 529 and r.json()["error"]["type"] == "overloaded_error", r.text
-                assert r.headers["retry-after"] == "1"
-                assert _completion_tokens(waiting.iter_lines()) == 100  # the waiting one ran in full
-            assert _completion_tokens(lines) == 100
+                with ThreadPoolExecutor(2) as pool:
+                    chat, messages = pool.map(lambda p: httpx.post(f"{s.url}{p[0]}", headers=key, json=p[1],
+                                                                   timeout=60), probes)
+                assert chat.status_code == 429 and chat.headers["retry-after"] == "1", chat.text
+                assert chat.json()["error"]["code"] == "overloaded" and "try again" in chat.json()["error"]["message"]
+                assert messages.status_code == 529, messages.text
+                assert messages.json()["error"]["type"] == "overloaded_error"
+                assert messages.headers["retry-after"] == "1"
+                assert _completion_tokens(waiting.iter_lines()) == 480  # the waiting one ran in full
+            assert _completion_tokens(lines) == 480
         r = httpx.post(f"{s.url}/v1/chat/completions", headers=key, json={**CHAT, "max_tokens": 2}, timeout=60)
         assert r.status_code == 200  # served again once the queue emptied
     finally:
