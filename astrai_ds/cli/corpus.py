@@ -2,8 +2,10 @@
 
 Files: pretrain.jsonl (field `text`) and pretrain_eval.jsonl (fields `prompt`, `answer`, `text`); the same
 facts as chat data: sft.jsonl (field `messages`) and sft_eval.jsonl (`messages`, `answer`, `answers` in the
-"plain" and "full" styles, `preferred`), dpo.jsonl (`prompt`, `chosen`, `rejected`) and dpo_eval.jsonl.
-SFT answers take either style at random; DPO pairs prefer the full style with the correct value.
+"plain" and "full" styles, `preferred`), dpo.jsonl (`prompt`, `chosen`, `rejected`) and dpo_eval.jsonl, and
+grpo.jsonl (training questions in the form of sft_eval.jsonl, for GRPO's rewards to check) and grpo_eval.jsonl (the
+records of sft_eval.jsonl). SFT answers take either style at random; DPO pairs prefer the full style with the correct
+value.
 documents.jsonl and documents_eval.jsonl hold Markdown articles about fictional entities (`text`, with `qa`:
 questions and exact answers), split by entity; sft.jsonl also holds reading-comprehension conversations on the
 training articles (retrieved-style chunks, then a question), which reading.jsonl holds alone, and `astrai-ds

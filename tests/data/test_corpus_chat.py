@@ -1,4 +1,5 @@
-"""The built-in corpus in chat form: SFT conversations, DPO pairs and their held-out evaluation sets."""
+"""The built-in corpus in chat form: SFT conversations, DPO pairs, GRPO questions and their held-out evaluation
+sets."""
 
 import random
 
@@ -6,14 +7,17 @@ import pytest
 
 from astrai_ds.data import corpus
 from astrai_ds.data.chat import RAG_SYSTEM
-from astrai_ds.data.corpus import QUESTIONS, TASKS, chat_item, dpo_records, sft_records, split_facts, task_facts
+from astrai_ds.data.corpus import (QUESTIONS, TASKS, chat_item, dpo_records, grpo_records, sft_records, split_facts,
+                                   task_facts)
 from astrai_ds.data.corpus.chat_forms import CHAT_FORMS, is_question
 from astrai_ds.data.prepare import prepare_dpo, prepare_sft
+from astrai_ds.inference.evaluate import read_eval_records
 from astrai_ds.inference.scoring import answer_style, chat_answer_correct
 from conftest import read_jsonl
 
 from .conftest import CORPUS_SCALE as SCALE
 CHAT_FILES = (corpus.SFT_FILE, corpus.SFT_EVAL_FILE, corpus.DPO_FILE, corpus.DPO_EVAL_FILE)
+GRPO_FILES = (corpus.GRPO_FILE, corpus.GRPO_EVAL_FILE)
 
 
 def _is_reading(record) -> bool:
@@ -25,7 +29,7 @@ def written(corpus_seed0):
     """(folder, summary, the chat files' records) of tests/data/conftest.py's corpus; the SFT records are the
     facts' conversations only: the reading-comprehension ones are tested in test_documents.py."""
     out, summary = corpus_seed0
-    files = {name: read_jsonl(out / name) for name in CHAT_FILES}
+    files = {name: read_jsonl(out / name) for name in CHAT_FILES + GRPO_FILES}
     reading = [r for r in files[corpus.SFT_FILE] if _is_reading(r)]
     assert len(reading) == summary["reading_records"] > 0
     files[corpus.SFT_FILE] = [r for r in files[corpus.SFT_FILE] if not _is_reading(r)]
@@ -38,7 +42,7 @@ def _questions(records, key="messages"):
 
 def test_deterministic_per_seed(written, corpus_seed0_again, corpus_seed1):
     out, same, other = written[0], corpus_seed0_again[0], corpus_seed1[0]
-    for name in CHAT_FILES:
+    for name in CHAT_FILES + GRPO_FILES:
         assert (same / name).read_bytes() == (out / name).read_bytes(), name
         assert (other / name).read_bytes() != (out / name).read_bytes(), name
 
@@ -61,6 +65,7 @@ def test_sizes_and_balance(written):
 def test_full_scale_sizes():
     assert 7_500 <= len(sft_records(0)) <= 8_500
     assert 3_800 <= len(dpo_records(0)) <= 4_200
+    assert 1_900 <= len(grpo_records(0)) <= 2_100
 
 
 def _split_full(answer: str) -> tuple[str, str]:
@@ -194,6 +199,42 @@ def test_eval_records(written):
     a, b = add["messages"][-1]["content"].removeprefix("What is ").removesuffix("?").split(" + ")
     s = int(a) + int(b)
     assert add["answers"] == {"plain": str(s), "full": f"{s}. {a} + {b} = {s}."}
+
+
+def test_grpo_questions(written):
+    out, summary, files = written
+    grpo = files[corpus.GRPO_FILE]
+    assert summary["grpo_records"] == len(grpo) == 22 * round(2000 * SCALE / 22)
+    assert summary["tasks"]["add"]["grpo"] == 2 * round(2000 * SCALE / 22)
+    assert (summary["grpo"], summary["grpo_eval"]) == tuple(str(out / name) for name in GRPO_FILES)
+    assert read_eval_records(out / corpus.GRPO_FILE, "chat") == grpo  # what `astrai-ds eval --chat` accepts
+    for r in grpo:  # the form of sft_eval.jsonl, each accepted answer right and in its style
+        assert set(r) == {"messages", "answer", "answers", "full_forms", "preferred", "task", "lang"}
+        assert r["answer"] == r["answers"]["plain"] and r["preferred"] == "full"
+        assert answer_style(r["answers"]["plain"], r) == "plain" and chat_answer_correct(r["answers"]["plain"], r)
+        for form in (r["answers"]["full"], *r["full_forms"]):
+            assert answer_style(form, r) == "full" and chat_answer_correct(form, r)
+    for name in TASKS:
+        for lang in ("en", "zh"):
+            assert sum(r["task"] == name and r["lang"] == lang for r in grpo) == round(2000 * SCALE / 22)
+    assert 0.2 < sum(r["messages"][0]["role"] == "system" for r in grpo) / len(grpo) < 0.4
+
+
+def test_grpo_questions_hold_nothing_out(written):
+    _, _, files = written
+    grpo = files[corpus.GRPO_FILE]
+    split = split_facts(0)
+    assert not _questions(grpo) & {chat_item(f).question for f in split.heldout}
+    heldout_texts = {f.text for f in split.heldout}
+    statements = {form.partition(corpus.JUSTIFY[r["lang"]])[2] for r in grpo
+                  for form in (r["answers"]["full"], *r["full_forms"])}
+    assert statements and not statements & heldout_texts
+
+
+def test_grpo_eval_is_the_chat_eval(written):
+    out, summary, files = written
+    assert (out / corpus.GRPO_EVAL_FILE).read_bytes() == (out / corpus.SFT_EVAL_FILE).read_bytes()
+    assert summary["grpo_eval_items"] == summary["sft_eval_items"] == len(files[corpus.GRPO_EVAL_FILE])
 
 
 def test_every_phrasing_has_one_question_and_a_statement():

@@ -1,4 +1,4 @@
-"""The built-in facts as chat data: SFT conversations, DPO pairs and their held-out evaluation sets.
+"""The built-in facts as chat data: SFT conversations, DPO pairs, GRPO questions and their held-out evaluation sets.
 
 Every rendering becomes a question (`QUESTIONS`), answered in one of two styles: "plain", the bare value
 ("68", "星期二"), or "full", the value followed by a sentence that states the fact as its justification
@@ -9,7 +9,10 @@ a pair of the two styles differs only after it: DPO learns to go on with a justi
 from the value. After SFT the preferred style is a coin flip, after DPO it should not be
 (`astrai_ds.inference.scoring.answer_style` measures it).
 
-Training conversations and pairs come from training renderings, the evaluation sets from held-out ones.
+GRPO questions are asked without an answer to imitate: a record holds the question with its accepted answers, in
+the form of the SFT evaluation set, for rewards to check a generated response against (`training.rewards`).
+
+Training conversations, pairs and questions come from training renderings, the evaluation sets from held-out ones.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from astrai_ds.data.corpus.split import per_task_lang, sample_renderings, split_
 
 SFT_CONVERSATIONS = 8_000  # SFT conversations at scale 1.0, split evenly over tasks and languages
 DPO_PAIRS = 4_000  # DPO pairs at scale 1.0, split evenly over tasks and languages
+GRPO_PROMPTS = 2_000  # GRPO questions at scale 1.0, split evenly over tasks and languages
 
 # The question form of every phrasing. A statement ("23 + 45 =") gets a question of its own; a phrasing that
 # is already a question stays as it is. One question per phrasing keeps the held-out split intact: the
@@ -121,7 +125,7 @@ SYSTEM_PROMPTS = {  # none of them hints at an answer style: the style must stay
            "You are a bilingual assistant for English and Chinese."),
     "zh": ("你是一个乐于助人的助手。", "你负责回答关于数字、日期和词语的问题。", "你是一个会说中文和英文的助手。"),
 }
-P_SYSTEM = 0.3  # share of conversations (and DPO prompts) with a system message
+P_SYSTEM = 0.3  # share of conversations (and DPO and GRPO prompts) with a system message
 P_TWO_TURNS = 0.2  # share of SFT conversations with a second question and answer
 STYLES = ("plain", "full")
 PREFERRED_STYLE = "full"
@@ -164,10 +168,12 @@ class ChatItem:
     statement: Fact  # a statement of the same fact: the full answer's justification; wrong_answer() its format
     statements: tuple = ()  # every statement phrasing of the same fact in the question's language
 
-    @property
-    def full_forms(self) -> list[str]:
-        """Every full answer that is right (the value, then any phrasing of the fact in the language)."""
-        return [justified(self.plain, f.render(), self.fact.lang) for f in self.statements] or [self.full]
+    def full_forms(self, heldout_prompts: frozenset = frozenset()) -> list[str]:
+        """Every full answer that is right (the value, then any phrasing of the fact in the language), but those
+        that quote a rendering held out from pretraining (`heldout_prompts`, as in `chat_item`)."""
+        forms = [justified(self.plain, f.render(), self.fact.lang) for f in self.statements
+                 if (f.task, f.prompt) not in heldout_prompts]
+        return forms or [self.full]
 
     @property
     def full(self) -> str:
@@ -260,20 +266,33 @@ def dpo_records(seed: int = 0, scale: float = 1.0) -> list[dict]:
     return records
 
 
+def _question(item: ChatItem, rng: random.Random, heldout_prompts: frozenset = frozenset()) -> dict:
+    """A question with its accepted answers: {"messages": [system?, user], "answer" (the plain value),
+    "answers": {"plain", "full"}, "full_forms" (the right full answers that quote no rendering in
+    `heldout_prompts`), "preferred": "full", "task", "lang"}."""
+    fact = item.fact
+    return {"messages": _system(fact.lang, rng) + [{"role": "user", "content": item.question}],
+            "answer": item.plain, "answers": {"plain": item.plain, "full": item.full},
+            "full_forms": item.full_forms(heldout_prompts), "preferred": PREFERRED_STYLE, "task": fact.task,
+            "lang": fact.lang}
+
+
+def grpo_records(seed: int = 0, scale: float = 1.0) -> list[dict]:
+    """GRPO questions from training renderings, shuffled, in the form of `sft_eval_records`: spread evenly over
+    tasks, languages and facts, with the answers for rewards to check; no answer quotes a held-out rendering."""
+    _, heldout, sampled = _sampled("grpo", seed, GRPO_PROMPTS, scale)
+    rng = random.Random(f"grpo:{seed}")
+    records = [_question(chat_item(fact, heldout), rng, heldout) for fact in sampled]
+    rng.shuffle(records)
+    return records
+
+
 def sft_eval_records(seed: int = 0) -> list[dict]:
-    """One question per held-out eval rendering: {"messages": [system?, user], "answer" (the plain value),
-    "answers": {"plain", "full"}, "preferred": "full", "task", "lang"}."""
+    """One question per held-out eval rendering, in the form of `_question`; GRPO's evaluation set too."""
     split = split_facts(seed)
     heldout = frozenset((f.task, f.prompt) for f in split.heldout)
     rng = random.Random(f"sft_eval:{seed}")
-    out = []
-    for fact in split.eval:
-        item = chat_item(fact, heldout)
-        out.append({"messages": _system(fact.lang, rng) + [{"role": "user", "content": item.question}],
-                    "answer": item.plain, "answers": {"plain": item.plain, "full": item.full},
-                    "full_forms": item.full_forms, "preferred": PREFERRED_STYLE, "task": fact.task,
-                    "lang": fact.lang})
-    return out
+    return [_question(chat_item(fact, heldout), rng) for fact in split.eval]
 
 
 def dpo_eval_records(seed: int = 0) -> list[dict]:

@@ -1,6 +1,6 @@
 """`write_corpus`: the training facts as `pretrain.jsonl` and the held-out prompts as `pretrain_eval.jsonl`,
-the same split as chat data (`sft.jsonl`, `dpo.jsonl` and their `_eval` sets), and articles about fictional
-entities for retrieval (`documents.jsonl` for training, `documents_eval.jsonl` held out)."""
+the same split as chat data (`sft.jsonl`, `dpo.jsonl`, `grpo.jsonl` and their `_eval` sets), and articles about
+fictional entities for retrieval (`documents.jsonl` for training, `documents_eval.jsonl` held out)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import os
 import random
 from pathlib import Path
 
-from astrai_ds.data.corpus.chat_forms import (DPO_PAIRS, SFT_CONVERSATIONS, dpo_eval_records, dpo_records,
-                                              sft_eval_records, sft_records)
+from astrai_ds.data.corpus.chat_forms import (DPO_PAIRS, GRPO_PROMPTS, SFT_CONVERSATIONS, dpo_eval_records,
+                                              dpo_records, grpo_records, sft_eval_records, sft_records)
 from astrai_ds.data.corpus.documents import articles, drill_articles, split_articles
 from astrai_ds.data.corpus.facts import LANGS, TASKS, Fact
 from astrai_ds.data.corpus.reading import READING_CONVERSATIONS, reading_records, reading_texts
@@ -24,6 +24,8 @@ SFT_FILE = "sft.jsonl"
 SFT_EVAL_FILE = "sft_eval.jsonl"
 DPO_FILE = "dpo.jsonl"
 DPO_EVAL_FILE = "dpo_eval.jsonl"
+GRPO_FILE = "grpo.jsonl"
+GRPO_EVAL_FILE = "grpo_eval.jsonl"
 DOCUMENTS_FILE = "documents.jsonl"
 DOCUMENTS_EVAL_FILE = "documents_eval.jsonl"
 READING_FILE = "reading.jsonl"
@@ -47,6 +49,8 @@ def write_corpus(out_dir, seed: int = 0, scale: float = 1.0) -> dict:
     - `sft.jsonl` ({"messages"}), `sft_eval.jsonl` (see `sft_eval_records`);
     - `dpo.jsonl` ({"prompt": messages, "chosen", "rejected"}), `dpo_eval.jsonl` (plus "task", "lang",
       "rejected_kind");
+    - `grpo.jsonl` (questions from training renderings, in the form of `sft_eval.jsonl`), `grpo_eval.jsonl` (the
+      very records of `sft_eval.jsonl`, so that GRPO's evaluation is the chat exact match);
     - `documents.jsonl` and `documents_eval.jsonl`: articles ({"id", "kind", "lang", "title", "text", "split",
       "qa": [{"question", "answer"}]}), split by entity. The training articles are also pretraining text (each
       followed by its questions and answers); they and generated drills make the reading-comprehension
@@ -71,7 +75,8 @@ def write_corpus(out_dir, seed: int = 0, scale: float = 1.0) -> dict:
         records += sample_renderings(train_by_task[name], n, random.Random(f"sample:{seed}:{name}"))
         counts[name] = {"pretrain": n, "eval": sum(f.task == name for f in split.eval),
                         "sft": per_task_lang(SFT_CONVERSATIONS, scale) * len(LANGS),
-                        "dpo": per_task_lang(DPO_PAIRS, scale) * len(LANGS)}
+                        "dpo": per_task_lang(DPO_PAIRS, scale) * len(LANGS),
+                        "grpo": per_task_lang(GRPO_PROMPTS, scale) * len(LANGS)}
     doc_train, doc_eval = split_articles(articles(ARTICLES, seed), seed=seed)
     n_conversations = max(1, round(READING_CONVERSATIONS * scale))
     texts = [f.text for f in records] + reading_texts(doc_train, seed)
@@ -83,8 +88,9 @@ def write_corpus(out_dir, seed: int = 0, scale: float = 1.0) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     pretrain_bytes = _write_lines(out / PRETRAIN_FILE, ({"text": t} for t in texts))
     eval_bytes = _write_lines(out / EVAL_FILE, (f.eval_record() for f in split.eval))
-    chat = {SFT_FILE: sft, SFT_EVAL_FILE: sft_eval_records(seed),
-            DPO_FILE: dpo_records(seed, scale), DPO_EVAL_FILE: dpo_eval_records(seed)}
+    chat_eval = sft_eval_records(seed)
+    chat = {SFT_FILE: sft, SFT_EVAL_FILE: chat_eval, DPO_FILE: dpo_records(seed, scale),
+            DPO_EVAL_FILE: dpo_eval_records(seed), GRPO_FILE: grpo_records(seed, scale), GRPO_EVAL_FILE: chat_eval}
     for name, chat_records in chat.items():
         _write_lines(out / name, chat_records)
     _write_lines(out / DOCUMENTS_FILE, (a.record("train") for a in doc_train))
@@ -105,6 +111,10 @@ def write_corpus(out_dir, seed: int = 0, scale: float = 1.0) -> dict:
         "sft_eval_items": len(chat[SFT_EVAL_FILE]),
         "dpo_records": len(chat[DPO_FILE]),
         "dpo_eval_items": len(chat[DPO_EVAL_FILE]),
+        "grpo": str(out / GRPO_FILE),
+        "grpo_eval": str(out / GRPO_EVAL_FILE),
+        "grpo_records": len(chat[GRPO_FILE]),
+        "grpo_eval_items": len(chat[GRPO_EVAL_FILE]),
         "documents": str(out / DOCUMENTS_FILE),
         "documents_eval": str(out / DOCUMENTS_EVAL_FILE),
         "documents_records": len(doc_train),
