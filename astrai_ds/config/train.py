@@ -58,7 +58,8 @@ class ScheduleConfig:
 
 @dataclass
 class StageConfig:
-    type: Literal["pt", "sft", "dpo"] = "pt"  # pretraining, supervised fine-tuning, preference optimisation
+    # pretraining, supervised fine-tuning, preference optimisation, reinforcement learning from verifiable rewards
+    type: Literal["pt", "sft", "dpo", "grpo"] = "pt"
     init_from: str | None = None  # an exported model folder to start from (fresh optimizer); none = random init
 
     # Keys that lived here before DPO got its own section: a config that still has them gets told where they went.
@@ -103,6 +104,46 @@ class DPOConfig:
     @property
     def needs_reference(self) -> bool:
         return self.loss_type != "simpo"
+
+
+GRPO_DEFAULT_REWARDS = {"exact": 1.0, "format": 0.5}
+
+
+@dataclass
+class GRPOConfig:
+    """Group relative policy optimisation (stage.type "grpo"): rollouts from the policy through the generation
+    engine, rewarded by verifiable checks, trained with a clipped ratio against group-normalised advantages.
+    micro_batch_size counts completions; each rank's micro_batch_size x grad_accum_steps completions of a step are
+    whole groups of group_size completions of one prompt."""
+
+    group_size: int = 8  # completions per prompt; the advantage compares each with its group
+    # reward functions and their weights: built-in "exact" (the right value) and "format" (the preferred style),
+    # or a function of yours, "module:function" or "path/to/file.py:function", taking (prompt, response, record)
+    rewards: dict = field(default_factory=lambda: dict(GRPO_DEFAULT_REWARDS))
+    max_new_tokens: int = 48  # tokens generated per completion at most
+    temperature: float = 1.0  # sampling temperature of the rollouts
+    top_p: float = 1.0  # nucleus sampling of the rollouts
+    clip_low: float = 0.2  # the ratio is clipped below at 1 - clip_low
+    clip_high: float = 0.28  # and above at 1 + clip_high (DAPO's clip-higher)
+    beta: float = 0.0  # weight of the KL term (k3 estimator) against the frozen reference; 0: no reference model
+    reference_model: str | None = None  # the reference's model folder when beta > 0; none = stage.init_from
+    num_iterations: int = 1  # optimizer steps on each rollout batch (the ratio is taken to the rollout's log-probs)
+    scale_rewards: bool = True  # divide the advantages by the group's standard deviation (false: Dr. GRPO)
+    mask_truncated: bool = False  # completions cut at max_new_tokens take no part in the loss
+    epsilon: float = 1e-4  # added to the group's standard deviation
+
+    def __post_init__(self):
+        check(self.group_size >= 2, "group_size", f"must be at least 2, got {self.group_size}: advantages compare "
+              "the completions of one prompt, so with one they are all zero and nothing trains")
+        check(bool(self.rewards), "rewards", "is empty: name at least one reward, e.g. {\"exact\": 1.0}")
+        check(self.max_new_tokens > 0, "max_new_tokens", f"must be positive, got {self.max_new_tokens}")
+        check(self.temperature > 0, "temperature", f"must be positive (rollouts are sampled), got {self.temperature}")
+        check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        check(0 <= self.clip_low < 1, "clip_low", f"must be in [0, 1), got {self.clip_low}")
+        check(self.clip_high >= 0, "clip_high", f"must be >= 0, got {self.clip_high}")
+        check(self.beta >= 0, "beta", f"must be >= 0, got {self.beta}")
+        check(self.num_iterations >= 1, "num_iterations", f"must be at least 1, got {self.num_iterations}")
+        check(self.epsilon > 0, "epsilon", f"must be positive, got {self.epsilon}")
 
 
 LORA_DEFAULT_TARGET = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]  # every attention and MLP projection
@@ -196,6 +237,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # pipeline stages
     stage: StageConfig = field(default_factory=StageConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)  # stage.type "dpo" only
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)  # stage.type "grpo" only
     lora: LoraConfig = field(default_factory=LoraConfig)  # low-rank adapters (r > 0); the base weights frozen
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -214,6 +256,15 @@ class TrainConfig:
               f"is {self.parallel.pipeline_stages}, but DPO does not run on pipeline stages (its frozen reference "
               f"would need stages of its own); train DPO with pipeline_stages 1 and ZeRO-3 (ds_configs/zero3.json) "
               f"to shard a large model")
+        check(self.stage.type != "grpo" or self.parallel.pipeline_stages == 1, "parallel.pipeline_stages",
+              f"is {self.parallel.pipeline_stages}, but GRPO does not run on pipeline stages (its rollouts need the "
+              f"whole model on each rank); train GRPO with pipeline_stages 1 and ZeRO-3 to shard a large model")
+        check(self.stage.type != "grpo" or self.grpo.beta == 0 or self.lora.enabled
+              or self.grpo.reference_model or self.stage.init_from, "grpo.reference_model",
+              "is needed for a KL term (grpo.beta > 0): set stage.init_from (the model GRPO starts from) or "
+              "grpo.reference_model, or set grpo.beta to 0")
+        check(self.stage.type != "grpo" or self.data.eval_path is None, "data.eval_path",
+              "has no GRPO evaluation loss: remove it, and score the exported model with `astrai-ds eval --chat`")
         check(not self.lora.enabled or self.parallel.pipeline_stages == 1, "lora.r",
               "is set, but LoRA does not run on pipeline stages yet: train with pipeline_stages 1 (ZeRO-3 shards "
               "the frozen base)")

@@ -46,6 +46,7 @@ class RequestOutput:
     cached_tokens: int  # prompt tokens served from the prefix cache
     stop_string: str | None = None  # the stop string that ended the request (finish_reason "stop")
     error: str | None = None  # why the request failed (finish_reason "error"); the engine goes on
+    stop_token_id: int | None = None  # the stop token that ended the request (not in token_ids)
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Completion:
     logprobs: list[dict] | None = None
     stop_string: str | None = None  # the stop string that ended it (finish_reason "stop"); None for a stop token
     error: str | None = None  # set (and nothing generated) when the request was refused
+    stop_token_id: int | None = None  # the stop token that ended it (not in token_ids): what a trainer appends
 
 
 @dataclass
@@ -226,7 +228,8 @@ class LLMEngine:
             logprobs = [{"token_id": result.token_id, "logprob": result.logprob,
                          "top_logprobs": result.top_logprobs or []}]
         return RequestOutput(seq.request_id, text, new_ids, logprobs, reason is not None, reason,
-                             len(seq.prompt_ids), len(seq.output_ids), seq.num_cached, request.detok.matched_stop)
+                             len(seq.prompt_ids), len(seq.output_ids), seq.num_cached, request.detok.matched_stop,
+                             stop_token_id=result.token_id if reason == "stop" and not new_ids else None)
 
     # ------------------------------------------------------------------ wrappers
 
@@ -285,7 +288,7 @@ class LLMEngine:
                     results[i] = Completion(out.request_id, "".join(text), ids, out.finish_reason, out.prompt_tokens,
                                             out.completion_tokens, out.cached_tokens,
                                             logprobs if params[i] and params[i].logprobs is not None else None,
-                                            out.stop_string, out.error)
+                                            out.stop_string, out.error, out.stop_token_id)
                     bar.update()
         bar.close()
         for request_id, (i, text, ids, _) in pending.items():  # aborted meanwhile (a signal handler, say)

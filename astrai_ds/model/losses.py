@@ -42,8 +42,14 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     The log-softmax runs in float32 whatever the logits' dtype. For a length-normalised average (SimPO),
     divide by `token_counts(labels)`.
     """
+    return token_logps(logits, labels).sum(-1)  # (N,)
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The log-probability of each label: (N, T, V), (N, T) -> float32 (N, T), 0 where the label is IGNORE_INDEX.
+    The log-softmax runs in float32 whatever the logits' dtype."""
     mask = labels != IGNORE_INDEX  # (N, T)
     safe = labels.masked_fill(~mask, 0)  # gather needs a valid index even where the label is ignored
     logp = F.log_softmax(logits.float(), dim=-1)  # (N, T, V)
     per_token = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)  # (N, T)
-    return torch.where(mask, per_token, 0.0).sum(-1)  # (N,)
+    return torch.where(mask, per_token, 0.0)

@@ -164,6 +164,19 @@ def _dpo_reference(cfg, model_cfg, tokenizer, ds_cfg, train_shards, dataset, col
     return None, WithReferenceLogps(collate, table)
 
 
+def _grpo_reference(cfg, model_cfg, tokenizer, ds_cfg, policy):
+    """GRPO's frozen reference for the KL term: under LoRA the policy with its adapters off, else a live engine from
+    grpo.reference_model (or stage.init_from)."""
+    from astrai_ds.training.reference import AdaptersOff, check_reference_folder, live_reference_engine
+
+    if cfg.lora.enabled and not cfg.grpo.reference_model:
+        return AdaptersOff(policy)
+    folder = cfg.grpo.reference_model or cfg.stage.init_from
+    key = "grpo.reference_model" if cfg.grpo.reference_model else "stage.init_from"
+    check_reference_folder(folder, model_cfg, tokenizer, key)
+    return live_reference_engine(folder, model_cfg, ds_cfg, offload=False)
+
+
 @dataclass
 class RunData:
     """A run's datasets (train, and eval when data.eval_path is set) with their collate functions."""
@@ -176,7 +189,47 @@ class RunData:
     eval_collate: object = None
 
 
-def _open_run_data(cfg: TrainConfig, tokenizer: Tokenizer, config_path: Path) -> RunData:
+@dataclass
+class PromptData:
+    """GRPO's data: prompt records with their answers (data.path, a JSONL file read whole) and their token ids."""
+
+    path: Path
+    records: list[dict]
+    prompts: list[list[int]]
+    rewards: list  # training.rewards.Reward, loaded (and so checked) before any process starts training
+
+    @property
+    def train_set(self) -> list[dict]:
+        return self.records
+
+    eval_set = None
+
+
+def _open_prompt_data(cfg: TrainConfig, tokenizer: Tokenizer, config_path: Path) -> PromptData:
+    """Read GRPO's prompt records and render their prompts; a prompt that leaves no room to generate in
+    data.seq_len is named."""
+    from astrai_ds.data.chat import render_chat
+    from astrai_ds.data.prompts import prompt_messages, read_prompt_records
+    from astrai_ds.training.rewards import load_rewards
+
+    path = Path(cfg.data.path)
+    if path.is_dir():
+        raise DataError(f"{config_path}: data.path {path} is a folder; GRPO reads a JSONL file of prompts with their "
+                        f"answers (\"messages\" or \"prompt\", and \"answer\" per line), e.g. the grpo.jsonl that "
+                        f"`astrai-ds corpus` writes")
+    records = read_prompt_records(path)
+    prompts = [render_chat(tokenizer, prompt_messages(r), add_generation_prompt=True)[0] for r in records]
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    if len(prompts[longest]) >= cfg.data.seq_len:
+        raise DataError(f"{path} record {longest + 1}: its prompt is {len(prompts[longest])} tokens, which leaves no "
+                        f"room to generate within data.seq_len {cfg.data.seq_len}; raise data.seq_len (to the prompt "
+                        f"plus grpo.max_new_tokens {cfg.grpo.max_new_tokens}) or shorten the prompt")
+    return PromptData(path, records, prompts, load_rewards(cfg.grpo.rewards))
+
+
+def _open_run_data(cfg: TrainConfig, tokenizer: Tokenizer, config_path: Path) -> RunData | PromptData:
+    if cfg.stage.type == "grpo":
+        return _open_prompt_data(cfg, tokenizer, config_path)
     train_shards = open_data(cfg.data.path, "data.path", cfg, tokenizer, config_path)
     data = RunData(train_shards, *build_dataset(train_shards, cfg))
     if cfg.data.eval_path:
@@ -250,7 +303,10 @@ def _build_engine_and_strategy(cfg, model_cfg, tokenizer, ds_cfg, data: RunData,
         if data.eval_set is not None and cfg.dpo.reference == "precomputed":  # the eval pairs need their own table
             _, data.eval_collate = _dpo_reference(cfg, model_cfg, tokenizer, ds_cfg, data.eval_shards, data.eval_set,
                                                   data.eval_collate, dist_info, engine.device, dtype)
-    strategy = STRATEGIES[cfg.stage.type].from_config(cfg.dpo, reference=reference)
+    elif cfg.stage.type == "grpo" and cfg.grpo.beta > 0:
+        reference = _grpo_reference(cfg, model_cfg, tokenizer, ds_cfg, engine.module)
+    strategy = STRATEGIES[cfg.stage.type].from_config(cfg.grpo if cfg.stage.type == "grpo" else cfg.dpo,
+                                                      reference=reference)
     return engine, strategy, n_params
 
 
@@ -300,9 +356,12 @@ def build_trainer(args) -> Trainer:
     # The data is split over the data-parallel replicas; every pipeline stage of a replica reads the same batches.
     replica = (engine.grid.data_parallel_id, engine.dp_world_size) if cfg.parallel.pipeline_stages > 1 else \
         (dist_info.rank, dist_info.world_size)
-    trainer = Trainer(engine, strategy,
-                      batch_iterator(data.train_set, data.collate, micro, replica, cfg.seed, cfg.data.shuffle,
-                                     engine.device),
+    if cfg.stage.type == "grpo":
+        train_batches = _rollout_batches(cfg, model_cfg, tokenizer, ds_cfg, data, engine, strategy, dist_info, dtype)
+    else:
+        train_batches = batch_iterator(data.train_set, data.collate, micro, replica, cfg.seed, cfg.data.shuffle,
+                                       engine.device)
+    trainer = Trainer(engine, strategy, train_batches,
                       batch_iterator(data.eval_set, data.eval_collate, micro, replica, cfg.seed, False, engine.device)
                       if data.eval_set is not None else None,
                       cfg, dist_info)
@@ -324,6 +383,20 @@ def build_trainer(args) -> Trainer:
         trainer.log(f"resumed from {resume[0] / resume[1]} at step {trainer.state.step}")
     _log_start(trainer, cfg, ds_cfg, data, n_params, peak, dtype, cpu_notes)
     return trainer
+
+
+def _rollout_batches(cfg, model_cfg, tokenizer, ds_cfg, data: PromptData, engine, strategy, dist_info, dtype):
+    """GRPO's train batches: rollouts of whole groups on every rank (training/rollout.py)."""
+    from astrai_ds.training.rollout import RolloutBatches
+
+    micro, accum = ds_cfg["train_micro_batch_size_per_gpu"], ds_cfg["gradient_accumulation_steps"]
+    group = cfg.grpo.group_size
+    if (micro * accum) % group:
+        raise ConfigError(f"micro_batch_size {micro} x grad_accum_steps {accum} = {micro * accum} completions per rank "
+                          f"and step is not a whole number of groups of grpo.group_size {group}: make it a multiple "
+                          f"of {group} (micro_batch_size counts completions)")
+    return RolloutBatches(engine, model_cfg, tokenizer, data.records, data.prompts, cfg, micro, accum, dist_info,
+                          data.rewards, str(data.path), reference=strategy.reference, dtype=dtype)
 
 
 def _trained(engine) -> int:

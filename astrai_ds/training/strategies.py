@@ -238,4 +238,74 @@ class DPOStrategy:
         return self.reference_logps(self.reference, batch)
 
 
-STRATEGIES = {"pt": PretrainStrategy, "sft": SFTStrategy, "dpo": DPOStrategy}
+def grpo_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, clip_low: float,
+                    clip_high: float, ref_logps: torch.Tensor | None = None, beta: float = 0.0
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GRPO's per-token loss, before any masking or averaging: -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A)
+    with r = exp(logps - old_logps), plus beta times the k3 estimate of KL(policy || reference),
+    exp(ref - logps) - (ref - logps) - 1. logps, old_logps, ref_logps: (B, T); advantages: (B,).
+    -> (loss (B, T), kl (B, T) (zeros without a reference), clipped (B, T) bool: where the clip took the gradient)."""
+    ratio = torch.exp(logps - old_logps)
+    adv = advantages[:, None]
+    unclipped, clipped = ratio * adv, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv
+    loss = -torch.minimum(unclipped, clipped)
+    kl = torch.zeros_like(logps)
+    if ref_logps is not None:
+        delta = ref_logps - logps
+        kl = torch.exp(delta) - delta - 1
+        loss = loss + beta * kl
+    was_clipped = ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))
+    return loss, kl, was_clipped
+
+
+class GRPOStrategy:
+    """Group relative policy optimisation on rollout batches (training/rollout.py makes them).
+
+    batch: input_ids (B, T) (prompt, completion, right padding), labels (B, T) (the completion's tokens, its stop
+    token included; IGNORE_INDEX elsewhere, and on the whole of a truncated completion under mask_truncated),
+    advantages (B,), num_tokens (B,) (the row's real tokens), and optionally old_logps (B, T) (the policy's log-probs
+    at rollout time, when each rollout trains several steps) and ref_logps (B, T) (the frozen reference's, for the
+    KL term). Without old_logps the ratio is taken to the detached current log-probs: 1 in value, the policy
+    gradient in its gradient. The loss is the sum over every completion token of the global batch divided by their
+    number (token-level aggregation: the same for any split into micro-batches and ranks). metrics, means over the
+    global batch's completion tokens: "loss", "grpo/kl", "grpo/clip_fraction"."""
+
+    name = "grpo"
+    reference_forward = False  # the reference's log-probs come with the rollout
+
+    def __init__(self, cfg=None, reference: Reference | None = None):
+        from astrai_ds.config.train import GRPOConfig
+
+        self.cfg = cfg or GRPOConfig()
+        self.reference = reference  # the rollout runs it once per rollout batch (ref_logps), for the KL term
+
+    @classmethod
+    def from_config(cls, cfg=None, reference: Reference | None = None) -> "GRPOStrategy":
+        return cls(cfg, reference)
+
+    def policy_shape(self, batch: dict) -> tuple[int, int]:
+        return tuple(batch["input_ids"].shape)
+
+    def counts(self, batch: dict) -> dict[str, torch.Tensor]:
+        return {"tokens": _count((batch["labels"] != IGNORE_INDEX).sum()),
+                "completions": _count(batch["labels"].shape[0]), "inputs": _count(batch["num_tokens"].sum())}
+
+    def compute_loss(self, model, batch: dict, totals: dict | None = None) -> tuple[torch.Tensor, dict]:
+        from astrai_ds.model.losses import token_logps
+
+        cfg = self.cfg
+        totals = totals or self.counts(batch)
+        labels = batch["labels"]
+        mask = (labels != IGNORE_INDEX).float()
+        logps = token_logps(model(batch["input_ids"]), labels)  # (B, T) float32
+        old = batch["old_logps"] if "old_logps" in batch else logps.detach()
+        ref = batch.get("ref_logps") if cfg.beta > 0 else None
+        per_token, kl, clipped = grpo_token_loss(logps, old, batch["advantages"].float(), cfg.clip_low, cfg.clip_high,
+                                                 ref, cfg.beta)
+        tokens = totals["tokens"].clamp(min=1).float()
+        loss = (per_token * mask).sum() / tokens
+        return loss, {"loss": loss.detach(), "grpo/kl": (kl.detach() * mask).sum() / tokens,
+                      "grpo/clip_fraction": (clipped.float() * mask).sum() / tokens}
+
+
+STRATEGIES = {"pt": PretrainStrategy, "sft": SFTStrategy, "dpo": DPOStrategy, "grpo": GRPOStrategy}

@@ -3,6 +3,7 @@ engine owns backward, gradient accumulation, clipping and the optimizer step, ca
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -75,6 +76,7 @@ class Trainer:
         Returns the strategy's metrics (this rank's shares, summed over micro-batches), lr, grad norm, and
         the global batch's non-padding tokens ("tokens") and executed FLOPs ("flops").
         """
+        start = time.perf_counter()
         self.engine.train()
         lr = self.engine.get_lr()[0]  # the lr this step uses (the scheduler moves it inside engine.step)
         batches = [self.train_batches.next() for _ in range(self.accum)]
@@ -96,6 +98,9 @@ class Trainer:
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + value
         grad_norm = self.engine.get_global_grad_norm() if own_norm is None else own_norm
+        step_metrics = getattr(self.train_batches, "step_metrics", None)  # GRPO's rollouts: rewards, lengths, time
+        if step_metrics is not None:
+            sums.update(step_metrics(time.perf_counter() - start))
         return {"metrics": {k: float(v) for k, v in sums.items()}, "lr": lr, "tokens": totals["inputs"].item(),
                 "flops": totals["flops"].item(),
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}

@@ -241,7 +241,7 @@ def test_dpo_without_any_reference_raises():
 
 
 def test_from_config_and_registry():
-    assert set(STRATEGIES) == {"pt", "sft", "dpo"}
+    assert set(STRATEGIES) == {"pt", "sft", "dpo", "grpo"}
     cfg = DPOConfig(beta=0.3, loss_type="ipo")
     ref = object()
     s = STRATEGIES["dpo"].from_config(cfg, reference=ref)
