@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from astrai_ds.data.prompts import prompt_messages
 from astrai_ds.data.sources import iter_json_lines
 from astrai_ds.errors import DataError
 from astrai_ds.inference.progress import Progress
@@ -51,7 +52,7 @@ def _check_record(record: dict, kind: str) -> None:
                 or isinstance(record.get("prompt"), str) and isinstance(record.get("answer"), str)):
             raise ValueError("'prompt' and 'answer' are not both strings, and there is no 'text' string")
     elif kind == "chat":
-        check_messages(_prompt_messages(record), final="user")
+        check_messages(prompt_messages(record), final="user")
         answers = record.get("answers")
         if not (isinstance(answers, dict) and all(isinstance(answers.get(k), str) for k in ("plain", "full"))):
             raise ValueError("'answers' is not an object with 'plain' and 'full' strings")
@@ -170,11 +171,6 @@ def evaluate_model(model, tokenizer, records: list[dict], batch_size: int = 32, 
     return result
 
 
-def _prompt_messages(record: dict) -> list[dict]:
-    prompt = record.get("messages", record.get("prompt"))
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-
-
 def evaluate_chat(model, tokenizer, records: list[dict], batch_size: int = 32, max_new_tokens: int | None = None,
                   responses: list | None = None, *, progress: bool = False) -> dict:
     """Greedy answers to chat-formatted held-out questions: {"chat_exact_match" (the answer's value is right),
@@ -191,7 +187,7 @@ def evaluate_chat(model, tokenizer, records: list[dict], batch_size: int = 32, m
     from astrai_ds.inference.scoring import answer_contained, answer_style, chat_answer_correct, chat_response_exact
 
     model.eval()
-    prompts = [render_chat(tokenizer, _prompt_messages(r), add_generation_prompt=True)[0] for r in records]
+    prompts = [render_chat(tokenizer, prompt_messages(r), add_generation_prompt=True)[0] for r in records]
     if max_new_tokens is None:  # room for the longest accepted answer, and a little more
         forms = [form for r in records for form in (*r["answers"].values(), *r.get("full_forms", ()))]
         max_new_tokens = max(len(ids) for ids in tokenizer.encode_batch(forms)) + 4
@@ -207,7 +203,7 @@ def evaluate_chat(model, tokenizer, records: list[dict], batch_size: int = 32, m
         contains.append(answer_contained(response, record["answer"]) if isinstance(record.get("answer"), str)
                         else correct[-1])
         if responses is not None:
-            responses.append({"question": _prompt_messages(record)[-1]["content"], "response": response,
+            responses.append({"question": prompt_messages(record)[-1]["content"], "response": response,
                               "correct": correct[-1], "contains": contains[-1],
                               "exact_response": exact[-1], "style": style, "answers": record.get("answers")})
 
@@ -234,7 +230,7 @@ def evaluate_pairs(model, tokenizer, records: list[dict], *, progress: bool = Fa
         record = records[i]
         logprobs = []
         for response in (record["chosen"], record["rejected"]):
-            ids, mask = render_response(tokenizer, _prompt_messages(record), response)
+            ids, mask = render_response(tokenizer, prompt_messages(record), response)
             start = mask.index(1) if 1 in mask else len(ids)
             logprobs.append(sequence_logprob(model, ids[:start], ids[start:]))
         wins.append(logprobs[0] > logprobs[1])
