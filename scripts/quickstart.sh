@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job on the built-in corpus, from nothing to measured models, on 2 ranks of the real
 # `deepspeed` launcher (2 CPU processes over gloo on a machine without GPUs):
-#   corpus -> tokenizer -> shards -> PT (ZeRO-2) -> SFT (ZeRO-2) -> DPO (ZeRO-3, live reference) -> RAG
-# Each stage's model is exported to runs/quickstart/models/{pt,sft,dpo} and evaluated; then the final model
+#   corpus -> tokenizer -> shards -> PT (ZeRO-2) -> SFT (ZeRO-2) -> DPO (ZeRO-3, live reference)
+#   -> GRPO (ZeRO-2, rollouts through the generation engine, rewarded for the right value and the preferred style) -> RAG
+# Each stage's model is exported to runs/quickstart/models/{pt,sft,dpo,grpo} and evaluated; then the final model
 # indexes the held-out documents and answers their questions closed-book, from retrieved chunks and from
 # the gold chunk. The table is printed and written to runs/quickstart/report.json. Everything goes under runs/quickstart/ (removed
 # first, so every run starts clean).
@@ -39,6 +40,7 @@ stage() {
 stage pt zero2.json
 stage sft zero2.json
 stage dpo zero3.json
+stage grpo zero2.json
 
 echo "== RAG on the held-out documents with the final model"
 t0=$(date +%s)

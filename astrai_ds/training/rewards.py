@@ -52,6 +52,14 @@ class Reward:
     fn: RewardFn
     weight: float  # its share of the total reward
 
+    @property
+    def metric(self) -> str:
+        """Its name in the logs (grpo/reward/NAME): a built-in's name, else MODULE.FUNCTION (a file's stem)."""
+        if ":" not in self.name:
+            return self.name
+        where, function = self.name.rsplit(":", 1)
+        return f"{Path(where).stem if where.endswith('.py') else where}.{function}"
+
 
 # ---------------------------------------------------------------- built-ins
 

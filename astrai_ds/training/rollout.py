@@ -213,7 +213,8 @@ class RolloutBatches:
         from astrai_ds.training.rewards import score
 
         G = self.grpo.group_size
-        totals, components = [], {r.name: [] for r in self.rewards}
+        totals, components = [], {r.metric: [] for r in self.rewards}
+        metric = {r.name: r.metric for r in self.rewards}
         for n, c in enumerate(completions):
             index = indices[n // G]
             record = self.records[index]
@@ -221,7 +222,7 @@ class RolloutBatches:
                                  f"{self.source} record {index + 1}")
             totals.append(total)
             for name, value in parts.items():
-                components[name].append(value)
+                components[metric[name]].append(value)
         as_tensor = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
         return as_tensor(totals), {name: as_tensor(v) for name, v in components.items()}
 
