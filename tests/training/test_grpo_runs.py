@@ -118,3 +118,33 @@ def test_bad_grpo_input_is_one_line(workspace, model_dir, grpo_setup, tmp_path, 
     assert fragment in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "bad" / "run").exists()  # nothing written
+
+
+def test_a_reward_that_fails_stops_the_run_with_its_name_and_the_record(workspace, model_dir, grpo_setup, tmp_path):
+    (tmp_path / "bad_reward.py").write_text("def broken(prompt, response, record):\n    return {'score': 1}\n")
+    config = grpo_config(workspace, model_dir, grpo_setup, tmp_path / "fails",
+                         grpo={"group_size": 4, "max_new_tokens": 4,
+                               "rewards": {f"{tmp_path / 'bad_reward.py'}:broken": 1.0}})
+    proc = run_python("train.py", ["--config", str(config), "--ds_config", "zero0.json"], check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "bad_reward.py:broken" in errors[0] and "grpo.jsonl record" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_lora_on_a_folder_whose_weights_do_not_fit_its_config_is_one_line(workspace, model_dir, grpo_setup, tmp_path):
+    import shutil
+
+    folder = tmp_path / "mismatched"
+    shutil.copytree(model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["intermediate_size"] += 16  # the weights stay the old shape
+    (folder / "config.json").write_text(json.dumps(config))
+    train = grpo_config(workspace, model_dir, grpo_setup, tmp_path / "lora", lora={"r": 4},
+                        stage={"type": "grpo", "init_from": str(folder)})
+    proc = run_python("train.py", ["--config", str(train), "--ds_config", "zero0.json"], check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "do not fit the model of its config.json" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list((tmp_path / "lora" / "run").glob("global_step*"))  # nothing trained, no checkpoint
