@@ -6,7 +6,8 @@ activations per micro-batch with and without activation checkpointing; then whic
 Model states follow DeepSpeed's own estimators (bf16 mixed precision with Adam); activations count what this
 model's blocks keep for the backward pass (see astrai_ds/training/memory.py). A tenth of the GPU memory is kept
 back for the CUDA context, communication buffers and fragmentation. The option the DeepSpeed config asks for
-is marked (examples: docs/scale.md).
+is marked (examples: docs/scale.md). With LoRA (`--lora-r`, or the train config's `lora` section) the model states
+are a LoRA run's: the frozen base's weights, the adapters' weights and gradients, and their optimizer states.
 """
 
 from __future__ import annotations
@@ -52,6 +53,12 @@ def add_arguments(p) -> None:
                       help="recompute block activations in backward (default: the train config's setting, else off)")
     ckpt.add_argument("--no-activation-checkpointing", dest="checkpointing", action="store_false")
     p.add_argument("--gpu-memory", default="80GiB", help="memory of one GPU, e.g. 80GiB, 40GB")
+    p.add_argument("--lora-r", type=int, default=None,
+                   help="plan a LoRA run with adapters of this rank (default: the train config's lora.r, else 0: "
+                        "every weight trains)")
+    p.add_argument("--lora-target", nargs="+", default=None, metavar="LAYER",
+                   help="the linear layers LoRA adapts, as lora.target names them: wq wk wv wo w1 w2 w3, or "
+                        "'re:PATTERN' over the dotted names (default: the train config's lora.target, else all seven)")
     p.add_argument("--vocab-size", type=int, default=None,
                    help='the vocabulary size when the model config says "auto"')
     p.add_argument("--json", action="store_true", help="print the plan as JSON (bytes) instead of a table")
@@ -82,11 +89,39 @@ def _inputs(args):
         raise UserError(f"--seq-len {seq_len} is above the model's max_seq_len {cfg.max_seq_len} ({model_path})")
     checkpointing = args.checkpointing if args.checkpointing is not None else bool(
         train and train.activation_checkpointing)
-    return cfg, model_path, micro, seq_len, checkpointing
+    return cfg, model_path, micro, seq_len, checkpointing, _lora(args, train, cfg)
+
+
+def _lora(args, train, cfg):
+    """The LoRA run to plan: the flags over the train config's lora section; None without LoRA."""
+    from astrai_ds.config.base import FieldError
+    from astrai_ds.config.train import LoraConfig
+    from astrai_ds.errors import ConfigError
+    from astrai_ds.training.memory import lora_counts
+
+    base = train.lora if train else LoraConfig()
+    r = args.lora_r if args.lora_r is not None else base.r
+    try:
+        lora = LoraConfig(r=r, alpha=base.alpha, dropout=base.dropout, target=args.lora_target or base.target)
+    except FieldError as e:  # the config's own values were checked when it loaded: a flag is wrong
+        raise UserError(f"--lora-{e.key} {e.problem}") from None
+    if not lora.enabled:
+        if args.lora_target:
+            raise UserError("--lora-target needs --lora-r N: LoRA is off (r 0)")
+        return None
+    try:
+        return lora_counts(cfg, lora)
+    except ConfigError as e:  # a target that matches no layer
+        raise UserError(str(e).replace("lora.target", "--lora-target", 1) if args.lora_target
+                        else f"{args.config}: {e}") from None
 
 
 def _gib(n: int) -> str:
     return f"{n / 1024 ** 3:.1f}"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1024 ** 2:.1f}"
 
 
 def _count(n: int) -> str:
@@ -106,8 +141,9 @@ def run(args) -> int:
     from astrai_ds.config.deepspeed import load_ds_config, zero_stage
     from astrai_ds.training.memory import asked_option, plan
 
-    cfg, model_path, micro, seq_len, checkpointing = _inputs(args)
-    result = plan(cfg, args.gpus_per_node, args.nodes, micro, seq_len, memory_size(args.gpu_memory), checkpointing)
+    cfg, model_path, micro, seq_len, checkpointing, lora = _inputs(args)
+    result = plan(cfg, args.gpus_per_node, args.nodes, micro, seq_len, memory_size(args.gpu_memory), checkpointing,
+                  lora=lora)
     ds = load_ds_config(args.ds_config)[0] if args.ds_config else None
     asked = asked_option(result["options"], ds) if ds is not None else None
     for row in result["options"]:
@@ -121,15 +157,23 @@ def run(args) -> int:
     print(f"{args.nodes} node(s) x {args.gpus_per_node} GPU(s) = {result['gpus']} GPU(s) of "
           f"{_gib(result['gpu_memory'])} GiB ({_gib(result['usable_gpu_memory'])} usable); micro-batch {micro} x "
           f"{seq_len} tokens, bf16")
+    if lora is not None:
+        print(f"LoRA r {lora.r} on {', '.join(lora.target)}: {_count(lora.adapter)} adapter parameters trained "
+              f"({len(lora.layers)} layers), {_count(p['total'])} frozen")
     print(f"activations per GPU: {_gib(act['blocks'] + act['logits'])} GiB without activation checkpointing, "
           f"{_gib(act['blocks_checkpointed'] + act['logits'])} GiB with (logits {_gib(act['logits'])} GiB in "
           f"both); below: {'with' if checkpointing else 'without'}\n")
-    print(f"  {'option':<42}{'states':>8}{'activ.':>8}{'total':>8}  {'host/node':>10}  {'nvme/node':>10}  fits"
-          f"   (GiB)")
+    # LoRA splits the model states into the frozen base, the adapters (weights, gradients) and their optimizer
+    # states; the adapters' two are small enough to count in MiB
+    parts = [("base", "base_bytes", _gib), ("adapters", "adapter_bytes", _mib), ("optim.", "optimizer_bytes", _mib)]
+    parts, width, units = (parts, 39, "(GiB; adapters, optim.: MiB)") if lora else ([], 42, "(GiB)")
+    print(f"  {'option':<{width}}" + "".join(f"{title:>9}" for title, _, _ in parts) + f"{'states':>8}{'activ.':>8}"
+          f"{'total':>8}  {'host/node':>10}  {'nvme/node':>10}  fits   {units}")
     for row in result["options"]:
         mark = "  <- --ds_config" if row["asked"] else ""
         nvme = _gib(row["nvme_bytes"]) if row["nvme"] else "-"
-        print(f"  {row['name']:<42}{_gib(row['gpu_bytes']):>8}{_gib(row['activations']):>8}{_gib(row['gpu_total']):>8}"
+        print(f"  {row['name']:<{width}}" + "".join(f"{unit(row[key]):>9}" for _, key, unit in parts)
+              + f"{_gib(row['gpu_bytes']):>8}{_gib(row['activations']):>8}{_gib(row['gpu_total']):>8}"
               f"  {_gib(row['host_bytes']):>10}  {nvme:>10}  {'yes' if row['fits'] else 'no ':<5}{mark}")
     if ds is not None and asked is None:
         print(f"\n--ds_config asks for ZeRO-{zero_stage(ds)} with parameter offload but no optimizer offload, which "
