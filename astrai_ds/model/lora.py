@@ -38,7 +38,7 @@ class LoraLinear(nn.Linear):
         return y + F.linear(F.linear(h, self.lora_A), self.lora_B) * self.lora_scale
 
 
-def _targets(model: nn.Module, target: list[str]) -> list[str]:
+def lora_targets(model: nn.Module, target: list[str]) -> list[str]:
     """Names of the linear layers `target` picks: a plain name matches a layer's own name (`wq` matches every
     block's query projection), `re:PATTERN` a regular expression matched against the whole dotted name."""
     linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -60,7 +60,7 @@ def _targets(model: nn.Module, target: list[str]) -> list[str]:
 def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, target: list[str]) -> list[str]:
     """Add adapters to the linear layers `target` picks and freeze every other parameter; returns their names.
     The adapters' A is drawn from the torch RNG (seed it the same on every rank), B is zero."""
-    names = _targets(model, target)
+    names = lora_targets(model, target)
     for p in model.parameters():
         p.requires_grad_(False)
     modules = dict(model.named_modules())

@@ -73,13 +73,13 @@ class LoraCounts:
 def lora_counts(cfg: ModelConfig, lora: LoraConfig) -> LoraCounts:
     """The layers `lora.target` picks, chosen by LoRA's own matching on the meta-device model (so exactly those a run
     adapts), and their adapters' size; a target that matches no layer is a ConfigError."""
-    from astrai_ds.model.lora import _targets
+    from astrai_ds.model.lora import lora_targets
     from astrai_ds.model.transformer import shape_model
 
     model = shape_model(cfg)
     modules = dict(model.named_modules())
     layers = tuple((name, modules[name].in_features, modules[name].out_features)
-                   for name in _targets(model, lora.target))
+                   for name in lora_targets(model, lora.target))
     return LoraCounts(lora.r, list(lora.target), lora.dropout, sum(lora.r * (i + o) for _, i, o in layers), layers)
 
 
