@@ -61,6 +61,23 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(workspace, model_di
         assert key in first, key
 
 
+def test_training_raises_the_reward(workspace, model_dir, grpo_setup, tmp_path):
+    """The direction of the update: rewarded for Chinese characters, a random model writes more of them within a
+    few steps."""
+    (tmp_path / "digits.py").write_text("def share(prompt, response, record):\n"
+                                        "    return sum('\\u4e00' <= c <= '\\u9fff' for c in response) / "
+                                        "max(len(response), 1)\n")
+    config = grpo_config(workspace, model_dir, grpo_setup, tmp_path / "digits", max_steps=24, save_interval=24,
+                         optimizer={"lr": 0.01}, schedule={"type": "constant", "warmup_steps": 0},
+                         grpo={"group_size": 4, "max_new_tokens": 16,
+                               "rewards": {f"{tmp_path / 'digits.py'}:share": 1.0}})
+    run_python("train.py", ["--config", str(config), "--ds_config", "zero0.json"])
+    rewards = [r["grpo/reward"] for r in read_metrics(tmp_path / "digits" / "run") if "grpo/reward" in r]
+    assert len(rewards) == 24
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert last > first + 0.15, rewards
+
+
 def test_zero3_with_a_kl_term_and_two_iterations_per_rollout_resumes_exactly(workspace, model_dir, grpo_setup,
                                                                              tmp_path):
     """num_iterations 2: step 1 rolls out and trains, step 2 trains again on the same completions from the stored
