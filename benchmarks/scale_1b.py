@@ -13,6 +13,7 @@ keeps 20 (fp32 weights, their fp32 optimizer copy, gradients, two Adam moments).
     .venv/bin/python benchmarks/scale_1b.py --work-dir /tmp/scale                     # ZeRO-3, 3 steps
     .venv/bin/python benchmarks/scale_1b.py --ds-config zero3_offload.json --steps 2 --json out.json
     .venv/bin/python benchmarks/scale_1b.py --ds-config zero3_nvme.json --steps 5 --resume-at 3   # stop, resume
+    .venv/bin/python benchmarks/scale_1b.py --lora-r 8 --steps 3                    # LoRA: the base frozen
 
 It needs most of a 24 GiB machine: run it with nothing else running. The run's final checkpoint (about 16
 bytes per parameter on disk) is deleted afterwards unless --keep-run.
@@ -55,6 +56,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--resume-at", type=int, default=None,
                    help="stop the run after this step (its final checkpoint), then resume it to --steps with the "
                         "same command: the losses after the restart are those of an uninterrupted run")
+    p.add_argument("--lora-r", type=int, default=0,
+                   help="train LoRA adapters of this rank on every projection instead of every weight (0: full)")
     p.add_argument("--keep-run", action="store_true", help="keep the run folder and its checkpoint")
     p.add_argument("--json", default=None, help="write the results here")
     return p.parse_args()
@@ -131,7 +134,13 @@ def main() -> None:
     from astrai_ds.data.tokenizer import Tokenizer
 
     model_cfg = ModelConfig.load(ROOT / cfg.model).resolved(Tokenizer.load(tok).vocab_size)
-    predicted = plan(model_cfg, args.nproc, 1, args.micro_batch, args.seq_len, 24 * GIB, True)
+    lora = None
+    if args.lora_r:
+        from astrai_ds.config.train import LoraConfig
+        from astrai_ds.training.memory import lora_counts
+
+        lora = lora_counts(model_cfg, LoraConfig(r=args.lora_r))
+    predicted = plan(model_cfg, args.nproc, 1, args.micro_batch, args.seq_len, 24 * GIB, True, lora=lora)
     asked = asked_option(predicted["options"], load_ds_config(args.ds_config)[0])
     if asked is None:
         sys.exit(f"plan has no row for {args.ds_config}: offloading parameters needs the optimizer offloaded too")
@@ -143,14 +152,15 @@ def main() -> None:
             "schedule.warmup_steps": 1, "schedule.total_steps": args.steps,
             # glibc's default: freed blocks go back to the OS. Keeping them (faster for small models) lets the
             # heap grow by the gathered layers' and gradients' churn, which a 1B model on 24 GiB cannot spare.
-            "cpu.keep_freed_memory": "false"}
+            "cpu.keep_freed_memory": "false", "lora.r": args.lora_r}
     cmd = [str(ROOT / ".venv" / "bin" / "deepspeed"), "--num_gpus", str(args.nproc), "--master_port",
            str(free_port()), "train.py", "--config", args.config, "--ds_config", args.ds_config]
     for key, value in sets.items():
         cmd += ["--set", f"{key}={value}"]
     print(f"plan ({asked['name']}, {args.nproc} ranks, micro {args.micro_batch} x {args.seq_len}, checkpointing): "
           f"{asked['gpu_bytes'] / GIB:.1f} GiB model states + {asked['activations'] / GIB:.2f} GiB activations "
-          f"per rank at 16 bytes per parameter", flush=True)
+          f"per rank " + ("(LoRA: the frozen base at 2 bytes per parameter)" if lora else "at 16 bytes per parameter"),
+          flush=True)
     start = time.time()
     sampler = MemorySampler(psutil.Process())
     sampler.start()
@@ -175,7 +185,8 @@ def main() -> None:
     params = predicted["params"]["total"]
     result = {
         "machine": machine,
-        "config": args.config, "ds_config": args.ds_config, "ranks": args.nproc, "micro_batch": args.micro_batch,
+        "config": args.config, "ds_config": args.ds_config, "lora_r": args.lora_r, "ranks": args.nproc,
+        "micro_batch": args.micro_batch,
         "seq_len": args.seq_len, "resume_at": args.resume_at, "exit_code": code, "wall_s": round(wall, 1),
         "params": params,
         "peak_rss_gib": {r: round(v / GIB, 2) for r, v in sorted(sampler.peak.items())},

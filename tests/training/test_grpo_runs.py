@@ -83,8 +83,9 @@ def test_zero3_with_a_kl_term_and_two_iterations_per_rollout_resumes_exactly(wor
     """num_iterations 2: step 1 rolls out and trains, step 2 trains again on the same completions from the stored
     old log-probs (its ratio moves off 1: clipping can start), step 3 rolls out anew. Resumed from the checkpoint
     of step 1, between the two iterations, the run continues as the uninterrupted one."""
-    over = dict(max_steps=3, keep_checkpoints=0, grpo={"group_size": 4, "max_new_tokens": 16, "num_iterations": 2, "beta": 0.04,
-                                   "rewards": {f"{grpo_setup / 'my_rewards.py'}:length_reward": 1.0}})
+    over = dict(max_steps=3, keep_checkpoints=0,
+                grpo={"group_size": 4, "max_new_tokens": 16, "num_iterations": 2, "beta": 0.04,
+                      "rewards": {f"{grpo_setup / 'my_rewards.py'}:length_reward": 1.0}})
     full = grpo_config(workspace, model_dir, grpo_setup, tmp_path / "full", **over)
     launch(full, ds_config="zero3.json")
     split = grpo_config(workspace, model_dir, grpo_setup, tmp_path / "split", **over)
