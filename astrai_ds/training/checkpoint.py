@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,37 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+@contextmanager
+def _without_frozen_aliases(engine, active: bool):
+    """DeepSpeed's exclude_frozen_parameters drops frozen parameters by their names in named_parameters(), which
+    lists a tied weight once: its second name (a tied head's `head.output.weight`, the frozen embedding under LoRA)
+    stays in the module's state dict, and a LoRA checkpoint of SmolLM2 held 57 MB of it. While `active`, the state
+    dict DeepSpeed saves also leaves out every name that reaches a frozen parameter."""
+    if not active:
+        yield
+        return
+    original = engine.module_state_dict
+
+    def frozen(key: str) -> bool:
+        try:  # every name of a parameter, a tied one's second name included
+            return not engine.module.get_parameter(key).requires_grad
+        except AttributeError:  # a buffer
+            return False
+
+    def module_state_dict(*args, **kwargs):
+        sd = original(*args, **kwargs)
+        if kwargs.get("exclude_frozen_parameters"):
+            for key in [k for k in sd if frozen(k)]:
+                del sd[key]
+        return sd
+
+    engine.module_state_dict = module_state_dict
+    try:
+        yield
+    finally:
+        del engine.module_state_dict  # the instance attribute: the class's method shows through again
+
+
 def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dict, keep: int,
                     trained_only: bool = False) -> Path:
     """Save a complete checkpoint of every rank, then point `latest` at it and prune old ones. `trained_only`:
@@ -47,8 +79,9 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dic
     # Each rank's RNG differs (dropout, sampling); keep them all so every rank resumes its own stream.
     rngs = [None] * dist.get_world_size()
     dist.all_gather_object(rngs, rng_state())
-    engine.save_checkpoint(str(output_dir), tag=tag, client_state={**client_state, "rng": rngs},
-                           save_latest=False, exclude_frozen_parameters=trained_only)
+    with _without_frozen_aliases(engine, trained_only):
+        engine.save_checkpoint(str(output_dir), tag=tag, client_state={**client_state, "rng": rngs},
+                               save_latest=False, exclude_frozen_parameters=trained_only)
     dist.barrier()  # every rank's shard is on disk before anything points at it
     if dist.get_rank() == 0:
         write_marker(output_dir / tag, step, dist.get_world_size(), engine.zero_optimization_stage(),
