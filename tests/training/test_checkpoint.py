@@ -191,7 +191,8 @@ def test_sigusr1_saves_a_checkpoint_and_stops(workspace, tmp_path):
     assert proc.returncode == 0, out[-4000:]
     assert "SIGUSR1 received: stopping after step" in out
     stopped_at = int((run / LATEST).read_text().strip()[len("global_step"):])
-    assert 3 <= stopped_at < 100_000 and (run / f"global_step{stopped_at}" / COMPLETE).exists()
+    # the signal went after 3 lines (step 0's evaluation, steps 1 and 2): it can be agreed on right after step 2
+    assert 2 <= stopped_at < 100_000 and (run / f"global_step{stopped_at}" / COMPLETE).exists()
     assert max(train_losses(run)) == stopped_at
 
     resumed = launch(cfg, sets=[f"max_steps={stopped_at + 2}"])
