@@ -342,11 +342,14 @@ class Progress(Callback):
             self.bar.update(1)
             if fresh:
                 self.bar.set_postfix(loss=f"{self.logger.last['train/loss']:.4f}",
+                                     **({"reward": f"{self.logger.last['grpo/reward']:.3f}"}
+                                        if "grpo/reward" in self.logger.last else {}),
                                      lr=f"{self.logger.last['train/lr']:.2e}",
                                      tok_s=f"{self.logger.last['train/tokens_per_sec']:.0f}")
         elif fresh:
             last = self.logger.last
-            print(f"step {trainer.state.step}/{trainer.cfg.max_steps} loss {last['train/loss']:.4f} "
+            reward = f"reward {last['grpo/reward']:.3f} " if "grpo/reward" in last else ""  # GRPO's progress
+            print(f"step {trainer.state.step}/{trainer.cfg.max_steps} loss {last['train/loss']:.4f} {reward}"
                   f"lr {last['train/lr']:.2e} grad_norm {last['train/grad_norm']:.3f} "
                   f"tok/s {last['train/tokens_per_sec']:.0f} mfu {last['train/mfu']:.3f} "
                   f"elapsed {time.perf_counter() - self._t0:.0f}s", flush=True)

@@ -6,6 +6,7 @@ is the policy with its adapters off; bad input is one line."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -114,6 +115,7 @@ def test_lora_grpo_uses_the_base_as_its_reference_and_exports(workspace, model_d
                                "rewards": {f"{grpo_setup / 'my_rewards.py'}:length_reward": 1.0}})
     proc = run_python("train.py", ["--config", str(config), "--ds_config", "zero0.json"])
     assert "LoRA r 4" in proc.stdout
+    assert re.search(r"step 2/2 loss \S+ reward [0-9.]+ lr", proc.stdout), proc.stdout[-2000:]  # the progress line
     records = {r["step"]: r for r in read_metrics(tmp_path / "lora" / "run") if "train/loss" in r}
     assert records[1]["grpo/kl"] == pytest.approx(0, abs=1e-7) and records[2]["grpo/kl"] > 0
     export_run(tmp_path / "lora" / "run", tmp_path / "model")
