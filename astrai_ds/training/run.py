@@ -346,6 +346,8 @@ def build_trainer(args) -> Trainer:
     ds_cfg = resolve_ds_config(ds_raw, cfg, dist_info.world_size, bf16_supported=bf16_supported(),
                                accelerator=on_accelerator(), source=str(ds_path))
     check_nvme_offload(ds_cfg, str(ds_path))
+    if cfg.stage.type == "grpo":  # before the run folder gets its files
+        _check_grpo_batch(cfg, ds_cfg)
     dtype = torch.bfloat16 if ds_cfg["bf16"]["enabled"] else torch.float32
     resume = _prepare_output_dir(cfg, model_cfg, ds_cfg, tokenizer, dist_info)
     if resume and resume[2]:  # for this engine only: the run's ds_config.json stays as the user wrote it
@@ -385,16 +387,21 @@ def build_trainer(args) -> Trainer:
     return trainer
 
 
-def _rollout_batches(cfg, model_cfg, tokenizer, ds_cfg, data: PromptData, engine, strategy, dist_info, dtype):
-    """GRPO's train batches: rollouts of whole groups on every rank (training/rollout.py)."""
-    from astrai_ds.training.rollout import RolloutBatches
-
+def _check_grpo_batch(cfg, ds_cfg) -> None:
+    """Each rank's completions of a step must be whole groups (its advantages compare a group's completions)."""
     micro, accum = ds_cfg["train_micro_batch_size_per_gpu"], ds_cfg["gradient_accumulation_steps"]
     group = cfg.grpo.group_size
     if (micro * accum) % group:
         raise ConfigError(f"micro_batch_size {micro} x grad_accum_steps {accum} = {micro * accum} completions per rank "
                           f"and step is not a whole number of groups of grpo.group_size {group}: make it a multiple "
                           f"of {group} (micro_batch_size counts completions)")
+
+
+def _rollout_batches(cfg, model_cfg, tokenizer, ds_cfg, data: PromptData, engine, strategy, dist_info, dtype):
+    """GRPO's train batches: rollouts of whole groups on every rank (training/rollout.py)."""
+    from astrai_ds.training.rollout import RolloutBatches
+
+    micro, accum = ds_cfg["train_micro_batch_size_per_gpu"], ds_cfg["gradient_accumulation_steps"]
     return RolloutBatches(engine, model_cfg, tokenizer, data.records, data.prompts, cfg, micro, accum, dist_info,
                           data.rewards, str(data.path), reference=strategy.reference, dtype=dtype)
 

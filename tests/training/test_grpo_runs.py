@@ -168,3 +168,14 @@ def test_lora_on_a_folder_whose_weights_do_not_fit_its_config_is_one_line(worksp
     assert len(errors) == 1 and "do not fit the model of its config.json" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert not list((tmp_path / "lora" / "run").glob("global_step*"))  # nothing trained, no checkpoint
+
+
+def test_a_step_that_is_not_whole_groups_is_one_line_before_the_run_folder_is_written(workspace, model_dir,
+                                                                                      grpo_setup, tmp_path):
+    config = grpo_config(workspace, model_dir, grpo_setup, tmp_path / "groups",
+                         grpo={"group_size": 3, "rewards": {"exact": 1.0}})  # 4 x 2 completions a rank
+    proc = run_python("train.py", ["--config", str(config), "--ds_config", "zero0.json"], check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "not a whole number of groups of grpo.group_size 3" in errors[0], proc.stderr
+    assert not (tmp_path / "groups" / "run" / "train_config.json").exists()
