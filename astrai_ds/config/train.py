@@ -259,8 +259,8 @@ class TrainConfig:
         check(self.stage.type != "grpo" or self.parallel.pipeline_stages == 1, "parallel.pipeline_stages",
               f"is {self.parallel.pipeline_stages}, but GRPO does not run on pipeline stages (its rollouts need the "
               f"whole model on each rank); train GRPO with pipeline_stages 1 and ZeRO-3 to shard a large model")
-        check(self.stage.type != "grpo" or self.grpo.beta == 0 or self.lora.enabled
-              or self.grpo.reference_model or self.stage.init_from, "grpo.reference_model",
+        check(self.stage.type != "grpo" or self.grpo.beta == 0 or self.lora.enabled or self.reference_path is not None,
+              "grpo.reference_model",
               "is needed for a KL term (grpo.beta > 0): set stage.init_from (the model GRPO starts from) or "
               "grpo.reference_model, or set grpo.beta to 0")
         check(self.stage.type != "grpo" or self.data.eval_path is None, "data.eval_path",
@@ -270,9 +270,20 @@ class TrainConfig:
               "the frozen base)")
 
     @property
+    def reference_model(self) -> str | None:
+        """The stage's own reference model folder: grpo.reference_model for GRPO, else dpo.reference_model."""
+        return (self.grpo if self.stage.type == "grpo" else self.dpo).reference_model
+
+    @property
     def reference_path(self) -> str | None:
-        """DPO's reference model folder: dpo.reference_model, else the folder the policy starts from."""
-        return self.dpo.reference_model or self.stage.init_from
+        """The frozen reference's model folder (DPO's, GRPO's KL term): the stage's own reference_model, else the
+        folder the policy starts from."""
+        return self.reference_model or self.stage.init_from
+
+    @property
+    def reference_key(self) -> str:
+        """The key that names reference_path, for messages."""
+        return f"{self.stage.type}.reference_model" if self.reference_model else "stage.init_from"
 
     @property
     def schedule_steps(self) -> int:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -166,16 +165,11 @@ class RolloutBatches:
             with torch.random.fork_rng(devices=[]):  # its init must not move the run's RNG (dropout, resume)
                 self._model = Transformer(self.model_cfg).to(self.device, self.dtype)
             self._model.requires_grad_(False).eval()
-        module = self.engine.module
-        params = list(module.parameters())
-        zero3 = any(hasattr(p, "ds_id") for p in params)
-        if zero3:
-            import deepspeed
+        import deepspeed
 
-            gathered = deepspeed.zero.GatheredParameters(params)
-        else:
-            gathered = nullcontext()
-        with gathered:
+        module = self.engine.module
+        with deepspeed.zero.GatheredParameters(list(module.parameters()),
+                                               enabled=self.engine.zero_optimization_stage() == 3):
             state = {name: p.detach() for name, p in module.named_parameters()}
             if self.lora.enabled:
                 state = merged_state_dict(state, self.lora.scale)

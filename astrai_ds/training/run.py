@@ -135,24 +135,17 @@ def _write_run_files(output_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig,
 
 def _dpo_reference(cfg, model_cfg, tokenizer, ds_cfg, train_shards, dataset, collate, dist_info, device, dtype,
                    policy=None):
-    """(reference callable for the strategy or None, collate) for a DPO run; see training/reference.py. Under LoRA a
-    live reference without dpo.reference_model is the policy itself with its adapters off: no second model."""
-    from astrai_ds.training.reference import (WithReferenceLogps, check_reference_folder, live_reference_engine,
-                                              load_or_precompute, load_reference_model, precompute_reference_logps,
-                                              reference_cache_path)
+    """(reference callable for the strategy or None, collate) for a DPO run; see training/reference.py and
+    `_live_reference`."""
+    from astrai_ds.training.reference import (WithReferenceLogps, load_or_precompute, load_reference_model,
+                                              precompute_reference_logps, reference_cache_path)
 
     dpo = cfg.dpo
     if not dpo.needs_reference:  # simpo
         return None, collate
-    key = "dpo.reference_model" if dpo.reference_model else "stage.init_from"
-    if dpo.reference == "live" and cfg.lora.enabled and not dpo.reference_model:
-        from astrai_ds.training.reference import AdaptersOff
-
-        return AdaptersOff(policy), collate
     if dpo.reference == "live":
-        check_reference_folder(cfg.reference_path, model_cfg, tokenizer, key)
-        return live_reference_engine(cfg.reference_path, model_cfg, ds_cfg, dpo.reference_offload), collate
-    ref_model = load_reference_model(cfg.reference_path, model_cfg, tokenizer, key)
+        return _live_reference(cfg, model_cfg, tokenizer, ds_cfg, policy, dpo.reference_offload), collate
+    ref_model = load_reference_model(cfg.reference_path, model_cfg, tokenizer, cfg.reference_key)
     cache = reference_cache_path(train_shards.path, Path(cfg.reference_path), cfg.data.seq_len, dtype)
     ref_model.to(device=device, dtype=dtype)
     strategy = STRATEGIES["dpo"].from_config(dpo)
@@ -164,17 +157,15 @@ def _dpo_reference(cfg, model_cfg, tokenizer, ds_cfg, train_shards, dataset, col
     return None, WithReferenceLogps(collate, table)
 
 
-def _grpo_reference(cfg, model_cfg, tokenizer, ds_cfg, policy):
-    """GRPO's frozen reference for the KL term: under LoRA the policy with its adapters off, else a live engine from
-    grpo.reference_model (or stage.init_from)."""
+def _live_reference(cfg, model_cfg, tokenizer, ds_cfg, policy, offload: bool = False):
+    """The frozen reference run live (DPO's, GRPO's KL term): under LoRA without a reference folder of the stage's
+    own, the policy itself with its adapters off (no second model); else a second engine from cfg.reference_path."""
     from astrai_ds.training.reference import AdaptersOff, check_reference_folder, live_reference_engine
 
-    if cfg.lora.enabled and not cfg.grpo.reference_model:
+    if cfg.lora.enabled and not cfg.reference_model:
         return AdaptersOff(policy)
-    folder = cfg.grpo.reference_model or cfg.stage.init_from
-    key = "grpo.reference_model" if cfg.grpo.reference_model else "stage.init_from"
-    check_reference_folder(folder, model_cfg, tokenizer, key)
-    return live_reference_engine(folder, model_cfg, ds_cfg, offload=False)
+    check_reference_folder(cfg.reference_path, model_cfg, tokenizer, cfg.reference_key)
+    return live_reference_engine(cfg.reference_path, model_cfg, ds_cfg, offload)
 
 
 @dataclass
@@ -304,7 +295,7 @@ def _build_engine_and_strategy(cfg, model_cfg, tokenizer, ds_cfg, data: RunData,
             _, data.eval_collate = _dpo_reference(cfg, model_cfg, tokenizer, ds_cfg, data.eval_shards, data.eval_set,
                                                   data.eval_collate, dist_info, engine.device, dtype)
     elif cfg.stage.type == "grpo" and cfg.grpo.beta > 0:
-        reference = _grpo_reference(cfg, model_cfg, tokenizer, ds_cfg, engine.module)
+        reference = _live_reference(cfg, model_cfg, tokenizer, ds_cfg, engine.module)
     strategy = STRATEGIES[cfg.stage.type].from_config(cfg.grpo if cfg.stage.type == "grpo" else cfg.dpo,
                                                       reference=reference)
     return engine, strategy, n_params
