@@ -358,6 +358,84 @@ def test_the_choices_of_one_request_reach_the_engine_together(model, tokenizer, 
     assert [b for b in batches if b] == [ids]
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the engine thread's own error
+def test_a_request_queued_while_the_engine_dies_is_refused_not_left_waiting(model, tokenizer, monkeypatch):
+    """The race between queuing a command and the engine's death: a request queued while the model step is
+    failing (the thread is alive, so the check passes) gets EngineDead once the thread ends, instead of waiting
+    for an engine that will never take it; the running request gets EngineDead too, and a request after the
+    death is refused at once. The step is held on an event, so the order is fixed, not left to timing."""
+    import asyncio
+    import threading
+
+    from astrai_ds.serve.async_engine import AsyncEngine, EngineDead
+
+    engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8))
+    in_step, release = threading.Event(), threading.Event()
+
+    def failing_step():
+        in_step.set()
+        release.wait(30)
+        raise RuntimeError("the model step failed")
+
+    monkeypatch.setattr(engine, "step", failing_step)
+    server = AsyncEngine(engine)
+    server.start()
+
+    async def main():
+        running = asyncio.Queue()
+        await server.add([("running", random_ids(12, 5), GREEDY)], running)
+        await asyncio.to_thread(in_step.wait, 30)
+        assert server.alive  # the thread is inside its failing step: the check before queuing passes
+        late = asyncio.ensure_future(server.add([("late", random_ids(12, 6), GREEDY)], asyncio.Queue()))
+        await asyncio.sleep(0.1)
+        assert not late.done()  # queued, waiting for the engine to take it
+        release.set()
+        with pytest.raises(EngineDead, match="the engine failed"):
+            await asyncio.wait_for(late, 30)
+        with pytest.raises(EngineDead, match="the engine failed"):
+            await asyncio.wait_for(anext(server.outputs(running, ["running"])), 30)
+        assert not server.alive
+        with pytest.raises(EngineDead, match="the engine stopped"):
+            await server.add([("after", random_ids(12, 7), GREEDY)], asyncio.Queue())
+
+    try:
+        asyncio.run(main())
+    finally:
+        release.set()
+        server.stop(30)
+
+
+def test_a_newcomer_is_prefilled_in_the_next_step_beside_the_running_decodes():
+    """The step budget goes to the running decodes (one token each) and then to waiting prompts: a request that
+    arrives while others decode starts its prefill in the very next step, its long prompt cut into chunks that
+    share each step with the decodes, which never pause; requests beyond the budget wait for the next step."""
+    blocks = BlockManager(64, 8)
+    scheduler = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=32)
+
+    def seq(name: str, n: int) -> Sequence:  # prompts with nothing in common: no prefix-cache hits
+        return Sequence(name, random_ids(n, sum(map(ord, name))), SamplingParams(max_new_tokens=50), frozenset(),
+                        10_000)
+
+    def step() -> dict[str, int]:
+        scheduled = scheduler.schedule()
+        scheduler.advance(scheduled)
+        for s in scheduled:
+            if s.samples:
+                s.seq.output_ids.append(7)
+        return {s.seq.request_id: s.num_new for s in scheduled}
+
+    for name in ("a", "b", "c"):
+        scheduler.add(seq(name, 8))
+    assert step() == {"a": 8, "b": 8, "c": 8}
+    assert step() == {"a": 1, "b": 1, "c": 1}  # decoding
+    scheduler.add(seq("long", 70))
+    scheduler.add(seq("next", 10))
+    assert step() == {"a": 1, "b": 1, "c": 1, "long": 29}  # at once, beside the decodes, cut to the budget
+    assert step() == {"a": 1, "b": 1, "c": 1, "long": 29}
+    assert step() == {"a": 1, "b": 1, "c": 1, "long": 12, "next": 10}  # the rest, and the next one joins
+    assert step() == {"a": 1, "b": 1, "c": 1, "long": 1, "next": 1}
+
+
 def test_a_large_embeddings_request_runs_in_slices_between_generation_steps(model, tokenizer, monkeypatch):
     """The server's engine thread embeds a large request a slice at a time, with generation steps in between, so
     that running streams are not stalled for the whole request; the slices' vectors equal one batch's."""
