@@ -1,8 +1,9 @@
 """Turns a scheduled step into tensors, runs the model over the paged KV cache, returns next-token logits.
 
 The step's new tokens (prefill chunks and decode tokens alike) are flattened into one row, so every linear
-layer runs once over all of them; attention is grouped: all one-token sequences together, each longer chunk
-alone (see `model.kv_cache`). Logits are computed only at the positions that are sampled from.
+layer runs once over all of them; attention is grouped by the number of new tokens: all one-token sequences
+together, and prefill chunks of one length together (the copies of a GRPO group's prompt, say; see
+`model.kv_cache`). Logits are computed only at the positions that are sampled from.
 """
 
 from __future__ import annotations
@@ -29,46 +30,45 @@ class ModelRunner:
         self.cache = KVCache(cfg.n_layers, num_blocks, block_size, local_kv_heads(model), cfg.head_size,
                              dtype=self.dtype, device=self.device)
 
-    def _slots(self, block_table: list[int], start: int, stop: int) -> torch.Tensor:
-        """Cache slots of token positions start..stop-1 of a sequence with this block table: (stop - start,) long."""
-        pos = torch.arange(start, stop)
-        table = torch.tensor(block_table, dtype=torch.long)
-        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+    def _slots(self, block_table: list[int], start: int, stop: int) -> list[int]:
+        """Cache slots of token positions start..stop-1 of a sequence with this block table."""
+        bs = self.block_size
+        return [block_table[p // bs] * bs + p % bs for p in range(start, stop)]
 
-    def _group(self, items: list[tuple[Scheduled, torch.Tensor]]) -> AttnGroup:
-        """One attention group of sequences with the same number of new tokens t; items: (s, token indices (t,))."""
-        t = items[0][1].numel()
-        lengths = [s.seq.num_computed + s.num_new for s, _ in items]
-        L = max(lengths)
-        read = torch.zeros(len(items), L, dtype=torch.long)  # padding reads slot 0, masked out below
-        mask = torch.zeros(len(items), 1, t, L, dtype=torch.bool)
+    def _group(self, items: list[tuple[Scheduled, int]]) -> AttnGroup:
+        """One attention group of sequences with the same number of new tokens t; items: (s, the offset of its
+        first new token among the step's tokens). Built with a few tensor operations for the whole group."""
+        bs, t = self.block_size, items[0][0].num_new
+        computed = [s.seq.num_computed for s, _ in items]
+        L = max(computed) + t
+        nb = -(-L // bs)  # blocks covering the longest; a shorter sequence's row is padded with block 0
+        tables = torch.tensor([(s.seq.block_table[:nb] + [0] * nb)[:nb] for s, _ in items], dtype=torch.long)
         keys = torch.arange(L)
-        for row, (s, _) in enumerate(items):
-            read[row, :lengths[row]] = self._slots(s.seq.block_table, 0, lengths[row])
-            query_pos = torch.arange(s.seq.num_computed, lengths[row])  # (t,)
-            mask[row, 0] = keys[None, :] <= query_pos[:, None]  # causal; keys past the sequence are later still
-        tokens = torch.stack([idx for _, idx in items])  # (b, t)
+        read = tables[:, keys // bs] * bs + keys % bs  # (b, L); past a sequence's end: any valid slot, masked below
+        query_pos = torch.tensor(computed)[:, None] + torch.arange(t)  # (b, t)
+        mask = (keys[None, None, :] <= query_pos[:, :, None])[:, None]  # (b, 1, t, L): causal, and within it
+        tokens = torch.tensor([offset for _, offset in items])[:, None] + torch.arange(t)  # (b, t)
         return AttnGroup(tokens.to(self.device), read.to(self.device), mask.to(self.device))
 
     @torch.inference_mode()
     def run(self, scheduled: list[Scheduled]) -> torch.Tensor:
         """Compute the scheduled tokens' keys and values; return float32 logits (S, vocab) for the sequences
-        whose step reaches their last token (`Scheduled.samples`), in the order of `scheduled`."""
-        ids, positions, slots, decode, groups, last = [], [], [], [], [], []
+        whose step reaches their last token (`Scheduled.samples`), in the order of `scheduled`. Sequences with
+        the same number of new tokens attend as one group (all decodes; prefill chunks of one length)."""
+        ids, positions, slots, last = [], [], [], []
+        by_len: dict[int, list[tuple[Scheduled, int]]] = {}
         offset = 0
         for s in scheduled:
             start, stop = s.seq.num_computed, s.seq.num_computed + s.num_new
             ids += s.seq.token_ids[start:stop]
             positions += range(start, stop)
-            slots.append(self._slots(s.seq.block_table, start, stop))
-            idx = torch.arange(offset, offset + s.num_new)
-            (decode.append((s, idx)) if s.num_new == 1 else groups.append(self._group([(s, idx)])))
+            slots += self._slots(s.seq.block_table, start, stop)
+            by_len.setdefault(s.num_new, []).append((s, offset))
             if s.samples:
                 last.append(offset + s.num_new - 1)
             offset += s.num_new
-        if decode:
-            groups.append(self._group(decode))
-        batch = CacheBatch(self.cache, torch.cat(slots).to(self.device), groups)
+        groups = [self._group(items) for items in by_len.values()]
+        batch = CacheBatch(self.cache, torch.tensor(slots, dtype=torch.long, device=self.device), groups)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, N)
         position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)  # (1, N)
         h = self.model.hidden(input_ids, position_ids, cache=batch)  # (1, N, dim)

@@ -1,7 +1,8 @@
 """Per-request sampling parameters and a batched sampler whose rows never influence each other.
 
-Each row has its own params and its own `torch.Generator`, and the random draw happens per row on the CPU,
-so a request with a seed gets the same tokens whether it runs alone or next to any other requests.
+Each row has its own params and its own `torch.Generator`: the rows are transformed as one batch, and each
+sampling row draws one uniform number from its generator on the CPU (inverse CDF), so a request with a seed
+gets the same tokens whether it runs alone or next to any other requests.
 Order per row: penalties on the raw logits -> temperature (0 = argmax) -> top-k -> top-p -> min-p -> draw.
 """
 
@@ -142,55 +143,109 @@ def filter_logits(x: torch.Tensor, p: SamplingParams) -> tuple[torch.Tensor, tor
     Returns the logits sorted descending with dropped tokens at -inf, and the token id of each position.
     Top-p sees the top-k survivors renormalised; min-p needs no renormalising (it compares ratios)."""
     x, order = x.sort(descending=True)  # (V,), (V,)
-    keep = torch.ones_like(x, dtype=torch.bool)
-    if p.top_k:
-        keep[p.top_k:] = False  # by position, so exactly k survive even when logits tie
-    if p.top_p < 1.0:
-        probs = x.masked_fill(~keep, -math.inf).softmax(-1)
-        keep &= probs.cumsum(-1) - probs < p.top_p  # the mass before a token is still short of top_p
-        keep[0] = True  # the most likely token always stays (a top_p below float32's range rounds to 0)
-    if p.min_p > 0.0:
-        probs = x.masked_fill(~keep, -math.inf).softmax(-1)
-        keep &= probs >= p.min_p * probs[0]
-    return x.masked_fill(~keep, -math.inf), order
+    return _filter_sorted(x[None], [p])[0], order
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
            prompt_ids: list[list[int]], output_ids: list[list[int]]) -> list[SampleResult]:
     """The next token of each row of `logits` (B, V), the last position's logits of each request.
 
-    A sampling row draws with its own generator (None: torch's default one); greedy rows ignore theirs.
-    Log-probs are of the raw model distribution, before penalties and temperature, as vLLM reports them."""
+    The rows are transformed together, each with its own params, and each sampling row draws one uniform number
+    from its own generator (None: torch's default one) and takes the token where its cumulative distribution
+    passes it (inverse CDF; greedy rows draw nothing). A row's token therefore depends only on its own logits,
+    params and generator, not on the rows beside it. A row whose probabilities are not finite (a NaN temperature,
+    overflowed logits) fails alone; should the batch's arithmetic raise, the rows are sampled one at a time so
+    that only the failing one ends. Log-probs are of the raw model distribution, before penalties and
+    temperature, as vLLM reports them."""
     B = logits.shape[0]
     if not len(params) == len(generators) == len(prompt_ids) == len(output_ids) == B:
         raise ValueError(f"sample: {B} rows of logits but {len(params)} params, {len(generators)} generators, "
                          f"{len(prompt_ids)} prompts and {len(output_ids)} outputs")
     # The draw runs on the CPU with each request's CPU generator, which makes it independent of the device.
     logits = logits.detach().float().cpu()  # (B, V)
-    results = []
-    for row, p in enumerate(params):
-        try:
-            results.append(_sample_row(logits[row], p, generators[row], prompt_ids[row], output_ids[row]))
-        except Exception as e:  # one request's failure ends that request, not the batch (nor the engine)
-            results.append(SampleResult(-1, None, None, error=f"sampling failed: {e}"))
-    return results
+    try:
+        return _sample_rows(logits, params, generators, prompt_ids, output_ids)
+    except Exception:  # noqa: BLE001 (nothing was drawn yet: every generator is where it was)
+        results = []
+        for row, p in enumerate(params):
+            try:
+                results += _sample_rows(logits[row:row + 1], [p], [generators[row]], [prompt_ids[row]],
+                                        [output_ids[row]])
+            except Exception as e:  # one request's failure ends that request, not the batch (nor the engine)
+                results.append(SampleResult(-1, None, None, error=f"sampling failed: {e}"))
+        return results
 
 
-def _sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None, prompt_ids: list[int],
-                output_ids: list[int]) -> SampleResult:
-    """The next token for one row of raw logits (V,)."""
-    x = apply_penalties(logits[None], [p], [prompt_ids], [output_ids])[0]  # (V,)
-    if p.greedy:
-        token = int(x.argmax())
-    else:
-        x = x / p.temperature
-        if p.top_k or p.top_p < 1.0 or p.min_p > 0.0:
-            x, order = filter_logits(x, p)
-            token = int(order[torch.multinomial(x.softmax(-1), 1, generator=generator)])
-        else:
-            token = int(torch.multinomial(x.softmax(-1), 1, generator=generator))
-    if p.logprobs is None:
-        return SampleResult(token, None, None)
-    lp = logits.log_softmax(-1)  # (V,), of the raw logits
-    top = lp.topk(min(p.logprobs, lp.numel()))  # sorted, highest first
-    return SampleResult(token, float(lp[token]), list(zip(top.indices.tolist(), top.values.tolist())))
+def _filters(p: SamplingParams) -> bool:
+    return bool(p.top_k) or p.top_p < 1.0 or p.min_p > 0.0
+
+
+def _filter_sorted(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Top-k, then top-p, then min-p on rows of tempered logits x (b, V) sorted descending, each row with its own
+    params; returns x with the dropped tokens at -inf (a filter a row does not use changes nothing in that row)."""
+    V = x.shape[1]
+    keep = torch.arange(V)[None, :] < torch.tensor([p.top_k or V for p in params])[:, None]
+    top_p = torch.tensor([p.top_p for p in params])[:, None]
+    if (top_p < 1.0).any():
+        probs = x.masked_fill(~keep, -math.inf).softmax(-1)
+        keep &= (probs.cumsum(-1) - probs < top_p) | (top_p >= 1.0)
+        keep[:, 0] = True  # the most likely token always stays (a top_p below float32's range rounds to 0)
+    min_p = torch.tensor([p.min_p for p in params])[:, None]
+    if (min_p > 0.0).any():
+        probs = x.masked_fill(~keep, -math.inf).softmax(-1)
+        keep &= probs >= min_p * probs[:, :1]
+    return x.masked_fill(~keep, -math.inf)
+
+
+def _inverse_cdf(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For logits x (b, V): the cumulative distribution (b, V), its total (b,), whether each row is a finite
+    distribution (b,), and each row's last position with any probability (b,), where a draw that rounds up to the
+    total lands."""
+    probs = x.softmax(-1)
+    cdf = probs.cumsum(-1)
+    total = cdf[:, -1]
+    last = x.shape[1] - 1 - (probs > 0).flip(-1).to(torch.uint8).argmax(-1)
+    return cdf, total, total.isfinite() & (total > 0), last
+
+
+def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                 prompt_ids: list[list[int]], output_ids: list[list[int]]) -> list[SampleResult]:
+    """`sample` over all rows at once: penalties, then greedy rows by argmax, unfiltered sampling rows from the
+    tempered softmax in token order, filtered ones (top-k, top-p, min-p) from their sorted survivors."""
+    B = logits.shape[0]
+    penalised = any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params)
+    x = apply_penalties(logits, params, prompt_ids, output_ids) if penalised else logits
+    tokens, failed = [0] * B, [False] * B
+    greedy = [r for r, p in enumerate(params) if p.greedy]
+    if greedy:
+        for r, t in zip(greedy, x[greedy].argmax(-1).tolist()):
+            tokens[r] = t
+    plain = [r for r, p in enumerate(params) if not p.greedy and not _filters(p)]
+    filtered = [r for r, p in enumerate(params) if not p.greedy and _filters(p)]
+    groups = []  # everything that can fail comes before the first draw, so a retry row by row draws the same
+    for rows in (plain, filtered):
+        if not rows:
+            continue
+        xs = x[rows] / torch.tensor([params[r].temperature for r in rows])[:, None]
+        order = None
+        if rows is filtered:
+            xs, order = xs.sort(-1, descending=True)
+            xs = _filter_sorted(xs, [params[r] for r in rows])
+        groups.append((rows, order, *_inverse_cdf(xs)))
+    for rows, order, cdf, total, finite, last in groups:
+        u = torch.stack([torch.rand((), generator=generators[r]) for r in rows])  # (b,), each row's own draw
+        pos = torch.minimum(torch.searchsorted(cdf, (u * total)[:, None], right=True)[:, 0], last)
+        pos = torch.where(finite, pos, 0)
+        picked = (pos if order is None else order.gather(1, pos[:, None])[:, 0]).tolist()
+        for r, t, ok in zip(rows, picked, finite.tolist()):
+            tokens[r], failed[r] = t, not ok
+    asked = [r for r, p in enumerate(params) if p.logprobs is not None and not failed[r]]
+    lps = {}
+    if asked:
+        lp = logits[asked].log_softmax(-1)  # (a, V), of the raw logits
+        for i, r in enumerate(asked):
+            top = lp[i].topk(min(params[r].logprobs, lp.shape[1]))  # sorted, highest first
+            lps[r] = (float(lp[i, tokens[r]]), list(zip(top.indices.tolist(), top.values.tolist())))
+    return [SampleResult(-1, None, None, error="sampling failed: the probabilities are not finite (check "
+                                                "temperature and the penalties)") if failed[r]
+            else SampleResult(tokens[r], *lps.get(r, (None, None))) for r in range(B)]

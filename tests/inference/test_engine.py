@@ -83,12 +83,16 @@ def full_logits(model, prompt: list[int], continuation: list[int]) -> torch.Tens
         return model(ids)[0, len(prompt) - 1:].float()  # (len(continuation) + 1, vocab)
 
 
-@pytest.mark.parametrize("case", ["single", "batch", "chunked", "prefix"])
+@pytest.mark.parametrize("case", ["single", "batch", "same_length", "chunk_beside_prompt", "chunked", "prefix"])
 def test_cache_logits_equal_full_forward(model, case):
     if case == "single":
         sequences, budget = [(random_ids(21, 1), random_ids(6, 2))], 512
     elif case == "batch":
         sequences, budget = [(random_ids(n, n), random_ids(5, n + 100)) for n in (3, 30, 17, 1, 44)], 512
+    elif case == "same_length":  # prompts of one length attend as one group (a GRPO group's copies)
+        sequences, budget = [(random_ids(12, n), random_ids(5, n + 100)) for n in range(4)], 512
+    elif case == "chunk_beside_prompt":  # step 2: the first's last 8 (8 cached) and the second's 8 in one group
+        sequences, budget = [(random_ids(24, 1), random_ids(4, 101)), (random_ids(8, 2), random_ids(4, 102))], 16
     elif case == "chunked":  # long prompts prefilled 7 tokens per step, beside decodes
         sequences, budget = [(random_ids(n, n), random_ids(4, n + 100)) for n in (50, 9, 33)], 7
     else:  # the second and third share the first one's first 40 tokens

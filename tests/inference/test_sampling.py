@@ -207,3 +207,34 @@ def test_edge_values_still_sample_a_token(kw):
     if "top_p" in kw or "min_p" in kw:
         assert result.token_id == int(logits[0].argmax())  # only the most likely token is left
     assert 0 <= result.token_id < 50
+
+
+def test_a_failing_row_ends_alone_and_its_neighbours_draw_what_they_draw_alone():
+    """A row whose probabilities are NaN (a NaN temperature) and a row whose penalties raise (a token id past
+    the vocabulary: the batch is retried row by row) each fail alone; the rows beside them draw the tokens
+    they draw without them, from the same generator states."""
+    logits = torch.randn(4, 64, generator=torch.Generator().manual_seed(3))
+    nan = SamplingParams(temperature=1.0)
+    nan.temperature = math.nan  # past validation, as a bug elsewhere could leave it
+    good = [SamplingParams(temperature=0.8, seed=1), SamplingParams(temperature=1.0, top_p=0.9, seed=2)]
+    alone = [sample(logits[i:i + 1], [p], [make_generator(p.seed)], [[1]], [[2]])[0].token_id
+             for i, p in zip((0, 2), good)]
+    for bad, prompt in ((nan, [1]), (SamplingParams(temperature=1.0, repetition_penalty=1.2), [10**6])):
+        out = sample(logits[:3], [good[0], bad, good[1]], [make_generator(1), make_generator(9), make_generator(2)],
+                     [[1], prompt, [1]], [[2], [2], [2]])
+        assert out[1].token_id == -1 and out[1].error.startswith("sampling failed")
+        assert [out[0].token_id, out[2].token_id] == alone and out[0].error is None is out[2].error
+
+
+def test_tokens_without_probability_are_never_drawn():
+    """The inverse CDF lands on a token with probability: -inf logits (and top-k's cut) are never picked, even
+    by draws that round up to the distribution's total."""
+    logits = torch.tensor([[0.0, 1.0, -math.inf, 2.0, -math.inf, -math.inf]]).expand(3000, -1)
+    params = [SamplingParams(temperature=1.0), SamplingParams(temperature=5.0, top_k=2)] * 1500
+    tokens = torch.tensor([r.token_id for r in sample(logits, params, [make_generator(0)] * 3000, [[]] * 3000,
+                                                       [[]] * 3000)])
+    assert set(tokens[0::2].tolist()) == {0, 1, 3} and set(tokens[1::2].tolist()) == {1, 3}
+    from astrai_ds.inference.sampling import _inverse_cdf
+
+    cdf, total, finite, last = _inverse_cdf(logits[:1])
+    assert last.tolist() == [3] and finite.all() and cdf[0, 3] == total[0]
