@@ -81,6 +81,15 @@ class BlockManager:
             self.record_lookup(len(token_ids), len(hit) * bs)
         return hit, len(hit) * bs
 
+    def next_block_key(self, token_ids: list[int], hit: list[int]) -> bytes | None:
+        """The chained key of the first full block after the `hit` blocks `match_prefix` found (None when no
+        full block that `match_prefix` would look at follows): the block a sequence computes next, and hits
+        once it is cached."""
+        bs, n = self.block_size, len(hit)
+        if n >= (len(token_ids) - 1) // bs:
+            return None
+        return _block_hash(self.blocks[hit[-1]].hash if hit else _ROOT, tuple(token_ids[n * bs:(n + 1) * bs]))
+
     def record_lookup(self, query_tokens: int, hit_tokens: int) -> None:
         self.stats["prefix_query_tokens"] += query_tokens
         self.stats["prefix_hit_tokens"] += hit_tokens

@@ -4,7 +4,9 @@ Each step has a budget of `max_num_batched_tokens` new tokens. Running sequences
 order: a decoding sequence needs one token, a sequence still in its prompt takes what is left of the
 budget (long prompts are prefilled in chunks over several steps). Then waiting sequences join while the
 budget, `max_num_seqs` and the KV pool allow, each starting after the longest prefix the cache already
-holds. When a running sequence needs a block and the pool is empty, the youngest running sequence is
+holds. A waiting sequence whose next block another sequence starts computing in the same step waits one
+step and then finds it cached: the copies of one prompt (a request's `n` choices, a GRPO group) prefill
+their shared blocks once. When a running sequence needs a block and the pool is empty, the youngest running sequence is
 preempted: its blocks go back to the pool and it waits to be recomputed (its full blocks stay in the prefix
 cache, so recomputing is often cheap).
 """
@@ -77,20 +79,27 @@ class Scheduler:
                 budget -= n
         out = [s for s in out if s.seq.status is Status.RUNNING]  # a later preemption may have taken one back
 
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        computing: set[bytes] = set()  # the first uncached block of each sequence admitted in this step
+        for seq in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.max_num_seqs:
+                break
             prefix, cached = self.blocks.match_prefix(seq.token_ids, count=False)
+            key = self.blocks.next_block_key(seq.token_ids, prefix)
+            if key is not None and key in computing:
+                continue  # a sequence admitted in this step computes that block: the next step finds it cached
             n = min(seq.num_tokens - cached, budget)
             if not self.blocks.allocate(seq.block_table, cached + n, prefix):
                 break  # the pool is full: wait for running sequences to finish (looked up again then)
             self.blocks.record_lookup(seq.num_tokens, cached)  # once per admission, not per step it waited
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             if not seq.output_ids:  # the first admission (a recomputed one keeps its first count)
                 seq.num_cached = cached
             seq.num_computed, seq.status = cached, Status.RUNNING
             self.running.append(seq)
             out.append(Scheduled(seq, n))
             budget -= n
+            if key is not None:
+                computing.add(key)
         return out
 
     def advance(self, scheduled: list[Scheduled]) -> None:

@@ -175,6 +175,29 @@ def test_prefix_reuse_skips_the_shared_prefill(model, tokenizer):
     assert again.token_ids == first.token_ids
 
 
+def test_copies_of_a_prompt_added_together_prefill_its_blocks_once(model, tokenizer):
+    """A GRPO group or a request's n choices: the first copy computes the shared full blocks, the others wait one
+    step and start after them from the prefix cache; another prompt is not held back; greedy tokens are those of
+    the prompt alone."""
+    engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8))
+    prompt, other = random_ids(30, 21), random_ids(30, 22)
+    ids = [engine.add_request(prompt, GREEDY) for _ in range(4)] + [engine.add_request(other, GREEDY)]
+    first = engine.scheduler.schedule()
+    assert [(s.seq.request_id, s.num_new) for s in first] == [(ids[0], 30), (ids[4], 30)]
+    engine.runner.run(first)
+    engine.scheduler.advance(first)
+    for s in first:  # as step() would: the sampled token, so that the next schedule decodes
+        s.seq.output_ids.append(7)
+    second = engine.scheduler.schedule()
+    assert sorted((s.seq.request_id, s.num_new) for s in second) == sorted(
+        [(ids[0], 1), (ids[4], 1)] + [(i, 30 - 24) for i in ids[1:4]])  # 3 blocks of 8 cached, 6 tokens to go
+    engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8))
+    out = engine.generate_batch([prompt] * 4 + [other], GREEDY)
+    assert [c.cached_tokens for c in out] == [0, 24, 24, 24, 0]
+    alone = LLMEngine(model, tokenizer).generate(prompt, GREEDY).token_ids
+    assert all(c.token_ids == alone for c in out[:4])
+
+
 def test_a_full_pool_preempts_and_still_finishes_every_request(model, tokenizer):
     prompts = [random_ids(n, n + 7) for n in (30, 41, 25, 50, 12, 36)]
     params = SamplingParams(temperature=0, max_new_tokens=30)
