@@ -233,6 +233,9 @@ class TrainConfig:
     resume: str = "auto"  # "auto" (newest checkpoint in output_dir, if any), "none", or a checkpoint folder
     precision: Literal["bf16", "fp32", "auto"] = "auto"  # "auto": bf16 where the device supports it
     activation_checkpointing: bool = False  # recompute block activations in backward to save memory
+    # the training losses from the head in chunks of tokens, without the whole (B, T, V) logits (pipeline stages:
+    # unfused, from logits on the last stage)
+    fused_loss: bool = True
     cpu: CpuConfig = field(default_factory=CpuConfig)  # settings that apply on DeepSpeed's CPU accelerator only
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # pipeline stages
     stage: StageConfig = field(default_factory=StageConfig)

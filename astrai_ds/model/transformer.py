@@ -15,8 +15,10 @@ from torch.utils.checkpoint import checkpoint
 
 from astrai_ds.config.model import ModelConfig
 from astrai_ds.model.block import Block
-from astrai_ds.model.init import NormalEmbedding, NormalLinear
+from astrai_ds.model.head_loss import OutputLinear
+from astrai_ds.model.init import NormalEmbedding
 from astrai_ds.model.kv_cache import CacheBatch
+from astrai_ds.model.losses import token_logps
 from astrai_ds.model.norm import RMSNorm
 from astrai_ds.model.rope import RotaryEmbedding
 
@@ -84,15 +86,22 @@ class Embedding(nn.Module):
 
 
 class Head(nn.Module):
-    """Last stage: hidden states (B, T, dim) -> logits (B, T, vocab), in the model's dtype."""
+    """Last stage: hidden states (B, T, dim) -> logits (B, T, vocab), in the model's dtype; or, given labels
+    (B, T), each label's float32 log-probability (B, T) computed in chunks of tokens without the whole logits
+    (`head_loss.chunked_token_logps`)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = NormalLinear(cfg.dim, _vocab_size(cfg), cfg.init_std)
+        self.output = OutputLinear(cfg.dim, _vocab_size(cfg), cfg.init_std)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.output(self.norm(h))  # (B, T, vocab)
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.norm(h)
+        if labels is None:
+            return self.output(x)  # (B, T, vocab)
+        if isinstance(self.output, OutputLinear):
+            return self.output(x, labels)  # (B, T) float32
+        return token_logps(self.output(x), labels)  # a LoRA adapter on the head: through the whole logits
 
 
 def build_parts(cfg: ModelConfig):
@@ -152,9 +161,12 @@ class Transformer(nn.Module):
         return h  # (B, T, dim)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids: (B, T) int -> logits (B, T, vocab) in the model's dtype; arguments as in `hidden`."""
-        return self.head(self.hidden(input_ids, position_ids, attn_mask))  # (B, T, vocab)
+                attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids: (B, T) int -> logits (B, T, vocab) in the model's dtype; arguments as in `hidden`. Given
+        labels (B, T) (shifted, IGNORE_INDEX where nothing is trained), it returns each label's float32
+        log-probability (B, T) instead, 0 where ignored, computed in chunks without the whole logits: what the
+        training losses need, with the head's share of a step's memory cut to one chunk."""
+        return self.head(self.hidden(input_ids, position_ids, attn_mask), labels)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Number of parameters, a tied embedding/head matrix counted once.

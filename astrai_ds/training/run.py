@@ -298,6 +298,7 @@ def _build_engine_and_strategy(cfg, model_cfg, tokenizer, ds_cfg, data: RunData,
         reference = _live_reference(cfg, model_cfg, tokenizer, ds_cfg, engine.module)
     strategy = STRATEGIES[cfg.stage.type].from_config(cfg.grpo if cfg.stage.type == "grpo" else cfg.dpo,
                                                       reference=reference)
+    strategy.fused = cfg.fused_loss and cfg.parallel.pipeline_stages == 1
     return engine, strategy, n_params
 
 

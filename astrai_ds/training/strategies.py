@@ -14,6 +14,11 @@ whole global batch: every micro-batch of every data-parallel rank. So a strategy
 
 metrics maps a name to a detached 0-dim float32 tensor on the batch's device (no host sync per micro-step),
 each a contribution in the same sense, so the trainer sums them; "loss" is always there.
+
+With `fused` set (the train config's `fused_loss`, the default), the policy's forward is given the labels and
+returns their log-probabilities, computed in chunks without the whole (B, T, V) logits (`model/head_loss.py`);
+the losses are the same within float32 rounding. Pipeline stages compute the loss from logits on their last
+stage, so they run unfused.
 Build a strategy with `STRATEGIES[stage.type].from_config(cfg, reference=...)`.
 """
 
@@ -25,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from astrai_ds.config.train import DPOConfig
-from astrai_ds.model.losses import IGNORE_INDEX, sequence_logps, token_counts, token_loss_sum
+from astrai_ds.model.losses import IGNORE_INDEX, sequence_logps, token_counts, token_logps, token_loss_sum
 from astrai_ds.training.losses import LENGTH_NORMALISED, dpo_loss
 
 # A frozen reference model: input_ids (N, T) -> logits (N, T, V), e.g. a DeepSpeed inference engine.
@@ -36,11 +41,20 @@ def _count(x) -> torch.Tensor:
     return torch.as_tensor(x, dtype=torch.float64)
 
 
+def policy_logps(model, input_ids: torch.Tensor, labels: torch.Tensor, fused: bool, **kwargs) -> torch.Tensor:
+    """Each label's float32 log-probability under the policy (B, T), 0 where ignored: fused, the model computes
+    them from its head in chunks (`Transformer.forward(labels=...)`); else from the whole logits."""
+    if fused:
+        return model(input_ids, labels=labels, **kwargs)
+    return token_logps(model(input_ids, **kwargs), labels)
+
+
 class TokenStrategy:
     """Shared by PT and SFT: the loss is the mean next-token loss over the global batch's trained tokens."""
 
     name = ""
     reference_forward = False  # no second model runs on the batch
+    fused = False  # the labels' log-probabilities from the head in chunks (set by the trainer)
 
     @classmethod
     def from_config(cls, cfg=None, reference: Reference | None = None):
@@ -56,11 +70,19 @@ class TokenStrategy:
     def _inputs(self, batch: dict):
         return batch["input_ids"].numel()
 
+    def _forward_kwargs(self, batch: dict) -> dict:
+        return {}
+
     def forward(self, model, batch: dict) -> torch.Tensor:
-        return model(batch["input_ids"])  # (B, T, V)
+        return model(batch["input_ids"], **self._forward_kwargs(batch))  # (B, T, V)
 
     def compute_loss(self, model, batch: dict, totals: dict | None = None) -> tuple[torch.Tensor, dict]:
-        return self.loss(self.forward(model, batch), batch["labels"], totals or self.counts(batch))
+        totals = totals or self.counts(batch)
+        if not self.fused:
+            return self.loss(self.forward(model, batch), batch["labels"], totals)
+        logps = policy_logps(model, batch["input_ids"], batch["labels"], True, **self._forward_kwargs(batch))
+        loss = -logps.sum() / totals["tokens"].clamp(min=1).float()
+        return loss, {"loss": loss.detach()}
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, totals: dict) -> tuple[torch.Tensor, dict]:
         """The loss from the model's outputs: logits (B, T, V) and labels (B, T) -> (this micro-batch's share of
@@ -97,13 +119,13 @@ class SFTStrategy(TokenStrategy):
         doc_ids = batch.get("doc_ids")
         return batch["input_ids"].numel() if doc_ids is None else (doc_ids >= 0).sum()
 
-    def forward(self, model, batch: dict) -> torch.Tensor:
+    def _forward_kwargs(self, batch: dict) -> dict:
         attn_mask = None
         if batch.get("doc_ids") is not None:
             from astrai_ds.model.masks import block_causal_mask
 
             attn_mask = block_causal_mask(batch["doc_ids"])  # (B, 1, T, T) bool
-        return model(batch["input_ids"], position_ids=batch.get("position_ids"), attn_mask=attn_mask)  # (B, T, V)
+        return {"position_ids": batch.get("position_ids"), "attn_mask": attn_mask}
 
     def pipeline_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         input_ids, positions, doc_ids = super().pipeline_inputs(batch)
@@ -153,6 +175,7 @@ class DPOStrategy:
     """
 
     name = "dpo"
+    fused = False
 
     def __init__(self, cfg: DPOConfig | None = None, reference: Reference | None = None):
         self.cfg = cfg or DPOConfig()
@@ -197,7 +220,7 @@ class DPOStrategy:
         totals = totals or self.counts(batch)
         pairs = totals["pairs"].clamp(min=1).float()
         input_ids, labels = concatenated_pair(batch)  # (2B, T)
-        logps = sequence_logps(model(input_ids), labels)  # (2B,) summed
+        logps = policy_logps(model, input_ids, labels, self.fused).sum(-1)  # (2B,) summed
         chosen_logps, rejected_logps = logps.chunk(2)  # (B,) each
         ref_chosen = ref_rejected = None
         if self.needs_reference:
@@ -272,6 +295,7 @@ class GRPOStrategy:
 
     name = "grpo"
     reference_forward = False  # the reference's log-probs come with the rollout
+    fused = False
 
     def __init__(self, cfg=None, reference: Reference | None = None):
         from astrai_ds.config.train import GRPOConfig
@@ -291,13 +315,11 @@ class GRPOStrategy:
                 "completions": _count(batch["labels"].shape[0]), "inputs": _count(batch["num_tokens"].sum())}
 
     def compute_loss(self, model, batch: dict, totals: dict | None = None) -> tuple[torch.Tensor, dict]:
-        from astrai_ds.model.losses import token_logps
-
         cfg = self.cfg
         totals = totals or self.counts(batch)
         labels = batch["labels"]
         mask = (labels != IGNORE_INDEX).float()
-        logps = token_logps(model(batch["input_ids"]), labels)  # (B, T) float32
+        logps = policy_logps(model, batch["input_ids"], labels, self.fused)  # (B, T) float32
         old = batch["old_logps"] if "old_logps" in batch else logps.detach()
         ref = batch.get("ref_logps") if cfg.beta > 0 else None
         per_token, kl, clipped = grpo_token_loss(logps, old, batch["advantages"].float(), cfg.clip_low, cfg.clip_high,
