@@ -242,6 +242,7 @@ def resolve_ds_config(ds: dict, train: TrainConfig, world_size: int, *, bf16_sup
     _fill_zero(ds, accelerator, train.output_dir, source)
     _check_pipeline(ds, train, source)
     _check_pure_bf16(ds, train, source)
+    _fit_muon(ds, train, source)
     reject_sections_we_build(ds, source)
     ds.setdefault("steps_per_print", 2**31 - 1)  # our own logger prints; keep DeepSpeed's step log quiet
     ds.setdefault("wall_clock_breakdown", False)
@@ -256,6 +257,35 @@ def data_parallel_size(train: TrainConfig, world_size: int) -> int:
         raise ConfigError(f"parallel.pipeline_stages {stages} does not divide the {world_size} ranks of this launch; "
                           f"launch a multiple of {stages} ranks or change pipeline_stages")
     return world_size // stages
+
+
+def _fit_muon(ds: dict, train: TrainConfig, source: str) -> None:
+    """optimizer.type muon: DeepSpeed's Muon steps on the ranks (no offloaded optimizer), and its ZeRO-3 reduces
+    gradients without reduce-scatter (it orthogonalises each matrix's whole gradient): a ZeRO-3 config that does not
+    say otherwise gets `reduce_scatter: false`."""
+    if train.optimizer.type != "muon":
+        return
+    if offloads_optimizer(ds):
+        raise ConfigError(f"{source}: offload_optimizer does not combine with optimizer.type muon (DeepSpeed's "
+                          f"Muon steps on the ranks): use a config without offload_optimizer, e.g. zero2.json or "
+                          f"zero3.json, or optimizer.type adamw")
+    if train.optimizer.grad_clip > 0:
+        raise ConfigError(f"optimizer.grad_clip is {train.optimizer.grad_clip:g}, but with optimizer.type muon "
+                          f"DeepSpeed (0.19) clips Muon's orthogonalised update by its own norm, not the gradient, "
+                          f"which shrinks every step by a factor that grows with the model: set optimizer.grad_clip "
+                          f"to 0 (Muon's update does not depend on the gradient's scale)")
+    zero = ds["zero_optimization"]
+    if zero.get("stage", 0) == 3:
+        if ds["gradient_accumulation_steps"] > 1:
+            raise ConfigError(f"{source}: ZeRO-3 with optimizer.type muon and grad_accum_steps "
+                              f"{ds['gradient_accumulation_steps']}: DeepSpeed (0.19) runs Muon's update on each "
+                              f"micro-batch's gradient under ZeRO-3, not on the accumulated one; use grad_accum_steps "
+                              f"1 (a larger micro_batch_size), or ZeRO-2 (zero2.json)")
+        if zero.get("reduce_scatter") is True:
+            raise ConfigError(f"{source}: zero_optimization.reduce_scatter true does not combine with "
+                              f"optimizer.type muon under ZeRO-3 (DeepSpeed's Muon needs each matrix's whole "
+                              f"gradient): remove it or set it to false")
+        zero["reduce_scatter"] = False
 
 
 def _check_pipeline(ds: dict, train: TrainConfig, source: str) -> None:

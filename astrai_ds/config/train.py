@@ -27,14 +27,21 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 3e-4  # peak learning rate
+    # "adamw" for every parameter; "muon": DeepSpeed's Muon (momentum orthogonalised by Newton-Schulz) for the
+    # blocks' matrices, AdamW for the embedding, the head and the norms, as the Muon authors train
+    type: Literal["adamw", "muon"] = "adamw"
+    lr: float = 3e-4  # peak learning rate (with muon: of the AdamW part)
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
     eps: float = 1e-8  # AdamW epsilon
     weight_decay: float = 0.1  # decoupled weight decay on matrices (not on norms)
     grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
+    muon_lr: float = 0.02  # muon only: the peak learning rate of the blocks' matrices
+    muon_momentum: float = 0.95  # muon only: Muon's (Nesterov) momentum
 
     def __post_init__(self):
         check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        check(self.muon_lr > 0, "muon_lr", f"must be positive, got {self.muon_lr}")
+        check(0 <= self.muon_momentum < 1, "muon_momentum", f"must be in [0, 1), got {self.muon_momentum}")
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
               f"must be two numbers in [0, 1), got {list(self.betas)}")
         check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
@@ -268,6 +275,12 @@ class TrainConfig:
               "grpo.reference_model, or set grpo.beta to 0")
         check(self.stage.type != "grpo" or self.data.eval_path is None, "data.eval_path",
               "has no GRPO evaluation loss: remove it, and score the exported model with `astrai-ds eval --chat`")
+        check(self.optimizer.type != "muon" or not self.lora.enabled, "optimizer.type",
+              "is muon, but LoRA's adapters are low-rank factors, not the weight matrices Muon orthogonalises: train "
+              "LoRA with optimizer.type adamw")
+        check(self.optimizer.type != "muon" or self.parallel.pipeline_stages == 1, "optimizer.type",
+              "is muon, which does not run on pipeline stages yet: use optimizer.type adamw, or pipeline_stages 1 "
+              "with ZeRO-3 to shard a large model")
         check(not self.lora.enabled or self.parallel.pipeline_stages == 1, "lora.r",
               "is set, but LoRA does not run on pipeline stages yet: train with pipeline_stages 1 (ZeRO-3 shards "
               "the frozen base)")

@@ -146,11 +146,12 @@ def _read_json(path: Path):
 
 
 def check_resumable(load_dir: Path, tag: str, world_size: int, zero_stage: int, model_cfg: dict,
-                    pipeline_stages: int = 1, nvme: bool = False) -> bool:
+                    pipeline_stages: int = 1, nvme: bool = False, optimizer: str = "adamw") -> bool:
     """Stop before anything is written when the checkpoint cannot resume in this run: another model shape,
-    ZeRO stage, number of pipeline stages, optimizer offloaded to NVMe or not (`nvme`: this run's), or number of
-    ranks without ZeRO or with NVMe offload. Returns True when it resumes only through a universal checkpoint
-    (`to_universal`): ZeRO-1/2/3 written by another number of ranks."""
+    ZeRO stage, number of pipeline stages, optimizer (`optimizer`: this run's optimizer.type), optimizer
+    offloaded to NVMe or not (`nvme`: this run's), or number of ranks without ZeRO, with NVMe offload or with
+    Muon (whose momentum DeepSpeed's universal checkpoint does not convert). Returns True when it resumes only
+    through a universal checkpoint (`to_universal`): ZeRO-1/2/3 written by another number of ranks."""
     where = load_dir / tag
     saved_model = load_dir / "model_config.json"
     if _read_json(saved_model) not in (None, model_cfg):
@@ -161,6 +162,10 @@ def check_resumable(load_dir: Path, tag: str, world_size: int, zero_stage: int, 
     differs = []
     if saved_stage is not None and saved_stage != zero_stage:
         differs.append(f"ZeRO stage {saved_stage}, this run {zero_stage}")
+    saved_train = _read_json(load_dir / "train_config.json") or {}
+    saved_optimizer = (saved_train.get("optimizer") or {}).get("type", "adamw")
+    if saved_optimizer != optimizer:
+        differs.append(f"optimizer.type {saved_optimizer}, this run {optimizer}")
     saved_stages = marker.get("pipeline_stages", 1)
     if saved_stages != pipeline_stages:  # a pipeline checkpoint holds its weights per layer, a plain one whole
         differs.append(f"{saved_stages} pipeline stage{'s' * (saved_stages > 1)}, this run {pipeline_stages}")
@@ -173,14 +178,16 @@ def check_resumable(load_dir: Path, tag: str, world_size: int, zero_stage: int, 
     other_world = saved_world is not None and saved_world != world_size
     # ZeRO's optimizer files convert to DeepSpeed's universal checkpoint, which loads on any number of ranks.
     # Without ZeRO there are none, and even ZeRO-0's bf16 optimizer keeps its master weights per rank.
-    if other_world and (not 1 <= zero_stage <= 3 or pipeline_stages > 1 or saved_nvme or nvme):
+    if other_world and (not 1 <= zero_stage <= 3 or pipeline_stages > 1 or saved_nvme or nvme
+                        or optimizer == "muon"):
         differs.append(f"{saved_world} ranks, this run {world_size}")
     if differs:
         raise UserError(
             f"cannot resume from {where}: it was written with {'; '.join(differs)}. Resume with the same ZeRO stage "
-            f"and offload, pipeline stages and number of ranks (the run's ds_config.json and train_config.json have "
-            f"the ones it used), or export it (`astrai-ds export --run {load_dir} --out MODEL_DIR`) and start a new "
-            f"run from it with stage.init_from (a fresh optimizer), or set resume to \"none\" with another output_dir")
+            f"and offload, optimizer, pipeline stages and number of ranks (the run's ds_config.json and "
+            f"train_config.json have the ones it used), or export it (`astrai-ds export --run {load_dir} --out "
+            f"MODEL_DIR`) and start a new run from it with stage.init_from (a fresh optimizer), or set resume to "
+            f"\"none\" with another output_dir")
     return other_world
 
 

@@ -22,8 +22,33 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def muon_param_groups(model: torch.nn.Module, opt) -> list[dict]:
+    """Muon for the blocks' matrices, AdamW for the rest: the embedding and the head (tied or not) and the norm gains,
+    as the Muon authors split them. Each trainable parameter is tagged `use_muon`, which DeepSpeed's ZeRO reads to
+    orthogonalise a Muon matrix's whole gradient before partitioning it."""
+    muon, adam_matrices, adam_rest = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        matrix = len(getattr(p, "ds_shape", p.shape)) >= 2
+        p.use_muon = matrix and name.startswith("layers.")
+        (muon if p.use_muon else adam_matrices if matrix else adam_rest).append(p)
+    adam = {"use_muon": False, "lr": opt.lr, "betas": opt.betas, "eps": opt.eps}
+    groups = [{"params": adam_matrices, **adam, "weight_decay": opt.weight_decay},  # first: the logged lr is `lr`
+              {"params": adam_rest, **adam, "weight_decay": 0.0},
+              {"params": muon, "use_muon": True, "lr": opt.muon_lr, "momentum": opt.muon_momentum,
+               "weight_decay": opt.weight_decay}]
+    return [g for g in groups if g["params"]]
+
+
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, ds_config: dict) -> torch.optim.Optimizer:
     opt = cfg.optimizer
+    if opt.type == "muon":
+        # DeepSpeed's Muon with its auxiliary AdamW (torch's fused kernel); ZeRO-1/2/3 recognise it by its class.
+        from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+
+        return MuonWithAuxAdam(muon_param_groups(model, opt), adam_optimizer=torch.optim.AdamW,
+                               adam_optimizer_kwargs={"fused": True})
     groups = param_groups(model, opt.weight_decay)
     if offloads_optimizer(ds_config):
         # ZeRO-Offload steps the optimizer on the host; DeepSpeed's vectorised CPU Adam is the one built for it.

@@ -251,7 +251,8 @@ def _prepare_output_dir(cfg: TrainConfig, model_cfg: ModelConfig, ds_cfg: dict, 
     if resume:
         load_dir, tag, notes = resume
         universal = check_resumable(load_dir, tag, dist_info.world_size, zero_stage(ds_cfg), model_cfg.to_dict(),
-                                    cfg.parallel.pipeline_stages, nvme=nvme_offloads_optimizer(ds_cfg))
+                                    cfg.parallel.pipeline_stages, nvme=nvme_offloads_optimizer(ds_cfg),
+                                    optimizer=cfg.optimizer.type)
     torch.distributed.barrier()
     if dist_info.is_main:
         for note in resume[2] if resume else []:

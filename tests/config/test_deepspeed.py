@@ -223,3 +223,40 @@ def test_pipeline_config_checks():
     dpo = {**TRAIN, "stage": {"type": "dpo", "init_from": "sft_model"}, "parallel": {"pipeline_stages": 2}}
     with pytest.raises(ConfigError, match="'parallel.pipeline_stages' is 2, but DPO does not run on pipeline stages"):
         from_dict(TrainConfig, dpo)
+
+
+def _muon(**over):
+    return from_dict(TrainConfig, {**TRAIN, "optimizer": {"type": "muon", "grad_clip": 0.0}, **over})
+
+
+def test_muon_fits_zero3_and_refuses_what_deepspeed_gets_wrong():
+    """Muon under ZeRO-3 reduces without reduce-scatter (set where the config says nothing); DeepSpeed 0.19's known
+    faults with Muon (it clips the orthogonalised update, not the gradient; under ZeRO-3 it runs Muon per
+    micro-batch) and an offloaded optimizer are refused in one line each."""
+    zero3 = load_ds_config("zero3.json")[0]
+    one_step = _muon(grad_accum_steps=1)
+    assert resolve_ds_config(zero3, one_step, 2, bf16_supported=False)["zero_optimization"]["reduce_scatter"] is False
+    assert resolve_ds_config(load_ds_config("zero2.json")[0], _muon(), 2,
+                             bf16_supported=False)["zero_optimization"]["reduce_scatter"] is True
+    explicit = {"zero_optimization": {"stage": 3, "reduce_scatter": True}}
+    with pytest.raises(ConfigError, match="reduce_scatter true does not combine with optimizer.type muon"):
+        resolve_ds_config(explicit, one_step, 2, bf16_supported=False, source="mine.json")
+    with pytest.raises(ConfigError, match="grad_accum_steps 2: DeepSpeed .* each micro-batch"):
+        resolve_ds_config(zero3, _muon(), 2, bf16_supported=False)
+    clipped = from_dict(TrainConfig, {**TRAIN, "optimizer": {"type": "muon"}})
+    with pytest.raises(ConfigError, match="optimizer.grad_clip is 1, but with optimizer.type muon .* set "
+                                          "optimizer.grad_clip to 0"):
+        resolve_ds_config(load_ds_config("zero2.json")[0], clipped, 2, bf16_supported=False)
+    with pytest.raises(ConfigError, match="offload_optimizer does not combine with optimizer.type muon"):
+        resolve_ds_config(load_ds_config("zero3_offload.json")[0], one_step, 2, bf16_supported=False)
+    adamw = resolve_ds_config(zero3, _train(), 2, bf16_supported=False)["zero_optimization"]
+    assert "reduce_scatter" not in adamw  # other optimizers: the config as written
+
+
+def test_muon_refuses_lora_and_pipeline_stages():
+    from astrai_ds.config.base import FieldError
+
+    with pytest.raises((ConfigError, FieldError), match="optimizer.type.*LoRA's adapters"):
+        _muon(lora={"r": 4})
+    with pytest.raises((ConfigError, FieldError), match="optimizer.type.*pipeline stages"):
+        _muon(parallel={"pipeline_stages": 2})
