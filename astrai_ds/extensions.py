@@ -57,6 +57,18 @@ def extensions_dir() -> Path:
     return cache / "astrai_ds" / "torch_extensions" / key
 
 
+COMPILE_ENV_VAR = "TORCHINDUCTOR_CACHE_DIR"  # where torch.compile's inductor keeps the kernels it generated
+
+
+def use_compile_cache() -> Path:
+    """Point TORCHINDUCTOR_CACHE_DIR at a folder beside the compiled ops (same key: machine, versions, environment)
+    unless it is set already, and return it: a train config with `compile` pays the compilation once per machine,
+    not once per run or resume. Call it before anything compiles: inductor fixes the variable on first use."""
+    if not os.environ.get(COMPILE_ENV_VAR):
+        os.environ[COMPILE_ENV_VAR] = str(extensions_dir().parent.parent / "inductor" / extensions_dir().name)
+    return Path(os.environ[COMPILE_ENV_VAR])
+
+
 def use_extensions_cache() -> Path:
     """Point TORCH_EXTENSIONS_DIR at `extensions_dir()` unless it is set already (a user's own choice wins), and
     return the folder in use. Called first thing by train.py and astrai-ds; every rank computes the same name."""

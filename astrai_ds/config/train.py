@@ -243,6 +243,9 @@ class TrainConfig:
     # the training losses from the head in chunks of tokens, without the whole (B, T, V) logits (pipeline stages:
     # unfused, from logits on the last stage)
     fused_loss: bool = True
+    # the model compiled with torch.compile (inductor: C++/OpenMP on a CPU, Triton on a GPU) through DeepSpeed's
+    # engine.compile(); the first step compiles (its kernels cached per machine for the next run)
+    compile: bool = False
     cpu: CpuConfig = field(default_factory=CpuConfig)  # settings that apply on DeepSpeed's CPU accelerator only
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # pipeline stages
     stage: StageConfig = field(default_factory=StageConfig)
@@ -281,6 +284,9 @@ class TrainConfig:
         check(self.optimizer.type != "muon" or self.parallel.pipeline_stages == 1, "optimizer.type",
               "is muon, which does not run on pipeline stages yet: use optimizer.type adamw, or pipeline_stages 1 "
               "with ZeRO-3 to shard a large model")
+        check(not self.compile or self.parallel.pipeline_stages == 1, "compile",
+              "is true, but compiling does not run on pipeline stages yet: set compile false, or pipeline_stages 1 "
+              "(ZeRO-3 shards a large model)")
         check(not self.lora.enabled or self.parallel.pipeline_stages == 1, "lora.r",
               "is set, but LoRA does not run on pipeline stages yet: train with pipeline_stages 1 (ZeRO-3 shards "
               "the frozen base)")

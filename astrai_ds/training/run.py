@@ -27,7 +27,7 @@ from astrai_ds.config.train import TrainConfig
 from astrai_ds.data.shards import TokenShards
 from astrai_ds.data.tokenizer import Tokenizer
 from astrai_ds.errors import ConfigError, DataError, UserError
-from astrai_ds.extensions import use_extensions_cache
+from astrai_ds.extensions import use_compile_cache, use_extensions_cache
 from astrai_ds.model.transformer import shape_model
 from astrai_ds.run_dir import atomic_write, tag_step
 from astrai_ds.training import cpu
@@ -300,7 +300,29 @@ def _build_engine_and_strategy(cfg, model_cfg, tokenizer, ds_cfg, data: RunData,
     strategy = STRATEGIES[cfg.stage.type].from_config(cfg.grpo if cfg.stage.type == "grpo" else cfg.dpo,
                                                       reference=reference)
     strategy.fused = cfg.fused_loss and cfg.parallel.pipeline_stages == 1
+    if cfg.compile:
+        _compile(engine, dist_info)
     return engine, strategy, n_params
+
+
+def _compile(engine, dist_info: DistInfo) -> None:
+    """DeepSpeed's engine.compile() (torch.compile of the whole model, inductor), lazily: the first forward compiles.
+    A CPU without a C++ compiler (which inductor's CPU code needs) trains eager and says so in one line."""
+    cache = use_compile_cache()
+    if engine.device.type == "cpu":
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
+            get_cpp_compiler()
+        except Exception as e:  # noqa: BLE001 (whatever inductor's search raises)
+            if dist_info.is_main:
+                print(f"compile: no C++ compiler for torch.compile on this CPU ({type(e).__name__}); training runs "
+                      f"eager. Install one (apt-get install g++, or set CXX) or set compile false", flush=True)
+            return
+    engine.compile()
+    if dist_info.is_main:
+        print(f"compile: torch.compile (inductor) compiles the model in the first step; its kernels are cached in "
+              f"{cache}", flush=True)
 
 
 def _measure_peak(engine, dtype) -> float:
@@ -436,6 +458,7 @@ def main_and_exit(argv: list[str] | None = None, prog: str = "train.py") -> NoRe
 def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
     args = build_parser(prog).parse_args(argv)
     use_extensions_cache()  # DeepSpeed's compiled ops: built once per machine, whatever the checkout
+    use_compile_cache()  # and torch.compile's kernels (before anything asks inductor for its cache folder)
     # DeepSpeed calls torch.distributed's old collective names on every step; torch warns each time.
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.",
                             category=FutureWarning)

@@ -57,7 +57,10 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_begin(self)
         while self.state.step < self.cfg.max_steps and not self.state.should_stop:
+            first = time.perf_counter()
             metrics = self.train_step()
+            if self.state.step == self.start_step and getattr(self.engine, "is_compiled", False):
+                self.log(f"compile: the first step took {time.perf_counter() - first:.1f}s, compiling included")
             self.state.step += 1
             self.state.tokens_seen += int(metrics["tokens"])
             for cb in self.callbacks:
