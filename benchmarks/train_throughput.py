@@ -92,6 +92,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run the variants this many times, interleaved, and pool the measured steps (evens out "
                         "drift on a noisy machine)")
     p.add_argument("--skip", action="append", default=[], choices=VARIANTS, help="leave out a variant (repeatable)")
+    p.add_argument("--compile", action="store_true",
+                   help="also run each trainer variant with compile=true (torch.compile; named +compile)")
+    p.add_argument("--unfused", action="store_true",
+                   help="also run each trainer variant with fused_loss=false (the whole logits; named +unfused)")
     p.add_argument("--default-malloc", action="store_true",
                    help="leave glibc malloc as it is in every variant (by default the plain loop keeps freed memory "
                         "like the trainer does, cpu.keep_freed_memory, so both run on the same allocator)")
@@ -288,18 +292,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def list_variants(args) -> dict[str, tuple[int, str | None]]:
-    """Variant name -> (ranks, DeepSpeed config). With one DeepSpeed config the trainer variants are called
-    trainer-1rank and trainer-2rank; with several, the config's file stem is added in brackets."""
-    variants: dict[str, tuple[int, str | None]] = {}
+def list_variants(args) -> dict[str, tuple[int, str | None, tuple[str, ...]]]:
+    """Variant name -> (ranks, DeepSpeed config, extra train config overrides). With one DeepSpeed config the
+    trainer variants are called trainer-1rank and trainer-2rank; with several, the config's file stem is added in
+    brackets. --compile adds each trainer variant again with `compile=true` (name +compile), --unfused with
+    `fused_loss=false` (name +unfused: the loss from the whole logits, as before the chunked head loss)."""
+    variants: dict[str, tuple[int, str | None, tuple[str, ...]]] = {}
     for plain in ("plain", "plain-2proc"):
         if plain not in args.skip:
-            variants[plain] = (RANKS[plain], None)
+            variants[plain] = (RANKS[plain], None, ())
+    extras = {"": ()}
+    if args.compile:
+        extras["+compile"] = ("compile=true",)
+    if args.unfused:
+        extras["+unfused"] = ("fused_loss=false",)
     for ds_config in args.ds_configs:
         for kind in ("trainer-1rank", "trainer-2rank"):
             if kind not in args.skip:
                 name = kind if len(args.ds_configs) == 1 else f"{kind}[{Path(ds_config).stem}]"
-                variants[name] = (RANKS[kind], ds_config)
+                for suffix, sets in extras.items():
+                    variants[name + suffix] = (RANKS[kind], ds_config, sets)
     return variants
 
 
@@ -324,7 +336,8 @@ def child_env(extra: dict | None = None) -> dict:
     return env
 
 
-def launch(work: Path, args, ranks: int, ds_config: str, tag: str, script: str, extra_env: dict | None = None) -> Path:
+def launch(work: Path, args, ranks: int, ds_config: str, tag: str, script: str, extra_env: dict | None = None,
+           sets: tuple[str, ...] = ()) -> Path:
     """Run `script` with train.py's arguments on `ranks` ranks (plain python for 1, the deepspeed launcher for
     more); returns the run folder. Exits with the log's tail when the run fails."""
     run_dir = work / "runs" / tag
@@ -339,7 +352,7 @@ def launch(work: Path, args, ranks: int, ds_config: str, tag: str, script: str, 
         cmd = [str(launcher) if launcher.exists() else "deepspeed", "--num_gpus", str(ranks),
                "--master_port", str(port), script]
     cmd += ["--config", args.train_config, "--ds_config", ds_config]
-    for s in overrides(work, args, run_dir, ranks):
+    for s in [*overrides(work, args, run_dir, ranks), *sets]:
         cmd += ["--set", s]
     log = work / "runs" / f"{tag}.log"
     try:
@@ -356,9 +369,9 @@ def launch(work: Path, args, ranks: int, ds_config: str, tag: str, script: str, 
     return run_dir
 
 
-def run_trainer(work: Path, args, ranks: int, ds_config: str, tag: str) -> dict:
+def run_trainer(work: Path, args, ranks: int, ds_config: str, sets: tuple[str, ...], tag: str) -> dict:
     """train.py on `ranks` ranks; per-step tokens/s read back from the run's metrics.jsonl."""
-    run_dir = launch(work, args, ranks, ds_config, tag, "train.py")
+    run_dir = launch(work, args, ranks, ds_config, tag, "train.py", sets=sets)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     by_step = {r["step"]: r for r in records if "train/tokens_per_sec" in r}
     measured = range(args.warmup + 1, args.warmup + args.steps + 1)
@@ -373,11 +386,11 @@ def run_trainer(work: Path, args, ranks: int, ds_config: str, tag: str) -> dict:
     return result
 
 
-def run_breakdown(work: Path, args, ranks: int, ds_config: str, tag: str) -> list[dict]:
+def run_breakdown(work: Path, args, ranks: int, ds_config: str, sets: tuple[str, ...], tag: str) -> list[dict]:
     """benchmarks/train_breakdown.py, an instrumented train.py, on `ranks` ranks; rank 0's per-step phases."""
     out = work / "runs" / f"{tag}.phases.json"
     out.unlink(missing_ok=True)
-    run_dir = launch(work, args, ranks, ds_config, tag, str(BREAKDOWN_SCRIPT), {WORKER_ENV: str(out)})
+    run_dir = launch(work, args, ranks, ds_config, tag, str(BREAKDOWN_SCRIPT), {WORKER_ENV: str(out)}, sets=sets)
     if not args.keep_runs:
         shutil.rmtree(run_dir, ignore_errors=True)
     return json.loads(out.read_text())[args.warmup:]

@@ -6,7 +6,7 @@ Training needs only each label's log-probability, log softmax(x W^T)[label], and
 way, the (B, T, V) logits, their float32 copy and the log-softmax are each the largest tensors of a step at a
 49,152-token vocabulary. Here each chunk of at most `chunk_tokens(V)` tokens computes its logits, keeps only the
 labels' log-probabilities and the log-sum-exp, and drops them; the backward pass recomputes one chunk's logits at a
-time for its gradients. Values are those of `losses.token_logps(x @ W^T, labels)`: the same matmul in the same
+time for its gradients (a batch that is one chunk keeps its logits instead: nothing is computed twice). Values are those of `losses.token_logps(x @ W^T, labels)`: the same matmul in the same
 dtype, upcast to float32 before the softmax; the gradient of W is summed over chunks in float32.
 """
 
@@ -40,13 +40,15 @@ class _ChunkedLogps(torch.autograd.Function):
             lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
             target = logits.gather(1, safe[s:s + chunk, None])[:, 0]
             out[s:s + chunk] = torch.where(keep[s:s + chunk], target - lse[s:s + chunk], 0.0)
-        ctx.save_for_backward(x, weight, safe, keep, lse)
+        # One chunk is all of it: keep its logits (at most CHUNK_ELEMENTS floats) rather than compute them again
+        kept = logits if 0 < N <= chunk else lse.new_empty(0)
+        ctx.save_for_backward(x, weight, safe, keep, lse, kept)
         ctx.chunk = chunk
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, weight, safe, keep, lse = ctx.saved_tensors
+        x, weight, safe, keep, lse, kept = ctx.saved_tensors
         chunk = ctx.chunk
         g = torch.where(keep, grad_out.float(), 0.0)  # (N,): d loss / d logp of each label
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
@@ -55,7 +57,7 @@ class _ChunkedLogps(torch.autograd.Function):
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for s in range(0, x.shape[0], chunk):
             xc, gc = x[s:s + chunk], g[s:s + chunk]
-            logits = F.linear(xc, weight).float()  # recomputed: (c, V)
+            logits = kept if kept.numel() else F.linear(xc, weight).float()  # recomputed: (c, V)
             # d logp[label] / d logits = onehot(label) - softmax(logits)
             dlogits = torch.exp(logits - lse[s:s + chunk, None]).mul_(-gc[:, None])
             dlogits.scatter_add_(1, safe[s:s + chunk, None], gc[:, None])
