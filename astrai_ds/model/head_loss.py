@@ -6,8 +6,9 @@ Training needs only each label's log-probability, log softmax(x W^T)[label], and
 way, the (B, T, V) logits, their float32 copy and the log-softmax are each the largest tensors of a step at a
 49,152-token vocabulary. Here each chunk of at most `chunk_tokens(V)` tokens computes its logits, keeps only the
 labels' log-probabilities and the log-sum-exp, and drops them; the backward pass recomputes one chunk's logits at a
-time for its gradients (a batch that is one chunk keeps its logits instead: nothing is computed twice). Values are those of `losses.token_logps(x @ W^T, labels)`: the same matmul in the same
-dtype, upcast to float32 before the softmax; the gradient of W is summed over chunks in float32.
+time for its gradients (a batch that is one chunk keeps its logits instead: nothing is computed twice). Values are
+those of `losses.token_logps(x @ W^T, labels)`: the same matmul in the same dtype, upcast to float32 before the
+softmax; the gradient of W is summed over chunks in float32.
 """
 
 from __future__ import annotations
