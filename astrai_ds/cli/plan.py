@@ -89,7 +89,7 @@ def _inputs(args):
         raise UserError(f"--seq-len {seq_len} is above the model's max_seq_len {cfg.max_seq_len} ({model_path})")
     checkpointing = args.checkpointing if args.checkpointing is not None else bool(
         train and train.activation_checkpointing)
-    return cfg, model_path, micro, seq_len, checkpointing, _lora(args, train, cfg)
+    return cfg, model_path, micro, seq_len, checkpointing, _lora(args, train, cfg), train.fused_loss if train else True
 
 
 def _lora(args, train, cfg):
@@ -141,9 +141,9 @@ def run(args) -> int:
     from astrai_ds.config.deepspeed import load_ds_config, zero_stage
     from astrai_ds.training.memory import asked_option, plan
 
-    cfg, model_path, micro, seq_len, checkpointing, lora = _inputs(args)
+    cfg, model_path, micro, seq_len, checkpointing, lora, fused = _inputs(args)
     result = plan(cfg, args.gpus_per_node, args.nodes, micro, seq_len, memory_size(args.gpu_memory), checkpointing,
-                  lora=lora)
+                  lora=lora, fused=fused)
     ds = load_ds_config(args.ds_config)[0] if args.ds_config else None
     asked = asked_option(result["options"], ds) if ds is not None else None
     for row in result["options"]:
@@ -161,8 +161,9 @@ def run(args) -> int:
         print(f"LoRA r {lora.r} on {', '.join(lora.target)}: {_count(lora.adapter)} adapter parameters trained "
               f"({len(lora.layers)} layers), {_count(p['total'])} frozen")
     print(f"activations per GPU: {_gib(act['blocks'] + act['logits'])} GiB without activation checkpointing, "
-          f"{_gib(act['blocks_checkpointed'] + act['logits'])} GiB with (logits {_gib(act['logits'])} GiB in "
-          f"both); below: {'with' if checkpointing else 'without'}\n")
+          f"{_gib(act['blocks_checkpointed'] + act['logits'])} GiB with (the loss's head {_gib(act['logits'])} GiB "
+          f"in both, {'in chunks' if fused else 'the whole logits'}: fused_loss {str(fused).lower()}); below: "
+          f"{'with' if checkpointing else 'without'}\n")
     # LoRA splits the model states into the frozen base, the adapters (weights, gradients) and their optimizer
     # states; the adapters' two are small enough to count in MiB
     parts = [("base", "base_bytes", _gib), ("adapters", "adapter_bytes", _mib), ("optim.", "optimizer_bytes", _mib)]

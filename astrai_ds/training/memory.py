@@ -17,7 +17,8 @@ after its projection, the residual stream, the SwiGLU tensors, one log-sum-exp p
 inputs and outputs), as measured with
 saved-tensor hooks on this model's block (the tests check the count). Attention keeps no T x T matrix (flash
 or memory-efficient attention). With activation checkpointing a block keeps only its input, and one block at a
-time is recomputed in the backward pass. The output layer adds the logits and their fp32 log-softmax.
+time is recomputed in the backward pass. The output layer adds the logits and their fp32 log-softmax, or, with the
+chunked head loss (`fused_loss`, the default), a few bytes per token and one chunk's logits (`head_bytes`).
 
 LoRA (astrai_ds/model/lora.py) freezes the base and trains only the adapters, so each option's model states are
 the frozen base's 16-bit weights (2 bytes per parameter, a full copy per GPU unless ZeRO-3 shards it, on the host
@@ -202,13 +203,25 @@ def adapter_bytes_per_token(lora: LoraCounts, bytes_per_value: int = 2) -> dict[
     return kept
 
 
+def head_bytes(tokens: int, vocab_size: int, bytes_per_value: int = 2, fused: bool = True) -> int:
+    """What the loss's head needs for a micro-batch of `tokens`. From the whole logits: the logits and their fp32
+    log-softmax. Chunked (`fused_loss`, model/head_loss.py): per token its label (int64), its mask and its fp32
+    log-sum-exp, kept for the backward pass, plus one chunk's fp32 logits, probabilities and their gradient in the
+    model's dtype while that chunk is computed (a batch of one chunk keeps those logits)."""
+    from astrai_ds.model.head_loss import chunk_tokens
+
+    if not fused:
+        return tokens * vocab_size * (bytes_per_value + 4)
+    return tokens * (8 + 1 + 4) + min(tokens, chunk_tokens(vocab_size)) * vocab_size * (4 + 4 + bytes_per_value)
+
+
 def activations(cfg: ModelConfig, micro_batch: int, seq_len: int, bytes_per_value: int = 2,
-                lora: LoraCounts | None = None) -> Activations:
+                lora: LoraCounts | None = None, fused: bool = True) -> Activations:
     tokens = micro_batch * seq_len
     values = block_values_per_token(cfg) - (norm_weight_values_per_token(cfg) if lora else 0)
     block = tokens * values * bytes_per_value
     inputs = tokens * cfg.dim * bytes_per_value * cfg.n_layers
-    logits = tokens * int(cfg.vocab_size) * (bytes_per_value + 4)
+    logits = head_bytes(tokens, int(cfg.vocab_size), bytes_per_value, fused)
     kept = adapter_bytes_per_token(lora, bytes_per_value) if lora else {}
     outside = kept.pop("", 0)  # adapters outside the blocks keep theirs with or without checkpointing
     adapters = tokens * (outside + sum(kept.values()))
@@ -217,10 +230,11 @@ def activations(cfg: ModelConfig, micro_batch: int, seq_len: int, bytes_per_valu
 
 
 def plan(cfg: ModelConfig, gpus_per_node: int, nodes: int, micro_batch: int, seq_len: int, gpu_memory: int,
-         checkpointing: bool, bytes_per_value: int = 2, lora: LoraCounts | None = None) -> dict:
-    """Everything `astrai-ds plan` prints, as a JSON-ready dict (bytes); with `lora`, for a LoRA run."""
+         checkpointing: bool, bytes_per_value: int = 2, lora: LoraCounts | None = None, fused: bool = True) -> dict:
+    """Everything `astrai-ds plan` prints, as a JSON-ready dict (bytes); with `lora`, for a LoRA run; `fused`: the
+    train config's fused_loss (the head's share in chunks)."""
     counts = param_counts(cfg)
-    act = activations(cfg, micro_batch, seq_len, bytes_per_value, lora)
+    act = activations(cfg, micro_batch, seq_len, bytes_per_value, lora, fused)
     usable = int(gpu_memory * 0.9)  # leave a tenth for the CUDA context, communication buffers and fragmentation
     options = lora_states(counts, lora, gpus_per_node, nodes) if lora else model_states(counts, gpus_per_node, nodes)
     rows = []
@@ -231,6 +245,6 @@ def plan(cfg: ModelConfig, gpus_per_node: int, nodes: int, micro_batch: int, seq
     return {"params": asdict(counts), "gpus": gpus_per_node * nodes, "gpus_per_node": gpus_per_node, "nodes": nodes,
             "micro_batch": micro_batch, "seq_len": seq_len, "activation_checkpointing": checkpointing,
             "bytes_per_value": bytes_per_value, "gpu_memory": gpu_memory, "usable_gpu_memory": usable,
-            "activations": asdict(act), "options": rows,
+            "activations": asdict(act), "fused_loss": fused, "options": rows,
             "lora": {"r": lora.r, "target": lora.target, "dropout": lora.dropout, "adapter_params": lora.adapter,
                      "frozen_params": counts.total, "layers": len(lora.layers)} if lora else None}

@@ -155,3 +155,30 @@ def test_every_strategy_gives_the_same_loss_and_gradients_fused(stage):
         torch.testing.assert_close(fused_metrics[name], value, rtol=1e-5, atol=1e-6, msg=name)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("N, V", [(300, 97), (8, 97)])  # several chunks; one chunk, whose logits are kept
+def test_what_the_chunked_head_keeps_for_backward_is_what_plan_counts(N, V, monkeypatch):
+    """Saved-tensor hooks count what the chunked head keeps beyond its input and weight: per token its label, mask
+    and log-sum-exp, and a one-chunk batch's fp32 logits; `memory.head_bytes` counts that plus one chunk's
+    working tensors, and stays far below the whole logits' count when the batch spans many chunks."""
+    import astrai_ds.model.head_loss as head_loss
+    from astrai_ds.training.memory import head_bytes
+
+    monkeypatch.setattr(head_loss, "CHUNK_ELEMENTS", 16 * V)  # 16 tokens a chunk
+    x, w, labels = _inputs(N=N, V=V)
+    kept = []
+
+    def pack(t):
+        if t.data_ptr() not in (x.data_ptr(), w.data_ptr()):
+            kept.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        chunked_token_logps(x, w, labels)
+    one_chunk = N <= 16
+    assert sum(kept) == N * (8 + 1 + 4) + (N * V * 4 if one_chunk else 0)
+    counted = head_bytes(N, V, bytes_per_value=4)
+    assert counted == N * 13 + min(N, 16) * V * (4 + 4 + 4) >= sum(kept)
+    if not one_chunk:
+        assert counted < head_bytes(N, V, bytes_per_value=4, fused=False) / 4
