@@ -6,9 +6,9 @@ budget (long prompts are prefilled in chunks over several steps). Then waiting s
 budget, `max_num_seqs` and the KV pool allow, each starting after the longest prefix the cache already
 holds. A waiting sequence whose next block another sequence starts computing in the same step waits one
 step and then finds it cached: the copies of one prompt (a request's `n` choices, a GRPO group) prefill
-their shared blocks once. When a running sequence needs a block and the pool is empty, the youngest running sequence is
-preempted: its blocks go back to the pool and it waits to be recomputed (its full blocks stay in the prefix
-cache, so recomputing is often cheap).
+their shared blocks once. When a running sequence needs a block and the pool is empty, the youngest running
+sequence is preempted: its blocks go back to the pool and it waits to be recomputed (its full blocks stay in
+the prefix cache, so recomputing is often cheap).
 """
 
 from __future__ import annotations

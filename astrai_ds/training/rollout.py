@@ -33,6 +33,7 @@ from astrai_ds.config.train import GRPOConfig
 from astrai_ds.data.sampler import DistributedBatchSampler
 from astrai_ds.model.losses import IGNORE_INDEX, token_logps
 from astrai_ds.training.distributed import DistInfo, all_reduce_host
+from astrai_ds.training.strategies import policy_logps
 
 
 def completion_seed(seed: int, rollout: int, index: int, sample: int) -> int:
@@ -78,6 +79,7 @@ class RolloutBatches:
         self.grpo: GRPOConfig = cfg.grpo
         self.seed, self.seq_len, self.lora = cfg.seed, cfg.data.seq_len, cfg.lora
         self.micro, self.accum, self.dist, self.reference, self.dtype = micro, accum, dist_info, reference, dtype
+        self.fused = cfg.fused_loss  # the old log-probs as the strategy computes the policy's (GRPO has no stages)
         self.device = engine.device
         self.prompts_per_rank = micro * accum // self.grpo.group_size
         self.sampler = DistributedBatchSampler(len(prompts), self.prompts_per_rank, dist_info.rank,
@@ -232,7 +234,7 @@ class RolloutBatches:
         for batch in self._buffer:
             input_ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
             if old:
-                batch["old_logps"] = token_logps(self.engine(input_ids), labels).cpu()
+                batch["old_logps"] = policy_logps(self.engine, input_ids, labels, self.fused).cpu()
             if ref:
                 batch["ref_logps"] = token_logps(self.reference(input_ids), labels).cpu()
         self.engine.train(was_training)

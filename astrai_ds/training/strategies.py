@@ -19,6 +19,7 @@ With `fused` set (the train config's `fused_loss`, the default), the policy's fo
 returns their log-probabilities, computed in chunks without the whole (B, T, V) logits (`model/head_loss.py`);
 the losses are the same within float32 rounding. Pipeline stages compute the loss from logits on their last
 stage, so they run unfused.
+
 Build a strategy with `STRATEGIES[stage.type].from_config(cfg, reference=...)`.
 """
 
