@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 from collections import defaultdict
 import tempfile
@@ -61,7 +60,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import ForeignLoad, announce  # noqa: E402  (benchmarks/machine.py)
-from train_throughput import child_env  # noqa: E402  (the trainer's environment: venv, DeepSpeed's ops, no rank vars)
+from train_throughput import run_train  # noqa: E402  (train.py in the trainer's environment: venv, DeepSpeed's ops)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -105,18 +104,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def train(args, run_dir: Path, threads: int) -> None:
     """`python train.py` on one rank with `threads` threads; exits with the log's tail when the run fails."""
-    cmd = [sys.executable, "train.py", "--config", str(args.config), "--ds_config", args.ds_config]
-    for s in [f"stage.init_from={args.model}", f"tokenizer={args.model}", f"data.path={args.data}",
-              f"output_dir={run_dir}", f"max_steps={args.steps}", "log_interval=1",  # a metrics line per step
-              "save_interval=1000000000", "resume=none", f"precision={args.precision}", *args.overrides]:
-        cmd += ["--set", s]
-    log = run_dir.parent / "train.log"
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, env=child_env({"OMP_NUM_THREADS": str(threads)}), stdout=f,
-                              stderr=subprocess.STDOUT, timeout=args.timeout)
-    if proc.returncode != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-        sys.exit(f"{' '.join(cmd)}\nexited {proc.returncode}; the end of {log}:\n{tail}")
+    sets = [f"stage.init_from={args.model}", f"tokenizer={args.model}", f"data.path={args.data}",
+            f"output_dir={run_dir}", f"max_steps={args.steps}", "log_interval=1",  # a metrics line per step
+            "save_interval=1000000000", "resume=none", f"precision={args.precision}", *args.overrides]
+    run_train(args.config, args.ds_config, sets, run_dir.parent / "train.log", args.timeout,
+              {"OMP_NUM_THREADS": str(threads)})
 
 
 def loop_steps(run_dir: Path, completions: int) -> list[dict]:

@@ -23,7 +23,6 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -32,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import ForeignLoad, announce  # noqa: E402  (benchmarks/machine.py)
-from train_throughput import child_env  # noqa: E402  (the trainer's environment: venv, DeepSpeed's ops, no rank vars)
+from train_throughput import run_train  # noqa: E402  (train.py in the trainer's environment: venv, DeepSpeed's ops)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,19 +56,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def train(args, name: str, run_dir: Path, sets: list[str]) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "train.py", "--config", str(args.config), "--ds_config", args.ds_config]
     n = args.steps
-    for s in [f"output_dir={run_dir}", f"max_steps={n}", f"schedule.total_steps={n}",
-              f"schedule.warmup_steps={max(1, n // 20)}", "log_interval=10", f"eval_interval={n}",
-              "save_interval=1000000000", "resume=none", *sets, *args.overrides]:
-        cmd += ["--set", s]
-    log = run_dir.parent / f"{name}.log"
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), stdout=f, stderr=subprocess.STDOUT,
-                              timeout=args.timeout)
-    if proc.returncode != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-        sys.exit(f"{' '.join(cmd)}\nexited {proc.returncode}; the end of {log}:\n{tail}")
+    run_train(args.config, args.ds_config,
+              [f"output_dir={run_dir}", f"max_steps={n}", f"schedule.total_steps={n}",
+               f"schedule.warmup_steps={max(1, n // 20)}", "log_interval=10", f"eval_interval={n}",
+               "save_interval=1000000000", "resume=none", *sets, *args.overrides],
+              run_dir.parent / f"{name}.log", args.timeout)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "train/loss" in r]
     evals = [r for r in records if "eval/loss" in r]

@@ -336,6 +336,20 @@ def child_env(extra: dict | None = None) -> dict:
     return env
 
 
+def run_train(config, ds_config: str, sets: list[str], log: Path, timeout: int, extra_env: dict | None = None) -> None:
+    """`python train.py --config CONFIG --ds_config DS_CONFIG --set ...` on one rank in the trainer's environment,
+    its output to `log`; exits with the log's tail when the run fails (grpo.py and muon.py train this way)."""
+    cmd = [sys.executable, "train.py", "--config", str(config), "--ds_config", ds_config]
+    for s in sets:
+        cmd += ["--set", s]
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, env=child_env(extra_env), stdout=f, stderr=subprocess.STDOUT,
+                              timeout=timeout)
+    if proc.returncode != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        sys.exit(f"{' '.join(cmd)}\nexited {proc.returncode}; the end of {log}:\n{tail}")
+
+
 def launch(work: Path, args, ranks: int, ds_config: str, tag: str, script: str, extra_env: dict | None = None,
            sets: tuple[str, ...] = ()) -> Path:
     """Run `script` with train.py's arguments on `ranks` ranks (plain python for 1, the deepspeed launcher for
