@@ -12,13 +12,18 @@ from astrai_ds.config.train import TrainConfig
 from astrai_ds.training.schedules import lr_multiplier
 
 
+def _is_matrix(p: torch.nn.Parameter) -> bool:
+    """A linear or embedding weight, not a norm gain. A parameter partitioned by `zero.Init` is a flat shard: its
+    own shape is `ds_shape`."""
+    return len(getattr(p, "ds_shape", p.shape)) >= 2
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (linear and embedding weights), none on norm gains. A parameter partitioned by
-    `zero.Init` is a flat shard: its own shape is `ds_shape`."""
+    """Weight decay on matrices (linear and embedding weights), none on norm gains."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
-            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
+            (decay if _is_matrix(p) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -30,7 +35,7 @@ def muon_param_groups(model: torch.nn.Module, opt) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        matrix = len(getattr(p, "ds_shape", p.shape)) >= 2
+        matrix = _is_matrix(p)
         p.use_muon = matrix and name.startswith("layers.")
         (muon if p.use_muon else adam_matrices if matrix else adam_rest).append(p)
     adam = {"use_muon": False, "lr": opt.lr, "betas": opt.betas, "eps": opt.eps}
