@@ -69,6 +69,17 @@ def use_compile_cache() -> Path:
     return Path(os.environ[COMPILE_ENV_VAR])
 
 
+def missing_cpp_compiler() -> str | None:
+    """None where inductor finds the C++ compiler its CPU kernels need; else why not, in a few words (imports torch)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as e:  # noqa: BLE001 (whatever inductor's search raises)
+        return type(e).__name__
+    return None
+
+
 def use_extensions_cache() -> Path:
     """Point TORCH_EXTENSIONS_DIR at `extensions_dir()` unless it is set already (a user's own choice wins), and
     return the folder in use. Called first thing by train.py and astrai-ds; every rank computes the same name."""

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import sys
 
-from astrai_ds.cli.model_commands import (StopOnCtrlC, add_model_arguments, add_sampling_arguments, check_chat,
-                                    check_sampling, load_engine, sampling_defaults, stream_to, user_prompt)
+from astrai_ds.cli.model_commands import (StopOnCtrlC, add_compile_argument, add_model_arguments,
+                                          add_sampling_arguments, check_chat, check_sampling, load_engine,
+                                          sampling_defaults, stream_to, user_prompt)
 from astrai_ds.errors import UserError
 
 NAME = "chat"
@@ -24,6 +25,7 @@ CHAT_COMMANDS = "/reset, /system TEXT, /exit (or Ctrl-D); Ctrl-C stops an answer
 def add_arguments(p) -> None:
     add_model_arguments(p)
     p.add_argument("--system", default=None, metavar="TEXT", help="the system prompt to start with")
+    add_compile_argument(p)
     add_sampling_arguments(p)
 
 

@@ -24,6 +24,9 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="prompts per forward")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="weights and activations while evaluating; auto: bf16 where the device runs it natively")
+    from astrai_ds.cli.model_commands import add_compile_argument
+
+    add_compile_argument(p)
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
     p.add_argument("--responses", default=None, metavar="OUT.jsonl",
                    help="with --chat: write every greedy answer (question, response, correct, style) to this file")
@@ -59,16 +62,18 @@ def run(args) -> int:
     facts = read_eval_records(args.data, "facts") if args.data else None
     chat = read_eval_records(args.chat, "chat") if args.chat else None
     pairs = read_eval_records(args.pairs, "pairs") if args.pairs else None
-    from astrai_ds.cli.model_commands import model_dtype
+    from astrai_ds.cli.model_commands import compile_decode, model_dtype
 
     model, tokenizer = load_model_folder(args.model, dtype=model_dtype(args.dtype))
+    compile = compile_decode(args)
     result = {}
     if facts:
-        result.update(evaluate_model(model, tokenizer, facts, batch_size=args.batch_size, progress=True))
+        result.update(evaluate_model(model, tokenizer, facts, batch_size=args.batch_size, progress=True,
+                                     compile=compile))
     responses = [] if responses_out else None
     if chat:
         result.update(evaluate_chat(model, tokenizer, chat, batch_size=args.batch_size, responses=responses,
-                                    progress=True))
+                                    progress=True, compile=compile))
     if pairs:
         result.update(evaluate_pairs(model, tokenizer, pairs, progress=True))
     text = json.dumps(result, indent=2)

@@ -20,9 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from astrai_ds.cli.model_commands import (add_model_arguments, add_sampling_arguments, check_chat, check_sampling,
-                                          check_tp_launch, load_engine, process_rank, sampling_defaults, stream_to,
-                                          summary, user_prompt)
+from astrai_ds.cli.model_commands import (add_compile_argument, add_model_arguments, add_sampling_arguments,
+                                          check_chat, check_sampling, check_tp_launch, load_engine, process_rank,
+                                          sampling_defaults, stream_to, summary, user_prompt)
 from astrai_ds.data.sources import lone_surrogate
 from astrai_ds.errors import UserError
 
@@ -138,6 +138,7 @@ def add_arguments(p) -> None:
     p.add_argument("--system", default=None, metavar="TEXT", help="with --chat: a system message before the user's")
     p.add_argument("--input", default=None, metavar="FILE.jsonl", help="requests to run as a batch, one per line")
     p.add_argument("--output", default=None, metavar="FILE.jsonl", help="with --input: where the results go")
+    add_compile_argument(p)
     add_sampling_arguments(p)
     p.add_argument("--tp", type=int, default=1, metavar="N",
                    help="tensor-parallel GPUs; N > 1 runs under the deepspeed launcher (see above)")

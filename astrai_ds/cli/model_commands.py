@@ -23,6 +23,36 @@ def add_model_arguments(p) -> None:
                    help="weights and activations; auto: bf16 where the device runs it natively")
 
 
+def add_compile_argument(p) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="decode through compiled graphs (torch.compile, inductor), one per batch size: each compiles "
+                        "on its first use (tens of seconds on a CPU), then decoding runs faster (docs/benchmarks.md)")
+
+
+def compile_decode(args, tp: int = 1) -> bool:
+    """Whether the engine compiles its decode steps: --compile, unless tensor-parallel ranks or a CPU without a C++
+    compiler rule it out (then one line on stderr, and eager decoding)."""
+    import sys
+
+    import torch
+
+    from astrai_ds.extensions import missing_cpp_compiler, use_compile_cache
+
+    if not getattr(args, "compile", False):
+        return False
+    if tp > 1:
+        print("compile: not with --tp (the sharded layers all-reduce inside the step); decoding eager", file=sys.stderr)
+        return False
+    if not torch.cuda.is_available() and (why := missing_cpp_compiler()):
+        print(f"compile: no C++ compiler for torch.compile on this CPU ({why}); decoding eager. Install one "
+              f"(apt-get install g++, or set CXX) or leave out --compile", file=sys.stderr)
+        return False
+    cache = use_compile_cache()
+    print(f"compile: each batch size's decode step compiles on its first use; kernels are cached in {cache}",
+          file=sys.stderr, flush=True)
+    return True
+
+
 def model_dtype(name: str):
     """The torch dtype of --dtype: bf16, fp32, or auto (bf16 where the device runs it natively)."""
     import torch
@@ -90,7 +120,7 @@ def engine_seed(seed: int | None, tp: int) -> int:
 
 def load_engine(args, tp: int = 1, **engine_options):
     """The engine over the model folder, on the GPU when there is one; with tp > 1, the model sharded over the
-    launcher's ranks. Its EngineConfig: the seed from --seed, and `engine_options`."""
+    launcher's ranks. Its EngineConfig: the seed from --seed, compiled decoding from --compile, and `engine_options`."""
     import torch
 
     from astrai_ds.inference.engine import EngineConfig, LLMEngine
@@ -107,7 +137,8 @@ def load_engine(args, tp: int = 1, **engine_options):
     else:
         model, tokenizer = load_model_folder(args.model, dtype=dtype,
                                              device="cuda" if torch.cuda.is_available() else "cpu")
-    return LLMEngine(model, tokenizer, EngineConfig(seed=engine_seed(args.seed, tp), **engine_options))
+    return LLMEngine(model, tokenizer, EngineConfig(seed=engine_seed(args.seed, tp), compile=compile_decode(args, tp),
+                                                    **engine_options))
 
 
 def user_prompt(text: str, system: str | None) -> list[dict]:

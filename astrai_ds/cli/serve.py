@@ -40,9 +40,10 @@ def parse_kv_budget(text: str) -> dict:
 
 
 def add_arguments(p) -> None:
-    from astrai_ds.cli.model_commands import add_model_arguments
+    from astrai_ds.cli.model_commands import add_compile_argument, add_model_arguments
 
     add_model_arguments(p)
+    add_compile_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 serves other machines too")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--api-key", default=None, metavar="KEY",

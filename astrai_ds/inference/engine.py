@@ -81,6 +81,10 @@ class EngineConfig:
     max_num_seqs: int = 64  # requests stepped together at most
     max_num_batched_tokens: int = 512  # new tokens per step (prefill chunks + decode tokens)
     seed: int = 0  # seeds the generators of requests that bring no seed (the same on every tensor-parallel rank)
+    compile: bool = False  # decode steps through compiled graphs, one per batch-size bucket (`compiled_decode`)
+    # The model's weights never change while the engine lives, so compiled graphs may fold them in. False for a model
+    # updated in place between runs (GRPO's rollout copy).
+    frozen_weights: bool = True
 
     def __post_init__(self):
         for key in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -107,7 +111,9 @@ class LLMEngine:
         num_blocks = -(-tokens // config.block_size)
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        self.runner = ModelRunner(model, num_blocks, config.block_size,
+                                  compile_batch=config.max_num_seqs if config.compile else 0,
+                                  frozen_weights=config.frozen_weights)
         self.stop_ids = tokenizer.stop_ids
         self._requests: dict[str, _Request] = {}
         self._ids = itertools.count()

@@ -129,13 +129,13 @@ def eval_loss(model, tokenizer, texts: list[str], batch_size: int = 32, *, progr
 
 
 def _greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, stop: set[int], batch_size: int,
-            desc: str, progress: bool) -> list[list[int]]:
+            desc: str, progress: bool, compile: bool = False) -> list[list[int]]:
     """Greedy continuations of token-id prompts through the generation engine (`batch_size` requests stepped
-    together); a prompt stops at a stop id, which is not included."""
+    together; `compile`: compiled decode steps); a prompt stops at a stop id, which is not included."""
     from astrai_ds.inference.engine import EngineConfig, LLMEngine
     from astrai_ds.inference.sampling import SamplingParams
 
-    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=batch_size))
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=batch_size, compile=compile))
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=sorted(stop))
     completions = engine.generate_batch(prompts, params, progress=progress, desc=desc)
     refused = next((c.error for c in completions if c.error), None)
@@ -145,9 +145,9 @@ def _greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, sto
 
 
 def evaluate_model(model, tokenizer, records: list[dict], batch_size: int = 32, max_new_tokens: int | None = None,
-                   *, progress: bool = False) -> dict:
+                   *, progress: bool = False, compile: bool = False) -> dict:
     """{"eval_loss", "exact_match", "n", "per_task": {task: exact match}} over `records` (fact records);
-    `progress` shows the greedy answers' progress on stderr."""
+    `progress` shows the greedy answers' progress on stderr; `compile` decodes through compiled graphs."""
     model.eval()
     result = {"eval_loss": eval_loss(model, tokenizer, [full_text(r) for r in records], batch_size,
                                      progress=progress),
@@ -161,7 +161,7 @@ def evaluate_model(model, tokenizer, records: list[dict], batch_size: int = 32, 
     # The answer ends at the first sentence end, so generation can stop there too.
     stop = set(tokenizer.stop_ids) | {ids[0] for ids in tokenizer.encode_batch([".", "。"]) if len(ids) == 1}
     hits, by_task = [], defaultdict(list)
-    outs = _greedy(model, tokenizer, prompts, max_new_tokens, stop, batch_size, "eval exact match", progress)
+    outs = _greedy(model, tokenizer, prompts, max_new_tokens, stop, batch_size, "eval exact match", progress, compile)
     for record, out in zip(qa, outs):
         hit = extract_answer(tokenizer.decode(out)) == record["answer"].strip()
         hits.append(hit)
@@ -172,7 +172,7 @@ def evaluate_model(model, tokenizer, records: list[dict], batch_size: int = 32, 
 
 
 def evaluate_chat(model, tokenizer, records: list[dict], batch_size: int = 32, max_new_tokens: int | None = None,
-                  responses: list | None = None, *, progress: bool = False) -> dict:
+                  responses: list | None = None, *, progress: bool = False, compile: bool = False) -> dict:
     """Greedy answers to chat-formatted held-out questions: {"chat_exact_match" (the answer's value is right),
     "chat_response_match" (the whole response is right, a full answer's justification included),
     "preferred_style_rate", "chat_contains" (the record's "answer" appears in the response, case and whitespace
@@ -182,7 +182,7 @@ def evaluate_chat(model, tokenizer, records: list[dict], batch_size: int = 32, m
     A record holds `messages` (the conversation up to the question), `answers` (the accepted forms, one per
     style) and `preferred` (the style the preference pairs favour). A `responses` list, when given, receives
     one {"question", "response", "correct", "exact_response", "style", "answers"} per record. `progress`
-    shows progress on stderr."""
+    shows progress on stderr; `compile` decodes through compiled graphs."""
     from astrai_ds.data.chat import render_chat
     from astrai_ds.inference.scoring import answer_contained, answer_style, chat_answer_correct, chat_response_exact
 
@@ -193,7 +193,7 @@ def evaluate_chat(model, tokenizer, records: list[dict], batch_size: int = 32, m
         max_new_tokens = max(len(ids) for ids in tokenizer.encode_batch(forms)) + 4
     stop = set(tokenizer.stop_ids)
     correct, exact, preferred, contains = [], [], [], []
-    outs = _greedy(model, tokenizer, prompts, max_new_tokens, stop, batch_size, "eval chat", progress)
+    outs = _greedy(model, tokenizer, prompts, max_new_tokens, stop, batch_size, "eval chat", progress, compile)
     for record, out in zip(records, outs):
         response = tokenizer.decode(out)
         style = answer_style(response, record)

@@ -21,14 +21,23 @@ def local_kv_heads(model) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model, num_blocks: int, block_size: int):
+    """compile_batch: the largest batch of decode steps to run through compiled graphs (`compiled_decode`); 0 runs
+    every step eager; frozen_weights: the model's weights never change while the runner lives (see there)."""
+
+    def __init__(self, model, num_blocks: int, block_size: int, compile_batch: int = 0, frozen_weights: bool = True):
         self.model = model
         self.block_size = block_size
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         cfg = model.cfg
-        self.cache = KVCache(cfg.n_layers, num_blocks, block_size, local_kv_heads(model), cfg.head_size,
-                             dtype=self.dtype, device=self.device)
+        # compiled decoding pads batches with rows that write to one more block, which the block manager never hands out
+        self.cache = KVCache(cfg.n_layers, num_blocks + (compile_batch > 0), block_size, local_kv_heads(model),
+                             cfg.head_size, dtype=self.dtype, device=self.device)
+        self.compiled = None
+        if compile_batch > 0:
+            from astrai_ds.inference.compiled_decode import CompiledDecode
+
+            self.compiled = CompiledDecode(self, compile_batch, num_blocks * block_size, frozen_weights)
 
     def _slots(self, block_table: list[int], start: int, stop: int) -> list[int]:
         """Cache slots of token positions start..stop-1 of a sequence with this block table."""
@@ -54,7 +63,10 @@ class ModelRunner:
     def run(self, scheduled: list[Scheduled]) -> torch.Tensor:
         """Compute the scheduled tokens' keys and values; return float32 logits (S, vocab) for the sequences
         whose step reaches their last token (`Scheduled.samples`), in the order of `scheduled`. Sequences with
-        the same number of new tokens attend as one group (all decodes; prefill chunks of one length)."""
+        the same number of new tokens attend as one group (all decodes; prefill chunks of one length). A step of
+        decodes alone runs through a compiled graph where compilation is on."""
+        if self.compiled is not None and (logits := self.compiled.run(scheduled)) is not None:
+            return logits
         ids, positions, slots, last = [], [], [], []
         by_len: dict[int, list[tuple[Scheduled, int]]] = {}
         offset = 0

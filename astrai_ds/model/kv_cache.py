@@ -20,14 +20,16 @@ import torch.nn.functional as F
 
 
 class KVCache:
-    """Key and value pools, each (n_layers, num_blocks * block_size, n_kv_heads, head_dim)."""
+    """Key and value pools: per layer one tensor (num_blocks * block_size, n_kv_heads, head_dim) in the lists `k` and
+    `v`. Separate tensors rather than one stacked tensor, so that a compiled step writes each layer's pool in place
+    (a write into a view of one large tensor made inductor copy the whole stack, every layer, every step)."""
 
     def __init__(self, n_layers: int, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         self.num_blocks, self.block_size = num_blocks, block_size
-        shape = (n_layers, num_blocks * block_size, n_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (num_blocks * block_size, n_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
 
     @staticmethod
     def bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

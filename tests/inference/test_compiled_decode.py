@@ -1,0 +1,122 @@
+"""Compiled decode steps (`EngineConfig.compile`): greedy tokens and log-probs equal the eager engine's across the
+batch buckets (fp32, padding rows included), another model gets its own graphs, a model updated in place is read
+as it is now where its weights are not frozen, and a step that cannot compile runs eager after one line."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from astrai_ds.data.tokenizer import Tokenizer
+from astrai_ds.inference import compiled_decode
+from astrai_ds.inference.compiled_decode import batch_buckets
+from astrai_ds.inference.engine import EngineConfig, LLMEngine
+from astrai_ds.inference.sampling import SamplingParams
+from tests.inference.test_engine import random_ids, tiny_model
+
+
+@pytest.fixture(scope="module")
+def tokenizer(workspace) -> Tokenizer:
+    return Tokenizer.load(workspace / "tokenizer")
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True, logprobs=2)
+
+
+def run(model, tokenizer, prompts, params, **config) -> tuple[list, LLMEngine]:
+    engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8, max_num_seqs=4, **config))
+    return engine.generate_batch(prompts, params), engine
+
+
+def assert_same(compiled, eager):
+    assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
+    for c, e in zip(compiled, eager):
+        assert [t["token_id"] for t in c.logprobs] == [t["token_id"] for t in e.logprobs]
+        torch.testing.assert_close(torch.tensor([t["logprob"] for t in c.logprobs]),
+                                   torch.tensor([t["logprob"] for t in e.logprobs]), rtol=0, atol=1e-4)
+
+
+def test_batch_buckets():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(4) == [1, 2, 4]
+    assert batch_buckets(6) == [1, 2, 4, 6]
+    assert batch_buckets(64) == [1, 2, 4, 8, 16, 32, 64]
+
+
+def test_compiled_steps_give_the_eager_tokens_and_logprobs_in_every_bucket(tokenizer):
+    model = tiny_model()
+    # Three requests that end at different steps: decode batches of 3 (bucket 4, one padding row), 2 and 1.
+    prompts = [random_ids(5, 1), random_ids(17, 2), random_ids(30, 3)]
+    params = [greedy(20), greedy(12), greedy(6)]
+    eager, _ = run(model, tokenizer, prompts, params)
+    compiled, engine = run(model, tokenizer, prompts, params, compile=True)
+    assert engine.runner.compiled.failed is None
+    assert engine.runner.compiled.seen == {4, 2, 1}
+    assert engine.runner.compiled.steps == 19  # every step after the one that prefilled all three
+    assert_same(compiled, eager)
+    assert len({tuple(c.token_ids) for c in eager}) == 3
+
+
+def test_each_model_gets_its_own_frozen_graphs(tokenizer):
+    prompt, params = [random_ids(9, 4)], [greedy(10)]
+    first, second = tiny_model(), tiny_model()
+    with torch.no_grad():
+        for p in second.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    run(first, tokenizer, prompt, params, compile=True)  # its graph for bucket 1 exists now
+    compiled, engine = run(second, tokenizer, prompt, params, compile=True)
+    eager, _ = run(second, tokenizer, prompt, params)
+    assert engine.runner.compiled.steps == 9
+    assert_same(compiled, eager)
+    assert compiled[0].token_ids != run(first, tokenizer, prompt, params)[0][0].token_ids
+
+
+def test_a_model_updated_in_place_is_read_as_it_is_now_when_not_frozen(tokenizer):
+    """GRPO's rollout copy: one model object, its weights overwritten between engines."""
+    model = tiny_model()
+    prompt, params = [random_ids(12, 5)], [greedy(10)]
+    before, _ = run(model, tokenizer, prompt, params, compile=True, frozen_weights=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    after, engine = run(model, tokenizer, prompt, params, compile=True, frozen_weights=False)
+    eager, _ = run(model, tokenizer, prompt, params)
+    assert engine.runner.compiled.steps == 9
+    assert_same(after, eager)
+    assert after[0].token_ids != before[0].token_ids
+
+
+def test_a_step_that_cannot_compile_decodes_eager_after_one_line(tokenizer, monkeypatch, capsys):
+    def broken(*args):
+        raise RuntimeError("inductor found no C++ compiler\nand more lines")
+
+    monkeypatch.setitem(compiled_decode._COMPILED, True, broken)
+    model = tiny_model()
+    prompts, params = [random_ids(7, 6), random_ids(3, 7)], [greedy(8), greedy(5)]
+    got, engine = run(model, tokenizer, prompts, params, compile=True)
+    eager, _ = run(model, tokenizer, prompts, params)
+    assert [c.token_ids for c in got] == [c.token_ids for c in eager]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "compile: the decode step could not be compiled (RuntimeError: inductor found no C++ compiler); " \
+           "decoding eager" in err
+    assert engine.runner.compiled.steps == 0
+
+
+def test_the_compile_option_falls_back_to_eager_in_one_line(monkeypatch, capsys):
+    import astrai_ds.extensions as extensions
+    from astrai_ds.cli.model_commands import compile_decode
+
+    assert compile_decode(types.SimpleNamespace(compile=False)) is False
+    assert compile_decode(types.SimpleNamespace(compile=True), tp=2) is False
+    assert "compile: not with --tp" in capsys.readouterr().err
+    monkeypatch.setattr(extensions, "missing_cpp_compiler", lambda: "RuntimeError")
+    assert compile_decode(types.SimpleNamespace(compile=True)) is False
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no C++ compiler for torch.compile on this CPU (RuntimeError); decoding eager" in err
+    monkeypatch.setattr(extensions, "missing_cpp_compiler", lambda: None)
+    assert compile_decode(types.SimpleNamespace(compile=True)) is True
+    assert "compiles on its first use" in capsys.readouterr().err
