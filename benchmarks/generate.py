@@ -19,11 +19,15 @@ theirs), all greedy.
                  same request on an empty cache (different prefixes each round, so nothing else is reused).
   bound          batch-1 decode reads every weight once per token: the bound is a copy bandwidth measured in
                  this run (a 512 MiB tensor copy, read + write bytes) over the weight bytes.
+  --compile      adds `ours+compile`: a second engine over the same weights with compiled decode steps
+                 (EngineConfig.compile); its graphs are compiled in a warm-up before anything is timed (the time is
+                 reported apart), and its greedy tokens are compared with the eager engine's.
 
     .venv/bin/python benchmarks/generate.py                      # small, bf16, everything
     .venv/bin/python benchmarks/generate.py --dtype fp32 --json out.json
     .venv/bin/python benchmarks/generate.py --model configs/model/tiny.json --new-tokens 16 --rounds 1   # smoke test
     .venv/bin/python benchmarks/generate.py --model models/smollm2 --dtype fp32   # a real model folder
+    .venv/bin/python benchmarks/generate.py --model models/smollm2 --compile      # with compiled decode steps
 
 Run it on a quiet machine: every measurement uses all cores.
 """
@@ -193,6 +197,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3, help="repeat each measurement; medians are reported")
     p.add_argument("--work-dir", type=Path, default=None, help="keep the corpus, tokenizer and model folder here")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--compile", action="store_true", help="also measure our engine with compiled decode steps")
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count())
     machine = announce(("transformers",))
@@ -211,6 +216,13 @@ def main() -> int:
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     vocab, pad = model.cfg.vocab_size, tokenizer.pad_id
     engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=16, max_num_batched_tokens=512))
+    engines = {"ours": engine}
+    if args.compile:
+        from astrai_ds.extensions import use_compile_cache
+
+        use_compile_cache()
+        engines["ours+compile"] = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=16, max_num_batched_tokens=512,
+                                                                           compile=True))
 
     prompt = random_prompt(args.prompt_len, 0, vocab)
     g = torch.Generator().manual_seed(1)
@@ -219,29 +231,45 @@ def main() -> int:
     mixed_new = [min(int(n), model.cfg.max_seq_len - len(p))  # within the context (tiny's is 256)
                  for n, p in zip(torch.randint(16, 129, (16,), generator=g), mixed_prompts)]
 
-    # warm-up: the first calls of each side allocate and pick kernels
-    ours_batch1(engine, prompt, 8)
+    # warm-up: the first calls of each side allocate and pick kernels; the compiled engine compiles every batch
+    # size the measurements use (1 to 16)
+    compile_seconds = None
+    for name, e in engines.items():
+        t0 = time.perf_counter()
+        ours_batch1(e, prompt, 8)
+        if name == "ours+compile":
+            ours_mixed(e, mixed_prompts, mixed_new)
+            compile_seconds = time.perf_counter() - t0
+            print(f"ours+compile: warm-up (compiling buckets {sorted(e.runner.compiled.seen)}) took "
+                  f"{compile_seconds:.0f} s", flush=True)
     hf_batch1(hf, prompt, 8, pad)
 
-    rows = {"ours": {"ttft": [], "decode": [], "mixed": []}, "transformers": {"ttft": [], "decode": [], "mixed": []}}
-    same_tokens = None
-    for _ in range(args.rounds):  # interleaved, so drifting machine speed hits both sides alike
-        ttft, decode = ours_batch1(engine, prompt, args.new_tokens)
-        rows["ours"]["ttft"].append(ttft)
-        rows["ours"]["decode"].append(decode)
+    sides = [*engines, "transformers"]
+    rows = {side: {"ttft": [], "decode": [], "mixed": []} for side in sides}
+    agreement = {}
+    for _ in range(args.rounds):  # interleaved, so drifting machine speed hits every side alike
+        for name, e in engines.items():
+            ttft, decode = ours_batch1(e, prompt, args.new_tokens)
+            rows[name]["ttft"].append(ttft)
+            rows[name]["decode"].append(decode)
         ttft, decode, hf_tokens = hf_batch1(hf, prompt, args.new_tokens, pad)
         rows["transformers"]["ttft"].append(ttft)
         rows["transformers"]["decode"].append(decode)
-        if same_tokens is None:
+        if not agreement:
             from astrai_ds.inference.sampling import SamplingParams
 
-            ours_tokens = engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=args.new_tokens,
-                                                                 ignore_eos=True)).token_ids
-            same = sum(a == b for a, b in zip(ours_tokens, hf_tokens))
-            first_diff = next((i for i, (a, b) in enumerate(zip(ours_tokens, hf_tokens)) if a != b), None)
-            same_tokens = {"equal_tokens": same, "of": args.new_tokens, "first_difference": first_diff}
-        rows["ours"]["mixed"].append(ours_mixed(engine, mixed_prompts, mixed_new))
+            greedy = SamplingParams(temperature=0, max_new_tokens=args.new_tokens, ignore_eos=True)
+            tokens = {name: e.generate(prompt, greedy).token_ids for name, e in engines.items()}
+            pairs = [("ours", "transformers")] + [(name, "ours") for name in engines if name != "ours"]
+            tokens["transformers"] = hf_tokens
+            for a, b in pairs:
+                same = sum(x == y for x, y in zip(tokens[a], tokens[b]))
+                first_diff = next((i for i, (x, y) in enumerate(zip(tokens[a], tokens[b])) if x != y), None)
+                agreement[f"{a} vs {b}"] = {"equal_tokens": same, "of": args.new_tokens, "first_difference": first_diff}
+        for name, e in engines.items():
+            rows[name]["mixed"].append(ours_mixed(e, mixed_prompts, mixed_new))
         rows["transformers"]["mixed"].append(hf_mixed(hf, mixed_prompts, mixed_new, args.static_batch, pad))
+    same_tokens = agreement["ours vs transformers"]
     cold, warm = ours_prefix(engine, 200, vocab, max(args.rounds, 3))
     bandwidth = copy_bandwidth()
     bound = bandwidth / weight_bytes(model)
@@ -254,6 +282,8 @@ def main() -> int:
         "batch1": {"prompt_tokens": args.prompt_len, "new_tokens": args.new_tokens, **{
             side: {"ttft_ms": 1000 * med[side]["ttft"], "decode_tokens_per_s": med[side]["decode"]} for side in med}},
         "greedy_agreement": same_tokens,
+        "greedy_agreement_all": agreement,
+        "compile_warmup_seconds": compile_seconds,
         "mixed16": {"new_tokens": sum(mixed_new), "static_batch": args.static_batch,
                     **{side: {"tokens_per_s": med[side]["mixed"]} for side in med}},
         "prefix": {"shared_tokens": 200, "ttft_cold_ms": 1000 * cold, "ttft_warm_ms": 1000 * warm,
@@ -265,16 +295,23 @@ def main() -> int:
     o, t = med["ours"], med["transformers"]
     print(f"model {args.model.name} ({result['model']['params'] / 1e6:.1f}M params, {args.dtype}), "
           f"{result['machine']['cores']} cores, torch {torch.__version__}, transformers {transformers.__version__}")
-    print(f"{'':28}{'ours':>12}{'transformers':>14}{'ratio':>8}")
-    print(f"{'batch-1 decode tokens/s':28}{o['decode']:12.1f}{t['decode']:14.1f}{o['decode'] / t['decode']:8.2f}")
-    print(f"{'batch-1 TTFT ms':28}{1000 * o['ttft']:12.1f}{1000 * t['ttft']:14.1f}{t['ttft'] / o['ttft']:8.2f}")
-    print(f"{'16 mixed requests tokens/s':28}{o['mixed']:12.1f}{t['mixed']:14.1f}{o['mixed'] / t['mixed']:8.2f}"
-          f"   (theirs: static batches of {args.static_batch})")
+    print(f"{'':28}" + "".join(f"{name:>14}" for name in sides)
+          + "".join(f"{name + '/theirs':>22}" for name in engines))
+    rows_out = (("batch-1 decode tokens/s", "decode", 1, True), ("batch-1 TTFT ms", "ttft", 1000, False),
+                ("16 mixed requests tokens/s", "mixed", 1, True))
+    for label, key, scale, higher in rows_out:
+        ratios = [med[name][key] / t[key] if higher else t[key] / med[name][key] for name in engines]
+        print(f"{label:28}" + "".join(f"{scale * med[name][key]:14.1f}" for name in sides)
+              + "".join(f"{r:22.2f}" for r in ratios))
+    print(f"(theirs: static batches of {args.static_batch} for the 16 mixed requests; TTFT ratios: theirs / ours)")
     print(f"prefix cache: TTFT with a 200-token cached prefix {1000 * warm:.1f} ms against {1000 * cold:.1f} ms "
           f"cold ({cold / warm:.1f}x)")
     print(f"batch-1 bound: copy bandwidth {bandwidth / 1e9:.1f} GB/s / {weight_bytes(model) / 1e6:.1f} MB of weights "
           f"= {bound:.0f} tokens/s; ours reaches {100 * o['decode'] / bound:.0f}%")
-    print(f"greedy tokens equal to transformers': {same_tokens['equal_tokens']}/{same_tokens['of']}")
+    for pair, a in agreement.items():
+        print(f"greedy tokens equal, {pair}: {a['equal_tokens']}/{a['of']}")
+    if "ours+compile" in med:
+        print(f"batch-1 decode, ours+compile reaches {100 * med['ours+compile']['decode'] / bound:.0f}% of the bound")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
