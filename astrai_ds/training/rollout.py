@@ -196,7 +196,9 @@ class RolloutBatches:
         longest = max(len(p) for p in prompts) + cfg.max_new_tokens
         engine = LLMEngine(model, self.tokenizer, EngineConfig(
             kv_cache_tokens=len(prompts) * longest + 16, max_num_seqs=len(prompts),
-            max_num_batched_tokens=max(2048, len(prompts))))
+            max_num_batched_tokens=max(2048, len(prompts)),
+            # the inference copy's weights are overwritten every rollout: compiled graphs read them as inputs
+            compile=self.grpo.compile_rollouts, frozen_weights=False))
         completions = engine.generate_batch(prompts, params)
         failed = next((c for c in completions if c.error is not None or c.finish_reason == "error"), None)
         if failed is not None:

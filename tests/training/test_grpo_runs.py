@@ -41,11 +41,15 @@ def grpo_config(workspace, model_dir, setup, out, **over):
 
 def test_two_ranks_equal_one_rank_with_the_same_global_batch(workspace, model_dir, grpo_setup, tmp_path):
     """2 ranks x 2 micro-batches of 4 completions (one group each) against 1 rank x 4: the same prompts, the same
-    completions (each has its own seed), the same loss, rewards and weights."""
+    completions (each has its own seed), the same loss, rewards and weights. The 1-rank run's rollouts decode through
+    compiled graphs (`compile_rollouts`), whose weights are read anew each rollout: the same completions again."""
     two = grpo_config(workspace, model_dir, grpo_setup, tmp_path / "two")
     launch(two, ds_config="zero2.json", nproc=2, launcher="deepspeed")
-    one = grpo_config(workspace, model_dir, grpo_setup, tmp_path / "one", grad_accum_steps=4)
-    launch(one, ds_config="zero2.json", nproc=1)
+    grpo = {"group_size": 4, "max_new_tokens": 16, "compile_rollouts": True,
+            "rewards": {f"{grpo_setup / 'my_rewards.py'}:length_reward": 1.0, "exact": 1.0}}
+    one = grpo_config(workspace, model_dir, grpo_setup, tmp_path / "one", grad_accum_steps=4, grpo=grpo)
+    proc = launch(one, ds_config="zero2.json", nproc=1)
+    assert "could not be compiled" not in proc.stdout + proc.stderr
     records = {name: {r["step"]: r for r in read_metrics(tmp_path / name / "run") if "train/loss" in r}
                for name in ("one", "two")}
     assert sorted(records["one"]) == sorted(records["two"]) == [1, 2]
