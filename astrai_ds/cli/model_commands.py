@@ -25,8 +25,9 @@ def add_model_arguments(p) -> None:
 
 def add_compile_argument(p) -> None:
     p.add_argument("--compile", action="store_true",
-                   help="decode through compiled graphs (torch.compile, inductor), one per batch size: each compiles "
-                        "on its first use (tens of seconds on a CPU), then decoding runs faster (docs/benchmarks.md)")
+                   help="decode through compiled graphs (torch.compile, inductor), one for a single sequence and one "
+                        "for batches: each compiles on its first use (tens of seconds on a CPU; serve compiles both "
+                        "before it starts), then decoding runs faster (docs/benchmarks.md)")
 
 
 def compile_decode(args, tp: int = 1) -> bool:
@@ -48,7 +49,7 @@ def compile_decode(args, tp: int = 1) -> bool:
               f"(apt-get install g++, or set CXX) or leave out --compile", file=sys.stderr)
         return False
     cache = use_compile_cache()
-    print(f"compile: each batch size's decode step compiles on its first use; kernels are cached in {cache}",
+    print(f"compile: the decode steps compile on their first use; kernels are cached in {cache}",
           file=sys.stderr, flush=True)
     return True
 

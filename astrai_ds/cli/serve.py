@@ -132,6 +132,10 @@ def run(args) -> int:
         _close(args.tp)
         return 0
 
+    if engine.runner.compiled is not None:
+        print("compile: compiling the decode steps before serving (one sequence, then a batch)", file=sys.stderr,
+              flush=True)
+        engine.warm_up()
     from astrai_ds.serve.app import ServerState, allowed_hosts, build_app
     from astrai_ds.serve.async_engine import AsyncEngine
     from astrai_ds.serve.metrics import ServeMetrics

@@ -138,7 +138,7 @@ class GRPOConfig:
     scale_rewards: bool = True  # divide the advantages by the group's standard deviation (false: Dr. GRPO)
     mask_truncated: bool = False  # completions cut at max_new_tokens take no part in the loss
     epsilon: float = 1e-4  # added to the group's standard deviation
-    # rollouts decode through compiled graphs (torch.compile, one per batch size, compiled in the first rollout)
+    # rollouts decode through compiled graphs (torch.compile; compiled in the first rollout, weights as inputs)
     compile_rollouts: bool = False
 
     def __post_init__(self):

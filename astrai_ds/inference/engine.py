@@ -81,7 +81,7 @@ class EngineConfig:
     max_num_seqs: int = 64  # requests stepped together at most
     max_num_batched_tokens: int = 512  # new tokens per step (prefill chunks + decode tokens)
     seed: int = 0  # seeds the generators of requests that bring no seed (the same on every tensor-parallel rank)
-    compile: bool = False  # decode steps through compiled graphs, one per batch-size bucket (`compiled_decode`)
+    compile: bool = False  # decode steps through compiled graphs (`compiled_decode`)
     # The model's weights never change while the engine lives, so compiled graphs may fold them in. False for a model
     # updated in place between runs (GRPO's rollout copy).
     frozen_weights: bool = True
@@ -112,7 +112,7 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, num_blocks, config.block_size,
-                                  compile_batch=config.max_num_seqs if config.compile else 0,
+                                  compile=config.compile,
                                   frozen_weights=config.frozen_weights)
         self.stop_ids = tokenizer.stop_ids
         self._requests: dict[str, _Request] = {}
@@ -254,6 +254,16 @@ class LLMEngine:
         finally:
             if not done:
                 self.abort(request_id)
+
+    def warm_up(self) -> None:
+        """With `compile`, compile the decode graphs now (one sequence, a batch) rather than in the first requests'
+        steps: a request of one token id, then two, each decoding a token. Nothing stays behind in the cache."""
+        if self.runner.compiled is None:
+            return
+        # a seed of its own, so the engine's seeds for requests without one stay as they would be
+        params = SamplingParams(temperature=0.0, max_new_tokens=2, ignore_eos=True, seed=0)
+        for n in (1, 2):
+            self.generate_batch([[0]] * n, params)
 
     def _check_alone(self, name: str) -> None:
         if self._requests:

@@ -21,23 +21,22 @@ def local_kv_heads(model) -> int:
 
 
 class ModelRunner:
-    """compile_batch: the largest batch of decode steps to run through compiled graphs (`compiled_decode`); 0 runs
-    every step eager; frozen_weights: the model's weights never change while the runner lives (see there)."""
+    """compile: steps of decodes alone run through compiled graphs (`compiled_decode`); frozen_weights: the model's
+    weights never change while the runner lives (see there)."""
 
-    def __init__(self, model, num_blocks: int, block_size: int, compile_batch: int = 0, frozen_weights: bool = True):
+    def __init__(self, model, num_blocks: int, block_size: int, compile: bool = False, frozen_weights: bool = True):
         self.model = model
         self.block_size = block_size
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         cfg = model.cfg
-        # compiled decoding pads batches with rows that write to one more block, which the block manager never hands out
-        self.cache = KVCache(cfg.n_layers, num_blocks + (compile_batch > 0), block_size, local_kv_heads(model),
-                             cfg.head_size, dtype=self.dtype, device=self.device)
+        self.cache = KVCache(cfg.n_layers, num_blocks, block_size, local_kv_heads(model), cfg.head_size,
+                             dtype=self.dtype, device=self.device)
         self.compiled = None
-        if compile_batch > 0:
+        if compile:
             from astrai_ds.inference.compiled_decode import CompiledDecode
 
-            self.compiled = CompiledDecode(self, compile_batch, num_blocks * block_size, frozen_weights)
+            self.compiled = CompiledDecode(self, frozen_weights)
 
     def _slots(self, block_table: list[int], start: int, stop: int) -> list[int]:
         """Cache slots of token positions start..stop-1 of a sequence with this block table."""

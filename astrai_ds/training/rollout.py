@@ -199,6 +199,8 @@ class RolloutBatches:
             max_num_batched_tokens=max(2048, len(prompts)),
             # the inference copy's weights are overwritten every rollout: compiled graphs read them as inputs
             compile=self.grpo.compile_rollouts, frozen_weights=False))
+        if self.rollouts == 0:
+            engine.warm_up()  # compile_rollouts: both graphs in the first rollout, not whenever one is first needed
         completions = engine.generate_batch(prompts, params)
         failed = next((c for c in completions if c.error is not None or c.finish_reason == "error"), None)
         if failed is not None:

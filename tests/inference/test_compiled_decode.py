@@ -1,5 +1,5 @@
-"""Compiled decode steps (`EngineConfig.compile`): greedy tokens and log-probs equal the eager engine's across the
-batch buckets (fp32, padding rows included), another model gets its own graphs, a model updated in place is read
+"""Compiled decode steps (`EngineConfig.compile`): greedy tokens and log-probs equal the eager engine's in both
+graphs, one sequence and a batch of any size (fp32), another model gets its own graphs, a model updated in place is read
 as it is now where its weights are not frozen, and a step that cannot compile runs eager after one line."""
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import torch
 
 from astrai_ds.data.tokenizer import Tokenizer
 from astrai_ds.inference import compiled_decode
-from astrai_ds.inference.compiled_decode import batch_buckets
 from astrai_ds.inference.engine import EngineConfig, LLMEngine
 from astrai_ds.inference.sampling import SamplingParams
 from tests.inference.test_engine import random_ids, tiny_model
@@ -39,22 +38,15 @@ def assert_same(compiled, eager):
                                    torch.tensor([t["logprob"] for t in e.logprobs]), rtol=0, atol=1e-4)
 
 
-def test_batch_buckets():
-    assert batch_buckets(1) == [1]
-    assert batch_buckets(4) == [1, 2, 4]
-    assert batch_buckets(6) == [1, 2, 4, 6]
-    assert batch_buckets(64) == [1, 2, 4, 8, 16, 32, 64]
-
-
-def test_compiled_steps_give_the_eager_tokens_and_logprobs_in_every_bucket(tokenizer):
+def test_compiled_steps_give_the_eager_tokens_and_logprobs_for_one_sequence_and_for_batches(tokenizer):
     model = tiny_model()
-    # Three requests that end at different steps: decode batches of 3 (bucket 4, one padding row), 2 and 1.
+    # Three requests that end at different steps: decode batches of 3 and 2 (one graph), then 1 (the other).
     prompts = [random_ids(5, 1), random_ids(17, 2), random_ids(30, 3)]
     params = [greedy(20), greedy(12), greedy(6)]
     eager, _ = run(model, tokenizer, prompts, params)
     compiled, engine = run(model, tokenizer, prompts, params, compile=True)
     assert engine.runner.compiled.failed is None
-    assert engine.runner.compiled.seen == {4, 2, 1}
+    assert engine.runner.compiled.seen == {"batch", "one"}
     assert engine.runner.compiled.steps == 19  # every step after the one that prefilled all three
     assert_same(compiled, eager)
     assert len({tuple(c.token_ids) for c in eager}) == 3
@@ -66,7 +58,7 @@ def test_each_model_gets_its_own_frozen_graphs(tokenizer):
     with torch.no_grad():
         for p in second.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    run(first, tokenizer, prompt, params, compile=True)  # its graph for bucket 1 exists now
+    run(first, tokenizer, prompt, params, compile=True)  # its graph for one sequence exists now
     compiled, engine = run(second, tokenizer, prompt, params, compile=True)
     eager, _ = run(second, tokenizer, prompt, params)
     assert engine.runner.compiled.steps == 9
@@ -116,7 +108,20 @@ def test_the_compile_option_falls_back_to_eager_in_one_line(monkeypatch, capsys)
     monkeypatch.setattr(extensions, "missing_cpp_compiler", lambda: "RuntimeError")
     assert compile_decode(types.SimpleNamespace(compile=True)) is False
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "no C++ compiler for torch.compile on this CPU (RuntimeError); decoding eager" in err
+    assert err.count("\n") == 1
+    assert "no C++ compiler for torch.compile on this CPU (RuntimeError); decoding eager" in err
     monkeypatch.setattr(extensions, "missing_cpp_compiler", lambda: None)
     assert compile_decode(types.SimpleNamespace(compile=True)) is True
-    assert "compiles on its first use" in capsys.readouterr().err
+    assert "compile on their first use" in capsys.readouterr().err
+
+
+def test_warm_up_compiles_both_graphs_and_leaves_the_engine_as_it_was(tokenizer):
+    model = tiny_model()
+    sampled = SamplingParams(temperature=1.0, max_new_tokens=6)  # no seed: the engine's seeds draw it
+    engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8, compile=True, seed=3))
+    engine.warm_up()
+    assert engine.runner.compiled.seen == {"one", "batch"} and engine.runner.compiled.failed is None
+    assert not engine.has_unfinished() and engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    cold = LLMEngine(model, tokenizer, EngineConfig(block_size=8, seed=3))
+    prompt = random_ids(10, 8)
+    assert engine.generate(prompt, sampled).token_ids == cold.generate(prompt, sampled).token_ids
