@@ -106,7 +106,8 @@ class Logger(Callback):
     the steps since the last line), lr, grad norm, trained tokens/s (all ranks, and per rank), MFU.
 
     The strategy's metrics are each rank's shares of the global batch's values, so the sum over ranks is the
-    global value. The sums since the last line are part of the checkpoint (summed over the ranks when saved,
+    global value. They are summed as tensors on the model's device and read on the host only when a line is written
+    (or a checkpoint taken). The sums since the last line are part of the checkpoint (summed over the ranks when saved,
     held by rank 0 when loaded), so a resumed run logs the same numbers as an uninterrupted one."""
 
     stateful = True
@@ -121,7 +122,8 @@ class Logger(Callback):
         self.throughput.rate()  # start the clock after set-up, not at construction
 
     def on_step_end(self, trainer, metrics: dict) -> None:
-        for key, value in metrics["metrics"].items():
+        for key, value in metrics["metrics"].items():  # in float64, as Python floats would add them
+            value = value.detach().double() if isinstance(value, torch.Tensor) else value
             self._sums[key] = self._sums.get(key, 0.0) + value
         self._steps += 1
         self.throughput.add(metrics["tokens"], metrics["flops"])
@@ -129,11 +131,12 @@ class Logger(Callback):
         if step % self.interval and step != trainer.cfg.max_steps:
             return
         keys = sorted(self._sums)  # the same order on every rank
-        means = {k: v / self._steps for k, v in zip(keys, _sum_over_ranks([self._sums[k] for k in keys]))}
+        means = {k: v / self._steps for k, v in zip(keys, _sum_over_ranks([float(self._sums[k]) for k in keys]))}
         self._sums, self._steps = {}, 0
         tps, mfu = self.throughput.rate()
         self.last = {"train/loss": means.pop("loss"), "train/lr": metrics["lr"],
-                     "train/grad_norm": metrics["grad_norm"], "train/tokens_per_sec": tps,
+                     "train/grad_norm": float("nan") if metrics["grad_norm"] is None else float(metrics["grad_norm"]),
+                     "train/tokens_per_sec": tps,
                      "train/tokens_per_sec_per_rank": tps / trainer.dist.world_size, "train/mfu": mfu,
                      "train/tokens_seen": trainer.state.tokens_seen, "train/epoch": trainer.train_batches.sampler.epoch}
         self.last.update({k if "/" in k else f"train/{k}": v for k, v in means.items()})
@@ -147,7 +150,7 @@ class Logger(Callback):
 
     def state_dict(self, trainer) -> dict:
         keys = sorted(self._sums)
-        return {"sums": dict(zip(keys, _sum_over_ranks([self._sums[k] for k in keys]))), "steps": self._steps}
+        return {"sums": dict(zip(keys, _sum_over_ranks([float(self._sums[k]) for k in keys]))), "steps": self._steps}
 
     def load_state_dict(self, sd: dict, trainer) -> None:
         self._steps = sd["steps"]

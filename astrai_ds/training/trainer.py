@@ -77,7 +77,9 @@ class Trainer:
         depend on how the batch is split. DeepSpeed averages gradients over the data-parallel ranks, so each
         rank's loss is scaled up by their number, and it must not divide by the accumulation steps again.
         Returns the strategy's metrics (this rank's shares, summed over micro-batches), lr, grad norm, and
-        the global batch's non-padding tokens ("tokens") and executed FLOPs ("flops").
+        the global batch's non-padding tokens ("tokens") and executed FLOPs ("flops"). The metrics and the grad
+        norm stay tensors on the model's device: the logger reads them on the host once per logged step, so a step
+        waits for no kernel (on a GPU) until a line is written.
         """
         start = time.perf_counter()
         self.engine.train()
@@ -104,9 +106,9 @@ class Trainer:
         step_metrics = getattr(self.train_batches, "step_metrics", None)  # GRPO's rollouts: rewards, lengths, time
         if step_metrics is not None:
             sums.update(step_metrics(time.perf_counter() - start))
-        return {"metrics": {k: float(v) for k, v in sums.items()}, "lr": lr, "tokens": totals["inputs"].item(),
-                "flops": totals["flops"].item(),
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+        # totals come from all_reduce_host: on the host already
+        return {"metrics": sums, "lr": lr, "tokens": totals["inputs"].item(), "flops": totals["flops"].item(),
+                "grad_norm": grad_norm}
 
     def global_counts(self, batches: list[dict]) -> dict[str, torch.Tensor]:
         """The strategy's counts summed over `batches` and all ranks, plus the FLOPs they take ("flops"):

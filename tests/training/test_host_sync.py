@@ -1,13 +1,14 @@
 """No host synchronisation inside a micro-step: the strategies' losses and metrics, the model's forward (RoPE, the
 block masks of packed rows, the chunked head loss) and the backward never read a tensor's value on the host
 (`.item()`, `.tolist()`, `float()`, `int()`, `bool()`, a tensor used as a Python index). On a GPU each such read
-waits for every queued kernel; the trainer reads its metrics once per step, after all of the step's micro-batches.
-Counted by wrapping those methods of torch.Tensor while one micro-step runs."""
+waits for every queued kernel; the trainer's logger reads the metrics once per logged step. Counted by wrapping
+those methods of torch.Tensor while one micro-step runs, and while the logger takes each step's metrics."""
 
 from __future__ import annotations
 
 import contextlib
 import traceback
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -83,3 +84,31 @@ def test_a_micro_step_reads_nothing_on_the_host(stage, fused):
             sums[key] = sums.get(key, 0.0) + value
     assert calls == [], calls
     assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
+
+
+def test_the_logger_reads_the_metrics_on_the_host_only_when_it_writes_a_line(tmp_path):
+    import torch.distributed as dist
+
+    from astrai_ds.training.callbacks import Logger, MetricsWriter
+    from astrai_ds.training.metrics import Throughput
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        logger = Logger(MetricsWriter(tmp_path, enabled=False), interval=4, throughput=Throughput(1e12))
+        trainer = SimpleNamespace(state=SimpleNamespace(step=0, tokens_seen=0), cfg=SimpleNamespace(max_steps=8),
+                                  dist=SimpleNamespace(world_size=1),
+                                  train_batches=SimpleNamespace(sampler=SimpleNamespace(epoch=0)))
+        reads = []
+        for step in range(1, 9):  # what Trainer.train_step returns: the metrics and grad norm as tensors
+            trainer.state.step = step
+            metrics = {"metrics": {"loss": torch.tensor(2.0 + step), "dpo/margin": torch.tensor(0.25 * step)},
+                       "lr": 1e-3, "tokens": 10, "flops": 1e6, "grad_norm": torch.tensor(1.5 + step)}
+            with host_reads() as calls:
+                logger.on_step_end(trainer, metrics)
+            reads.append(len(calls))
+    finally:
+        dist.destroy_process_group()
+    assert reads[:3] == reads[4:7] == [0, 0, 0], reads
+    assert reads[3] > 0 and reads[7] > 0, reads
+    assert logger.last["train/loss"] == 8.5  # steps 5-8: 7, 8, 9 and 10
+    assert logger.last["dpo/margin"] == 1.625 and logger.last["train/grad_norm"] == 9.5
