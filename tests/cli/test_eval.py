@@ -50,3 +50,16 @@ def test_eval_shows_the_progress_of_every_loop(workspace, model_dir, tmp_path):
     result = json.loads(proc.stdout)
     assert result == json.loads((tmp_path / "out" / "eval.json").read_text())
     assert result["n"] == result["n_chat"] == result["n_pairs"] == 5
+
+
+def test_eval_with_compiled_decoding_gives_the_same_numbers(workspace, model_dir, tmp_path, capsys):
+    files = {name: _head(workspace / "corpus" / name, tmp_path / name, 6)
+             for name in ("pretrain_eval.jsonl", "sft_eval.jsonl")}
+    args = ["eval", "--model", str(model_dir), "--dtype", "fp32", "--batch-size", "3",
+            "--data", str(files["pretrain_eval.jsonl"]), "--chat", str(files["sft_eval.jsonl"])]
+    eager = cli_in_process(capsys, *args)
+    compiled = cli_in_process(capsys, *args, "--compile")
+    assert eager.returncode == compiled.returncode == 0, compiled.stderr
+    assert "compile: the decode steps compile on their first use" in compiled.stderr
+    assert "could not be compiled" not in compiled.stderr
+    assert json.loads(compiled.stdout) == json.loads(eager.stdout)

@@ -198,3 +198,12 @@ def test_tp2_under_the_launcher_gives_what_one_process_gives(model_dir, engine, 
     launch("--input", _write_jsonl(tmp_path / "in.jsonl", [{"prompt": PROMPT}, {"prompt": "1 + 1 ="}]),
            "--output", str(out))
     assert [r["completion"] for r in read_jsonl(out)] == [expected.text, engine.generate("1 + 1 =", greedy).text]
+
+
+def test_compile_streams_the_engines_completion(model_dir, engine, capsys):
+    proc = _generate_here(model_dir, "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "20", "--compile",
+                          capsys=capsys)
+    assert proc.returncode == 0, proc.stderr
+    assert "compile: the decode steps compile on their first use" in proc.stderr
+    assert "could not be compiled" not in proc.stderr
+    assert proc.stdout == engine.generate(PROMPT, SamplingParams(max_new_tokens=20, temperature=0)).text + "\n"
