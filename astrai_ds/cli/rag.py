@@ -28,7 +28,7 @@ HELP = "retrieval-augmented generation: index documents, query the index, ask wi
 
 
 def add_arguments(p) -> None:
-    from astrai_ds.cli.model_commands import add_model_arguments
+    from astrai_ds.cli.model_commands import add_compile_argument, add_model_arguments
     from astrai_ds.cli.main import HelpFormatter
     from astrai_ds.inference.embed import POOLINGS
     from astrai_ds.rag.index import DENSE_KINDS, MODES
@@ -65,6 +65,7 @@ def add_arguments(p) -> None:
     ask.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                      help="answer length at most (default: 256, or a quarter of a shorter context)")
     ask.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 is greedy")
+    add_compile_argument(ask)
     ev = sub.add_parser("eval", help="recall and exact answers on documents with known questions",
                         formatter_class=HelpFormatter)
     ev.add_argument("--index", required=True, metavar="INDEX", help="an index built from --docs")
@@ -76,6 +77,7 @@ def add_arguments(p) -> None:
                     help="retrieved chunks in the prompt of the RAG answers (fewer when the context is full)")
     ev.add_argument("--mode", choices=MODES, default="hybrid", help="retrieval mode of the RAG answers")
     ev.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="answer length at most")
+    add_compile_argument(ev)
     ev.add_argument("--out", default=None, metavar="FILE", help="write the metrics as JSON")
     ev.add_argument("--responses", default=None, metavar="FILE",
                     help="write every question with its three answers as JSON lines")
@@ -182,8 +184,8 @@ def _query(args) -> int:
 
 
 def _ask(args) -> int:
-    from astrai_ds.cli.model_commands import check_sampling, stream_to, summary
-    from astrai_ds.inference.engine import LLMEngine
+    from astrai_ds.cli.model_commands import check_sampling, compile_decode, stream_to, summary
+    from astrai_ds.inference.engine import EngineConfig, LLMEngine
     from astrai_ds.rag.answer import chunk_label, fit_prompt
 
     index, embedder, model, tokenizer = _open(args, args.model)
@@ -191,7 +193,7 @@ def _ask(args) -> int:
         args.max_new_tokens = min(256, model.cfg.max_seq_len // 4)
     params = check_sampling({"max_new_tokens": args.max_new_tokens, "temperature": args.temperature})
     hits = index.search(args.question, embedder, tokenizer, args.k, args.mode)
-    engine = LLMEngine(model, tokenizer)
+    engine = LLMEngine(model, tokenizer, EngineConfig(compile=compile_decode(args)))
     messages, used = fit_prompt(engine, args.question, [h.chunk for h in hits], args.max_new_tokens)
     result = stream_to(sys.stdout, engine, messages, params)
     print(flush=True)
@@ -207,16 +209,18 @@ def _ask(args) -> int:
 def _eval(args) -> int:
     import json
 
+    from astrai_ds.cli.model_commands import compile_decode
     from astrai_ds.cli.report import languages
-    from astrai_ds.inference.engine import LLMEngine
+    from astrai_ds.inference.engine import EngineConfig, LLMEngine
     from astrai_ds.rag.evaluate import evaluate_rag, read_questions
 
     if args.answer_k < 1 or args.max_new_tokens < 1:
         raise UserError("--answer-k and --max-new-tokens must be at least 1")
     questions = read_questions(args.docs)
     index, embedder, model, tokenizer = _open(args, args.model)
-    metrics, records = evaluate_rag(index, embedder, LLMEngine(model, tokenizer), questions, args.k, args.answer_k,
-                                    args.mode, args.max_new_tokens, progress=True)
+    engine = LLMEngine(model, tokenizer, EngineConfig(compile=compile_decode(args)))
+    metrics, records = evaluate_rag(index, embedder, engine, questions, args.k, args.answer_k, args.mode,
+                                    args.max_new_tokens, progress=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")

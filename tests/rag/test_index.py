@@ -260,6 +260,12 @@ def test_ask_streams_an_answer_and_lists_its_sources(docs_dir, model_512, tmp_pa
     sources = out[out.index("sources:"):].splitlines()[1:]
     assert 1 <= len([s for s in sources if s.strip().startswith("[")]) <= 3
     assert any("star.md" in s for s in sources)
+    # compiled decoding: the same answer and sources
+    assert main(["rag", "ask", "--index", str(tmp_path / "i"), "--model", str(model_512), "--question",
+                 "What is the capital of 星河共和国?", "-k", "3", "--max-new-tokens", "8", "--dtype", "fp32",
+                 "--compile"]) == 0
+    compiled = capsys.readouterr()
+    assert compiled.out == out and "could not be compiled" not in compiled.err
     # a question that leaves no room for the answer
     assert main(["rag", "ask", "--index", str(tmp_path / "i"), "--model", str(model_512), "--question",
                  "why " * 600, "--dtype", "fp32"]) == 2
