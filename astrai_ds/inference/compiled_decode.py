@@ -70,6 +70,8 @@ class CompiledDecode:
         self.steps = 0  # steps taken compiled (tests and benchmarks read it)
         self.seen: set[str] = set()  # the graphs run at least once ("one", "batch"): the first run of each compiles
         self.failed: str | None = None
+        for pool in runner.cache.k + runner.cache.v:  # a mark stays on the tensor: once per pool, not per step
+            torch._dynamo.mark_dynamic(pool, 0)  # the pool's size: one graph for engines of any cache size
 
     def run(self, scheduled) -> torch.Tensor | None:
         """Float32 logits (b, vocab) of a step whose sequences all decode one token, or None."""
@@ -82,8 +84,6 @@ class CompiledDecode:
         as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=runner.device)  # noqa: E731
         args = (as_tensor([[s.seq.token_ids[p] for s, p in zip(scheduled, positions)]]), as_tensor([positions]),
                 as_tensor(slots), group.read_slots, group.mask)
-        for pool in runner.cache.k + runner.cache.v:
-            torch._dynamo.mark_dynamic(pool, 0)  # the pool's size: one graph for engines of any cache size
         torch._dynamo.mark_dynamic(group.read_slots, 1)  # the context length
         torch._dynamo.mark_dynamic(group.mask, 3)
         graph = "one" if b == 1 else "batch"
