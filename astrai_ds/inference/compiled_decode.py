@@ -74,8 +74,11 @@ class CompiledDecode:
             torch._dynamo.mark_dynamic(pool, 0)  # the pool's size: one graph for engines of any cache size
 
     def run(self, scheduled) -> torch.Tensor | None:
-        """Float32 logits (b, vocab) of a step whose sequences all decode one token, or None."""
-        if self.failed is not None or not scheduled or any(s.num_new != 1 for s in scheduled):
+        """Float32 logits (b, vocab) of a step whose sequences all decode one token after a cached context, or None.
+        A one-token prompt's first step is left to the eager path: its context length of 1 would make dynamo
+        specialise the graph to it and compile two more."""
+        if self.failed is not None or not scheduled or any(s.num_new != 1 or s.seq.num_computed == 0
+                                                             for s in scheduled):
             return None
         runner, b = self.runner, len(scheduled)
         group = runner._group([(s, i) for i, s in enumerate(scheduled)])

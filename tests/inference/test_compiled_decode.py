@@ -119,8 +119,10 @@ def test_warm_up_compiles_both_graphs_and_leaves_the_engine_as_it_was(tokenizer)
     model = tiny_model()
     sampled = SamplingParams(temperature=1.0, max_new_tokens=6)  # no seed: the engine's seeds draw it
     engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8, compile=True, seed=3))
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     engine.warm_up()
     assert engine.runner.compiled.seen == {"one", "batch"} and engine.runner.compiled.failed is None
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 2  # no graph for a 1-token context
     assert not engine.has_unfinished() and engine.blocks.num_free_blocks == engine.blocks.num_blocks
     cold = LLMEngine(model, tokenizer, EngineConfig(block_size=8, seed=3))
     prompt = random_ids(10, 8)
