@@ -97,8 +97,9 @@ def _logged_step(line: str) -> float:
         return math.inf
 
 
-def _sum_over_ranks(values: list[float]) -> list[float]:
-    return all_reduce_host(torch.tensor(values, dtype=torch.float64)).tolist()
+def _sum_over_ranks(values: list) -> list[float]:
+    """Floats or 0-d tensors (read on the host here) summed over all ranks."""
+    return all_reduce_host(torch.tensor([float(v) for v in values], dtype=torch.float64)).tolist()
 
 
 class Logger(Callback):
@@ -131,7 +132,7 @@ class Logger(Callback):
         if step % self.interval and step != trainer.cfg.max_steps:
             return
         keys = sorted(self._sums)  # the same order on every rank
-        means = {k: v / self._steps for k, v in zip(keys, _sum_over_ranks([float(self._sums[k]) for k in keys]))}
+        means = {k: v / self._steps for k, v in zip(keys, _sum_over_ranks([self._sums[k] for k in keys]))}
         self._sums, self._steps = {}, 0
         tps, mfu = self.throughput.rate()
         self.last = {"train/loss": means.pop("loss"), "train/lr": metrics["lr"],
@@ -150,7 +151,7 @@ class Logger(Callback):
 
     def state_dict(self, trainer) -> dict:
         keys = sorted(self._sums)
-        return {"sums": dict(zip(keys, _sum_over_ranks([float(self._sums[k]) for k in keys]))), "steps": self._steps}
+        return {"sums": dict(zip(keys, _sum_over_ranks([self._sums[k] for k in keys]))), "steps": self._steps}
 
     def load_state_dict(self, sd: dict, trainer) -> None:
         self._steps = sd["steps"]
