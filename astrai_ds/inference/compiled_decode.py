@@ -75,9 +75,11 @@ class CompiledDecode:
 
     def run(self, scheduled) -> torch.Tensor | None:
         """Float32 logits (b, vocab) of a step whose sequences all decode one token after a cached context, or None.
+        (A one-token chunk in the middle of a prompt, which a nearly spent token budget can schedule, samples nothing:
+        such a step is not a decode step either.)
         A one-token prompt's first step is left to the eager path: its context length of 1 would make dynamo
         specialise the graph to it and compile two more."""
-        if self.failed is not None or not scheduled or any(s.num_new != 1 or s.seq.num_computed == 0
+        if self.failed is not None or not scheduled or any(s.num_new != 1 or s.seq.num_computed == 0 or not s.samples
                                                              for s in scheduled):
             return None
         runner, b = self.runner, len(scheduled)

@@ -38,7 +38,9 @@ class RequestOutput:
     request_id: str
     text: str  # the new text: whole characters only, never (part of) a stop string
     token_ids: list[int]  # the new tokens
-    logprobs: list[dict] | None  # per new token: {"token_id", "logprob", "top_logprobs": [(id, logprob), ...]}
+    # per new token, and for the stop token that ended the request (listed, though not in token_ids, as OpenAI and vLLM
+    # list it): {"token_id", "logprob", "top_logprobs": [(id, logprob), ...]}
+    logprobs: list[dict] | None
     finished: bool
     finish_reason: str | None  # "stop", "length", "abort" or "error" once finished
     prompt_tokens: int
@@ -47,6 +49,9 @@ class RequestOutput:
     stop_string: str | None = None  # the stop string that ended the request (finish_reason "stop")
     error: str | None = None  # why the request failed (finish_reason "error"); the engine goes on
     stop_token_id: int | None = None  # the stop token that ended the request (not in token_ids)
+    # SamplingParams.prompt_logprobs asked: one entry per prompt token (None for the first), in the request's first
+    # output that carries a token
+    prompt_logprobs: list[dict | None] | None = None
 
 
 @dataclass
@@ -64,6 +69,7 @@ class Completion:
     stop_string: str | None = None  # the stop string that ended it (finish_reason "stop"); None for a stop token
     error: str | None = None  # set (and nothing generated) when the request was refused
     stop_token_id: int | None = None  # the stop token that ended it (not in token_ids): what a trainer appends
+    prompt_logprobs: list[dict | None] | None = None  # see RequestOutput
 
 
 @dataclass
@@ -71,6 +77,7 @@ class _Request:
     seq: Sequence
     detok: IncrementalDetokenizer
     generator: torch.Generator | None
+    prompt_logprobs_sent: bool = False
 
 
 @dataclass
@@ -230,12 +237,16 @@ class LLMEngine:
             self.scheduler.finish(seq, reason)
             del self._requests[seq.request_id]
         logprobs = None
-        if seq.params.logprobs is not None and new_ids:
+        if seq.params.logprobs is not None:  # a stop token that ended the request included
             logprobs = [{"token_id": result.token_id, "logprob": result.logprob,
                          "top_logprobs": result.top_logprobs or []}]
+        prompt_logprobs = None
+        if seq.prompt_logprobs is not None and not request.prompt_logprobs_sent:
+            prompt_logprobs, request.prompt_logprobs_sent = seq.prompt_logprobs, True
         return RequestOutput(seq.request_id, text, new_ids, logprobs, reason is not None, reason,
                              len(seq.prompt_ids), len(seq.output_ids), seq.num_cached, request.detok.matched_stop,
-                             stop_token_id=result.token_id if reason == "stop" and not new_ids else None)
+                             stop_token_id=result.token_id if reason == "stop" and not new_ids else None,
+                             prompt_logprobs=prompt_logprobs)
 
     # ------------------------------------------------------------------ wrappers
 
@@ -284,10 +295,10 @@ class LLMEngine:
         if len(params) != len(prompts):
             raise RequestError(f"{len(prompts)} prompts but {len(params)} sampling parameter sets")
         results: list[Completion | None] = [None] * len(prompts)
-        pending: dict[str, tuple[int, list[str], list[int], list[dict]]] = {}
+        pending: dict[str, tuple[int, list[str], list[int], list[dict], list]] = {}
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             try:
-                pending[self.add_request(prompt, p)] = (i, [], [], [])
+                pending[self.add_request(prompt, p)] = (i, [], [], [], [None])
             except RequestError as e:
                 results[i] = Completion(f"refused-{i}", "", [], None, 0, 0, error=str(e))
         bar = Progress(len(pending), desc, "request", progress)
@@ -295,19 +306,21 @@ class LLMEngine:
             for out in self.step():
                 if out.request_id not in pending:
                     continue
-                i, text, ids, logprobs = pending[out.request_id]
+                i, text, ids, logprobs, prompt_logprobs = pending[out.request_id]
                 text.append(out.text)
                 ids += out.token_ids
                 logprobs += out.logprobs or []
+                if out.prompt_logprobs is not None:
+                    prompt_logprobs[0] = out.prompt_logprobs
                 if out.finished:
                     del pending[out.request_id]
                     results[i] = Completion(out.request_id, "".join(text), ids, out.finish_reason, out.prompt_tokens,
                                             out.completion_tokens, out.cached_tokens,
                                             logprobs if params[i] and params[i].logprobs is not None else None,
-                                            out.stop_string, out.error, out.stop_token_id)
+                                            out.stop_string, out.error, out.stop_token_id, prompt_logprobs[0])
                     bar.update()
         bar.close()
-        for request_id, (i, text, ids, _) in pending.items():  # aborted meanwhile (a signal handler, say)
+        for request_id, (i, text, ids, _, _) in pending.items():  # aborted meanwhile (a signal handler, say)
             results[i] = Completion(request_id, "".join(text), ids, "abort", 0, len(ids))
         return results
 

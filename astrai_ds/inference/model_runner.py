@@ -3,7 +3,8 @@
 The step's new tokens (prefill chunks and decode tokens alike) are flattened into one row, so every linear
 layer runs once over all of them; attention is grouped by the number of new tokens: all one-token sequences
 together, and prefill chunks of one length together (the copies of a GRPO group's prompt, say; see
-`model.kv_cache`). Logits are computed only at the positions that are sampled from.
+`model.kv_cache`). Logits are computed only at the positions that are sampled from, and at the prompt positions of
+a sequence that asks for its prompt's log-probs.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import torch
 
 from astrai_ds.inference.scheduler import Scheduled
 from astrai_ds.model.kv_cache import AttnGroup, CacheBatch, KVCache
+
+PROMPT_LOGPROB_ROWS = 128  # prompt positions whose full-vocabulary log-probs are computed at once
 
 
 def local_kv_heads(model) -> int:
@@ -83,4 +86,27 @@ class ModelRunner:
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, N)
         position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)  # (1, N)
         h = self.model.hidden(input_ids, position_ids, cache=batch)  # (1, N, dim)
+        offset = 0
+        for s in scheduled:
+            if s.seq.needs_prompt_logprobs:
+                self._prompt_logprobs(s, h[0, offset:offset + s.num_new])
+            offset += s.num_new
         return self.model.head(h[:, last]).float()[0]  # (S, vocab)
+
+    def _prompt_logprobs(self, s: Scheduled, h: torch.Tensor) -> None:
+        """Append to s.seq.prompt_logprobs the entries of the prompt tokens this step's positions predict (h: their
+        hidden states, (num_new, dim)): each one's log-prob under the raw distribution, as sampling reports a
+        generated token's, and the top-N. Positions computed again after a preemption are not scored twice."""
+        seq, start = s.seq, s.seq.num_computed
+        first = max(start, len(seq.prompt_logprobs) - 1)  # the position that predicts the first missing token
+        stop = min(start + s.num_new, len(seq.prompt_ids) - 1)  # the last prompt token is predicted by nothing here
+        top_n = seq.params.prompt_logprobs
+        for a in range(first, stop, PROMPT_LOGPROB_ROWS):  # a chunk of rows at a time: (rows, vocab) float32 logits
+            b = min(a + PROMPT_LOGPROB_ROWS, stop)
+            lp = self.model.head(h[None, a - start:b - start]).float()[0].log_softmax(-1)
+            targets = seq.prompt_ids[a + 1:b + 1]
+            chosen = lp.gather(1, torch.tensor(targets, device=lp.device)[:, None])[:, 0].tolist()
+            top = lp.topk(min(top_n, lp.shape[1])) if top_n else None
+            for i, (token_id, logprob) in enumerate(zip(targets, chosen)):
+                alternatives = list(zip(top.indices[i].tolist(), top.values[i].tolist())) if top_n else []
+                seq.prompt_logprobs.append({"token_id": token_id, "logprob": logprob, "top_logprobs": alternatives})

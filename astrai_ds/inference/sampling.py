@@ -42,6 +42,9 @@ class SamplingParams:
     stop_token_ids: list[int] = ()  # extra stop token ids (the engine adds eos / im_end itself)
     seed: int | None = None  # the request's own generator: same seed -> same tokens, whatever else is batched
     logprobs: int | None = None  # None: none; N: log-prob of each chosen token and its top-N alternatives
+    # None: none; N: the log-prob of each prompt token after the first, given the tokens before it, and the top-N
+    # alternatives at its position (the prompt is computed whole: the prefix cache is not read for it)
+    prompt_logprobs: int | None = None
     ignore_eos: bool = False  # keep going past <eos> and <|im_end|> (benchmarks: fixed output lengths)
 
     def __post_init__(self):
@@ -72,6 +75,9 @@ class SamplingParams:
             raise self._invalid("seed", "None or an integer in [0, 2**64)")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise self._invalid("logprobs", f"None or an integer in [0, {MAX_LOGPROBS}]")
+        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs)
+                                                 or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            raise self._invalid("prompt_logprobs", f"None or an integer in [0, {MAX_LOGPROBS}]")
         if not isinstance(self.ignore_eos, bool):
             raise self._invalid("ignore_eos", "true or false")
         self.stop, self.stop_token_ids = list(self.stop), list(self.stop_token_ids)

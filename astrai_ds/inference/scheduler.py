@@ -8,7 +8,8 @@ holds. A waiting sequence whose next block another sequence starts computing in 
 step and then finds it cached: the copies of one prompt (a request's `n` choices, a GRPO group) prefill
 their shared blocks once. When a running sequence needs a block and the pool is empty, the youngest running
 sequence is preempted: its blocks go back to the pool and it waits to be recomputed (its full blocks stay in
-the prefix cache, so recomputing is often cheap).
+the prefix cache, so recomputing is often cheap). A sequence that asks for its prompt's log-probs reads nothing from
+the prefix cache until they are all computed.
 """
 
 from __future__ import annotations
@@ -83,8 +84,11 @@ class Scheduler:
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.max_num_seqs:
                 break
-            prefix, cached = self.blocks.match_prefix(seq.token_ids, count=False)
-            key = self.blocks.next_block_key(seq.token_ids, prefix)
+            if seq.needs_prompt_logprobs:  # its log-probs need every prompt position's logits: nothing from the cache
+                prefix, cached, key = [], 0, None
+            else:
+                prefix, cached = self.blocks.match_prefix(seq.token_ids, count=False)
+                key = self.blocks.next_block_key(seq.token_ids, prefix)
             if key is not None and key in computing:
                 continue  # a sequence admitted in this step computes that block: the next step finds it cached
             n = min(seq.num_tokens - cached, budget)

@@ -31,6 +31,13 @@ class Sequence:
     num_cached: int = 0  # of the prompt's tokens, how many came from the prefix cache (the first time)
     finish_reason: str | None = None  # "stop", "length" or "abort"
     arrival: int = field(default_factory=lambda: next(_arrival))  # age order: preemption takes the youngest
+    # Asked for (params.prompt_logprobs): one entry per prompt token, None for the first (nothing predicts it), then
+    # {"token_id", "logprob", "top_logprobs"}, appended by the model runner as the prompt's positions are computed.
+    prompt_logprobs: list[dict | None] | None = None
+
+    def __post_init__(self):
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None]
 
     @property
     def token_ids(self) -> list[int]:
@@ -39,6 +46,11 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt log-probs are asked for and some are still missing: every prompt position must be computed."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_ids)
 
     @property
     def finished(self) -> bool:

@@ -520,6 +520,57 @@ def test_logprobs_are_the_full_forwards_log_softmax(model, tokenizer):
         assert [lp for _, lp in entry["top_logprobs"]] == pytest.approx(top.values.tolist(), abs=1e-5)
 
 
+def test_prompt_logprobs_are_the_full_forwards_log_softmax_in_chunks_and_past_the_prefix_cache(model, tokenizer):
+    """Every prompt token after the first gets its log-prob given the tokens before it and the top-N there, from a
+    prefill cut into chunks and batched with another prompt, although the prompt's blocks are in the prefix cache."""
+    engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8, max_num_batched_tokens=16))
+    prompt = random_ids(40, 6)
+    assert engine.generate(prompt, GREEDY).completion_tokens > 0  # the prompt's blocks are cached now
+    params = SamplingParams(temperature=0, max_new_tokens=3, prompt_logprobs=3, ignore_eos=True)
+    prompts = [prompt, prompt[:30]]
+    outs = engine.generate_batch(prompts, params)
+    for p, out in zip(prompts, outs):
+        assert out.cached_tokens == 0 and len(out.prompt_logprobs) == len(p) and out.prompt_logprobs[0] is None
+        logp = torch.log_softmax(full_logits(model, p[:1], p[1:])[:-1], dim=-1)  # row i predicts p[i + 1]
+        for row, token, entry in zip(logp, p[1:], out.prompt_logprobs[1:]):
+            assert entry["token_id"] == token
+            assert entry["logprob"] == pytest.approx(float(row[token]), abs=1e-5)
+            top = row.topk(3)
+            assert [t for t, _ in entry["top_logprobs"]] == top.indices.tolist()
+            assert [lp for _, lp in entry["top_logprobs"]] == pytest.approx(top.values.tolist(), abs=1e-5)
+    alone = engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=3, ignore_eos=True))
+    assert alone.token_ids == outs[0].token_ids and alone.cached_tokens == 32 and alone.prompt_logprobs is None
+    zero = engine.generate(prompt, SamplingParams(max_new_tokens=1, prompt_logprobs=0)).prompt_logprobs
+    assert [e["logprob"] for e in zero[1:]] == [e["logprob"] for e in outs[0].prompt_logprobs[1:]]
+    assert all(e["top_logprobs"] == [] for e in zero[1:])
+
+
+def test_a_preempted_prompt_is_scored_once(model, tokenizer):
+    """A pool too small for both requests preempts the second in the middle of its prompt (24 of its 100 tokens
+    scored); its log-probs still have one entry per prompt token, equal to the full forward's."""
+    engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8, kv_cache_tokens=128, max_num_batched_tokens=64))
+    prompts = [random_ids(40, 7), random_ids(100, 8)]
+    outs = engine.generate_batch(prompts, SamplingParams(temperature=0, max_new_tokens=8, prompt_logprobs=1,
+                                                         ignore_eos=True))
+    assert engine.scheduler.num_preemptions > 0
+    for p, out in zip(prompts, outs):
+        logp = torch.log_softmax(full_logits(model, p[:1], p[1:])[:-1], dim=-1)
+        assert [e["token_id"] for e in out.prompt_logprobs[1:]] == p[1:]
+        assert [e["logprob"] for e in out.prompt_logprobs[1:]] == pytest.approx(
+            logp.gather(1, torch.tensor(p[1:])[:, None])[:, 0].tolist(), abs=1e-5)
+
+
+def test_the_stop_token_that_ends_a_request_is_listed_in_its_logprobs(model, tokenizer):
+    engine = LLMEngine(model, tokenizer)
+    prompt = random_ids(9, 5)
+    free = engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True,
+                                                  logprobs=2))
+    engine.stop_ids = frozenset({free.token_ids[5]})  # as if the sixth greedy token were <eos>
+    stopped = engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=12, logprobs=2))
+    assert stopped.token_ids == free.token_ids[:5] and stopped.stop_token_id == free.token_ids[5]
+    assert stopped.logprobs == free.logprobs[:6]  # the five tokens, then the stop token's entry
+
+
 def test_ignore_eos_keeps_going_past_the_stop_tokens(model, tokenizer):
     engine = LLMEngine(model, tokenizer)
     prompt = random_ids(9, 5)

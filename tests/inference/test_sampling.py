@@ -168,6 +168,7 @@ def test_logprobs_are_of_the_raw_distribution():
     (dict(stop_token_ids="2"), "stop_token_ids"),
     (dict(stop_token_ids=[True]), "stop_token_ids"), (dict(seed=-1), "seed"), (dict(seed=1.0), "seed"),
     (dict(logprobs=21), "logprobs"), (dict(logprobs=-1), "logprobs"), (dict(logprobs=False), "logprobs"),
+    (dict(prompt_logprobs=21), "prompt_logprobs"), (dict(prompt_logprobs=1.0), "prompt_logprobs"),
 ])
 def test_invalid_field_names_itself_and_the_value(kw, field):
     with pytest.raises(RequestError) as e:
