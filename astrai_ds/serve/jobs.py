@@ -66,8 +66,11 @@ class Choice:
     stop_string: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    prompt_logprobs: list[dict | None] | None = None
 
     def add(self, out: RequestOutput) -> None:
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         self.text.append(out.text)
         self.token_ids += out.token_ids
         self.logprobs += out.logprobs or []

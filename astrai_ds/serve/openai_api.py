@@ -6,6 +6,7 @@ Request fields are the ones OpenAI defines that this server implements (plus `to
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 from typing import Literal
 
@@ -76,13 +77,14 @@ def _check_common(server, body: SamplingFields) -> None:
         raise ApiError(400, "'stream_options' is only allowed with 'stream': true", param="stream_options")
 
 
-def _params(body: SamplingFields, max_tokens: int | None, logprobs: int | None, n_index: int):
+def _params(body: SamplingFields, max_tokens: int | None, logprobs: int | None, n_index: int,
+            prompt_logprobs: int | None = None):
     seed = None if body.seed is None else body.seed + n_index  # the choices of `n` differ, reproducibly
     return sampling_params(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                            top_k=body.top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                            stop=stop_list(body.stop), seed=seed, logprobs=logprobs, ignore_eos=body.ignore_eos,
-                           _names={"max_new_tokens": "max_tokens"})
+                           prompt_logprobs=prompt_logprobs, _names={"max_new_tokens": "max_tokens"})
 
 
 def _usage(choices: list[Choice], prompt_tokens: int) -> dict:
@@ -107,10 +109,14 @@ def _chat_logprobs(tokenizer, entries: list[dict]) -> dict:
                          "top_logprobs": [item(t, lp) for t, lp in e["top_logprobs"]]} for e in entries]}
 
 
-def _completion_logprobs(tokenizer, entries: list[dict], offsets: list[int]) -> dict:
-    return {"tokens": [_token_text(tokenizer, e["token_id"]) for e in entries],
-            "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{_token_text(tokenizer, t): lp for t, lp in e["top_logprobs"]} for e in entries],
+def _completion_logprobs(tokenizer, entries: list[dict], offsets: list[int], prompt: list[int] | None = None) -> dict:
+    """The completions API's logprobs object. `prompt`: the echoed prompt's ids, whose entries (all but the first
+    token's) start `entries`; the first token is listed with null, as OpenAI and vLLM list it."""
+    first = [] if prompt is None else [tokenizer.token_bytes(prompt[0]).decode("utf-8", errors="replace")]
+    return {"tokens": first + [_token_text(tokenizer, e["token_id"]) for e in entries],
+            "token_logprobs": [None] * len(first) + [e["logprob"] for e in entries],
+            "top_logprobs": [None] * len(first) + [{_token_text(tokenizer, t): lp for t, lp in e["top_logprobs"]}
+                                                   for e in entries],
             "text_offset": offsets}
 
 
@@ -203,30 +209,45 @@ async def completions(body: CompletionRequest, request: Request):
         prompts = list(prompt)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ApiError(400, "'prompt' must not be empty", param="prompt")
-    if body.echo and body.logprobs is not None:
-        raise ApiError(400, "'echo' with 'logprobs' is not supported (prompt log-probs are not computed)",
-                       param="echo")
+    scoring = body.echo and body.logprobs is not None  # prompt log-probs: what log-likelihood evaluations read
+    if body.max_tokens == 0 and not body.echo:
+        raise ApiError(400, "'max_tokens' 0 asks for nothing: it is for scoring a prompt, with 'echo': true (and "
+                            "'logprobs' for its tokens' log-probs)", param="max_tokens")
+    if body.stream and (scoring or body.max_tokens == 0):
+        raise ApiError(400, "a prompt's log-probs ('echo' with 'logprobs') and 'max_tokens' 0 come in one response: "
+                            "send the request without 'stream'", param="stream")
     if len(prompts) * body.n > MAX_GENERATIONS:
         raise ApiError(400, f"the request asks for {len(prompts) * body.n} generations ({len(prompts)} prompts x n "
                             f"{body.n}), and the server takes at most {MAX_GENERATIONS} in one request: split it into "
                             f"several", param="prompt")
     encoded = await server.encode_all(prompts, "prompt")
     max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default for completions
+    prompt_only = max_tokens == 0  # the engine generates one token, which the response leaves out
     all_ids = [ids for ids in encoded for _ in range(body.n)]
-    params = [_params(body, max_tokens, body.logprobs, j) for _ in encoded for j in range(body.n)]
+    params = [_params(body, max(max_tokens, 1), body.logprobs, j, prompt_logprobs=body.logprobs if scoring else None)
+              for _ in encoded for j in range(body.n)]
     job = await Job.start(server, all_ids, params, "prompt")
-    echo_text = [(p if isinstance(p, str) else server.tokenizer.decode(p)) if body.echo else ""
-                 for p in prompts for _ in range(body.n)]
     tok = server.tokenizer
+    # the echoed prompt: a text as it was sent; token ids as the text of their tokens, special ones included
+    prompt_texts = [_prompt_text(tok, ids, len(tok.prefix_ids) if isinstance(p, str) else 0)
+                    for p, ids in zip(prompts, encoded)]
+    echoed = [(p if isinstance(p, str) else text, offsets) for p, (text, offsets) in zip(prompts, prompt_texts)]
+    echo_text = [echoed[i // body.n][0] if body.echo else "" for i in range(len(all_ids))]
 
     def make_choice(i: int, c: Choice) -> dict:
-        text = "".join(c.text)
+        text, entries, offsets = "".join(c.text), c.logprobs, _token_offsets(c)
+        if prompt_only:  # (before the usage is counted from the choices)
+            text, entries, offsets = "", [], []
+            c.finish_reason, c.completion_tokens = "length", 0
         logprobs = None
         if body.logprobs is not None:
             # each token's offset: where the text stood when it was generated (text arrives with the token
             # that completes a character, so a token inside a character has the offset of the next text)
-            offsets = [len(echo_text[i]) + s for s in _token_offsets(c)]
-            logprobs = _completion_logprobs(tok, c.logprobs, offsets)
+            offsets = [len(echo_text[i]) + s for s in offsets]
+            if scoring:  # the prompt's tokens first; the first one has no log-prob (nothing predicts it)
+                entries = c.prompt_logprobs[1:] + entries
+                offsets = echoed[i // body.n][1] + offsets
+            logprobs = _completion_logprobs(tok, entries, offsets, all_ids[i] if scoring else None)
         return {"index": i, "text": echo_text[i] + text, "logprobs": logprobs,
                 "finish_reason": _finish(c.finish_reason)}
 
@@ -237,8 +258,8 @@ async def completions(body: CompletionRequest, request: Request):
     def make_chunk(i: int, out, offset: int) -> dict:
         logprobs = None
         if body.logprobs is not None and out.logprobs:
-            base = len(echo_text[i]) + offset
-            logprobs = _completion_logprobs(tok, out.logprobs, [base] * len(out.logprobs))
+            base = len(echo_text[i]) + offset  # a stop token that ended the choice: after this output's text
+            logprobs = _completion_logprobs(tok, out.logprobs, [base if out.token_ids else base + len(out.text)])
         return {"index": i, "text": out.text, "logprobs": logprobs,
                 "finish_reason": _finish(out.finish_reason) if out.finished else None}
 
@@ -250,12 +271,26 @@ async def completions(body: CompletionRequest, request: Request):
 def _token_offsets(c: Choice) -> list[int]:
     """Character offset of each generated token in the choice's text (see make_choice)."""
     # The engine reports text per output, one token per output: the offset of token k is the length of the
-    # text before the output that carried it.
+    # text before the output that carried it. A stop token that ended the choice (listed, not in its tokens) is at
+    # the end of the text.
     offsets, pos = [], 0
     for piece in c.text[:len(c.logprobs)]:
         offsets.append(pos)
         pos += len(piece)
+    if len(c.logprobs) > len(c.token_ids):
+        offsets[-1] = pos
     return offsets
+
+
+def _prompt_text(tokenizer, ids: list[int], skip: int) -> tuple[str, list[int]]:
+    """(the text of ids[skip:], each token's character offset in it): the tokens' bytes decoded in order, special
+    tokens as their own text; the first `skip` tokens (the <bos> put before a text prompt) are at 0 and add no text."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    text, offsets = "", [0] * skip
+    for token_id in ids[skip:]:
+        offsets.append(len(text))
+        text += decoder.decode(tokenizer.token_bytes(token_id))
+    return text + decoder.decode(b"", final=True), offsets
 
 
 @router.post("/v1/chat/completions")
@@ -285,9 +320,11 @@ async def chat_completions(body: ChatRequest, request: Request):
     job = await Job.start(server, [ids] * body.n, params, "messages")
     tok = server.tokenizer
 
+    # A chat's log-probs are those of its content's tokens: the stop token that ended it (which the engine lists) is not
+    # part of the content, and OpenAI's chat API does not list it.
     def make_choice(i: int, c: Choice) -> dict:
         return {"index": i, "message": {"role": "assistant", "content": "".join(c.text)},
-                "logprobs": _chat_logprobs(tok, c.logprobs) if body.logprobs else None,
+                "logprobs": _chat_logprobs(tok, c.logprobs[:len(c.token_ids)]) if body.logprobs else None,
                 "finish_reason": _finish(c.finish_reason)}
 
     def first_chunks(i: int):
@@ -295,7 +332,8 @@ async def chat_completions(body: ChatRequest, request: Request):
 
     def make_chunk(i: int, out, offset: int) -> dict:
         return {"index": i, "delta": {"content": out.text} if out.text else {},
-                "logprobs": _chat_logprobs(tok, out.logprobs) if body.logprobs and out.logprobs else None,
+                "logprobs": _chat_logprobs(tok, out.logprobs[:len(out.token_ids)])
+                if body.logprobs and out.token_ids else None,
                 "finish_reason": _finish(out.finish_reason) if out.finished else None}
 
     return await _respond(request, server, job, body, len(ids), make_chunk, make_choice, first_chunks,

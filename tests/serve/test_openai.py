@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import openai
 import pytest
+import torch
 
 from astrai_ds.inference.sampling import SamplingParams
 
@@ -133,6 +134,102 @@ def test_logprobs(client, engine, model_dir):
             offsets += [pos] * len(o.token_ids)
             pos += len(o.text)
         assert lp.text_offset == offsets and r.choices[0].text == "".join(o.text for o in outs)
+
+
+def _full_logprobs(engine, ids: list[int]) -> torch.Tensor:
+    """(len(ids) - 1, vocab): row i is the in-process full forward's log-softmax that predicts ids[i + 1]."""
+    with torch.no_grad():
+        return torch.log_softmax(engine.model(torch.tensor([ids]))[0, :-1].float(), dim=-1)
+
+
+def _text(engine, token_id: int) -> str:
+    return engine.tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_log_likelihood_evaluations_ask(client, engine, model_dir):
+    """lm-evaluation-harness's request: token ids, echo, logprobs 1, max_tokens 1. Every prompt token is listed
+    (the first with null), each with its log-prob given the tokens before it, then the generated token."""
+    ids = engine.encode(CHAT)  # special tokens and Chinese characters split across byte-level tokens
+    r = client.completions.create(model=model_dir.name, prompt=ids, max_tokens=1, logprobs=1, echo=True,
+                                  temperature=0, seed=1234)
+    lp, choice = r.choices[0].logprobs, r.choices[0]
+    expected = engine.generate(ids, SamplingParams(max_new_tokens=1, temperature=0, logprobs=1))
+    full = _full_logprobs(engine, ids)
+    n = len(ids)
+    assert lp.tokens == [_text(engine, t) for t in ids + expected.token_ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:n] == pytest.approx(full.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist(),
+                                                   abs=1e-5)
+    assert lp.token_logprobs[n] == pytest.approx(expected.logprobs[0]["logprob"], abs=1e-5)
+    for row, top in zip(full, lp.top_logprobs[1:n]):  # the top-1 alternative at each position
+        assert list(top) == [_text(engine, int(row.argmax()))] and list(top.values()) == pytest.approx(
+            [float(row.max())], abs=1e-5)
+    echo = b"".join(engine.tokenizer.token_bytes(t) for t in ids).decode("utf-8", errors="replace")
+    assert "<|im_start|>" in echo and choice.text == echo + expected.text
+    assert lp.text_offset[0] == 0 and lp.text_offset[n] == len(echo)
+    assert lp.text_offset == sorted(lp.text_offset)
+    ascii_ = [k for k in range(n - 1) if lp.tokens[k].isascii() and lp.tokens[k + 1].isascii()]
+    assert ascii_ and all(lp.text_offset[k + 1] - lp.text_offset[k] == len(lp.tokens[k]) for k in ascii_)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (n, 1)
+
+    # max_tokens 0 scores the prompt alone; a text prompt is echoed as sent, its <bos> listed first
+    r0 = client.completions.create(model=model_dir.name, prompt=ids, max_tokens=0, logprobs=1, echo=True)
+    assert r0.choices[0].logprobs.token_logprobs == lp.token_logprobs[:n] and r0.choices[0].text == echo
+    assert (r0.choices[0].finish_reason, r0.usage.completion_tokens) == ("length", 0)
+    text = "The capital of France is"
+    rt = client.completions.create(model=model_dir.name, prompt=text, max_tokens=0, logprobs=0, echo=True)
+    bos = engine.encode(text)
+    assert rt.choices[0].text == text and rt.choices[0].logprobs.tokens == [_text(engine, t) for t in bos]
+    assert rt.choices[0].logprobs.text_offset[:2] == [0, 0] and rt.choices[0].logprobs.top_logprobs[1] == {}
+
+
+def _prompt_whose_next_token_stops(engine) -> tuple[list[int], int]:
+    """A prompt whose greedy next token is a stop token (<eos> or <|im_end|>), found among one-token extensions
+    of short random prompts, and that stop token."""
+    g = torch.Generator().manual_seed(0)
+    stops = sorted(engine.stop_ids)
+    vocab = engine.model.cfg.vocab_size
+    for _ in range(20):
+        head = torch.randint(16, vocab, (6,), generator=g)
+        batch = torch.cat([head.expand(vocab, 6), torch.arange(vocab)[:, None]], dim=1)  # head + every token
+        with torch.no_grad():
+            nxt = engine.model(batch)[:, -1].argmax(-1)
+        hits = torch.isin(nxt, torch.tensor(stops)).nonzero()
+        if len(hits):
+            row = int(hits[0])
+            return batch[row].tolist(), int(nxt[row])
+    raise AssertionError("no prompt found whose greedy next token is a stop token")
+
+
+def test_a_stop_token_generated_is_listed_in_the_logprobs(client, engine, model_dir):
+    """The one token lm-eval's request generates may be <|im_end|> or <eos>: it is listed all the same (its
+    `[ctxlen:-1]` slice drops the last entry), at the end of the text, which does not hold it."""
+    ids, stop = _prompt_whose_next_token_stops(engine)
+    r = client.completions.create(model=model_dir.name, prompt=ids, max_tokens=1, logprobs=1, echo=True,
+                                  temperature=0)
+    lp, n = r.choices[0].logprobs, len(ids)
+    assert len(lp.tokens) == n + 1 and lp.tokens[n] == _text(engine, stop)
+    assert lp.token_logprobs[n] == pytest.approx(float(_full_logprobs(engine, ids + [stop])[-1, stop]), abs=1e-5)
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 0
+    assert lp.text_offset[n] == len(r.choices[0].text)
+    plain = client.completions.create(model=model_dir.name, prompt=ids, max_tokens=4, logprobs=1, temperature=0)
+    assert plain.choices[0].text == "" and plain.choices[0].logprobs.tokens == [_text(engine, stop)]
+    chat = client.chat.completions.create(model=model_dir.name, messages=CHAT, max_tokens=4, temperature=0,
+                                          logprobs=True)  # a chat's logprobs stay its content's tokens
+    assert "".join(c.token for c in chat.choices[0].logprobs.content) == chat.choices[0].message.content
+
+
+def test_prompt_scoring_refusals(client, model_dir, server):
+    ids = list(range(20, 40))
+    cases = [(dict(prompt=ids, echo=True, logprobs=21, max_tokens=1), "logprobs"),
+             (dict(prompt=list(range(20, 160)), echo=True, logprobs=1, max_tokens=1), "context is 128"),
+             (dict(prompt=ids, max_tokens=0), "'max_tokens' 0"),
+             (dict(prompt=ids, echo=True, logprobs=1, max_tokens=1, stream=True), "without 'stream'")]
+    for kwargs, fragment in cases:
+        with pytest.raises(openai.BadRequestError, match=fragment):
+            client.completions.create(model=model_dir.name, **kwargs)
+    r = client.completions.create(model=model_dir.name, prompt=ids, max_tokens=3, temperature=0)
+    assert r.usage.completion_tokens > 0  # nothing else affected
 
 
 def test_errors_are_the_clients_exception_types(client, model_dir):
