@@ -60,6 +60,14 @@ def test_tp2_serves_the_unsharded_answers_and_stops_on_sigterm(model_dir, engine
         expected = Embedder(engine.model, engine.tokenizer)(["Hello", "北京"])
         np.testing.assert_allclose([d.embedding for d in got.data], expected, atol=1e-5)
 
+        # prompt log-probs (lm-eval's log-likelihood request) are computed in the sharded engine's steps too
+        ids = engine.encode("Hello world")
+        scored = client.completions.create(model=model_dir.name, prompt=ids, max_tokens=1, logprobs=1, echo=True,
+                                           temperature=0).choices[0].logprobs.token_logprobs
+        alone = engine.generate(ids, SamplingParams(max_new_tokens=1, temperature=0, logprobs=1, prompt_logprobs=1))
+        assert scored[0] is None and scored[1:] == pytest.approx(
+            [e["logprob"] for e in alone.prompt_logprobs[1:] + alone.logprobs], abs=1e-5)
+
         # DeepSpeed's runner does not forward signals; its launch.py child sends SIGTERM to each rank in turn.
         launch = [p for p in psutil.Process(proc.pid).children() if "deepspeed.launcher.launch" in " ".join(p.cmdline())]
         assert len(launch) == 1
