@@ -22,6 +22,9 @@ def add_arguments(p) -> None:
     p.add_argument("--pairs", default=None, help="preference pairs .jsonl (prompt, chosen, rejected): how often the "
                                                   "chosen response gets the higher log-prob")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per forward")
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help="cap on each greedy answer of --data and --chat (default: the longest accepted answer's tokens "
+                        "+ 4); give lm-eval's max_gen_toks to compare with its generation tasks")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="weights and activations while evaluating; auto: bf16 where the device runs it natively")
     from astrai_ds.cli.model_commands import add_compile_argument
@@ -54,6 +57,8 @@ def run(args) -> int:
         raise UserError("--responses writes the answers to the --chat questions: give --chat too")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     out, responses_out = _output_file(args.out, "--out"), _output_file(args.responses, "--responses")
     from astrai_ds.inference.evaluate import evaluate_chat, evaluate_model, evaluate_pairs, read_eval_records
     from astrai_ds.model.io import load_model_folder
@@ -68,12 +73,13 @@ def run(args) -> int:
     compile = compile_decode(args)
     result = {}
     if facts:
-        result.update(evaluate_model(model, tokenizer, facts, batch_size=args.batch_size, progress=True,
-                                     compile=compile))
+        result.update(evaluate_model(model, tokenizer, facts, batch_size=args.batch_size,
+                                     max_new_tokens=args.max_new_tokens, progress=True, compile=compile))
     responses = [] if responses_out else None
     if chat:
-        result.update(evaluate_chat(model, tokenizer, chat, batch_size=args.batch_size, responses=responses,
-                                    progress=True, compile=compile))
+        result.update(evaluate_chat(model, tokenizer, chat, batch_size=args.batch_size,
+                                    max_new_tokens=args.max_new_tokens, responses=responses, progress=True,
+                                    compile=compile))
     if pairs:
         result.update(evaluate_pairs(model, tokenizer, pairs, progress=True))
     text = json.dumps(result, indent=2)

@@ -28,6 +28,9 @@ def test_eval_refuses_a_batch_size_of_zero(workspace, tmp_path, capsys):
     proc = cli_in_process(capsys, "eval", "--model", str(tmp_path), "--data",
                           str(workspace / "corpus" / "pretrain_eval.jsonl"), "--batch-size", "0")
     expect_user_error(proc, "--batch-size must be at least 1", "got 0")
+    proc = cli_in_process(capsys, "eval", "--model", str(tmp_path), "--data",
+                          str(workspace / "corpus" / "pretrain_eval.jsonl"), "--max-new-tokens", "0")
+    expect_user_error(proc, "--max-new-tokens must be at least 1", "got 0")
 
 
 def test_eval_refuses_a_folder_as_out_before_evaluating(workspace, tmp_path, capsys):

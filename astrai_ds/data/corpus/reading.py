@@ -65,3 +65,11 @@ def reading_texts(articles: list[Article], seed: int = 0) -> list[str]:
         rng.shuffle(qas)
         out.append(a.text + "\n" + "\n".join(f"Question: {qa.question}\nAnswer: {qa.answer}" for qa in qas))
     return out
+
+
+def reading_eval_records(articles: list[Article]) -> list[dict]:
+    """One {"messages": [system, user], "answer", "lang", "id"} per question of the held-out `articles`: the section
+    that states the answer alone in the grounded prompt, as `astrai-ds rag eval` asks its oracle questions (lm-eval's
+    reading-comprehension task)."""
+    return [{"messages": rag_messages(qa.question, [a.answer_section(qa)]), "answer": qa.answer, "lang": a.lang,
+             "id": a.id} for a in articles for qa in a.qa]

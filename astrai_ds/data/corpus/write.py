@@ -13,7 +13,9 @@ from astrai_ds.data.corpus.chat_forms import (DPO_PAIRS, GRPO_PROMPTS, SFT_CONVE
                                               dpo_records, grpo_records, sft_eval_records, sft_records)
 from astrai_ds.data.corpus.documents import articles, drill_articles, split_articles
 from astrai_ds.data.corpus.facts import LANGS, TASKS, Fact
-from astrai_ds.data.corpus.reading import READING_CONVERSATIONS, reading_records, reading_texts
+from astrai_ds.data.corpus.lm_eval_tasks import READING_EVAL_FILE, write_task_files
+from astrai_ds.data.corpus.reading import (READING_CONVERSATIONS, reading_eval_records, reading_records,
+                                           reading_texts)
 from astrai_ds.data.corpus.split import per_task_lang, sample_renderings, split_facts
 from astrai_ds.data.sources import check_out_dir
 from astrai_ds.errors import DataError
@@ -55,7 +57,9 @@ def write_corpus(out_dir, seed: int = 0, scale: float = 1.0) -> dict:
       "qa": [{"question", "answer"}]}), split by entity. The training articles are also pretraining text (each
       followed by its questions and answers); they and generated drills make the reading-comprehension
       conversations in `sft.jsonl` (see `reading`), which `reading.jsonl` also holds alone (to fine-tune a
-      pretrained model on reading alone); nothing in the other files mentions a held-out entity.
+      pretrained model on reading alone); nothing in the other files mentions a held-out entity;
+    - `reading_eval.jsonl`: each held-out article's questions with the section that answers them, as grounded chats;
+    - `lm_eval/`: task files for lm-evaluation-harness over the held-out sets (`lm_eval_tasks`).
 
     The same seed gives byte-identical files; `scale` multiplies the number of training records but leaves
     the held-out split, and so the eval files, unchanged."""
@@ -96,6 +100,9 @@ def write_corpus(out_dir, seed: int = 0, scale: float = 1.0) -> dict:
     _write_lines(out / DOCUMENTS_FILE, (a.record("train") for a in doc_train))
     _write_lines(out / DOCUMENTS_EVAL_FILE, (a.record("eval") for a in doc_eval))
     _write_lines(out / READING_FILE, reading)
+    reading_eval = reading_eval_records(doc_eval)
+    _write_lines(out / READING_EVAL_FILE, reading_eval)
+    tasks_dir = write_task_files(out)
     return {
         "pretrain": str(out / PRETRAIN_FILE),
         "eval": str(out / EVAL_FILE),
@@ -122,5 +129,8 @@ def write_corpus(out_dir, seed: int = 0, scale: float = 1.0) -> dict:
         "reading_texts": len(doc_train),
         "reading": str(out / READING_FILE),
         "reading_records": len(reading),
+        "reading_eval": str(out / READING_EVAL_FILE),
+        "reading_eval_items": len(reading_eval),
+        "lm_eval_tasks": str(tasks_dir),
         "tasks": counts,
     }
