@@ -59,14 +59,17 @@ def _generation(max_gen_toks: int) -> str:
             f"  temperature: 0.0\n")
 
 
-def _metrics(*names: str, extra: str = "") -> str:
-    return "metric_list:\n" + "".join(f"  - metric: {n}\n    aggregation: mean\n    higher_is_better: true\n{extra}"
-                                      for n in names)
+def _metrics(*names: str, aggregations: tuple[str, ...] = (), higher_is_better: bool = True, extra: str = "") -> str:
+    """lm-eval's metric_list: each metric with its aggregation (default: the mean) and direction."""
+    aggregations = aggregations or ("mean",) * len(names)
+    return "metric_list:\n" + "".join(f"  - metric: {n}\n    aggregation: {a}\n    higher_is_better: "
+                                      f"{str(higher_is_better).lower()}\n{extra}" for n, a in zip(names, aggregations))
 
 
 _VERSION = "metadata:\n  version: 1.0\n"
 
-METRICS_MODULE = '''"""Scores of the astrai_reading task: astrai_ds's own functions, as `astrai-ds rag eval` scores its answers."""
+METRICS_MODULE = '''"""Scores of the astrai_reading task: astrai_ds's own functions, as `astrai-ds rag eval` scores
+its answers."""
 
 from astrai_ds.inference.scoring import answer_contained
 from astrai_ds.rag.evaluate import answer_value
@@ -92,9 +95,8 @@ def task_files(data_dir: Path) -> dict[str, str]:
             + _metrics("exact_match", extra="    regexes_to_ignore: [\"^\\\\s+\", \"\\\\s+$\"]\n") + _VERSION)
     text = (_header("astrai_text", d / "pretrain_eval.jsonl", "loglikelihood_rolling")
             + "doc_to_text: \"\"\ndoc_to_target: \"{{ text }}\"\n"
-            + "metric_list:\n" + "".join(f"  - metric: {n}\n    aggregation: {a}\n    higher_is_better: false\n" for n, a in
-                                        (("word_perplexity", "weighted_perplexity"),
-                                         ("byte_perplexity", "weighted_perplexity"), ("bits_per_byte", "bits_per_byte")))
+            + _metrics("word_perplexity", "byte_perplexity", "bits_per_byte", higher_is_better=False,
+                       aggregations=("weighted_perplexity", "weighted_perplexity", "bits_per_byte"))
             + _VERSION)
     reading = (_header("astrai_reading", d / READING_EVAL_FILE, "generate_until") + _chat_prompt("messages")
                + "doc_to_target: \"{{ answer }}\"\n" + _generation(READING_MAX_GEN_TOKS)
