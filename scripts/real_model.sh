@@ -7,10 +7,13 @@
 # on the held-out articles (documents_eval.jsonl: entities no training file names), English and Chinese apart:
 # closed-book, with the top 3 chunks that BM25 retrieves, and with the chunk that states the answer (the oracle);
 # and the corpus's held-out chat questions, so that a loss of general ability shows. The table is printed and
-# written to runs/real/report.json ("base" and "tuned"). Everything goes under runs/real/ (removed first).
+# written to runs/real/report.json ("base" and "tuned"). Then lm-evaluation-harness runs the corpus's four tasks
+# against `astrai-ds serve` (scripts/lm_eval.sh; results in runs/real/lm_eval_base and lm_eval_tuned). Everything
+# goes under runs/real/ (removed first).
 #
 # Environment: NPROC (ranks, default 2), DTYPE (the evaluation's weights: bf16, the default, or fp32, about 1.6x
-# slower on a CPU with native bf16; the two gave the same scores within 0.025 here).
+# slower on a CPU with native bf16; the two gave the same scores within 0.025 here), SKIP_LM_EVAL=1 (leave out the
+# lm-eval runs, about 5 minutes per model here).
 source "$(dirname "$0")/env.sh"
 START=$(date +%s)
 R=runs/real
@@ -38,6 +41,9 @@ evaluate() {
     --mode bm25 --out "$R/eval_rag_$name.json" --responses "$R/responses_rag_$name.jsonl"
   astrai-ds eval --model "$model" --dtype "$DTYPE" --chat "$C/sft_eval.jsonl" --out "$R/eval_chat_$name.json" \
     --responses "$R/responses_chat_$name.jsonl" > /dev/null
+  if [ -z "${SKIP_LM_EVAL:-}" ]; then  # the corpus's four lm-eval tasks, through the server (docs/lm_eval.md)
+    INCLUDE="$C/lm_eval" DTYPE="$DTYPE" scripts/lm_eval.sh "$model" astrai "$R/lm_eval_$name"
+  fi
   astrai-ds report --stage "$name" ${run:+--run "$run"} --eval "$R/eval_rag_$name.json" "$R/eval_chat_$name.json" \
     --out "$R/report.json" --wall-time $(( $(date +%s) - T0 ))
 }

@@ -229,10 +229,11 @@ async def completions(body: CompletionRequest, request: Request):
     job = await Job.start(server, all_ids, params, "prompt")
     tok = server.tokenizer
     # the echoed prompt: a text as it was sent; token ids as the text of their tokens, special ones included
-    prompt_texts = [_prompt_text(tok, ids, len(tok.prefix_ids) if isinstance(p, str) else 0)
+    prompt_texts = [_prompt_text(tok, ids, len(tok.prefix_ids) if isinstance(p, str) else 0) if body.echo else ("", [])
                     for p, ids in zip(prompts, encoded)]
-    echoed = [(p if isinstance(p, str) else text, offsets) for p, (text, offsets) in zip(prompts, prompt_texts)]
-    echo_text = [echoed[i // body.n][0] if body.echo else "" for i in range(len(all_ids))]
+    echoed = [(p if isinstance(p, str) and body.echo else text, offsets)
+              for p, (text, offsets) in zip(prompts, prompt_texts)]
+    echo_text = [echoed[i // body.n][0] for i in range(len(all_ids))]
 
     def make_choice(i: int, c: Choice) -> dict:
         text, entries, offsets = "".join(c.text), c.logprobs, _token_offsets(c)
