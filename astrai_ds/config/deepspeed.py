@@ -226,13 +226,15 @@ def _subclasses(cls):
 # --- filling "auto" from the train config
 
 def resolve_ds_config(ds: dict, train: TrainConfig, world_size: int, *, bf16_supported: bool,
-                      accelerator: bool = True, source: str = "DeepSpeed config") -> dict:
+                      accelerator: bool = True, source: str = "DeepSpeed config",
+                      train_source: str = "the train config") -> dict:
     """Fill the "auto" values of a DeepSpeed config from the train config and check the batch arithmetic.
 
     Explicit numbers in the DeepSpeed config win over the train config (it is DeepSpeed's own format);
     "auto" or a missing key takes the train config's value. `zero_optimization.overlap_comm` and
     `contiguous_gradients` written "auto" are on where `accelerator` (a GPU or other device with streams)
-    and off on a CPU. Returns a new dict ready for `deepspeed.initialize`.
+    and off on a CPU. Returns a new dict ready for `deepspeed.initialize`. `source` and `train_source` name the two
+    files in errors.
     """
     ds = copy.deepcopy(ds)
     dp = data_parallel_size(train, world_size)
@@ -242,7 +244,7 @@ def resolve_ds_config(ds: dict, train: TrainConfig, world_size: int, *, bf16_sup
     _fill_zero(ds, accelerator, train.output_dir, source)
     _check_pipeline(ds, train, source)
     _check_pure_bf16(ds, train, source)
-    _fit_muon(ds, train, source)
+    _fit_muon(ds, train, source, train_source)
     reject_sections_we_build(ds, source)
     ds.setdefault("steps_per_print", 2**31 - 1)  # our own logger prints; keep DeepSpeed's step log quiet
     ds.setdefault("wall_clock_breakdown", False)
@@ -259,7 +261,7 @@ def data_parallel_size(train: TrainConfig, world_size: int) -> int:
     return world_size // stages
 
 
-def _fit_muon(ds: dict, train: TrainConfig, source: str) -> None:
+def _fit_muon(ds: dict, train: TrainConfig, source: str, train_source: str) -> None:
     """optimizer.type muon: DeepSpeed's Muon steps on the ranks (no offloaded optimizer), and its ZeRO-3 reduces
     gradients without reduce-scatter (it orthogonalises each matrix's whole gradient): a ZeRO-3 config that does not
     say otherwise gets `reduce_scatter: false`."""
@@ -270,10 +272,10 @@ def _fit_muon(ds: dict, train: TrainConfig, source: str) -> None:
                           f"Muon steps on the ranks): use a config without offload_optimizer, e.g. zero2.json or "
                           f"zero3.json, or optimizer.type adamw")
     if train.optimizer.grad_clip > 0:
-        raise ConfigError(f"optimizer.grad_clip is {train.optimizer.grad_clip:g}, but with optimizer.type muon "
-                          f"DeepSpeed (0.19) clips Muon's orthogonalised update by its own norm, not the gradient, "
-                          f"which shrinks every step by a factor that grows with the model: set optimizer.grad_clip "
-                          f"to 0 (Muon's update does not depend on the gradient's scale)")
+        raise ConfigError(f"{train_source}: optimizer.grad_clip is {train.optimizer.grad_clip:g}, but with "
+                          f"optimizer.type muon DeepSpeed (0.19) clips Muon's orthogonalised update by its own norm, "
+                          f"not the gradient, which shrinks every step by a factor that grows with the model: set "
+                          f"optimizer.grad_clip to 0 (Muon's update does not depend on the gradient's scale)")
     zero = ds["zero_optimization"]
     if zero.get("stage", 0) == 3:
         if ds["gradient_accumulation_steps"] > 1:

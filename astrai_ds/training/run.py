@@ -350,14 +350,16 @@ def build_trainer(args) -> Trainer:
     ds_raw, ds_path = load_ds_config(args.ds_config)
 
     dist_info = init_distributed()
+    # The DeepSpeed config is checked against the train config before the run folder is touched: a mistake in
+    # either leaves nothing behind (not even the folder and its lock file).
+    ds_cfg = resolve_ds_config(ds_raw, cfg, dist_info.world_size, bf16_supported=bf16_supported(),
+                               accelerator=on_accelerator(), source=str(ds_path), train_source=str(config_path))
+    check_nvme_offload(ds_cfg, str(ds_path))
+    if cfg.stage.type == "grpo":
+        _check_grpo_batch(cfg, ds_cfg)
     # Before anything reads or writes in output_dir: a second run into it stops here, naming the first.
     run_lock = lock_output_dir(Path(cfg.output_dir), dist_info)
     cpu_notes = _setup_cpu(cfg)
-    ds_cfg = resolve_ds_config(ds_raw, cfg, dist_info.world_size, bf16_supported=bf16_supported(),
-                               accelerator=on_accelerator(), source=str(ds_path))
-    check_nvme_offload(ds_cfg, str(ds_path))
-    if cfg.stage.type == "grpo":  # before the run folder gets its files
-        _check_grpo_batch(cfg, ds_cfg)
     dtype = torch.bfloat16 if ds_cfg["bf16"]["enabled"] else torch.float32
     resume = _prepare_output_dir(cfg, model_cfg, ds_cfg, tokenizer, dist_info)
     if resume and resume[2]:  # for this engine only: the run's ds_config.json stays as the user wrote it

@@ -244,9 +244,9 @@ def test_muon_fits_zero3_and_refuses_what_deepspeed_gets_wrong():
     with pytest.raises(ConfigError, match="grad_accum_steps 2: DeepSpeed .* each micro-batch"):
         resolve_ds_config(zero3, _muon(), 2, bf16_supported=False)
     clipped = from_dict(TrainConfig, {**TRAIN, "optimizer": {"type": "muon"}})
-    with pytest.raises(ConfigError, match="optimizer.grad_clip is 1, but with optimizer.type muon .* set "
+    with pytest.raises(ConfigError, match="train.json: optimizer.grad_clip is 1, but with optimizer.type muon .* set "
                                           "optimizer.grad_clip to 0"):
-        resolve_ds_config(load_ds_config("zero2.json")[0], clipped, 2, bf16_supported=False)
+        resolve_ds_config(load_ds_config("zero2.json")[0], clipped, 2, bf16_supported=False, train_source="train.json")
     with pytest.raises(ConfigError, match="offload_optimizer does not combine with optimizer.type muon"):
         resolve_ds_config(load_ds_config("zero3_offload.json")[0], one_step, 2, bf16_supported=False)
     adamw = resolve_ds_config(zero3, _train(), 2, bf16_supported=False)["zero_optimization"]

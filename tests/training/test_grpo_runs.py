@@ -182,4 +182,4 @@ def test_a_step_that_is_not_whole_groups_is_one_line_before_the_run_folder_is_wr
     assert proc.returncode == 2, proc.stdout + proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "not a whole number of groups of grpo.group_size 3" in errors[0], proc.stderr
-    assert not (tmp_path / "groups" / "run" / "train_config.json").exists()
+    assert not (tmp_path / "groups" / "run").exists()  # not even the folder and its lock file

@@ -84,6 +84,7 @@ def test_error_ds_batch_mismatch(workspace, tmp_path):
     cfg = tiny_train_config(workspace, tmp_path)
     proc = run_python("train.py", ["--config", str(cfg), "--ds_config", str(ds)], check=False)
     expect_user_error(proc, "train_batch_size (10)", "(4)", "(2)", "data-parallel size (1)")
+    assert not (tmp_path / "run").exists()  # checked before the run folder (and its lock file) is made
 
 
 def test_error_truncated_shard(workspace, tmp_path, capsys):
