@@ -13,7 +13,7 @@
 # model folder's and the data files are local (HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1).
 source "$(dirname "$0")/env.sh" eval
 if [ $# -lt 3 ]; then
-  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 fi
 MODEL=$1 TASKS=$2 OUT=$3
