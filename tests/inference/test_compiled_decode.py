@@ -98,6 +98,33 @@ def test_a_step_that_cannot_compile_decodes_eager_after_one_line(tokenizer, monk
     assert engine.runner.compiled.steps == 0
 
 
+@pytest.mark.parametrize("templates_only", [False, True])
+def test_one_sequence_that_cannot_compile_says_so_in_one_line(tokenizer, monkeypatch, capsys, templates_only):
+    """The one-sequence graph is compiled with GEMM templates first: when only they fail, it is compiled without
+    them (one line), and when compiling fails anyway, the engine decodes eager (one line too)."""
+    import torch._inductor.config
+
+    real = compiled_decode._compiled(True)
+
+    def failing(*args):
+        if torch._inductor.config.max_autotune or not templates_only:
+            raise RuntimeError("no template for this CPU\nand more lines")
+        return real(*args)
+
+    monkeypatch.setitem(compiled_decode._COMPILED, True, failing)
+    model = tiny_model()
+    got, engine = run(model, tokenizer, [random_ids(7, 6)], [greedy(6)], compile=True)
+    eager, _ = run(model, tokenizer, [random_ids(7, 6)], [greedy(6)])
+    assert [c.token_ids for c in got] == [c.token_ids for c in eager]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    if templates_only:
+        assert "could not be compiled with GEMM templates (RuntimeError: no template for this CPU); compiled " \
+               "without them" in err and engine.runner.compiled.steps > 0
+    else:
+        assert "decoding eager" in err and engine.runner.compiled.steps == 0
+
+
 def test_the_compile_option_falls_back_to_eager_in_one_line(monkeypatch, capsys):
     import astrai_ds.extensions as extensions
     from astrai_ds.cli.model_commands import compile_decode
