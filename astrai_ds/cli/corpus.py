@@ -9,8 +9,11 @@ value.
 documents.jsonl and documents_eval.jsonl hold Markdown articles about fictional entities (`text`, with `qa`:
 questions and exact answers), split by entity; sft.jsonl also holds reading-comprehension conversations on the
 training articles (retrieved-style chunks, then a question), which reading.jsonl holds alone, and `astrai-ds
-rag eval` measures retrieval and grounded answers on the held-out ones.
-Deterministic: the same seed writes the same bytes. Nothing is downloaded."""
+rag eval` measures retrieval and grounded answers on the held-out ones; reading_eval.jsonl holds their questions with
+the section that answers each. lm_eval/ holds task files for lm-evaluation-harness over the held-out sets (four
+tasks and their group `astrai`; docs/lm_eval.md).
+Deterministic: the same seed writes the same bytes (the task files hold the output folder's path). Nothing is
+downloaded."""
 
 from __future__ import annotations
 
