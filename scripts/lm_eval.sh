@@ -9,11 +9,13 @@
 #
 # Environment: INCLUDE (a folder of task files, passed as --include_path; default runs/quickstart/corpus/lm_eval),
 # DTYPE (the server's weights: auto, the default, bf16 or fp32), CONCURRENT (requests in flight, default 8: the
-# server batches them), SERVE_ARGS (more `astrai-ds serve` options). Nothing is downloaded: the tokenizer is the
-# model folder's and the data files are local (HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1).
+# server batches them), SERVE_ARGS (more `astrai-ds serve` options), CHAT_TEMPLATE (1, the default: pass
+# --apply_chat_template, which the built-in chat tasks need; 0 for plain-text tasks on a base model).
+# Nothing is downloaded: the tokenizer is the model folder's and the data files are local (HF_HUB_OFFLINE=1,
+# HF_DATASETS_OFFLINE=1).
 source "$(dirname "$0")/env.sh" eval
 if [ $# -lt 3 ]; then
-  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 fi
 MODEL=$1 TASKS=$2 OUT=$3
@@ -36,7 +38,8 @@ for _ in $(seq 600); do
   kill -0 $SERVER 2>/dev/null || { echo "lm_eval.sh: the server stopped:" >&2; tail -20 "$OUT/server.log" >&2; exit 1; }
   sleep 1
 done
+CHAT_FLAG=$([ "${CHAT_TEMPLATE:-1}" = 1 ] && echo --apply_chat_template || true)
 echo "== lm_eval $TASKS on $MODEL (served on port $PORT, context $CONTEXT)"
 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 lm_eval --model local-completions \
   --model_args "model=$(basename "$MODEL"),base_url=http://127.0.0.1:$PORT/v1/completions,tokenizer_backend=huggingface,tokenizer=$MODEL,max_length=$CONTEXT,num_concurrent=${CONCURRENT:-8}" \
-  --include_path "$INCLUDE" --tasks "$TASKS" --apply_chat_template --output_path "$OUT" "$@"
+  --include_path "$INCLUDE" --tasks "$TASKS" ${CHAT_FLAG} --output_path "$OUT" "$@"
