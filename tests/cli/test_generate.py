@@ -4,7 +4,6 @@ leaves the others alone; every wrong option or file line is one clear message be
 
 from __future__ import annotations
 
-import json
 import subprocess
 
 import pytest
@@ -14,7 +13,7 @@ from astrai_ds.inference.engine import LLMEngine
 from astrai_ds.inference.sampling import SamplingParams
 from astrai_ds.model.io import load_model_folder
 from conftest import (VENV_BIN, cli_in_process, expect_user_error, free_port, read_jsonl, run_cmd, run_distributed,
-                      run_ranks)
+                      run_ranks, write_jsonl)
 
 CLI = str(VENV_BIN / "astrai-ds")
 PROMPT = "The capital of France is"
@@ -34,11 +33,6 @@ def _generate(model_dir, *args: str, check: bool = True):
 def _generate_here(model_dir, *args: str, capsys) -> subprocess.CompletedProcess:
     """`_generate` in this process (the same `main`, without a torch import per case)."""
     return cli_in_process(capsys, "generate", "--model", str(model_dir), "--dtype", "fp32", *args)
-
-
-def _write_jsonl(path, records: list) -> str:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return str(path)
 
 
 @pytest.mark.parametrize("chat", [False, True], ids=["text", "chat"])
@@ -73,7 +67,7 @@ def test_a_batch_runs_in_order_with_per_request_fields(model_dir, engine, tmp_pa
                {"prompt": LONG, "id": "too long"},
                {"prompt": "1 + 1 =", "stop": ["never seen"], "seed": 3, "temperature": 0.8, "top_k": 5}]
     out = tmp_path / "results" / "out.jsonl"
-    proc = _generate_here(model_dir, "--input", _write_jsonl(tmp_path / "in.jsonl", records), "--output", str(out),
+    proc = _generate_here(model_dir, "--input", write_jsonl(tmp_path / "in.jsonl", records), "--output", str(out),
                           "--temperature", "0", "--max-new-tokens", "12", capsys=capsys)
     assert proc.returncode == 0, proc.stderr
     assert "generate: 3/3 requests" in proc.stderr and "1 refused" in proc.stderr, proc.stderr
@@ -99,7 +93,7 @@ def test_a_batch_runs_in_order_with_per_request_fields(model_dir, engine, tmp_pa
 
 def test_chat_makes_each_prompt_a_user_message(model_dir, engine, tmp_path, capsys):
     out = tmp_path / "out.jsonl"
-    proc = _generate_here(model_dir, "--input", _write_jsonl(tmp_path / "in.jsonl", [{"prompt": "你好"}]),
+    proc = _generate_here(model_dir, "--input", write_jsonl(tmp_path / "in.jsonl", [{"prompt": "你好"}]),
                           "--output", str(out), "--chat", "--system", "Be brief.", "--temperature", "0",
                           "--max-new-tokens", "6", capsys=capsys)
     assert proc.returncode == 0, proc.stderr
@@ -195,7 +189,7 @@ def test_tp2_under_the_launcher_gives_what_one_process_gives(model_dir, engine, 
     assert proc.stderr.count(f"{expected.completion_tokens} tokens ({expected.prompt_tokens} in the prompt)") == 1
 
     out = tmp_path / "out.jsonl"
-    launch("--input", _write_jsonl(tmp_path / "in.jsonl", [{"prompt": PROMPT}, {"prompt": "1 + 1 ="}]),
+    launch("--input", write_jsonl(tmp_path / "in.jsonl", [{"prompt": PROMPT}, {"prompt": "1 + 1 ="}]),
            "--output", str(out))
     assert [r["completion"] for r in read_jsonl(out)] == [expected.text, engine.generate("1 + 1 =", greedy).text]
 

@@ -16,15 +16,10 @@ from astrai_ds.data.corpus.lm_eval_tasks import CHAT_MAX_GEN_TOKS, write_task_fi
 from astrai_ds.data.prompts import prompt_messages
 from astrai_ds.inference.evaluate import evaluate_chat, sequence_logprob
 from astrai_ds.model.io import load_model_folder
-from conftest import VENV_BIN, cli_in_process, env, read_jsonl
+from conftest import VENV_BIN, cli_in_process, env, read_jsonl, write_jsonl
 from tests.serve.conftest import Server
 
 N = 6  # items per task
-
-
-def _write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
 
 
 @pytest.mark.multiproc
@@ -41,8 +36,8 @@ def test_lm_eval_scores_equal_astrai_ds_eval(workspace, long_model_dir, tmp_path
         record["answers"] = {**record["answers"], "plain": answer["response"].strip()}
     data = tmp_path / "data"
     data.mkdir()
-    _write_jsonl(data / "sft_eval.jsonl", chat)
-    _write_jsonl(data / "dpo_eval.jsonl", pairs)
+    write_jsonl(data / "sft_eval.jsonl", chat)
+    write_jsonl(data / "dpo_eval.jsonl", pairs)
     tasks = write_task_files(data)  # what `astrai-ds corpus` writes beside its data
 
     server = Server(long_model_dir, tmp_path / "server.log")
