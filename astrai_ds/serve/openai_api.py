@@ -112,7 +112,7 @@ def _chat_logprobs(tokenizer, entries: list[dict]) -> dict:
 def _completion_logprobs(tokenizer, entries: list[dict], offsets: list[int], prompt: list[int] | None = None) -> dict:
     """The completions API's logprobs object. `prompt`: the echoed prompt's ids, whose entries (all but the first
     token's) start `entries`; the first token is listed with null, as OpenAI and vLLM list it."""
-    first = [] if prompt is None else [tokenizer.token_bytes(prompt[0]).decode("utf-8", errors="replace")]
+    first = [] if prompt is None else [_token_text(tokenizer, prompt[0])]
     return {"tokens": first + [_token_text(tokenizer, e["token_id"]) for e in entries],
             "token_logprobs": [None] * len(first) + [e["logprob"] for e in entries],
             "top_logprobs": [None] * len(first) + [{_token_text(tokenizer, t): lp for t, lp in e["top_logprobs"]}
@@ -228,11 +228,18 @@ async def completions(body: CompletionRequest, request: Request):
               for _ in encoded for j in range(body.n)]
     job = await Job.start(server, all_ids, params, "prompt")
     tok = server.tokenizer
-    # the echoed prompt: a text as it was sent; token ids as the text of their tokens, special ones included
-    prompt_texts = [_prompt_text(tok, ids, len(tok.prefix_ids) if isinstance(p, str) else 0) if body.echo else ("", [])
-                    for p, ids in zip(prompts, encoded)]
-    echoed = [(p if isinstance(p, str) and body.echo else text, offsets)
-              for p, (text, offsets) in zip(prompts, prompt_texts)]
+
+    def echo(p, ids: list[int]) -> tuple[str, list[int]]:
+        """(the echoed prompt, its tokens' offsets when they are scored): a text as it was sent; token ids as the text
+        of their tokens, special ones included."""
+        if not body.echo:
+            return "", []
+        if isinstance(p, str) and not scoring:
+            return p, []
+        text, offsets = _prompt_text(tok, ids, len(tok.prefix_ids) if isinstance(p, str) else 0)
+        return (p if isinstance(p, str) else text), offsets
+
+    echoed = [echo(p, ids) for p, ids in zip(prompts, encoded)]
     echo_text = [echoed[i // body.n][0] for i in range(len(all_ids))]
 
     def make_choice(i: int, c: Choice) -> dict:
