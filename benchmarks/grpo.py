@@ -21,8 +21,9 @@
 
 `--breakdown` times, over the measured steps outside the loop, what one forward of each side costs: ours, the
 model's forward (`hidden` and the head), the model runner's work around it (the step's slots, attention groups and
-masks as tensors) and sampling (each completion's row alone, with its own generator); theirs, the model's forward
+masks as tensors) and sampling (the rows together, each drawing from its own generator); theirs, the model's forward
 (its cache update included) and the rest of `generate` (inputs, logits processors, sampling, stopping criteria).
+With grpo.compile_rollouts our model and runner are timed together: a decode step runs them in one compiled graph.
 
 All three run in the training's dtype (the run's resolved precision: bf16 where the CPU has native bf16, "auto") with
 the same number of threads and the trainer's allocator setting (cpu.keep_freed_memory). The two sides outside the
@@ -213,9 +214,10 @@ class Timers:
         detokenizer, the engine's construction); theirs into model and the rest of `generate`."""
         n, m = self.calls["ours.run"], self.calls["transformers.forward"]
         ours_s, theirs_s = sides["ours"][1], sides["transformers"][1]
-        model = self.seconds["ours.model"] + self.seconds["ours.head"]
         run, sample = self.seconds["ours.run"], self.seconds["ours.sample"]
-        return {"ours": {"forwards": n, "model_ms": 1e3 * model / n, "runner_ms": 1e3 * (run - model) / n,
+        model = self.seconds["ours.model"] + self.seconds["ours.head"] if self.calls["ours.model"] else None
+        return {"ours": {"forwards": n, "model_ms": model and 1e3 * model / n,
+                         "runner_ms": 1e3 * (run - (model or 0)) / n,
                          "sampling_ms": 1e3 * sample / n, "rest_ms": 1e3 * (ours_s - run - sample) / n,
                          "total_ms": 1e3 * ours_s / n},
                 "transformers": {"forwards": m, "model_ms": 1e3 * self.seconds["transformers.forward"] / m,
@@ -226,8 +228,10 @@ class Timers:
 def print_breakdown(b: dict, rollouts: int) -> None:
     o, t = b["ours"], b["transformers"]
     print(f"forwards per rollout: ours {o['forwards'] / rollouts:.1f}, transformers {t['forwards'] / rollouts:.1f}")
-    print(f"per forward (ms), outside the loop: ours {o['total_ms']:.2f} over {o['forwards']} forwards = model "
-          f"{o['model_ms']:.2f} + runner {o['runner_ms']:.2f} + sampling {o['sampling_ms']:.2f} + the rest "
+    model = (f"model {o['model_ms']:.2f} + runner {o['runner_ms']:.2f}" if o["model_ms"] is not None else
+             f"model and runner {o['runner_ms']:.2f} (compiled decode steps)")
+    print(f"per forward (ms), outside the loop: ours {o['total_ms']:.2f} over {o['forwards']} forwards = "
+          f"{model} + sampling {o['sampling_ms']:.2f} + the rest "
           f"{o['rest_ms']:.2f}; transformers {t['total_ms']:.2f} over {t['forwards']} forwards = model "
           f"{t['model_ms']:.2f} + the rest of generate {t['rest_ms']:.2f}")
 
@@ -297,8 +301,9 @@ def main(argv=None) -> int:
 
         timers.wrap(ModelRunner, "run", "ours.run")
         timers.wrap(engine_module, "sample", "ours.sample")  # what LLMEngine.step calls
-        timers.wrap(model, "hidden", "ours.model")
-        timers.wrap(model.head, "forward", "ours.head")  # the final norm and the output layer, on sampled rows
+        if not cfg.grpo.compile_rollouts:  # a compiled step runs both inside one graph, where no timer can go
+            timers.wrap(model, "hidden", "ours.model")
+            timers.wrap(model.head, "forward", "ours.head")  # the final norm and the output layer, on sampled rows
         timers.wrap(hf, "forward", "transformers.forward")  # generate calls the instance, which calls forward
     ours_step(0)  # warm-up on the loop's first step, which the loop's numbers leave out
     hf_step(0)

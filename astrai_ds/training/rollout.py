@@ -90,6 +90,8 @@ class RolloutBatches:
         self._handed = 0  # micro-batches handed out from the current rollout, over its iterations
         self._rollout_seconds = 0.0  # spent on a rollout since the last step_metrics
         self._model = None  # the inference copy of the policy
+        self._warm = False  # warm_up has run in this process (a resumed run warms up in its first rollout too)
+        self.compile = self.grpo.compile_rollouts and self._can_compile()  # off for good after a failure
 
     # ------------------------------------------------------------------ the BatchIterator interface
 
@@ -198,14 +200,29 @@ class RolloutBatches:
             kv_cache_tokens=len(prompts) * longest + 16, max_num_seqs=len(prompts),
             max_num_batched_tokens=max(2048, len(prompts)),
             # the inference copy's weights are overwritten every rollout: compiled graphs read them as inputs
-            compile=self.grpo.compile_rollouts, frozen_weights=False))
-        if self.rollouts == 0:
-            engine.warm_up()  # compile_rollouts: both graphs in the first rollout, not whenever one is first needed
+            compile=self.compile, frozen_weights=False))
+        if self.compile and not self._warm:
+            engine.warm_up()  # both graphs in the run's first rollout, not whenever one is first needed
+            self._warm = True
         completions = engine.generate_batch(prompts, params)
+        if self.compile and getattr(engine.runner.compiled, "failed", None) is not None:
+            self.compile = False  # the engine said why in one line; later rollouts do not try again
         failed = next((c for c in completions if c.error is not None or c.finish_reason == "error"), None)
         if failed is not None:
             raise RuntimeError(f"a rollout request failed: {failed.error}")
         return completions
+
+    def _can_compile(self) -> bool:
+        """Whether rollouts can decode through compiled graphs here: not on a CPU without a C++ compiler (one line
+        from the main rank says so)."""
+        from astrai_ds.extensions import missing_cpp_compiler
+
+        if self.device.type == "cpu" and (why := missing_cpp_compiler()):
+            if self.dist.is_main:
+                print(f"compile: no C++ compiler for torch.compile on this CPU ({why}); rollouts decode eager. "
+                      f"Install one (apt-get install g++, or set CXX) or set grpo.compile_rollouts false", flush=True)
+            return False
+        return True
 
     def _score(self, indices: list[int], completions: list) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(rewards (N,), {reward name: raw values (N,)}) of this rank's completions."""

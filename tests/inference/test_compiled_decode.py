@@ -1,6 +1,7 @@
 """Compiled decode steps (`EngineConfig.compile`): greedy tokens and log-probs equal the eager engine's in both
 graphs, one sequence and a batch of any size (fp32), another model gets its own graphs, a model updated in place is read
-as it is now where its weights are not frozen, and a step that cannot compile runs eager after one line."""
+as it is now where its weights are not frozen, and a step that cannot compile runs eager after one line (in GRPO's
+rollouts, one line for the run, not one per rollout)."""
 
 from __future__ import annotations
 
@@ -154,3 +155,43 @@ def test_warm_up_compiles_both_graphs_and_leaves_the_engine_as_it_was(tokenizer)
     cold = LLMEngine(model, tokenizer, EngineConfig(block_size=8, seed=3))
     prompt = random_ids(10, 8)
     assert engine.generate(prompt, sampled).token_ids == cold.generate(prompt, sampled).token_ids
+
+
+@pytest.mark.parametrize("why", ["graph", "no compiler"])
+def test_grpo_rollouts_that_cannot_compile_say_so_once_and_stop_trying(tokenizer, monkeypatch, capsys, why):
+    """GRPO builds an engine per rollout: a graph that failed to compile in one rollout is not tried again in the
+    next (one line in all), and a CPU without a C++ compiler is said once, before the first rollout."""
+    import astrai_ds.extensions as extensions
+    from astrai_ds.config.train import GRPOConfig, LoraConfig
+    from astrai_ds.training.distributed import DistInfo
+    from astrai_ds.training.rollout import RolloutBatches
+
+    tries = []
+
+    def broken(*args):
+        tries.append(1)
+        raise RuntimeError("inductor found no C++ compiler\nand more lines")
+
+    monkeypatch.setitem(compiled_decode._COMPILED, False, broken)
+    monkeypatch.setattr(extensions, "missing_cpp_compiler", lambda: "CalledProcessError" if why == "no compiler"
+                        else None)
+    grpo = GRPOConfig(group_size=2, max_new_tokens=4, compile_rollouts=True)
+    cfg = types.SimpleNamespace(grpo=grpo, seed=0, data=types.SimpleNamespace(seq_len=64, shuffle=False),
+                                lora=LoraConfig(), fused_loss=True)
+    prompts = [random_ids(5, seed) for seed in range(4)]
+    batches = RolloutBatches(types.SimpleNamespace(device=torch.device("cpu")), None, tokenizer, [{}] * 4, prompts,
+                             cfg, 4, 1, DistInfo(0, 1, 0, 1), [], "prompts.jsonl")
+    model = tiny_model().requires_grad_(False)
+    for rollout in range(2):
+        batches.rollouts = rollout
+        assert len(batches._generate(model, [0, 1])) == 4
+    said = capsys.readouterr()
+    lines = (said.out + said.err).strip().splitlines()
+    assert len(lines) == 1, lines
+    if why == "graph":
+        assert "the decode step could not be compiled (RuntimeError: inductor found no C++ compiler)" in said.err
+        assert len(tries) == 1
+    else:
+        assert "no C++ compiler for torch.compile on this CPU (CalledProcessError); rollouts decode eager" in said.out
+        assert not tries
+    assert batches.compile is False
