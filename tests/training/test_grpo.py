@@ -137,7 +137,9 @@ def test_the_loss_does_not_depend_on_the_split_into_micro_batches():
         share, _ = strategy.compute_loss(lambda ids, r=rows: parts.logits[r], part, totals)
         share.backward()
         total += float(share)
-    assert total == pytest.approx(float(loss), rel=1e-6)
+    # float32 rounding of a mean of O(1) per-token terms that mostly cancel (the loss is about 0.01): an absolute
+    # tolerance, as the CPU's summation order differs between AVX2 and AVX-512 kernels
+    assert total == pytest.approx(float(loss), abs=1e-7)
     assert torch.allclose(parts.logits.grad, whole.logits.grad, atol=1e-7)
 
 
