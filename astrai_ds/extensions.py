@@ -80,6 +80,14 @@ def missing_cpp_compiler() -> str | None:
     return None
 
 
+def no_cpp_compiler(eager: str, turn_off: str) -> str | None:
+    """None where inductor finds a C++ compiler; else the one line every `compile` option prints before going on
+    eager: what runs eager instead (`eager`) and how to stop asking (`turn_off`)."""
+    why = missing_cpp_compiler()
+    return None if why is None else (f"compile: no C++ compiler for torch.compile on this CPU ({why}); {eager}. "
+                                     f"Install one (apt-get install g++, or set CXX) or {turn_off}")
+
+
 def use_extensions_cache() -> Path:
     """Point TORCH_EXTENSIONS_DIR at `extensions_dir()` unless it is set already (a user's own choice wins), and
     return the folder in use. Called first thing by train.py and astrai-ds; every rank computes the same name."""

@@ -37,16 +37,15 @@ def compile_decode(args, tp: int = 1) -> bool:
 
     import torch
 
-    from astrai_ds.extensions import missing_cpp_compiler, use_compile_cache
+    from astrai_ds.extensions import no_cpp_compiler, use_compile_cache
 
     if not getattr(args, "compile", False):
         return False
     if tp > 1:
         print("compile: not with --tp (the sharded layers all-reduce inside the step); decoding eager", file=sys.stderr)
         return False
-    if not torch.cuda.is_available() and (why := missing_cpp_compiler()):
-        print(f"compile: no C++ compiler for torch.compile on this CPU ({why}); decoding eager. Install one "
-              f"(apt-get install g++, or set CXX) or leave out --compile", file=sys.stderr)
+    if not torch.cuda.is_available() and (line := no_cpp_compiler("decoding eager", "leave out --compile")):
+        print(line, file=sys.stderr)
         return False
     cache = use_compile_cache()
     print(f"compile: the decode steps compile on their first use; kernels are cached in {cache}",

@@ -215,12 +215,12 @@ class RolloutBatches:
     def _can_compile(self) -> bool:
         """Whether rollouts can decode through compiled graphs here: not on a CPU without a C++ compiler (one line
         from the main rank says so)."""
-        from astrai_ds.extensions import missing_cpp_compiler
+        from astrai_ds.extensions import no_cpp_compiler
 
-        if self.device.type == "cpu" and (why := missing_cpp_compiler()):
+        if self.device.type == "cpu" and (line := no_cpp_compiler("rollouts decode eager",
+                                                                   "set grpo.compile_rollouts false")):
             if self.dist.is_main:
-                print(f"compile: no C++ compiler for torch.compile on this CPU ({why}); rollouts decode eager. "
-                      f"Install one (apt-get install g++, or set CXX) or set grpo.compile_rollouts false", flush=True)
+                print(line, flush=True)
             return False
         return True
 

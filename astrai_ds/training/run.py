@@ -27,7 +27,7 @@ from astrai_ds.config.train import TrainConfig
 from astrai_ds.data.shards import TokenShards
 from astrai_ds.data.tokenizer import Tokenizer
 from astrai_ds.errors import ConfigError, DataError, UserError
-from astrai_ds.extensions import missing_cpp_compiler, use_compile_cache, use_extensions_cache
+from astrai_ds.extensions import no_cpp_compiler, use_compile_cache, use_extensions_cache
 from astrai_ds.model.transformer import shape_model
 from astrai_ds.run_dir import atomic_write, tag_step
 from astrai_ds.training import cpu
@@ -309,10 +309,9 @@ def _compile(engine, dist_info: DistInfo) -> None:
     """DeepSpeed's engine.compile() (torch.compile of the whole model, inductor), lazily: the first forward compiles.
     A CPU without a C++ compiler (which inductor's CPU code needs) trains eager and says so in one line."""
     cache = use_compile_cache()
-    if engine.device.type == "cpu" and (why := missing_cpp_compiler()):
+    if engine.device.type == "cpu" and (line := no_cpp_compiler("training runs eager", "set compile false")):
         if dist_info.is_main:
-            print(f"compile: no C++ compiler for torch.compile on this CPU ({why}); training runs eager. Install one "
-                  f"(apt-get install g++, or set CXX) or set compile false", flush=True)
+            print(line, flush=True)
         return
     engine.compile()
     if dist_info.is_main:
