@@ -65,6 +65,7 @@ def main(argv=None) -> None:
     from astrai_ds.data.chat import render_chat
     from astrai_ds.data.prompts import prompt_messages
     from astrai_ds.inference.engine import EngineConfig, LLMEngine
+    from astrai_ds.inference.evaluate import evaluate_chat
     from astrai_ds.inference.sampling import SamplingParams
     from astrai_ds.inference.scoring import chat_answer_correct
     from astrai_ds.model.io import load_model_folder
@@ -78,9 +79,9 @@ def main(argv=None) -> None:
     engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=64))
     k = args.samples
 
-    greedy = SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens)
-    scores = {"greedy": [float(chat_answer_correct(a, r)) for a, r in zip(answers(engine, prompts, [greedy] *
-                                                                                    len(prompts)), records)]}
+    greedy = []  # astrai-ds eval --chat's own greedy answers and scoring, one entry per record
+    evaluate_chat(model, tokenizer, records, max_new_tokens=args.max_new_tokens, responses=greedy)
+    scores = {"greedy": [float(r["correct"]) for r in greedy]}
     for t in temperatures:
         params = [SamplingParams(temperature=t, max_new_tokens=args.max_new_tokens, seed=args.seed + k * i + j)
                   for i in range(len(prompts)) for j in range(k)]
