@@ -57,7 +57,16 @@ def answers(engine, prompts: list[list[int]], params: list) -> list[str]:
 
 
 def main(argv=None) -> None:
+    from astrai_ds.errors import UserError
+
     args = parse_args(argv)
+    try:
+        run(args)
+    except UserError as e:  # a wrong path or record: one line, as the CLI says it
+        raise SystemExit(f"reward_headroom: {e}") from None
+
+
+def run(args: argparse.Namespace) -> None:
     import torch
 
     from machine import announce
@@ -65,7 +74,7 @@ def main(argv=None) -> None:
     from astrai_ds.data.chat import render_chat
     from astrai_ds.data.prompts import prompt_messages
     from astrai_ds.inference.engine import EngineConfig, LLMEngine
-    from astrai_ds.inference.evaluate import evaluate_chat
+    from astrai_ds.inference.evaluate import evaluate_chat, read_eval_records
     from astrai_ds.inference.sampling import SamplingParams
     from astrai_ds.inference.scoring import chat_answer_correct
     from astrai_ds.model.io import load_model_folder
@@ -73,8 +82,7 @@ def main(argv=None) -> None:
     info = announce()
     temperatures = [float(t) for t in args.temperatures.split(",")]
     model, tokenizer = load_model_folder(args.model)
-    with open(args.data, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()][::args.every]
+    records = read_eval_records(args.data, "chat")[::args.every]
     prompts = [render_chat(tokenizer, prompt_messages(r), add_generation_prompt=True)[0] for r in records]
     engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=64))
     k = args.samples
