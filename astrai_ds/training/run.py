@@ -313,6 +313,9 @@ def _compile(engine, dist_info: DistInfo) -> None:
         if dist_info.is_main:
             print(line, flush=True)
         return
+    # RoPE's tables are built on first use and cached per device: built inside the first compiled forward, the
+    # cache's guard would fail on the next call and the first graph (eval's or training's) would compile twice.
+    engine.module.rope.tables(engine.device)
     engine.compile()
     if dist_info.is_main:
         print(f"compile: torch.compile (inductor) compiles the model in the first step; its kernels are cached in "

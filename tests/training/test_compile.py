@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from conftest import launch, tiny_train_config, train_losses
+from conftest import launch, tiny_model, tiny_train_config, train_losses
 
 from astrai_ds.config.base import from_dict
 from astrai_ds.config.train import TrainConfig
@@ -24,6 +24,28 @@ def test_a_compiled_run_gives_the_eager_losses(workspace, trained, tmp_path):
     assert sorted(compiled) == sorted(eager)
     for step, loss in eager.items():
         assert compiled[step] == pytest.approx(loss, rel=1e-4), step
+
+
+def test_the_first_compiled_graph_is_not_compiled_again(workspace, monkeypatch):
+    """`_compile` builds RoPE's tables (cached per device) before compiling: built inside the first compiled forward,
+    the cache's guard failed on the next call and the first graph compiled twice (here counted by a backend that
+    compiles nothing, so the count is exact and quick)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from astrai_ds.training import run
+
+    monkeypatch.setattr(run, "no_cpp_compiler", lambda *a: None)  # nothing is compiled with C++ here
+    torch._dynamo.reset()
+    model, counter = tiny_model(workspace), CompileCounter()
+    engine = types.SimpleNamespace(device=torch.device("cpu"), module=model,
+                                   compile=lambda: model.compile(backend=counter))
+    run._compile(engine, types.SimpleNamespace(is_main=False))
+    ids = torch.randint(0, 100, (2, 16))
+    with torch.no_grad():
+        for _ in range(3):
+            model(ids)
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
 
 
 def test_without_a_cpp_compiler_training_runs_eager(monkeypatch, capsys):
