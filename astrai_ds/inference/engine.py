@@ -159,9 +159,10 @@ class LLMEngine:
         request cannot be served: the engine's other requests are never affected."""
         params = params or SamplingParams()
         ids = self.encode(prompt)
-        if len(ids) >= self.max_context:
+        room = self.max_context - (params.max_new_tokens > 0)  # a token to generate needs a position after the prompt
+        if len(ids) > room:
             raise ContextTooLong(f"the prompt is {len(ids)} tokens, and the model's context is {self.max_context} "
-                               f"tokens: shorten the prompt to at most {self.max_context - 1} tokens")
+                               f"tokens: shorten the prompt to at most {room} tokens")
         need = min(len(ids) + params.max_new_tokens, self.max_context)
         pool = self.blocks.num_blocks * self.blocks.block_size
         if need > pool:
@@ -208,7 +209,7 @@ class LLMEngine:
         requests = [self._requests[seq.request_id] for seq in sampling]
         results = sample(logits, [seq.params for seq in sampling], [r.generator for r in requests],
                          [seq.prompt_ids for seq in sampling], [seq.output_ids for seq in sampling])
-        outputs = []
+        outputs = [self._prompt_done(s.seq) for s in scheduled if s.prompt_done]
         for seq, request, result in zip(sampling, requests, results):
             try:
                 if result.error is not None:
@@ -217,6 +218,14 @@ class LLMEngine:
             except Exception as e:  # this request's failure ends it (its blocks freed); the others go on
                 outputs.append(self._fail(seq, e))
         return outputs
+
+    def _prompt_done(self, seq: Sequence) -> RequestOutput:
+        """A request that generates nothing (max_new_tokens 0) ends once its prompt is computed: "length", with its
+        prompt log-probs."""
+        self.scheduler.finish(seq, "length")
+        del self._requests[seq.request_id]
+        return RequestOutput(seq.request_id, "", [], None, True, "length", len(seq.prompt_ids), 0, seq.num_cached,
+                             prompt_logprobs=seq.prompt_logprobs)
 
     def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
         if seq.request_id in self._requests:

@@ -26,9 +26,12 @@ class Scheduled:
     seq: Sequence
     num_new: int  # tokens computed this step, starting at seq.num_computed
     samples: bool = False  # the step reaches the sequence's last known token, whose logits give the next one
+    prompt_done: bool = False  # the step completes the prompt of a sequence that generates nothing (max_new_tokens 0)
 
     def __post_init__(self):
-        self.samples = self.seq.num_computed + self.num_new == self.seq.num_tokens
+        reaches_end = self.seq.num_computed + self.num_new == self.seq.num_tokens
+        self.samples = reaches_end and self.seq.params.max_new_tokens > 0
+        self.prompt_done = reaches_end and not self.samples
 
 
 class Scheduler:

@@ -17,7 +17,8 @@ from pydantic import Field
 from astrai_ds.errors import UserError
 from astrai_ds.inference.sampling import MAX_LOGPROBS
 from astrai_ds.serve.jobs import Choice, ClientGone, Job, engine_error, event_stream, new_id, now, sse
-from astrai_ds.serve.requests import MAX_GENERATIONS, ApiError, RequestBody, Strict, sampling_params, stop_list
+from astrai_ds.serve.requests import (MAX_GENERATIONS, ApiError, RequestBody, Strict, check_generates, sampling_params,
+                                     stop_list)
 
 router = APIRouter()
 
@@ -222,9 +223,8 @@ async def completions(body: CompletionRequest, request: Request):
                             f"several", param="prompt")
     encoded = await server.encode_all(prompts, "prompt")
     max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default for completions
-    prompt_only = max_tokens == 0  # the engine generates one token, which the response leaves out
     all_ids = [ids for ids in encoded for _ in range(body.n)]
-    params = [_params(body, max(max_tokens, 1), body.logprobs, j, prompt_logprobs=body.logprobs if scoring else None)
+    params = [_params(body, max_tokens, body.logprobs, j, prompt_logprobs=body.logprobs if scoring else None)
               for _ in encoded for j in range(body.n)]
     job = await Job.start(server, all_ids, params, "prompt")
     tok = server.tokenizer
@@ -244,9 +244,6 @@ async def completions(body: CompletionRequest, request: Request):
 
     def make_choice(i: int, c: Choice) -> dict:
         text, entries, offsets = "".join(c.text), c.logprobs, _token_offsets(c)
-        if prompt_only:  # (before the usage is counted from the choices)
-            text, entries, offsets = "", [], []
-            c.finish_reason, c.completion_tokens = "length", 0
         logprobs = None
         if body.logprobs is not None:
             # each token's offset: where the text stood when it was generated (text arrives with the token
@@ -315,6 +312,7 @@ async def chat_completions(body: ChatRequest, request: Request):
                  "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
                 for m in body.messages]
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    check_generates(max_tokens, "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
     extra = None
     if body.model is not None and body.model == server.rag_name:
         if max_tokens is None:

@@ -112,8 +112,9 @@ def test_chat_makes_each_prompt_a_user_message(model_dir, engine, tmp_path, caps
     (['{"messages": [{"role": "bot", "content": "b"}]}'], [":1:", "'messages'", "role 'bot'"]),
     (['{"prompt": "a"}', '{"prompt": "\\ud800 hi"}'], [":2:", "'prompt'", "lone surrogate"]),
     (['{"prompt": "a", "repetition_penalty": 1e-300, "temperature": 1}'], [":1:", "repetition_penalty", "1e-300"]),
+    (['{"prompt": "a", "max_new_tokens": 0}'], [":1:", "max_new_tokens must be an integer > 0"]),
 ], ids=["json", "not-object", "unknown-field", "bad-value", "no-prompt", "both", "bad-messages", "lone-surrogate",
-        "penalty-overflow"])
+        "penalty-overflow", "nothing-to-generate"])
 def test_a_wrong_line_stops_before_the_model_loads(tmp_path, lines, fragments, capsys):
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join(lines) + "\n")

@@ -545,6 +545,25 @@ def test_prompt_logprobs_are_the_full_forwards_log_softmax_in_chunks_and_past_th
     assert all(e["top_logprobs"] == [] for e in zero[1:])
 
 
+def test_a_request_for_its_prompt_alone_scores_it_and_generates_nothing(model, tokenizer):
+    """max_new_tokens 0 (what /v1/completions' max_tokens 0 asks): the prompt's log-probs, as a generating request gets
+    them, and no token sampled ("length", nothing in the output), in a batch whose other request generates what it
+    generates alone; a prompt as long as the whole context fits, as no token follows it."""
+    engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8, max_num_batched_tokens=16))
+    prompts = [random_ids(40, 6), random_ids(17, 9)]
+    scored = engine.generate_batch(prompts, SamplingParams(max_new_tokens=1, prompt_logprobs=2))
+    greedy = SamplingParams(temperature=0, max_new_tokens=5, ignore_eos=True)
+    alone, other = engine.generate_batch(prompts, [SamplingParams(max_new_tokens=0, prompt_logprobs=2), greedy])
+    assert alone.prompt_logprobs == scored[0].prompt_logprobs and len(alone.prompt_logprobs) == 40
+    assert (alone.token_ids, alone.text, alone.finish_reason, alone.completion_tokens) == ([], "", "length", 0)
+    assert other.token_ids == engine.generate(prompts[1], greedy).token_ids
+    whole = random_ids(engine.max_context, 3)
+    out = engine.generate(whole, SamplingParams(max_new_tokens=0, prompt_logprobs=0))
+    assert len(out.prompt_logprobs) == engine.max_context and out.token_ids == []
+    with pytest.raises(RequestError, match=f"at most {engine.max_context - 1} tokens"):
+        engine.add_request(whole, SamplingParams(max_new_tokens=1))
+
+
 def test_a_preempted_prompt_is_scored_once(model, tokenizer):
     """A pool too small for both requests preempts the second in the middle of its prompt (24 of its 100 tokens
     scored); its log-probs still have one entry per prompt token, equal to the full forward's."""

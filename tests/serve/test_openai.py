@@ -181,6 +181,10 @@ def test_echo_with_logprobs_scores_the_prompt_as_log_likelihood_evaluations_ask(
     bos = engine.encode(text)
     assert rt.choices[0].text == text and rt.choices[0].logprobs.tokens == [_text(engine, t) for t in bos]
     assert rt.choices[0].logprobs.text_offset[:2] == [0, 0] and rt.choices[0].logprobs.top_logprobs[1] == {}
+    # a prompt as long as the whole context is scored too: no token is generated after it
+    whole = (ids * (engine.max_context // n + 1))[:engine.max_context]
+    rw = client.completions.create(model=model_dir.name, prompt=whole, max_tokens=0, logprobs=0, echo=True)
+    assert len(rw.choices[0].logprobs.token_logprobs) == engine.max_context and rw.usage.completion_tokens == 0
 
 
 def _prompt_whose_next_token_stops(engine) -> tuple[list[int], int]:
