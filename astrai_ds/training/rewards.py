@@ -6,7 +6,8 @@ the generated text, and the whole JSONL record (its "answer" and anything else i
 a bool counting as 0 or 1. Names:
 
 - built-ins (`BUILTINS`): "exact", the right value, scored as the chat exact match of `astrai-ds eval --chat`
-  scores it; "format", the record's preferred answer style (see `exact_reward` and `format_reward`);
+  scores it; "format", the record's preferred answer style; "contains", the right value anywhere in the response,
+  as `astrai-ds eval --chat` counts chat_contains (see `exact_reward`, `format_reward` and `contains_reward`);
 - "module:function": a function in an importable module (the working directory is on the path for the import);
 - "path/to/file.py:function": a function in a Python file (relative to the working directory).
 
@@ -34,7 +35,7 @@ from typing import Callable
 from astrai_ds.config.base import did_you_mean
 from astrai_ds.data.corpus import JUSTIFY, PREFERRED_STYLE
 from astrai_ds.errors import ConfigError, UserError
-from astrai_ds.inference.scoring import answer_style, chat_answer_correct
+from astrai_ds.inference.scoring import answer_contained, answer_style, chat_answer_correct
 
 RewardFn = Callable[[list, str, dict], object]  # (prompt messages, response, record) -> a number
 USER_NAMES = "a function of yours is named 'module:function' or 'path/to/file.py:function'"
@@ -112,7 +113,15 @@ def format_reward(prompt: list, response: str, record: dict) -> float:
     return float(style == record.get("preferred", PREFERRED_STYLE))
 
 
-BUILTINS: dict[str, RewardFn] = {"exact": exact_reward, "format": format_reward}
+def contains_reward(prompt: list, response: str, record: dict) -> float:
+    """1.0 when the right value (as `exact_reward` reads it) appears anywhere in the response, case and runs of
+    whitespace aside, as `astrai-ds eval --chat` counts chat_contains; else 0.0. Partial credit for a model that
+    answers in sentences ("The sum of 23 and 45 is 68."), whose value is rarely first: with `exact` alone, every
+    completion of such a model scores 0 and every group's advantages are zero."""
+    return float(answer_contained(response, _scored(prompt, response, record)["answers"]["plain"]))
+
+
+BUILTINS: dict[str, RewardFn] = {"exact": exact_reward, "format": format_reward, "contains": contains_reward}
 
 
 # ---------------------------------------------------------------- loading by name

@@ -15,7 +15,7 @@ from astrai_ds.errors import ConfigError, UserError
 from astrai_ds.inference.scoring import chat_answer_correct
 from astrai_ds.training.rewards import BUILTINS, Reward, RewardError, load_rewards, score
 
-EXACT, FORMAT = BUILTINS["exact"], BUILTINS["format"]
+EXACT, FORMAT, CONTAINS = BUILTINS["exact"], BUILTINS["format"], BUILTINS["contains"]
 ADD = {"role": "user", "content": "What is 23 + 45?"}
 
 USER_MODULE = '''
@@ -60,6 +60,7 @@ def test_builtins_on_corpus_records(records):
             got = (EXACT(r["messages"], response, r), FORMAT(r["messages"], response, r))
             assert got == expected, (r, response)
             assert got[0] == chat_answer_correct(response, r)  # the chat exact match of `astrai-ds eval --chat`
+            assert CONTAINS(r["messages"], response, r) == float(plain.lower() in response.lower())  # chat_contains
         for form in r["full_forms"]:  # any phrasing of the fact justifies the value
             assert (EXACT(r["messages"], form, r), FORMAT(r["messages"], form, r)) == (1.0, 1.0)
 
@@ -86,6 +87,20 @@ def test_builtins_on_records_of_ones_own(record, response, expected):
 
     prompt = prompt_messages(record)
     assert (EXACT(prompt, response, record), FORMAT(prompt, response, record)) == expected
+
+
+@pytest.mark.parametrize("record, response, expected", [
+    ({"messages": [ADD], "answer": "68"}, "The sum of 23 and 45 is 68.", 1.0),
+    ({"messages": [ADD], "answer": 68}, "I  think it is   68", 1.0),
+    ({"messages": [ADD], "answer": 68}, "It is 69.", 0.0),
+    ({"messages": [ADD], "answer": "Rabbit"}, "the english word is rabbit.", 1.0),  # case aside
+    ({"messages": [ADD], "answer": "New  York"}, "In new york.", 1.0),  # runs of whitespace aside
+    ({"messages": [ADD], "answer": "68"}, "", 0.0),
+])
+def test_contains_gives_credit_for_the_value_anywhere(record, response, expected):
+    from astrai_ds.data.prompts import prompt_messages
+
+    assert CONTAINS(prompt_messages(record), response, record) == expected
 
 
 def test_weights_combine(records):
