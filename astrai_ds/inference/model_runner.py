@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from astrai_ds.inference.sampling import chosen_and_top
 from astrai_ds.inference.scheduler import Scheduled
 from astrai_ds.model.kv_cache import AttnGroup, CacheBatch, KVCache
 
@@ -105,8 +106,5 @@ class ModelRunner:
             b = min(a + PROMPT_LOGPROB_ROWS, stop)
             lp = self.model.head(h[None, a - start:b - start]).float()[0].log_softmax(-1)
             targets = seq.prompt_ids[a + 1:b + 1]
-            chosen = lp.gather(1, torch.tensor(targets, device=lp.device)[:, None])[:, 0].tolist()
-            top = lp.topk(min(top_n, lp.shape[1])) if top_n else None
-            for i, (token_id, logprob) in enumerate(zip(targets, chosen)):
-                alternatives = list(zip(top.indices[i].tolist(), top.values[i].tolist())) if top_n else []
+            for token_id, (logprob, alternatives) in zip(targets, chosen_and_top(lp, targets, top_n)):
                 seq.prompt_logprobs.append({"token_id": token_id, "logprob": logprob, "top_logprobs": alternatives})

@@ -152,6 +152,17 @@ def filter_logits(x: torch.Tensor, p: SamplingParams) -> tuple[torch.Tensor, tor
     return _filter_sorted(x[None], [p])[0], order
 
 
+def chosen_and_top(logprobs: torch.Tensor, chosen: list[int],
+                   top_n: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """For each row of log-probs (rows, vocab): the log-prob of its chosen token, and the top_n (token, log-prob)
+    pairs, highest first ([] for 0): a generated token's `logprobs` and a prompt token's `prompt_logprobs` alike."""
+    values = logprobs.gather(1, torch.tensor(chosen, device=logprobs.device)[:, None])[:, 0].tolist()
+    if not top_n:
+        return [(v, []) for v in values]
+    top = logprobs.topk(min(top_n, logprobs.shape[1]))  # sorted, highest first
+    return [(v, list(zip(ids, lps))) for v, ids, lps in zip(values, top.indices.tolist(), top.values.tolist())]
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
            prompt_ids: list[list[int]], output_ids: list[list[int]]) -> list[SampleResult]:
     """The next token of each row of `logits` (B, V), the last position's logits of each request.
@@ -250,8 +261,7 @@ def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators:
     if asked:
         lp = logits[asked].log_softmax(-1)  # (a, V), of the raw logits
         for i, r in enumerate(asked):
-            top = lp[i].topk(min(params[r].logprobs, lp.shape[1]))  # sorted, highest first
-            lps[r] = (float(lp[i, tokens[r]]), list(zip(top.indices.tolist(), top.values.tolist())))
+            lps[r] = chosen_and_top(lp[i:i + 1], [tokens[r]], params[r].logprobs)[0]
     return [SampleResult(-1, None, None, error="sampling failed: the probabilities are not finite (check "
                                                 "temperature and the penalties)") if failed[r]
             else SampleResult(tokens[r], *lps.get(r, (None, None))) for r in range(B)]
