@@ -34,7 +34,6 @@ Run it on a quiet machine: every measurement uses all cores.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -49,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import announce  # noqa: E402  (benchmarks/machine.py)
+from machine import announce, arg_parser  # noqa: E402  (benchmarks/machine.py)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -185,8 +184,7 @@ def hf_mixed(model, prompts, new_tokens, batch: int, pad_id: int) -> float:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = arg_parser(__doc__)
     p.add_argument("--model", type=Path, default=ROOT / "configs/model/small.json",
                    help="model config to build with random weights, or a model folder to load (e.g. SmolLM2 imported "
                         "with `astrai-ds import`)")

@@ -60,13 +60,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import ForeignLoad, announce  # noqa: E402  (benchmarks/machine.py)
+from machine import ForeignLoad, announce, arg_parser  # noqa: E402  (benchmarks/machine.py)
 from train_throughput import run_train  # noqa: E402  (train.py in the trainer's environment: venv, DeepSpeed's ops)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    first, rest = __doc__.split("\n\n", 1)
-    p = argparse.ArgumentParser(description=first, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = arg_parser(__doc__)
     p.add_argument("--model", type=Path, default=Path("runs/quickstart/models/dpo"),
                    help="model folder (`astrai-ds export`'s): the policy's initial weights and the tokenizer "
                         "(default: %(default)s)")

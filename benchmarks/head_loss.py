@@ -34,12 +34,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import announce  # noqa: E402  (benchmarks/machine.py)
+from machine import announce, arg_parser  # noqa: E402  (benchmarks/machine.py)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    first, rest = __doc__.split("\n\n", 1)
-    p = argparse.ArgumentParser(description=first, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = arg_parser(__doc__)
     p.add_argument("--model", type=Path, default=ROOT / "configs/model/small.json",
                    help="model config whose shape is measured (default: configs/model/small.json)")
     p.add_argument("--vocab", type=int, nargs="+", default=[2048, 49152],

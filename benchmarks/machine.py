@@ -13,11 +13,13 @@ description at its start and writes it into its JSON output under "machine":
     python, torch, deepspeed   versions (and those of any other package a benchmark names)
     cpu_busy_at_start          the share of all cores busy for a second before the benchmark started
 
-`ForeignLoad` measures the same share while a benchmark runs, less the benchmark's own processes.
+`ForeignLoad` measures the same share while a benchmark runs, less the benchmark's own processes. `arg_parser` is
+the command line every script starts from.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import time
@@ -25,6 +27,14 @@ from importlib import metadata
 from pathlib import Path
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def arg_parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's parser: its docstring's first paragraph as the description, the rest (what it measures, the
+    commands it was run with) after the options, as written."""
+    first, _, rest = doc.partition("\n\n")
+    return argparse.ArgumentParser(description=first, epilog=rest or None,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def version(package: str) -> str:

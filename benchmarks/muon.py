@@ -30,13 +30,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import ForeignLoad, announce  # noqa: E402  (benchmarks/machine.py)
+from machine import ForeignLoad, announce, arg_parser  # noqa: E402  (benchmarks/machine.py)
 from train_throughput import run_train  # noqa: E402  (train.py in the trainer's environment: venv, DeepSpeed's ops)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    first, rest = __doc__.split("\n\n", 1)
-    p = argparse.ArgumentParser(description=first, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = arg_parser(__doc__)
     p.add_argument("--config", type=Path, default=ROOT / "configs/train/pt_small.json",
                    help="train config both runs share (default: configs/train/pt_small.json)")
     p.add_argument("--ds-config", default="zero2.json", help="DeepSpeed config (default: zero2.json)")

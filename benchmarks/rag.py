@@ -17,7 +17,6 @@ for faiss (exact inner product and HNSW) and bm25s, against a brute-force numpy 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -34,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from generate import DTYPES, build_folder  # noqa: E402  (benchmarks/generate.py)
-from machine import announce  # noqa: E402  (benchmarks/machine.py)
+from machine import announce, arg_parser  # noqa: E402  (benchmarks/machine.py)
 
 
 def latencies(fn, queries) -> tuple[float, float]:
@@ -48,8 +47,7 @@ def latencies(fn, queries) -> tuple[float, float]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = arg_parser(__doc__)
     p.add_argument("--model", type=Path, default=ROOT / "configs/model/small.json", help="model config to build")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and activations")
     p.add_argument("--embed", type=int, default=2000, help="chunks to embed for the indexing throughput")

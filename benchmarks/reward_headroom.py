@@ -10,6 +10,10 @@ For each question of a chat JSONL (`sft_eval.jsonl`, `grpo.jsonl`: records with 
   T mean        the share of sampled answers at temperature T with the right value (the mean reward `exact`
                 would give a rollout at that temperature)
   T pass@k      the share of questions with at least one right value among the k samples
+  T equal       the share of questions whose k samples are all right or all wrong: their group's `exact`
+                advantages are all zero, so they give GRPO nothing to learn from
+  has           (greedy and T mean) the share of answers that hold the record's answer anywhere (chat_contains):
+                for a model that answers in sentences, whose value is rarely first
 
 A reward can only raise what sampling reaches: where pass@k is far above greedy there is something to sharpen,
 where a group's k samples are all wrong (or all right) its advantages are zero. Each sample has its own seed,
@@ -34,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    from machine import arg_parser
+
+    p = arg_parser(__doc__)
     p.add_argument("--model", required=True, help="model folder")
     p.add_argument("--data", required=True, help="chat JSONL with messages and answers (sft_eval.jsonl, grpo.jsonl)")
     p.add_argument("--samples", type=int, default=8, help="sampled answers per question (k; default: 8)")
@@ -76,7 +80,7 @@ def run(args: argparse.Namespace) -> None:
     from astrai_ds.inference.engine import EngineConfig, LLMEngine
     from astrai_ds.inference.evaluate import evaluate_chat, read_eval_records
     from astrai_ds.inference.sampling import SamplingParams
-    from astrai_ds.inference.scoring import chat_answer_correct
+    from astrai_ds.inference.scoring import answer_contained, chat_answer_correct
     from astrai_ds.model.io import load_model_folder
 
     info = announce()
@@ -85,18 +89,24 @@ def run(args: argparse.Namespace) -> None:
     records = read_eval_records(args.data, "chat")[::args.every]
     prompts = [render_chat(tokenizer, prompt_messages(r), add_generation_prompt=True)[0] for r in records]
     engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=64))
+    # as evaluate_chat counts chat_contains: the record's "answer" anywhere, else (no string answer) the right value
+    contains = lambda text, r: (answer_contained(text, r["answer"]) if isinstance(r.get("answer"), str)  # noqa: E731
+                                else chat_answer_correct(text, r))
     k = args.samples
 
     greedy = []  # astrai-ds eval --chat's own greedy answers and scoring, one entry per record
     evaluate_chat(model, tokenizer, records, max_new_tokens=args.max_new_tokens, responses=greedy)
-    scores = {"greedy": [float(r["correct"]) for r in greedy]}
+    scores = {"greedy": [float(r["correct"]) for r in greedy], "greedy has": [float(r["contains"]) for r in greedy]}
     for t in temperatures:
         params = [SamplingParams(temperature=t, max_new_tokens=args.max_new_tokens, seed=args.seed + k * i + j)
                   for i in range(len(prompts)) for j in range(k)]
         texts = answers(engine, [p for p in prompts for _ in range(k)], params)
         right = [[chat_answer_correct(texts[k * i + j], r) for j in range(k)] for i, r in enumerate(records)]
+        has = [[contains(texts[k * i + j], r) for j in range(k)] for i, r in enumerate(records)]
         scores[f"T {t:g} mean"] = [sum(row) / k for row in right]
         scores[f"T {t:g} pass@{k}"] = [float(any(row)) for row in right]
+        scores[f"T {t:g} equal"] = [float(len(set(row)) == 1) for row in right]
+        scores[f"T {t:g} has"] = [sum(row) / k for row in has]
 
     by_task = defaultdict(list)
     for i, r in enumerate(records):

@@ -25,7 +25,6 @@ Run it on a quiet machine: the server uses all cores.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import random
@@ -45,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate import DTYPES, build_folder  # noqa: E402  (benchmarks/generate.py)
 
 from astrai_ds.launch_env import free_port  # noqa: E402
-from machine import announce  # noqa: E402  (benchmarks/machine.py)
+from machine import announce, arg_parser  # noqa: E402  (benchmarks/machine.py)
 
 
 def start_server(folder: Path, dtype: str, log_path: Path, *options: str):
@@ -119,8 +118,7 @@ async def level(url: str, streams: int, requests_per_stream: int, prompt_len: in
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = arg_parser(__doc__)
     p.add_argument("--model", type=Path, default=ROOT / "configs/model/small.json",
                    help="model config to build with random weights, or a model folder to load")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weights and activations")

@@ -20,7 +20,6 @@ than 0.5 s.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import sys
@@ -33,7 +32,7 @@ import httpx2 as httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from generate import DTYPES, build_folder  # noqa: E402  (benchmarks/generate.py)
-from machine import announce  # noqa: E402
+from machine import announce, arg_parser  # noqa: E402
 from serve import start_server, stop_server  # noqa: E402  (benchmarks/serve.py)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,8 +79,7 @@ async def run(url: str, streams: int, inputs: int, new_tokens: int) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = arg_parser(__doc__)
     p.add_argument("--model", type=Path, default=ROOT / "configs/model/small.json",
                    help="model config to build with random weights, or a model folder to load")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and activations")
