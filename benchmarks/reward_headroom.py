@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> None:
     info = announce()
     temperatures = [float(t) for t in args.temperatures.split(",")]
     model, tokenizer = load_model_folder(args.model)
-    records = read_eval_records(args.data, "chat")[::args.every]
+    records = read_eval_records(args.data, "chat", "--data")[::args.every]
     prompts = [render_chat(tokenizer, prompt_messages(r), add_generation_prompt=True)[0] for r in records]
     engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=64))
     # as evaluate_chat counts chat_contains: the record's "answer" anywhere, else (no string answer) the right value

@@ -60,22 +60,25 @@ def _check_record(record: dict, kind: str) -> None:
         normalize_pair(record)
 
 
-def read_eval_records(path: str | Path, kind: str) -> list[dict]:
+def read_eval_records(path: str | Path, kind: str, option: str | None = None) -> list[dict]:
     """The records of a .jsonl eval file, each checked to be of `kind` (a key of RECORD_KINDS); raises
-    DataError naming the file, the line, what is wrong and what to do."""
+    DataError naming the file, the line, what is wrong and what to do. `option`: the command-line option that gave
+    the file, for a command other than `astrai-ds eval` (whose option for each kind RECORD_KINDS names)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"eval data not found: {path} (the built-in one is written by `astrai-ds corpus --out DIR`)")
-    fields, example, option = RECORD_KINDS[kind]
-    expected = f"{option} expects {fields} on every line, as in {example}"
+    fields, example, eval_option = RECORD_KINDS[kind]
+    expected = f"{option or eval_option} expects {fields} on every line, as in {example}"
     records = []
     for lineno, record in iter_json_lines(path):
         seen = _record_kind(record) if isinstance(record, dict) else None
         if seen is None:
             raise DataError(f"{path}:{lineno}: not an eval record; {expected}")
         if seen != kind:
-            raise DataError(f"{path}:{lineno}: a {seen} record (as in {RECORD_KINDS[seen][1]}), not a {kind} "
-                            f"record: give this file with {RECORD_KINDS[seen][2]} instead of {option}")
+            what = f"{path}:{lineno}: a {seen} record (as in {RECORD_KINDS[seen][1]}), not a {kind} record"
+            if option is None:  # astrai-ds eval reads the other kind with another option
+                raise DataError(f"{what}: give this file with {RECORD_KINDS[seen][2]} instead of {eval_option}")
+            raise DataError(f"{what}: {option} expects {fields} on every line, as in {example}")
         try:
             _check_record(record, kind)
         except ValueError as e:

@@ -63,6 +63,15 @@ def test_records_of_the_wrong_kind_are_named(workspace, kind, name, fragments):
         assert fragment in str(e.value), (fragment, str(e.value))
 
 
+def test_another_command_names_its_own_option(workspace):
+    """A script with one option for the file (benchmarks/reward_headroom.py's --data) names it and what it expects,
+    not `astrai-ds eval`'s other options."""
+    with pytest.raises(DataError) as e:
+        read_eval_records(workspace / "corpus" / "dpo_eval.jsonl", "chat", "--data")
+    assert "a pairs record" in str(e.value) and "--data expects 'messages'" in str(e.value)
+    assert "--pairs" not in str(e.value) and "--chat" not in str(e.value)
+
+
 @pytest.mark.parametrize("kind, line, fragment", [
     ("facts", {"prompt": "1 + 1 =", "answer": 2}, "'prompt' and 'answer' are not both strings"),
     ("facts", {"title": "no field of any kind"}, "not an eval record; --data expects 'prompt' and 'answer'"),
