@@ -11,15 +11,16 @@
 # against `astrai-ds serve` (scripts/lm_eval.sh; results in runs/real/lm_eval_base and lm_eval_tuned). Everything
 # goes under runs/real/ (removed first).
 #
-# Environment: NPROC (ranks, default 2), DTYPE (the evaluation's weights: bf16, the default, or fp32, about 1.6x
-# slower on a CPU with native bf16; the two gave the same scores within 0.025 here), SKIP_LM_EVAL=1 (leave out the
-# lm-eval runs, about 5 minutes per model here).
+# Environment: NPROC (ranks, default 2), DTYPE (the evaluation's weights: auto, the default, is bf16 where the CPU
+# runs it natively and fp32 elsewhere, where bf16 is emulated and slow; or bf16, or fp32, about 1.6x slower than bf16
+# on a CPU with native bf16; the two gave the same scores within 0.025 here), SKIP_LM_EVAL=1 (leave out the lm-eval
+# runs, about 5 minutes per model here).
 source "$(dirname "$0")/env.sh"
 START=$(date +%s)
 R=runs/real
 C=$R/corpus
 NPROC="${NPROC:-2}"
-DTYPE="${DTYPE:-bf16}"
+DTYPE="${DTYPE:-auto}"
 rm -rf "$R"
 
 echo "== SmolLM2-135M-Instruct: fetched once, imported as a model folder (safetensors, tokenizer, chat template)"

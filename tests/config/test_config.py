@@ -24,8 +24,10 @@ def test_shipped_configs_load():
         ModelConfig.load(f"configs/model/{name}.json")
     one_b = ModelConfig.load("configs/model/1b.json")
     assert (one_b.dim, one_b.n_layers, one_b.n_heads, one_b.n_kv_heads, one_b.ffn_dim) == (1536, 24, 24, 4, 6912)
-    for name in ("pt_tiny", "pt_small", "pt_1b"):
-        TrainConfig.load(f"configs/train/{name}.json")
+    shipped = sorted(Path("configs/train").glob("*.json"))
+    assert {p.stem for p in shipped} >= {"pt_tiny", "sft_tiny", "dpo_tiny", "grpo_tiny", "pt_1b", "grpo_smollm2"}
+    for path in shipped:
+        TrainConfig.load(path)
 
 
 def test_vocab_auto_rounds_up_to_64():
