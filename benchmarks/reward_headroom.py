@@ -12,8 +12,9 @@ For each question of a chat JSONL (`sft_eval.jsonl`, `grpo.jsonl`: records with 
   T pass@k      the share of questions with at least one right value among the k samples
   T equal       the share of questions whose k samples are all right or all wrong: their group's `exact`
                 advantages are all zero, so they give GRPO nothing to learn from
-  has           (greedy and T mean) the share of answers that hold the record's answer anywhere (chat_contains):
-                for a model that answers in sentences, whose value is rarely first
+  greedy has    the share of greedy answers, and of answers sampled at temperature T, that hold the record's
+  T has         answer anywhere (chat_contains; the mean reward `contains` would give): for a model that answers
+                in sentences, whose value is rarely first
 
 A reward can only raise what sampling reaches: where pass@k is far above greedy there is something to sharpen,
 where a group's k samples are all wrong (or all right) its advantages are zero. Each sample has its own seed,
@@ -24,6 +25,9 @@ so a run repeats. Scored per task (the records' "task") and over all.
         --data runs/quickstart/corpus/sft_eval.jsonl --temperatures 0.5,1.0
     .venv/bin/python benchmarks/reward_headroom.py --model runs/quickstart/models/dpo \\
         --data runs/quickstart/corpus/grpo.jsonl --every 6 --json /tmp/headroom.json
+    scripts/real_model_grpo.sh # for SmolLM2 in runs/real_grpo/models/base
+    .venv/bin/python benchmarks/reward_headroom.py --model runs/real_grpo/models/base \\
+        --data runs/real_grpo/corpus/sft_eval.jsonl --every 4 --temperatures 0.7,1.0
 """
 
 from __future__ import annotations
