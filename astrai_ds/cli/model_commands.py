@@ -93,10 +93,6 @@ def check_sampling(fields: dict, where: str = ""):
     """SamplingParams(**fields); a bad value is a UserError naming the option (where="") or `where` and the field."""
     from astrai_ds.inference.sampling import SamplingParams
 
-    # 0 is the engine's request for a prompt alone (its prompt_logprobs), which generate, chat and rag never ask
-    if type(n := fields.get("max_new_tokens")) is int and n < 1:
-        problem = "max_new_tokens must be an integer > 0"
-        raise RequestError(f"{where}: {problem}" if where else f"--max-new-tokens {n}: {problem}")
     try:
         return SamplingParams(**fields)
     except RequestError as e:

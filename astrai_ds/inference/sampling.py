@@ -30,7 +30,7 @@ def _is_number(v) -> bool:
 
 @dataclass
 class SamplingParams:
-    max_new_tokens: int = 256  # >= 0; 0: the prompt is computed and nothing generated (prompt_logprobs alone)
+    max_new_tokens: int = 256  # > 0; 0 with prompt_logprobs: the prompt is computed and scored, nothing generated
     temperature: float = 1.0  # >= 0; 0 means greedy (argmax of the penalised logits)
     top_k: int = 0  # 0 = off; else keep the k most likely tokens
     top_p: float = 1.0  # in (0, 1]: keep the smallest set of most likely tokens with mass >= top_p
@@ -48,8 +48,9 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past <eos> and <|im_end|> (benchmarks: fixed output lengths)
 
     def __post_init__(self):
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
-            raise self._invalid("max_new_tokens", "an integer >= 0 (0: nothing generated, the prompt alone scored)")
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < (self.prompt_logprobs is None):
+            raise self._invalid("max_new_tokens", "an integer > 0" if self.prompt_logprobs is None else
+                                "an integer >= 0 (0: the prompt alone scored, nothing generated)")
         if not _is_number(self.temperature) or self.temperature < 0:
             raise self._invalid("temperature", "a finite number >= 0 (0 = greedy)")
         if not _is_int(self.top_k) or self.top_k < 0:

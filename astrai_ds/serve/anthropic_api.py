@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import Field
 
 from astrai_ds.serve.jobs import Choice, ClientGone, Job, engine_error, event_stream, new_id, sse
-from astrai_ds.serve.requests import ApiError, RequestBody, Strict, check_generates, sampling_params
+from astrai_ds.serve.requests import ApiError, RequestBody, Strict, sampling_params
 
 router = APIRouter()
 
@@ -94,7 +94,6 @@ async def messages(body: MessagesRequest, request: Request):
     server = request.app.state.server
     server.check_ready()
     ids = await _prompt_ids(server, body)
-    check_generates(body.max_tokens)
     params = sampling_params(max_new_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
                              top_k=body.top_k, stop=list(body.stop_sequences or []),
                              _names={"max_new_tokens": "max_tokens", "stop": "stop_sequences"})

@@ -17,8 +17,7 @@ from pydantic import Field
 from astrai_ds.errors import UserError
 from astrai_ds.inference.sampling import MAX_LOGPROBS
 from astrai_ds.serve.jobs import Choice, ClientGone, Job, engine_error, event_stream, new_id, now, sse
-from astrai_ds.serve.requests import (MAX_GENERATIONS, ApiError, RequestBody, Strict, check_generates, sampling_params,
-                                     stop_list)
+from astrai_ds.serve.requests import MAX_GENERATIONS, ApiError, RequestBody, Strict, sampling_params, stop_list
 
 router = APIRouter()
 
@@ -79,13 +78,13 @@ def _check_common(server, body: SamplingFields) -> None:
 
 
 def _params(body: SamplingFields, max_tokens: int | None, logprobs: int | None, n_index: int,
-            prompt_logprobs: int | None = None):
+            prompt_logprobs: int | None = None, max_name: str = "max_tokens"):
     seed = None if body.seed is None else body.seed + n_index  # the choices of `n` differ, reproducibly
     return sampling_params(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                            top_k=body.top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                            stop=stop_list(body.stop), seed=seed, logprobs=logprobs, ignore_eos=body.ignore_eos,
-                           prompt_logprobs=prompt_logprobs, _names={"max_new_tokens": "max_tokens"})
+                           prompt_logprobs=prompt_logprobs, _names={"max_new_tokens": max_name})
 
 
 def _usage(choices: list[Choice], prompt_tokens: int) -> dict:
@@ -224,7 +223,9 @@ async def completions(body: CompletionRequest, request: Request):
     encoded = await server.encode_all(prompts, "prompt")
     max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default for completions
     all_ids = [ids for ids in encoded for _ in range(body.n)]
-    params = [_params(body, max_tokens, body.logprobs, j, prompt_logprobs=body.logprobs if scoring else None)
+    # the engine's prompt-alone request (max_tokens 0) computes the prompt's log-probs; only `logprobs` lists them
+    prompt_logprobs = body.logprobs if scoring else 0 if max_tokens == 0 else None
+    params = [_params(body, max_tokens, body.logprobs, j, prompt_logprobs=prompt_logprobs)
               for _ in encoded for j in range(body.n)]
     job = await Job.start(server, all_ids, params, "prompt")
     tok = server.tokenizer
@@ -312,7 +313,6 @@ async def chat_completions(body: ChatRequest, request: Request):
                  "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
                 for m in body.messages]
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    check_generates(max_tokens, "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
     extra = None
     if body.model is not None and body.model == server.rag_name:
         if max_tokens is None:
@@ -322,7 +322,8 @@ async def chat_completions(body: ChatRequest, request: Request):
     if max_tokens is None:
         max_tokens = max(server.max_context - len(ids), 1)  # as far as the context goes
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = [_params(body, max_tokens, logprobs, j) for j in range(body.n)]
+    max_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    params = [_params(body, max_tokens, logprobs, j, max_name=max_name) for j in range(body.n)]
     job = await Job.start(server, [ids] * body.n, params, "messages")
     tok = server.tokenizer
 

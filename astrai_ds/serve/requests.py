@@ -103,13 +103,6 @@ def sampling_params(**fields) -> SamplingParams:
         raise ApiError(400, str(e).replace(field_, f"'{public}'", 1), param=public) from None
 
 
-def check_generates(max_tokens: int | None, name: str = "max_tokens") -> None:
-    """A chat or messages request is answered by generating: fewer than 1 token is a 400 (the engine takes 0 for a
-    prompt scored alone, which only /v1/completions asks for)."""
-    if isinstance(max_tokens, int) and max_tokens < 1:
-        raise ApiError(400, f"'{name}' must be an integer > 0", param=name)
-
-
 def stop_list(stop) -> list[str]:
     if stop is None:
         return []

@@ -156,7 +156,8 @@ def test_logprobs_are_of_the_raw_distribution():
 
 
 @pytest.mark.parametrize("kw, field", [
-    (dict(max_new_tokens=-1), "max_new_tokens"), (dict(max_new_tokens=True), "max_new_tokens"),
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(max_new_tokens=-1, prompt_logprobs=0), "max_new_tokens"),
+    (dict(max_new_tokens=True), "max_new_tokens"),
     (dict(max_new_tokens=2.0), "max_new_tokens"), (dict(temperature=-0.1), "temperature"),
     (dict(temperature=math.inf), "temperature"), (dict(temperature="1"), "temperature"),
     (dict(top_k=-1), "top_k"), (dict(top_k=2.0), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
