@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> None:
     from astrai_ds.inference.engine import EngineConfig, LLMEngine
     from astrai_ds.inference.evaluate import evaluate_chat, read_eval_records
     from astrai_ds.inference.sampling import SamplingParams
-    from astrai_ds.inference.scoring import answer_contained, chat_answer_correct
+    from astrai_ds.inference.scoring import chat_answer_correct, chat_contains
     from astrai_ds.model.io import load_model_folder
 
     info = announce()
@@ -93,9 +93,6 @@ def run(args: argparse.Namespace) -> None:
     records = read_eval_records(args.data, "chat", "--data")[::args.every]
     prompts = [render_chat(tokenizer, prompt_messages(r), add_generation_prompt=True)[0] for r in records]
     engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=64))
-    # as evaluate_chat counts chat_contains: the record's "answer" anywhere, else (no string answer) the right value
-    contains = lambda text, r: (answer_contained(text, r["answer"]) if isinstance(r.get("answer"), str)  # noqa: E731
-                                else chat_answer_correct(text, r))
     k = args.samples
 
     greedy = []  # astrai-ds eval --chat's own greedy answers and scoring, one entry per record
@@ -106,7 +103,7 @@ def run(args: argparse.Namespace) -> None:
                   for i in range(len(prompts)) for j in range(k)]
         texts = answers(engine, [p for p in prompts for _ in range(k)], params)
         right = [[chat_answer_correct(texts[k * i + j], r) for j in range(k)] for i, r in enumerate(records)]
-        has = [[contains(texts[k * i + j], r) for j in range(k)] for i, r in enumerate(records)]
+        has = [[chat_contains(texts[k * i + j], r) for j in range(k)] for i, r in enumerate(records)]
         scores[f"T {t:g} mean"] = [sum(row) / k for row in right]
         scores[f"T {t:g} pass@{k}"] = [float(any(row)) for row in right]
         scores[f"T {t:g} equal"] = [float(len(set(row)) == 1) for row in right]

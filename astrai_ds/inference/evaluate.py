@@ -78,7 +78,7 @@ def read_eval_records(path: str | Path, kind: str, option: str | None = None) ->
             what = f"{path}:{lineno}: a {seen} record (as in {RECORD_KINDS[seen][1]}), not a {kind} record"
             if option is None:  # astrai-ds eval reads the other kind with another option
                 raise DataError(f"{what}: give this file with {RECORD_KINDS[seen][2]} instead of {eval_option}")
-            raise DataError(f"{what}: {option} expects {fields} on every line, as in {example}")
+            raise DataError(f"{what}: {expected}")
         try:
             _check_record(record, kind)
         except ValueError as e:
@@ -187,7 +187,7 @@ def evaluate_chat(model, tokenizer, records: list[dict], batch_size: int = 32, m
     one {"question", "response", "correct", "exact_response", "style", "answers"} per record. `progress`
     shows progress on stderr; `compile` decodes through compiled graphs."""
     from astrai_ds.data.chat import render_chat
-    from astrai_ds.inference.scoring import answer_contained, answer_style, chat_answer_correct, chat_response_exact
+    from astrai_ds.inference.scoring import answer_style, chat_answer_correct, chat_contains, chat_response_exact
 
     model.eval()
     prompts = [render_chat(tokenizer, prompt_messages(r), add_generation_prompt=True)[0] for r in records]
@@ -203,8 +203,7 @@ def evaluate_chat(model, tokenizer, records: list[dict], batch_size: int = 32, m
         correct.append(chat_answer_correct(response, record))
         exact.append(chat_response_exact(response, record))
         preferred.append(style == record.get("preferred"))
-        contains.append(answer_contained(response, record["answer"]) if isinstance(record.get("answer"), str)
-                        else correct[-1])
+        contains.append(chat_contains(response, record))
         if responses is not None:
             responses.append({"question": prompt_messages(record)[-1]["content"], "response": response,
                               "correct": correct[-1], "contains": contains[-1],

@@ -61,6 +61,13 @@ def chat_answer_correct(response: str, record: dict) -> bool:
     return value == record["answers"]["plain"] and answer_style(response, record) in STYLES
 
 
+def chat_contains(response: str, record: dict) -> bool:
+    """The record's "answer" appears anywhere in the response, case and whitespace aside (`answer_contained`); for a
+    record without a string "answer", the value is right (`chat_answer_correct`). What chat_contains counts."""
+    answer = record.get("answer")
+    return answer_contained(response, answer) if isinstance(answer, str) else chat_answer_correct(response, record)
+
+
 def chat_response_exact(response: str, record: dict) -> bool:
     """The whole response is right: exactly the plain value, or exactly one of the full answers (the value,
     then a correct statement of the fact in any phrasing of the question's language)."""
